@@ -1,0 +1,137 @@
+"""The `tta` command line (click).  Every expected failure is one line on stderr and a non-zero
+exit; tracebacks are for bugs only."""
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import click
+
+from tta.budget import Budget
+
+# Errors that are the user's input, not our bug: shown as one line, exit code 2.
+def _user_errors():
+    from tta.contamination import ContaminationError
+    from tta.method import MethodError
+    from tta.models import ModelError
+    from tta.report import ReportError
+    from tta.runner import RunError
+    from tta.tasks import TaskError
+    return (TaskError, ModelError, MethodError, RunError, ReportError, ContaminationError)
+
+
+class Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except _user_errors() as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=Group)
+def main():
+    """Compare test-time adaptation methods on ARC under identical compute budgets."""
+
+
+def _command_line() -> str:
+    return "tta " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+@main.command()
+@click.option("--method", required=True, help="method name (see `tta methods`) or module:Class")
+@click.option("--dataset", default="arc1-eval", show_default=True, help="dataset name or path")
+@click.option("--limit", type=click.IntRange(min=1), help="first N tasks (sorted by id)")
+@click.option("--tasks", "task_ids", help="comma-separated task ids")
+@click.option("--model", default="default", show_default=True, help="default | random:SIZE | PATH | ORG/NAME")
+@click.option("--budget-flops", type=click.FloatRange(min=0, min_open=True), help="FLOP cap per task")
+@click.option("--budget-seconds", type=click.FloatRange(min=0, min_open=True), help="wall-second cap per task")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a method setting")
+@click.option("--out", type=click.Path(path_type=Path), help="run directory (default runs/METHOD-DATASET)")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | mps")
+@click.option("--force", is_flag=True, help="evaluate the default model even on tasks it was trained on")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+def run(method, dataset, limit, task_ids, model, budget_flops, budget_seconds, seed, overrides, out, device,
+        force, quiet):
+    """Run one method over an ARC task set into a run directory (resumable)."""
+    from tta.runner import RunSpec, read_results, run as run_method
+    from tta.scoring import aggregate
+
+    if budget_flops and budget_seconds:
+        raise click.UsageError("give --budget-flops or --budget-seconds, not both")
+    spec = RunSpec(method=method, dataset=dataset, model=model, limit=limit,
+                   task_ids=[t.strip() for t in task_ids.split(",") if t.strip()] if task_ids else None,
+                   budget=Budget(budget_flops, budget_seconds), seed=seed, overrides=list(overrides),
+                   out=out, device=device, command=_command_line(), force=force)
+    out_dir = run_method(spec, progress=not quiet)
+    records = read_results(out_dir / "results.jsonl")
+    click.echo(_summary_line(records, aggregate))
+    click.echo(f"results in {out_dir}")
+
+
+def _summary_line(records, aggregate) -> str:
+    acc = aggregate([r["correct"] for r in records])
+    cells = [c for r in records for c in r.get("metrics", {}).get("cell_acc", [])]
+    nlls = [x for r in records for x in r.get("metrics", {}).get("nll", []) if x is not None]
+    failed = sum(r["error"] is not None for r in records)
+    line = (f"{len(records)} tasks: exact (kaggle) {acc['kaggle']:.1%}, per-task {acc['benchmarking']:.1%}, "
+            f"all-outputs {acc['all_outputs']:.1%}")
+    if cells:
+        line += f"; cell accuracy {sum(cells) / len(cells):.3f}"
+    if nlls:
+        line += f", true-answer NLL {sum(nlls) / len(nlls):.3f}"
+    return line + (f"; {failed} failed" if failed else "")
+
+
+@main.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--baseline", default="icl", show_default=True, help="method the others are compared with")
+@click.option("--out", type=click.Path(path_type=Path), help="report path (default reports/compare-RUNS.md)")
+@click.option("--allow-mismatch", is_flag=True, help="compare runs over different tasks/models/budgets, saying so")
+def compare(runs, baseline, out, allow_mismatch):
+    """Compare run directories in a markdown report."""
+    from tta.report import write_report
+
+    out = out or Path("reports") / ("compare-" + "-vs-".join(Path(r).name for r in runs)[:120] + ".md")
+    path = write_report(list(runs), out, baseline=baseline, allow_mismatch=allow_mismatch, command=_command_line())
+    click.echo(f"report written to {path}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), help="also write the report here")
+def report(run_dir, out):
+    """Summarise one run: accuracy, per-task results, failures."""
+    from tta.report import write_run_report
+    click.echo(write_run_report(run_dir, out))
+
+
+@main.command()
+def datasets():
+    """List the datasets by name, with task counts."""
+    from tta.tasks import dataset_names, load_dataset
+    for name in dataset_names():
+        d = load_dataset(name)
+        outputs = sum(len(t.test) for t in d.tasks)
+        click.echo(f"{name:12s} {len(d.tasks):5d} tasks  {outputs:5d} test outputs"
+                   + (f"  ({len(d.failures)} invalid)" if d.failures else ""))
+    click.echo("or a PATH: a directory of task .json files, one task file, or a Kaggle challenges file")
+
+
+@main.command()
+def methods():
+    """List the methods and their settings (change one with --set KEY=VALUE)."""
+    from tta.method import REGISTRY, _load_builtins, describe
+    _load_builtins()
+    for name in sorted(REGISTRY):
+        cls = REGISTRY[name]
+        doc = (cls.__module__ and sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
+        click.echo(f"{name}: {doc[0] if doc else ''}")
+        for field, kind, default, help_text in describe(cls):
+            click.echo(f"    {field} ({kind}) = {default!r}  {help_text}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Training sequences from tasks: augmented leave-one-out copies of the demonstrations.
+
+Used by test-time training (a task's own demonstrations), by LESS (a pool of
+training tasks) and by pretraining.  Recipe (Akyürek et al. 2024): each
+demonstration in turn becomes the query and the others the context, topped up
+with leave-two-out when there are fewer than the cap; each copy is augmented
+by an invertible transform, a colour permutation (0 fixed) and a shuffle of
+the demonstration order; duplicates and copies over 30x30 or over the
+context length are dropped.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import combinations
+
+import numpy as np
+
+from tta.augment import IDENTITY, random_augmentation, training_transforms
+from tta.encoding import Encoded
+from tta.tasks import Pair, Task, grid_key
+
+
+@dataclass
+class Example:
+    """One training sequence and where it came from (for LESS's record of what it selected)."""
+    encoded: Encoded
+    task_id: str
+    held_out: tuple[int, ...]     # which demonstrations were left out (the first is the query)
+    augmentation: str
+
+
+def leave_out_splits(task: Task, max_left_out: int = 2) -> list[tuple[tuple[int, ...], list[Pair], Pair]]:
+    """(left-out indices, context demonstrations, query pair): leave-one-out first, then leave-two-out."""
+    n = len(task.train)
+    splits = []
+    for k in range(1, max_left_out + 1):
+        if n - k < 1:
+            break
+        for left_out in combinations(range(n), k):
+            for query in left_out:   # each left-out demonstration may be the query
+                context = [p for i, p in enumerate(task.train) if i not in left_out]
+                splits.append(((query, *[i for i in left_out if i != query]), context, task.train[query]))
+    return splits
+
+
+def _content_key(task: Task) -> tuple:
+    return tuple(grid_key(g) for p in (*task.train, *task.test) for g in (p.input, p.output))
+
+
+def leave_one_out_examples(task: Task, fmt, rng: np.random.Generator, max_examples: int = 250,
+                           max_len: int = 4096, transforms: list | None = None,
+                           permute_colours: bool = True, shuffle_demos: bool = True,
+                           learn_demo_outputs: bool = True) -> list[Example]:
+    """Up to `max_examples` distinct augmented leave-one-out sequences of `task`."""
+    transforms = [IDENTITY] + (training_transforms() if transforms is None else list(transforms))
+    splits = leave_out_splits(task, max_left_out=1)
+    if len(splits) * len(transforms) < max_examples:
+        splits = leave_out_splits(task, max_left_out=2)
+    examples, seen = [], set()
+    # Every (split, transform) once, in a seeded order, each with fresh colours and demo order.
+    candidates = [(s, t) for s in splits for t in transforms]
+    for index in rng.permutation(len(candidates)):
+        if len(examples) >= max_examples:
+            break
+        (left_out, context, query), transform = candidates[index]
+        sub = Task(task.id, tuple(context), (query,))
+        aug = random_augmentation(rng, len(context), [transform], permute_colours, shuffle_demos)
+        augmented = aug.apply(sub)
+        if augmented is None:
+            continue
+        key = _content_key(augmented)
+        if key in seen:
+            continue
+        seen.add(key)
+        q = augmented.test[0]
+        encoded = fmt.encode(list(augmented.train), q.input, q.output, learn_demo_outputs=learn_demo_outputs)
+        if len(encoded) > max_len:
+            continue
+        examples.append(Example(encoded, task.id, left_out, aug.name))
+    return examples

@@ -1,0 +1,219 @@
+"""Batched decoding with a KV cache, and teacher-forced scoring of known answers.
+
+Written as a short loop rather than `model.generate` because the loop must
+(1) stop the moment the task's budget cannot pay for the next step,
+(2) constrain every step to grid tokens -- for the compact format, to
+rectangular grids (each row as wide as the first, at most 30x30) -- and
+(3) return each sequence's log-probability for voting and product-of-experts
+scoring.  `benchmarks/decoding.py` measures it against one `generate` per view.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tta.budget import Meter, attention_context, forward_flops
+from tta.encoding import CompactFormat, DIGIT0_ID, EOS_ID, NL_ID
+from tta.models import CACHE_KW, LoadedModel, autocast, output_cache
+from tta.tasks import MAX_SIZE
+
+
+@dataclass
+class Generation:
+    tokens: list[int]    # generated token ids, end-of-sequence excluded
+    finished: bool       # the model ended the answer itself (not cut by length or budget)
+    logprob: float       # sum of log-probabilities of the generated tokens, end-of-sequence included
+
+
+def pad_batch(seqs: list[list[int]], pad_id: int, device, side: str = "left"):
+    """Pad to a rectangle; position ids count real tokens only, so padding never shifts a sequence."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, s in enumerate(seqs):
+        span = slice(width - len(s), width) if side == "left" else slice(0, len(s))
+        ids[row, span] = torch.tensor(s, dtype=torch.long)
+        mask[row, span] = 1
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    return ids.to(device), mask.to(device), positions.to(device)
+
+
+class GridGrammar:
+    """Allowed next tokens for the compact format: digits until the row is as wide as the
+    first row, then a row end; end-of-sequence only right after a row end."""
+
+    def __init__(self, batch: int, device, vocab_size: int):
+        self.row_len = torch.zeros(batch, dtype=torch.long, device=device)
+        self.width = torch.full((batch,), -1, dtype=torch.long, device=device)
+        self.rows = torch.zeros(batch, dtype=torch.long, device=device)
+        self.vocab_size = vocab_size
+
+    def mask(self) -> torch.Tensor:
+        allowed = torch.zeros((len(self.rows), self.vocab_size), dtype=torch.bool, device=self.rows.device)
+        unknown = self.width < 0
+        digit_ok = (unknown | (self.row_len < self.width)) & (self.row_len < MAX_SIZE)
+        newline_ok = (self.row_len > 0) & (unknown | (self.row_len == self.width)) & (self.rows < MAX_SIZE)
+        eos_ok = (self.row_len == 0) & (self.rows > 0)
+        allowed[:, DIGIT0_ID:DIGIT0_ID + 10] = digit_ok[:, None]
+        allowed[:, NL_ID] = newline_ok
+        allowed[:, EOS_ID] = eos_ok
+        return allowed
+
+    def update(self, tokens: torch.Tensor) -> None:
+        newline = tokens == NL_ID
+        digit = (tokens >= DIGIT0_ID) & (tokens < DIGIT0_ID + 10)
+        self.width = torch.where(newline & (self.width < 0), self.row_len, self.width)
+        self.rows = self.rows + newline.long()
+        self.row_len = torch.where(newline, torch.zeros_like(self.row_len), self.row_len + digit.long())
+
+
+class TokenSet:
+    """Allowed next tokens for other formats: a fixed set."""
+
+    def __init__(self, batch: int, device, vocab_size: int, allowed_ids: list[int]):
+        self.allowed = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+        self.allowed[torch.tensor(allowed_ids, device=device)] = True
+        self.batch = batch
+
+    def mask(self) -> torch.Tensor:
+        return self.allowed.expand(self.batch, -1)
+
+    def update(self, tokens: torch.Tensor) -> None:
+        pass
+
+
+def _constraint(lm: LoadedModel, batch: int, vocab_size: int):
+    if isinstance(lm.format, CompactFormat):
+        return GridGrammar(batch, lm.device, vocab_size)
+    return TokenSet(batch, lm.device, vocab_size, lm.format.allowed_token_ids())
+
+
+def _choose(logprobs: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
+    if temperature <= 0:
+        return logprobs.argmax(dim=-1)
+    probs = torch.softmax(logprobs / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        keep = sorted_probs.cumsum(dim=-1) - sorted_probs < top_p   # always keeps the top token
+        sorted_probs = sorted_probs * keep
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def _generate_batch(lm, prompts, meter, max_new_tokens, temperature, top_p, generator) -> list[Generation]:
+    from transformers import DynamicCache
+
+    model, device = lm.model, lm.device
+    ids, mask, positions = pad_batch(prompts, lm.format.pad_id, device)
+    batch = len(prompts)
+    vocab = model.config.vocab_size
+    constraint = _constraint(lm, batch, vocab)
+    shape = meter._shape(model) if meter else None
+    lengths = torch.tensor([len(p) for p in prompts])
+
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    out_tokens = torch.zeros((batch, 0), dtype=torch.long, device=device)
+    logprob = torch.zeros(batch, dtype=torch.float32, device=device)
+    cache = DynamicCache()
+
+    if meter and not meter.can_afford(forward_flops(shape, int(lengths.sum()), sum(attention_context(0, int(n)) for n in lengths))):
+        return [Generation([], False, 0.0) for _ in prompts]
+    for step in range(max_new_tokens):
+        with autocast(device):
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                        logits_to_keep=1, **{CACHE_KW: cache})
+        cache = output_cache(out)
+        logits = out.logits[:, -1].float()
+        logits = logits.masked_fill(~constraint.mask(), float("-inf"))
+        logprobs = torch.log_softmax(logits, dim=-1)
+        chosen = _choose(logprobs, temperature, top_p, generator)
+        chosen = torch.where(done, torch.full_like(chosen, EOS_ID if lm.format.eos_id is None else lm.format.eos_id), chosen)
+        logprob += torch.where(done, torch.zeros_like(logprob), logprobs.gather(1, chosen[:, None]).squeeze(1))
+        out_tokens = torch.cat([out_tokens, chosen[:, None]], dim=1)
+        constraint.update(chosen)
+        done = done | (chosen == lm.format.eos_id)
+        if bool(done.all()):
+            break
+        # Finished rows keep running (a rectangle is cheaper than reshaping the cache) but
+        # their new positions are masked, so they are neither attended to nor charged.
+        active = (~done).long()
+        n_active = int(active.sum())
+        context = n_active * (int(mask.sum()) // batch + 1)
+        if meter and not meter.can_afford(forward_flops(shape, n_active, context)):
+            break
+        ids = chosen[:, None]
+        mask = torch.cat([mask, active[:, None]], dim=1)
+        positions = positions[:, -1:] + 1
+    results = []
+    for row in range(batch):
+        tokens = out_tokens[row].tolist()
+        finished = lm.format.eos_id in tokens
+        if finished:
+            tokens = tokens[: tokens.index(lm.format.eos_id)]
+        results.append(Generation(tokens, finished, float(logprob[row])))
+    return results
+
+
+def generate(lm: LoadedModel, prompts: list[list[int]], meter: Meter | None = None,
+             max_new_tokens: int | None = None, temperature: float = 0.0, top_p: float = 1.0,
+             seed: int = 0, batch_size: int = 16) -> list[Generation]:
+    """Decode an answer for every prompt, `batch_size` at a time, longest first (so batches
+    hold prompts of similar length and waste little on padding)."""
+    if not prompts:
+        return []
+    limit = max_new_tokens or lm.format.max_answer_tokens()
+    generator = torch.Generator(device=lm.device).manual_seed(seed) if temperature > 0 else None
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    results: list[Generation | None] = [None] * len(prompts)
+    was_training = lm.model.training
+    lm.model.eval()
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        room = lm.max_context - max(len(prompts[i]) for i in chunk)
+        outs = _generate_batch(lm, [prompts[i] for i in chunk], meter, max(1, min(limit, room)),
+                               temperature, top_p, generator)
+        for i, g in zip(chunk, outs):
+            results[i] = g
+    lm.model.train(was_training)
+    return results
+
+
+@dataclass
+class AnswerScore:
+    nll: float           # summed negative log-likelihood of the answer tokens
+    n_tokens: int
+    n_correct: int       # answer tokens that are the model's argmax (teacher-forced token accuracy)
+
+    @property
+    def mean_nll(self) -> float:
+        return self.nll / max(1, self.n_tokens)
+
+    @property
+    def token_accuracy(self) -> float:
+        return self.n_correct / max(1, self.n_tokens)
+
+
+@torch.no_grad()
+def score_answers(lm: LoadedModel, prompts: list[list[int]], answers: list[list[int]],
+                  batch_size: int = 8) -> list[AnswerScore]:
+    """Teacher-forced log-likelihood of each answer after its prompt (batched, right-padded)."""
+    was_training = lm.model.training
+    lm.model.eval()
+    scores = []
+    for start in range(0, len(prompts), batch_size):
+        seqs = [p + a for p, a in zip(prompts[start:start + batch_size], answers[start:start + batch_size])]
+        ids, mask, positions = pad_batch(seqs, lm.format.pad_id, lm.device, side="right")
+        with autocast(lm.device):
+            logits = lm.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits.float()
+        logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
+        for row, (p, a) in enumerate(zip(prompts[start:start + batch_size], answers[start:start + batch_size])):
+            span = slice(len(p) - 1, len(p) - 1 + len(a))
+            target = torch.tensor(a, device=lm.device)
+            row_lp = logprobs[row, span]
+            nll = -row_lp.gather(1, target[:, None]).sum()
+            correct = (row_lp.argmax(dim=-1) == target).sum()
+            scores.append(AnswerScore(float(nll), len(a), int(correct)))
+    lm.model.train(was_training)
+    return scores

