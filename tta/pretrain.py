@@ -1,0 +1,243 @@
+"""`tta pretrain`: train the embedded base model from scratch on augmented leave-one-out tasks.
+
+The recipe is the test-time training recipe at scale: every step draws fresh
+augmented leave-one-out sequences from the training tasks (real ARC training
+tasks and generated tasks), loss on the outputs only.  A plain loop, like
+`tta.training`, because it must stop on a wall-clock limit, checkpoint and
+resume exactly; it runs in bf16 on CUDA and under bf16 autocast on the CPU.
+
+Checkpoints hold the model (safetensors), the AdamW moments (safetensors, not
+a pickle) and `trainer_state.json`; rerunning the same command resumes.  The
+output directory is a transformers model directory with a model card and
+`training_data.json` (ids and content hashes of every training task, which
+`tta run` uses to refuse contaminated evaluations).
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tta import contamination
+from tta.data import leave_one_out_examples
+from tta.decoding import pad_batch
+from tta.encoding import IGNORE, CompactFormat
+from tta.models import autocast, build_model, pick_device, save_model, set_threads
+from tta.tasks import load_dataset
+
+
+@dataclass
+class PretrainConfig:
+    data: list = field(default_factory=lambda: ["arc1-train", "arc2-train", "gen-train"])
+    # must not overlap the data
+    exclude: list = field(default_factory=lambda: ["arc1-eval", "arc2-eval", "arc1-heldout", "gen-eval"])
+    drop_overlap: bool = False     # drop overlapping training tasks instead of refusing
+    size: str = "default"
+    minutes: float | None = None
+    steps: int | None = None
+    tokens_per_batch: int = 8192
+    max_len: int = 2048
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    warmup: float = 0.03           # share of the run spent warming up
+    min_lr_ratio: float = 0.1      # the cosine ends at lr * min_lr_ratio
+    seed: int = 0
+    checkpoint_minutes: float = 5.0
+    log_every: int = 20
+
+
+def learning_rate(c: PretrainConfig, progress: float) -> float:
+    """Linear warm-up then cosine decay, as a function of the share of the run done (0..1), so a
+    run bounded by minutes and one bounded by steps follow the same curve."""
+    if progress < c.warmup:
+        return c.lr * progress / c.warmup
+    t = min(1.0, (progress - c.warmup) / max(1e-9, 1 - c.warmup))
+    return c.lr * (c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def load_training_tasks(c: PretrainConfig, log=print):
+    """The training tasks, checked against every excluded dataset: an overlap is refused, or with
+    `drop_overlap` the overlapping training tasks are dropped (and named in the log)."""
+    tasks = [t for name in c.data for t in load_dataset(name).tasks]
+    for name in c.exclude:
+        excluded = load_dataset(name).tasks
+        if c.drop_overlap:
+            dropped = set(contamination.overlap(contamination.fingerprint(excluded), tasks))
+            if dropped:
+                shown = sorted(dropped)
+                log(f"dropped {len(dropped)} training tasks that overlap {name}: {', '.join(shown[:10])}"
+                    + (" ..." if len(shown) > 10 else ""))
+            tasks = [t for t in tasks if t.id not in dropped]
+        contamination.check(contamination.fingerprint(tasks), excluded, "+".join(c.data), name)
+    return tasks, contamination.fingerprint(tasks)
+
+
+def draw_batch(tasks, fmt, rng: np.random.Generator, tokens_per_batch: int, max_len: int):
+    """Fresh augmented leave-one-out sequences until the batch holds `tokens_per_batch` tokens
+    (padded to its longest); similar lengths come from drawing a pool and sorting it."""
+    pool = []
+    while sum(len(e) for e in pool) < 2 * tokens_per_batch:
+        task = tasks[rng.integers(len(tasks))]
+        examples = leave_one_out_examples(task, fmt, rng, max_examples=1, max_len=max_len)
+        pool += [e.encoded for e in examples]
+    pool.sort(key=len)
+    start = rng.integers(len(pool))
+    batch, width = [], 0
+    for e in pool[start:] + pool[:start][::-1]:
+        width_if = max(width, len(e))
+        if width_if * (len(batch) + 1) > tokens_per_batch and batch:
+            break
+        batch.append(e)
+        width = width_if
+    return batch
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def save_checkpoint(out: Path, model, tokenizer, optimizer, state: dict) -> None:
+    from safetensors.torch import save_file
+    save_model(model, tokenizer, out)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    moments = {}
+    for i, p in enumerate(params):
+        st = optimizer.state.get(p)
+        if st:
+            moments[f"{i}.exp_avg"] = st["exp_avg"].contiguous()
+            moments[f"{i}.exp_avg_sq"] = st["exp_avg_sq"].contiguous()
+            moments[f"{i}.step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1)
+    save_file(moments, str(out / "optimizer.safetensors"))
+    tmp = out / "trainer_state.json.tmp"
+    tmp.write_text(json.dumps(state, indent=1))
+    tmp.replace(out / "trainer_state.json")
+
+
+def load_checkpoint(out: Path, model, optimizer) -> dict:
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+    saved = AutoModelForCausalLM.from_pretrained(out, use_safetensors=True)
+    model.load_state_dict(saved.state_dict())
+    moments = load_file(str(out / "optimizer.safetensors"))
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for i, p in enumerate(params):
+        if f"{i}.exp_avg" in moments:
+            optimizer.state[p] = {"exp_avg": moments[f"{i}.exp_avg"].to(p.device),
+                                  "exp_avg_sq": moments[f"{i}.exp_avg_sq"].to(p.device),
+                                  "step": moments[f"{i}.step"].reshape(()).clone()}
+    return json.loads((out / "trainer_state.json").read_text())
+
+
+# ---------------------------------------------------------------- the loop
+
+def pretrain(c: PretrainConfig, out: Path, device: str = "auto", command: str = "", log=print) -> dict:
+    if c.minutes is None and c.steps is None:
+        raise ValueError("give --minutes or --steps")
+    set_threads()
+    dev = pick_device(device)
+    tasks, fingerprint = load_training_tasks(c, log)
+    model, tokenizer = build_model(c.size, seed=c.seed, max_context=c.max_len)
+    model.to(dev)
+    fmt = CompactFormat(tokenizer)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay, betas=(0.9, 0.95))
+    state = {"step": 0, "tokens": 0, "seconds": 0.0, "curve": [], "config": asdict(c)}
+    if (out / "trainer_state.json").exists():
+        state = load_checkpoint(out, model, optimizer)
+        log(f"resuming from {out} at step {state['step']} ({state['tokens']:,} tokens)")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "training_data.json").write_text(json.dumps({"datasets": c.data, **fingerprint}))
+
+    model.train()
+    started, last_checkpoint, window = time.perf_counter(), time.perf_counter(), []
+    elapsed = lambda: state["seconds"] + time.perf_counter() - started
+    while True:
+        progress = max(state["step"] / c.steps if c.steps else 0.0,
+                       elapsed() / (60 * c.minutes) if c.minutes else 0.0)
+        if progress >= 1.0:
+            break
+        lr = learning_rate(c, progress)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # Seeded by step, so a resumed run draws the batches an uninterrupted one would have.
+        batch = draw_batch(tasks, fmt, np.random.default_rng([c.seed, state["step"]]), c.tokens_per_batch, c.max_len)
+        ids, mask, positions = pad_batch([e.input_ids for e in batch], fmt.pad_id, dev, side="right")
+        labels, _, _ = pad_batch([e.labels for e in batch], IGNORE, dev, side="right")
+        with autocast(dev):
+            loss = model(input_ids=ids, attention_mask=mask, position_ids=positions, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] += 1
+        state["tokens"] += int(mask.sum())
+        window.append(loss.detach())
+        if state["step"] % c.log_every == 0:
+            mean_loss = float(torch.stack(window).mean())
+            window = []
+            if not math.isfinite(mean_loss):
+                raise RuntimeError(f"pretraining loss is {mean_loss} at step {state['step']}")
+            seconds = elapsed()
+            state["curve"].append({"step": state["step"], "tokens": state["tokens"], "loss": round(mean_loss, 4),
+                                   "minutes": round(seconds / 60, 2), "lr": lr})
+            log(f"step {state['step']:6d}  loss {mean_loss:.4f}  lr {lr:.2e}  "
+                f"{state['tokens'] / max(seconds, 1e-9):,.0f} tokens/s  {state['tokens']:,} tokens  {seconds / 60:.1f} min")
+        if time.perf_counter() - last_checkpoint > 60 * c.checkpoint_minutes:
+            _checkpoint(out, model, tokenizer, optimizer, state, elapsed(), command)
+            last_checkpoint = time.perf_counter()
+    _checkpoint(out, model, tokenizer, optimizer, state, elapsed(), command)
+    write_model_card(out, state, model, command)
+    return state
+
+
+def _checkpoint(out, model, tokenizer, optimizer, state, seconds, command):
+    state["seconds"] = seconds
+    state["command"] = command or state.get("command", "")
+    save_checkpoint(out, model, tokenizer, optimizer, state)
+
+
+def write_model_card(out: Path, state: dict, model, command: str, evaluation: str | None = None) -> None:
+    """README.md beside the weights: data, size, steps, tokens, loss curve, command, evaluation."""
+    c = state["config"]
+    n_params = sum(p.numel() for p in model.parameters())
+    curve = state["curve"]
+    shown = curve[:: max(1, len(curve) // 12)] + ([curve[-1]] if curve else [])
+    rows = "\n".join(f"| {p['step']} | {p['tokens']:,} | {p['minutes']} | {p['loss']} |" for p in shown)
+    eval_path = out / "evaluation.md"
+    evaluation = evaluation or (eval_path.read_text() if eval_path.exists() else "Not evaluated yet.")
+    card = f"""# tta embedded base model
+
+A Llama-architecture causal LM over the compact grid vocabulary (16 tokens: one per colour,
+row end, input/output markers, bos/eos/pad), trained from scratch by `tta pretrain`.
+
+- Size: `{c['size']}` -- {n_params:,} parameters, {model.config.num_hidden_layers} layers,
+  width {model.config.hidden_size}, context {model.config.max_position_embeddings} positions.
+- Data: augmented leave-one-out sequences (rotations/flips/transpose/upscaling/reflections/
+  translations, colour permutations with 0 fixed, shuffled demonstration order) drawn fresh at
+  every step from {', '.join(c['data'])}; loss on outputs only. Sequences over {c['max_len']} tokens are skipped.
+- Excluded: the data was checked against {', '.join(c['exclude'])} (ids and content hashes) and
+  shares no task with them. `training_data.json` lists every training task id and hash;
+  `tta run` refuses to evaluate this model on any of them unless `--force`.
+- Optimiser: AdamW (betas 0.9/0.95, weight decay {c['weight_decay']}), peak lr {c['lr']}, warm-up
+  {c['warmup']:.0%} then cosine to {c['min_lr_ratio']}x, ~{c['tokens_per_batch']} tokens per batch, grad clip 1.0.
+- Trained: {state['step']:,} steps, {state['tokens']:,} tokens, {state['seconds'] / 60:.1f} minutes.
+- Command: `{state.get('command') or command}`
+
+## Loss curve (training loss, mean over the last {c['log_every']} steps)
+
+| step | tokens | minutes | loss |
+|---|---|---|---|
+{rows}
+
+## Evaluation
+
+{evaluation}
+"""
+    (out / "README.md").write_text(card)
+
+
+def main_log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
