@@ -22,12 +22,22 @@ def _user_errors():
 
 
 class Group(click.Group):
-    def invoke(self, ctx):
+    """Turns every expected error -- ours, and click's usage errors -- into one line on stderr."""
+
+    def main(self, args=None, prog_name=None, **kwargs):
         try:
-            return super().invoke(ctx)
+            rv = super().main(args, prog_name, standalone_mode=False, **kwargs)
+        except click.exceptions.Abort:
+            click.echo("error: interrupted", err=True)
+            sys.exit(130)
+        except click.ClickException as e:
+            command = f" ({e.ctx.command_path})" if getattr(e, "ctx", None) else ""
+            click.echo(f"error{command}: {e.format_message()}", err=True)
+            sys.exit(e.exit_code or 2)
         except _user_errors() as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
+        sys.exit(rv if isinstance(rv, int) else 0)
 
 
 @click.group(cls=Group)

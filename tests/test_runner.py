@@ -1,0 +1,123 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tta.method import Method, MethodError, get_method, make_config, register
+from tta.runner import RunError, RunSpec, read_results, run
+from conftest import GOOD, write_task
+
+TTT_FAST = ["max_examples=6", "rank=4", "alpha=8", "epochs=1", 'transforms=["identity","rot90"]', "orders=1"]
+
+
+@register("test_echo")
+class EchoInput(Method):
+    """A user's own method, registered from outside the package: answers with the test input."""
+    needs_model = False
+
+    def predict(self, task, meter, seed):
+        if task.id == "explode":
+            raise FloatingPointError("loss is nan")
+        return [[p.input, None] for p in task.test], {}
+
+
+def task_dir(tmp_path, n=3, with_bad=False, explode=False):
+    d = tmp_path / "tasks"
+    d.mkdir()
+    for i in range(n):
+        data = json.loads(json.dumps(GOOD))
+        data["test"][0]["input"][0][0] = i
+        if i == 0:   # this one's answer is its own input
+            data["test"][0]["output"] = data["test"][0]["input"]
+        write_task(d / f"task{i}.json", data)
+    if with_bad:
+        (d / "bad.json").write_text('{"train": [{"input": [[1, 2], [3]], "output": [[1]]}], "test": []}')
+    if explode:
+        write_task(d / "explode.json", GOOD)
+    return d
+
+
+def test_user_method_runs_and_failures_are_recorded_not_fatal(tmp_path):
+    out = run(RunSpec(method="test_echo", dataset=str(task_dir(tmp_path, with_bad=True, explode=True)),
+                      out=tmp_path / "run"), progress=False)
+    records = {r["task_id"]: r for r in read_results(out / "results.jsonl")}
+    assert set(records) == {"bad", "explode", "task0", "task1", "task2"}
+    assert "ragged" in records["bad"]["error"] and "bad.json" in records["bad"]["error"]
+    assert records["explode"]["error"] == "FloatingPointError: loss is nan"
+    assert records["task0"]["correct"] == [True] and records["task1"]["correct"] == [False]
+    submission = json.loads((out / "submission.json").read_text())
+    assert set(submission) == set(records)
+    assert submission["task0"][0]["attempt_1"] == [[0, 8], [9, 0]] and submission["task0"][0]["attempt_2"] == [[0]]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["method"] == "test_echo" and manifest["finished"] and manifest["task_ids"] == sorted(records)
+
+
+def test_rerun_skips_finished_tasks_and_refuses_other_settings(tmp_path):
+    tasks = task_dir(tmp_path, n=4)
+    spec = dict(method="test_echo", dataset=str(tasks), out=tmp_path / "run")
+    first = run(RunSpec(**spec), progress=False)
+    lines = (first / "results.jsonl").read_text().splitlines()
+    run(RunSpec(**spec), progress=False)
+    assert (first / "results.jsonl").read_text().splitlines() == lines
+    with pytest.raises(RunError, match="different seed"):
+        run(RunSpec(**spec, seed=1), progress=False)
+
+
+def test_torn_last_line_is_cut_and_the_task_redone(tmp_path):
+    tasks = task_dir(tmp_path, n=3)
+    spec = dict(method="test_echo", dataset=str(tasks), out=tmp_path / "run")
+    out = run(RunSpec(**spec), progress=False)
+    lines = (out / "results.jsonl").read_text().splitlines()
+    (out / "results.jsonl").write_text("\n".join(lines[:2]) + "\n" + lines[2][:20])
+    run(RunSpec(**spec), progress=False)
+    ids = [r["task_id"] for r in read_results(out / "results.jsonl")]
+    assert sorted(ids) == ["task0", "task1", "task2"] and len(ids) == 3
+
+
+def test_same_seed_same_attempts_with_a_real_method(tmp_path):
+    common = dict(method="ttt_lora", dataset="gen-eval", limit=2, model="random:tiny", overrides=TTT_FAST)
+    a = run(RunSpec(**common, out=tmp_path / "a"), progress=False)
+    b = run(RunSpec(**common, out=tmp_path / "b"), progress=False)
+    ra, rb = read_results(a / "results.jsonl"), read_results(b / "results.jsonl")
+    assert [r["attempts"] for r in ra] == [r["attempts"] for r in rb]
+    assert [r["metrics"]["nll"] for r in ra] == [r["metrics"]["nll"] for r in rb]
+    assert all(r["error"] is None and r["flops"] > 0 for r in ra)
+    assert all(r["extra"]["adapt"]["steps"] > 0 for r in ra)
+
+
+def test_settings_are_typed_and_unknown_keys_refused():
+    cls = get_method("ttt_lora")
+    config = make_config(cls, ["lr=0.5", "epochs=3", 'targets=["q_proj"]'])
+    assert config.lr == 0.5 and config.epochs == 3 and config.targets == ["q_proj"]
+    with pytest.raises(MethodError, match="no setting 'learning_rate'"):
+        make_config(cls, ["learning_rate=1"])
+    with pytest.raises(MethodError, match="epochs=two"):
+        make_config(cls, ["epochs=two"])
+    with pytest.raises(MethodError, match="unknown method"):
+        get_method("nope")
+    assert get_method("test_runner:EchoInput") is EchoInput
+
+
+def test_kill_mid_run_then_resume_gives_each_task_once(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "tta.cli", "run", "--method", "ttt_lora", "--model", "random:tiny",
+           "--dataset", "gen-eval", "--limit", "4", "--out", str(out), "--quiet"] + \
+          [x for s in TTT_FAST for x in ("--set", s)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    results = out / "results.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (results.exists() and results.read_text().count("\n") >= 1):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(read_results(results))
+    assert 1 <= done_before < 4
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ids = [r["task_id"] for r in read_results(results)]
+    assert len(ids) == 4 and len(set(ids)) == 4

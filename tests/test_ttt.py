@@ -1,0 +1,59 @@
+import numpy as np
+import torch
+
+from methods.ttt_lora import TTTConfig, TTTLoRA
+from tta.budget import Budget, Meter
+from tta.data import leave_one_out_examples, leave_out_splits
+from tta.decoding import score_answers
+from tta.models import load_model
+from conftest import flip_task
+
+
+def test_leave_one_out_data_is_distinct_capped_and_holds_out_the_query():
+    from tta.encoding import CompactFormat, make_grid_tokenizer
+    fmt = CompactFormat(make_grid_tokenizer())
+    task = flip_task(n_train=4)
+    assert len(leave_out_splits(task, 1)) == 4
+    for left_out, context, query in leave_out_splits(task, 1):
+        assert len(context) == 3 and query is task.train[left_out[0]]
+    examples = leave_one_out_examples(task, fmt, np.random.default_rng(0), max_examples=40)
+    assert len(examples) == 40
+    assert len({tuple(e.encoded.input_ids) for e in examples}) == 40
+    small = leave_one_out_examples(flip_task(n_train=2, size=2), fmt, np.random.default_rng(0), max_examples=1000)
+    assert 0 < len(small) < 1000   # leave-two-out added, still finite and distinct
+
+
+def test_ttt_lowers_the_true_answer_nll_and_reset_restores_the_base():
+    lm = load_model("random:tiny", device="cpu")
+    base = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    task = flip_task(n_train=3, size=3)
+    prompt = lm.format.encode(list(task.train), task.test[0].input).input_ids
+    answer = lm.format.answer_ids(task.test[0].output)
+    before = score_answers(lm, [prompt], [answer])[0].mean_nll
+    method = TTTLoRA(TTTConfig(max_examples=24, epochs=3, lr=3e-3, rank=8, alpha=16), lm)
+    meter = Meter()
+    meter.attach(lm.model)
+    record = method.adapt(task, meter, seed=0)
+    after = score_answers(lm, [prompt], [answer])[0].mean_nll
+    method.reset()
+    meter.detach()
+    assert record["steps"] == record["planned_steps"] == 36
+    assert record["last_loss"] < record["first_loss"]
+    assert after < before
+    restored = lm.model.state_dict()
+    assert restored.keys() == base.keys()
+    assert all(torch.equal(restored[k], base[k]) for k in base)
+    assert not any(p.requires_grad for p in lm.model.parameters())
+
+
+def test_ttt_stops_training_when_the_budget_would_not_pay_for_prediction():
+    lm = load_model("random:tiny", device="cpu")
+    task = flip_task()
+    method = TTTLoRA(TTTConfig(max_examples=24, rank=4, alpha=8), lm)
+    meter = Meter(Budget(flops=3e7))
+    meter.attach(lm.model)
+    record = method.adapt(task, meter, seed=0)
+    method.predict(task, meter, seed=0)
+    method.reset()
+    meter.detach()
+    assert record["stopped_by_budget"] and record["steps"] < record["planned_steps"]

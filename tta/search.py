@@ -1,0 +1,154 @@
+"""Depth-first search for every likely answer (Franzen et al., "Product of Experts", 2025).
+
+`dfs` returns every completion of a prompt whose probability is above a
+threshold (0.09 in the paper), most probable first.  Because the log-
+probability of a prefix only falls as tokens are added, a branch is dropped as
+soon as its prefix falls below the threshold; at most 1/threshold completions
+can pass, and at most that many prefixes of any one length, so the search
+visits at most ~(1/threshold) x (answer length) nodes.
+
+Cost: the prompt is computed once; every node after that is *one* token fed
+through the model on top of the shared KV cache.  When the search backtracks,
+the cache is cropped to the branch point (depth-first order guarantees the
+cache then holds exactly the branch's prefix), so no prefix is ever recomputed.
+Every forward goes through the model, so the budget meter's hook charges it;
+before each forward the search asks the meter whether it can pay and stops
+(returning what it has) when not.
+
+Tokens follow the output grammar of the model's format (for the compact format:
+rectangular grids, at most 30x30; see `tta.decoding.GridGrammar`) and the
+next-token distribution is renormalised over the allowed tokens, as in
+`tta.decoding.generate`, so DFS and sampling see the same distribution.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from tta.budget import attention_context, forward_flops
+from tta.decoding import _constraint
+from tta.models import CACHE_KW, LoadedModel, autocast, output_cache
+
+THRESHOLD = 0.09   # the paper's probability threshold
+
+
+@dataclass
+class Completion:
+    tokens: list[int]     # answer tokens, end-of-sequence excluded
+    logprob: float        # sum of log-probabilities, end-of-sequence included
+
+    @property
+    def prob(self) -> float:
+        return math.exp(self.logprob)
+
+
+@dataclass
+class SearchResult:
+    completions: list[Completion] = field(default_factory=list)  # most probable first
+    forwards: int = 0               # model calls, the prompt's included
+    tokens: int = 0                 # tokens fed through the model, the prompt's included
+    stopped_by_budget: bool = False
+    stopped_by_limit: bool = False  # `max_forwards` reached before the search was complete
+
+
+@dataclass
+class _Node:
+    tokens: tuple[int, ...]
+    nll: float
+    grammar: object
+    on_greedy: bool       # every token so far was the most probable one
+
+
+def _crop(cache, keep: int) -> None:
+    extra = cache.get_seq_length() - keep
+    if extra > 0:
+        cache.crop(-extra)   # a negative argument removes that many tokens in every transformers version
+
+
+def _advance(grammar, token: int, device):
+    child = copy.copy(grammar)   # the grammar's update() rebinds its tensors, never writes in place
+    child.update(torch.tensor([token], device=device))
+    return child
+
+
+@torch.no_grad()
+def dfs(lm: LoadedModel, prompt: list[int], meter=None, threshold: float = THRESHOLD,
+        max_new_tokens: int | None = None, max_forwards: int | None = None,
+        keep_greedy: bool = False) -> SearchResult:
+    """Every completion of `prompt` with probability above `threshold`, most probable first.
+
+    `max_new_tokens` bounds an answer's length (end-of-sequence included); completions cut by it,
+    or by the model's context, are not returned.  `max_forwards` caps the nodes expanded (the
+    prompt counts as one).  With `keep_greedy` the greedy completion is followed to its end and
+    returned whatever its probability (the paper's `max_score_greedy` set to infinity).
+    `meter` needs `can_afford(flops)` and `_shape(model)` (a `tta.budget.Meter` or a view of one).
+    """
+    model, device, fmt = lm.model, lm.device, lm.format
+    limit = min(max_new_tokens or fmt.max_answer_tokens(), lm.max_context - len(prompt))
+    max_nll = -math.log(threshold)
+    shape = meter._shape(model) if meter is not None else None
+    result = SearchResult()
+    if limit <= 0:
+        return result
+
+    def affordable(n_past: int, n_new: int) -> bool:
+        if meter is None or meter.can_afford(forward_flops(shape, n_new, attention_context(n_past, n_new))):
+            return True
+        result.stopped_by_budget = True
+        return False
+
+    def forward(ids: list[int], n_past: int, cache):
+        n = n_past + len(ids)
+        with autocast(device):
+            out = model(input_ids=torch.tensor([ids], device=device),
+                        attention_mask=torch.ones((1, n), dtype=torch.long, device=device),
+                        position_ids=torch.arange(n_past, n, device=device)[None],
+                        use_cache=True, logits_to_keep=1, **{CACHE_KW: cache})
+        result.forwards += 1
+        result.tokens += len(ids)
+        return out.logits[0, -1].float(), output_cache(out)
+
+    was_training = model.training
+    model.eval()
+    try:
+        from transformers import DynamicCache
+        if not affordable(0, len(prompt)):
+            return result
+        logits, cache = forward(prompt, 0, DynamicCache())
+        grammar = _constraint(lm, 1, model.config.vocab_size)
+        stack: list[_Node] = []
+        node = _Node((), 0.0, grammar, True)
+        while True:
+            # Expand `node`, whose next-token logits are in `logits`: push the children that stay
+            # above the threshold, least probable first, so the most probable is explored next.
+            logprobs = torch.log_softmax(logits.masked_fill(~node.grammar.mask()[0], float("-inf")), dim=-1)
+            nll = -logprobs
+            keep = torch.nonzero(node.nll + nll < max_nll).flatten().tolist()
+            best = int(nll.argmin())
+            if keep_greedy and node.on_greedy and best not in keep:
+                keep.append(best)
+            for token in sorted(keep, key=lambda t: -float(nll[t])):
+                child_nll = node.nll + float(nll[token])
+                if token == fmt.eos_id:
+                    result.completions.append(Completion(list(node.tokens), -child_nll))
+                elif len(node.tokens) + 1 < limit:   # room left for at least the end-of-sequence
+                    stack.append(_Node(node.tokens + (token,), child_nll,
+                                       _advance(node.grammar, token, device), node.on_greedy and token == best))
+            if not stack:
+                break
+            if max_forwards is not None and result.forwards >= max_forwards:
+                result.stopped_by_limit = True
+                break
+            node = stack.pop()
+            n_past = len(prompt) + len(node.tokens) - 1   # the cache must hold exactly the parent's prefix
+            if not affordable(n_past, 1):
+                break
+            _crop(cache, n_past)
+            logits, cache = forward([node.tokens[-1]], n_past, cache)
+    finally:
+        model.train(was_training)
+    result.completions.sort(key=lambda c: -c.logprob)
+    return result
