@@ -121,3 +121,19 @@ def test_kill_mid_run_then_resume_gives_each_task_once(tmp_path):
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ids = [r["task_id"] for r in read_results(results)]
     assert len(ids) == 4 and len(set(ids)) == 4
+
+
+def test_floors_need_no_model_and_score_as_expected(tmp_path):
+    d = tmp_path / "floors"
+    d.mkdir()
+    same = {"train": [{"input": [[1]], "output": [[5, 5]]}, {"input": [[2]], "output": [[5, 5]]},
+                      {"input": [[3]], "output": [[6]]}],
+            "test": [{"input": [[4]], "output": [[5, 5]]}]}
+    write_task(d / "constant.json", same)
+    out = run(RunSpec(method="common_output", dataset=str(d), out=tmp_path / "c"), progress=False)
+    record = read_results(out / "results.jsonl")[0]
+    assert record["attempts"][0] == [[[5, 5]], [[6]]] and record["correct"] == [True]
+    out = run(RunSpec(method="copy_input", dataset=str(d), out=tmp_path / "k"), progress=False)
+    record = read_results(out / "results.jsonl")[0]
+    assert record["attempts"][0][0] == [[4]] and record["correct"] == [False]
+    assert record["metrics"]["shape_ok"] == [False] and record["metrics"]["nll"] == [None]

@@ -241,26 +241,23 @@ def run_method(lm, task, budget, **settings):
     return attempts, info, meter
 
 
-@pytest.mark.parametrize("k", [40, 100])
-def test_sampling_generates_no_more_tokens_than_the_budget_allows(k):
-    """A cap that pays for the prompts and k generated tokens.  The prompt's forward yields each
-    sample's first token; every later token costs a forward of the one before it."""
+@pytest.mark.parametrize("search, k", [("sample", 150), ("sample", 600), ("dfs", 50), ("dfs", 80)])
+def test_the_method_processes_no_more_tokens_than_the_budget_allows(search, k):
+    """A cap that pays for k tokens at the cheapest price a token can have (context 1): the model
+    sees at most k tokens, prompts included, and the method still spends most of the cap."""
     lm = LoadedModel(StubLM({answer(["11", "11"]): 0.5, answer(["1"]): 0.5}, hidden_size=1, width=32), None,
                      CompactFormat(make_grid_tokenizer()), "stub", torch.device("cpu"))   # tokens cost ~the same
-    task = small_task()
-    settings = dict(search="sample", select="vote", transforms=["identity", "rot90"], samples=8, batch_size=16)
-    cls = get_method("sampling")
-    prompts = [v.prompt for v in cls(make_config(cls, settings), lm).views(task, 0) for _ in range(8)]
     shape = Meter()._shape(lm.model)
-    prompt_cost = sum(forward_flops(shape, len(p), attention_context(0, len(p))) for p in prompts)
-    cheapest_token = forward_flops(shape, 1, attention_context(min(map(len, prompts)), 1))
-    cap = prompt_cost + (k - len(prompts)) * cheapest_token
-
-    attempts, info, meter = run_method(lm, task, Budget(flops=cap), **settings)
-    fed_back = sum(lm.model.fed) - sum(len(p) for p in prompts)
+    cap = k * forward_flops(shape, 1, 1)
+    attempts, info, meter = run_method(lm, small_task(), Budget(flops=cap), search=search, select="vote",
+                                       transforms=["identity", "rot90"], samples=8, batch_size=16)
     assert meter.flops <= cap
-    assert info["generated_tokens"] == fed_back + len(prompts) <= k
-    assert info["generated_tokens"] >= k - len(prompts) - 0.1 * k   # it spent the budget, to within a batch step
+    assert sum(lm.model.fed) <= k
+    if search == "sample":
+        assert info["generated_tokens"] <= sum(lm.model.fed)
+    else:
+        assert info["stopped_by_budget"]          # the whole search would take 92 tokens
+    assert sum(lm.model.fed) >= 0.5 * k          # it used the budget, not stopped at the first check
     assert len(attempts) == 1 and len(attempts[0]) == 2
 
 

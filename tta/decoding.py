@@ -26,9 +26,11 @@ class Generation:
     logprob: float       # sum of log-probabilities of the generated tokens, end-of-sequence included
 
 
-def pad_batch(seqs: list[list[int]], pad_id: int, device, side: str = "left"):
-    """Pad to a rectangle; position ids count real tokens only, so padding never shifts a sequence."""
-    width = max(len(s) for s in seqs)
+def pad_batch(seqs: list[list[int]], pad_id: int, device, side: str = "left", multiple: int = 1):
+    """Pad to a rectangle; position ids count real tokens only, so padding never shifts a sequence.
+    Training pads the width to a `multiple` (64): on the CPU every new tensor shape makes oneDNN
+    build new kernels, which made variable-length training several times slower and grew memory."""
+    width = -(-max(len(s) for s in seqs) // multiple) * multiple
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for row, s in enumerate(seqs):

@@ -344,7 +344,7 @@ def build(lm: LoadedModel, examples: list[Example], settings: GradientSettings, 
                     optimizer.step()
                     schedule.step()
                     optimizer.zero_grad(set_to_none=True)
-                    losses.append(float(loss))
+                    losses.append(float(loss.detach()))
                     bar.update(1)
                 model.eval()
                 state = [optimizer.state[p] for _, p in params]

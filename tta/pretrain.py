@@ -28,6 +28,7 @@ from tta import contamination
 from tta.data import leave_one_out_examples
 from tta.decoding import pad_batch
 from tta.encoding import IGNORE, CompactFormat
+from tta.training import PAD_MULTIPLE
 from tta.models import autocast, build_model, pick_device, save_model, set_threads
 from tta.tasks import load_dataset
 
@@ -153,7 +154,8 @@ def pretrain(c: PretrainConfig, out: Path, device: str = "auto", command: str = 
 
     model.train()
     started, last_checkpoint, window = time.perf_counter(), time.perf_counter(), []
-    elapsed = lambda: state["seconds"] + time.perf_counter() - started
+    seconds_before = state["seconds"]   # from earlier sessions of a resumed run
+    elapsed = lambda: seconds_before + time.perf_counter() - started
     while True:
         progress = max(state["step"] / c.steps if c.steps else 0.0,
                        elapsed() / (60 * c.minutes) if c.minutes else 0.0)
@@ -164,8 +166,8 @@ def pretrain(c: PretrainConfig, out: Path, device: str = "auto", command: str = 
             group["lr"] = lr
         # Seeded by step, so a resumed run draws the batches an uninterrupted one would have.
         batch = draw_batch(tasks, fmt, np.random.default_rng([c.seed, state["step"]]), c.tokens_per_batch, c.max_len)
-        ids, mask, positions = pad_batch([e.input_ids for e in batch], fmt.pad_id, dev, side="right")
-        labels, _, _ = pad_batch([e.labels for e in batch], IGNORE, dev, side="right")
+        ids, mask, positions = pad_batch([e.input_ids for e in batch], fmt.pad_id, dev, "right", PAD_MULTIPLE)
+        labels, _, _ = pad_batch([e.labels for e in batch], IGNORE, dev, "right", PAD_MULTIPLE)
         with autocast(dev):
             loss = model(input_ids=ids, attention_mask=mask, position_ids=positions, labels=labels).loss
         loss.backward()

@@ -21,6 +21,9 @@ from tta.encoding import Encoded, IGNORE
 from tta.models import LoadedModel, autocast
 
 
+PAD_MULTIPLE = 64   # see pad_batch: repeated shapes keep the CPU kernels cached
+
+
 class TrainingError(RuntimeError):
     pass
 
@@ -100,8 +103,8 @@ def train(lm: LoadedModel, examples: list[Encoded], meter: Meter, lr: float, epo
         if not meter.can_afford(step_cost(meter, model, batch) + reserve_flops):
             report.stopped_by_budget = True
             break
-        ids, mask, positions = pad_batch([e.input_ids for e in batch], lm.format.pad_id, lm.device, side="right")
-        labels, _, _ = pad_batch([e.labels for e in batch], IGNORE, lm.device, side="right")
+        ids, mask, positions = pad_batch([e.input_ids for e in batch], lm.format.pad_id, lm.device, "right", PAD_MULTIPLE)
+        labels, _, _ = pad_batch([e.labels for e in batch], IGNORE, lm.device, "right", PAD_MULTIPLE)
         with autocast(lm.device):
             loss = model(input_ids=ids, attention_mask=mask, position_ids=positions, labels=labels).loss
         loss.backward()
