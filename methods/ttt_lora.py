@@ -48,7 +48,7 @@ class TTTConfig:
 def prediction_cost(lm, task, meter, transforms, orders) -> float:
     """FLOPs the prediction will need (prompts plus full-length answers), reserved while training."""
     views = build_views(lm, task, transforms, orders, np.random.default_rng(0))
-    room = answer_room(task)
+    room = answer_room(lm.format, task)
     shape = meter._shape(lm.model)
     return sum(forward_flops(shape, len(v.prompt) + room, attention_context(0, len(v.prompt) + room)) for v in views)
 

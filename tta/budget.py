@@ -40,8 +40,11 @@ class ModelShape:
 def model_shape(model: torch.nn.Module) -> ModelShape:
     embedding = model.get_input_embeddings().weight
     params = [p for p in model.parameters() if p is not embedding]
+    output = model.get_output_embeddings()
+    # A tied output projection shares the embedding's tensor but is a real matmul per token.
+    tied_output = embedding.numel() if output is not None and output.weight is embedding else 0
     config = model.config
-    return ModelShape(n_params=sum(p.numel() for p in params),
+    return ModelShape(n_params=sum(p.numel() for p in params) + tied_output,
                       n_trainable=sum(p.numel() for p in params if p.requires_grad),
                       n_layer=config.num_hidden_layers, d_model=config.hidden_size)
 

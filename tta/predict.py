@@ -34,18 +34,17 @@ def fit_prompt(fmt, demos: list, query: np.ndarray, max_len: int):
     return None
 
 
-def answer_room(task: Task) -> int:
+def answer_room(fmt, task: Task) -> int:
     """Tokens to leave for the answer: a square two cells wider than the largest grid the task
-    shows (views may transpose it), plus row ends and end-of-sequence."""
+    shows (views may transpose it)."""
     grids = [g for p in task.train for g in (p.input, p.output)] + [p.input for p in task.test]
-    side = min(30, max(max(g.shape) for g in grids) + 2)
-    return side * (side + 1) + 1
+    return fmt.answer_tokens(min(30, max(max(g.shape) for g in grids) + 2))
 
 
 def build_views(lm: LoadedModel, task: Task, transforms: list, orders: int, rng: np.random.Generator) -> list[View]:
     """For every test input, every transform, `orders` demonstration orders (the first is the task's)."""
     views = []
-    room = lm.max_context - answer_room(task)
+    room = lm.max_context - answer_room(lm.format, task)
     for test_index in range(len(task.test)):
         for transform in transforms:
             for k in range(orders):
@@ -67,7 +66,7 @@ def predict_augmented(lm: LoadedModel, task: Task, meter: Meter | None, transfor
     transforms = inference_transforms() if transforms is None else transforms
     rng = np.random.default_rng(seed)
     views = build_views(lm, task, transforms, orders, rng)
-    room = answer_room(task)
+    room = answer_room(lm.format, task)
     generations = generate(lm, [v.prompt for v in views], meter, max_new_tokens=room, batch_size=batch_size)
     per_test: list[list[tuple[str, np.ndarray | None]]] = [[] for _ in task.test]
     for view, gen in zip(views, generations):
