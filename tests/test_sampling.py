@@ -48,6 +48,9 @@ class StubLM(torch.nn.Module):
     def get_input_embeddings(self):
         return self.embed
 
+    def get_output_embeddings(self):
+        return None
+
     def next_logprobs(self, history: list[int]) -> torch.Tensor:
         outs = [i for i, t in enumerate(history) if t == OUT_ID]
         mass = torch.zeros(VOCAB, dtype=torch.float64)
@@ -197,6 +200,7 @@ def test_poe_prefers_an_answer_likely_under_every_view_to_one_likely_under_one()
 
     meter = Meter()
     meter.attach(lm.model)
+    lm.model.fed.clear()
     ranked, nlls = poe_rank(lm, views, [lopsided, symmetric], meter, max_scored=8)
     meter.detach()
     assert [grid_key(g) for g in ranked] == [grid_key(symmetric), grid_key(lopsided)]
@@ -206,10 +210,27 @@ def test_poe_prefers_an_answer_likely_under_every_view_to_one_likely_under_one()
     one = stub_lm({answer(["12", "34"]): 0.6, answer(["11", "11"]): 0.4})
     alone, _ = poe_rank(one, [identity], [symmetric, lopsided], Meter(), max_scored=8)
     assert grid_key(alone[0]) == grid_key(lopsided)
-    # Every scored token was charged: 2 candidates x 4 views, prompt plus answer each.
+    # Every scored token was charged: each view's prompt once, then 2 candidates x 4 views, whose
+    # answers are fed after the cached prompt (all but the answer's last token).
     shape = meter._shape(lm.model)
-    n = [len(v.prompt) + len(lm.format.answer_ids(v.augmentation.grid(g))) for g in (symmetric, lopsided) for v in views]
-    assert meter.flops == pytest.approx(sum(forward_flops(shape, k, attention_context(0, k)) for k in n))
+    prompts = sum(forward_flops(shape, len(v.prompt), attention_context(0, len(v.prompt))) for v in views)
+    answers = sum(forward_flops(shape, 6, attention_context(len(v.prompt), 6)) for v in views) * 2
+    assert meter.flops == pytest.approx(prompts + answers)
+    assert lm.model.fed == [len(v.prompt) for v in views] + [6] * 8
+
+
+def test_scoring_after_a_cached_prompt_matches_score_answers():
+    from tta.decoding import score_answers
+    from tta.models import load_model
+    from tta.search import PromptCache
+
+    for lm in (stub_lm({answer(["12", "34"]): 0.6, answer(["11", "11"]): 0.4}), load_model("random:tiny", device="cpu")):
+        view = build_views(lm, small_task(), transforms_from_names(["rot90"]), 1, np.random.default_rng(0))[0]
+        answers = [lm.format.answer_ids(grid(rows)) for rows in (["12", "34"], ["11", "11"], ["5"], ["123", "456", "789"])]
+        cache = PromptCache(lm, view.prompt)
+        got = [cache.nll(a) for a in answers]
+        want = [s.nll for s in score_answers(lm, [view.prompt] * len(answers), answers)]
+        assert got == pytest.approx(want, rel=0.02, abs=0.02)
 
 
 def test_poe_stops_scoring_when_the_budget_runs_out():
