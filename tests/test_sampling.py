@@ -245,6 +245,20 @@ def test_poe_stops_scoring_when_the_budget_runs_out():
     meter.detach()
     assert nlls == [] and meter.flops == 0 and [grid_key(g) for g in ranked] == [grid_key(a), grid_key(b)]
 
+    # A budget for two of four views' prompts and both candidates in them: PoE over those two views.
+    views = build_views(lm, small_task(), transforms_from_names(["identity", "rot90", "rot180", "transpose"]), 1,
+                        np.random.default_rng(0))
+    shape = Meter()._shape(lm.model)
+    cap = sum(forward_flops(shape, len(v.prompt), attention_context(0, len(v.prompt)))
+              + 2 * forward_flops(shape, 6, attention_context(len(v.prompt), 6)) for v in views[:2])
+    meter = Meter(Budget(flops=cap * 1.001))
+    meter.attach(lm.model)
+    ranked, nlls = poe_rank(lm, views, [a, b], meter, max_scored=8)
+    meter.detach()
+    assert meter.flops == pytest.approx(cap)
+    assert [grid_key(g) for g in ranked] == [grid_key(b), grid_key(a)]
+    assert nlls[0] == pytest.approx(-2 * math.log(0.4), rel=0.05)
+
 
 # ---------------------------------------------------------------- the method under a budget
 

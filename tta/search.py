@@ -152,3 +152,54 @@ def dfs(lm: LoadedModel, prompt: list[int], meter=None, threshold: float = THRES
         model.train(was_training)
     result.completions.sort(key=lambda c: -c.logprob)
     return result
+
+
+# ---------------------------------------------------------------- scoring after a shared prompt
+
+class PromptCache:
+    """A prompt computed once, then any number of answers teacher-forced after it on top of its
+    KV cache: an answer costs its own tokens only (the prompt is not recomputed), and gives the
+    same summed negative log-likelihood as `tta.decoding.score_answers` (the full, unconstrained
+    next-token distribution).  Every forward goes through the model, so the meter charges it;
+    callers check `prompt_flops` / `answer_flops` against the budget first."""
+
+    def __init__(self, lm: LoadedModel, prompt: list[int]):
+        from transformers import DynamicCache
+
+        self.lm, self.n = lm, len(prompt)
+        logits, self.cache = self._forward(prompt, 0, DynamicCache(), keep=1)
+        self.first = torch.log_softmax(logits[-1], dim=-1)   # distribution of the answer's first token
+
+    @staticmethod
+    def prompt_flops(shape, n_prompt: int) -> float:
+        return forward_flops(shape, n_prompt, attention_context(0, n_prompt))
+
+    @staticmethod
+    def answer_flops(shape, n_prompt: int, n_answer: int) -> float:
+        n = max(0, n_answer - 1)    # the answer's last token is never fed
+        return forward_flops(shape, n, attention_context(n_prompt, n))
+
+    @torch.no_grad()
+    def _forward(self, ids: list[int], n_past: int, cache, keep: int = 0):
+        model, device = self.lm.model, self.lm.device
+        n = n_past + len(ids)
+        was_training = model.training
+        model.eval()
+        with autocast(device):
+            out = model(input_ids=torch.tensor([ids], device=device),
+                        attention_mask=torch.ones((1, n), dtype=torch.long, device=device),
+                        position_ids=torch.arange(n_past, n, device=device)[None],
+                        use_cache=True, logits_to_keep=keep, **{CACHE_KW: cache})
+        model.train(was_training)
+        return out.logits[0].float(), output_cache(out)
+
+    @torch.no_grad()
+    def nll(self, answer: list[int]) -> float:
+        total = -float(self.first[answer[0]])
+        if len(answer) > 1:
+            _crop(self.cache, self.n)
+            logits, self.cache = self._forward(answer[:-1], self.n, self.cache)
+            logprobs = torch.log_softmax(logits, dim=-1)
+            target = torch.tensor(answer[1:], device=logprobs.device)
+            total -= float(logprobs.gather(1, target[:, None]).sum())
+        return total
