@@ -118,6 +118,7 @@ class Projection:
     @classmethod
     def random(cls, n_features: int, dim: int, density: float = 0.0, seed: int = 0) -> "Projection":
         from sklearn.exceptions import DataDimensionalityWarning
+        import scipy.sparse as sp
         from sklearn.random_projection import SparseRandomProjection
 
         rp = SparseRandomProjection(n_components=dim, density=density if density > 0 else "auto",
@@ -125,7 +126,7 @@ class Projection:
         with warnings.catch_warnings():   # dim > n_features is allowed (tiny test models)
             warnings.simplefilter("ignore", DataDimensionalityWarning)
             rp.fit(np.zeros((1, n_features), dtype=np.float32))
-        m = rp.components_.tocsr()
+        m = sp.csr_matrix(rp.components_)
         return cls(m.indptr, m.indices, m.data, n_features)
 
     @property
@@ -393,10 +394,12 @@ def build(lm: LoadedModel, examples: list[Example], settings: GradientSettings, 
             **(extra_meta or {}),
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        if path.exists():   # a concurrent build finished first: keep theirs
-            shutil.rmtree(tmp)
-        else:
+        try:
             os.replace(tmp, path)
+        except OSError:
+            if not (path / "meta.json").exists():
+                raise
+            shutil.rmtree(tmp)   # a concurrent build of the same key finished first: keep theirs
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

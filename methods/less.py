@@ -1,0 +1,188 @@
+"""LESS-style gradient-based data selection (`less`), Xia et al. 2024, as a test-time method.
+
+Once per run (`setup`, the one-off cost, recorded in the manifest and not charged to any task):
+0. pool   -- augmented leave-one-out examples of ARC *training* tasks (`pool`, never the split
+             being evaluated: an overlap by id or content is refused);
+1. store  -- a gradient datastore of the pool (`tta.gradients`): warm-up LoRA, a checkpoint per
+             epoch, Adam-preconditioned per-example gradients, randomly projected and normalised;
+             cached on disk by (model weights, pool, settings) and reused by later runs.
+For each task, all charged to its budget (every gradient is a metered forward+backward):
+2. select -- SGD gradients of the task's own leave-one-out demonstrations through the same
+             checkpoints and projection; score = sum over checkpoints of (mean lr) x cosine,
+             averaged over the targets (or `aggregate=max`: averaged per held-out demonstration,
+             maximised over them); keep the `top_k` pool examples;
+3. adapt  -- a fresh LoRA trained on them (plus the task's own TTT data with `with_task_data`);
+4. predict-- the same augmented inference and vote as `ttt_lora`;
+5. reset  -- the adapter is removed.
+The record of `adapt` lists the selected pool examples (task, augmentation, score).
+
+Defaults are the paper's scaled to the embedded 3.4M-parameter model on a 2-core CPU; help
+strings give the published values.
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+
+from tta import gradients
+from tta.augment import transforms_from_names
+from tta.contamination import ContaminationError, fingerprint, overlap
+from tta.data import leave_one_out_examples
+from tta.method import Method, MethodError, register, setting
+from tta.predict import predict_augmented
+from tta.tasks import load_dataset
+from tta.training import attach_lora, detach_lora, step_cost, train
+
+from methods.ttt_lora import prediction_cost
+
+
+@dataclass
+class LESSConfig:
+    # ---- the pool
+    pool: str = setting("arc1-train", "dataset the pool is drawn from (never the evaluated one), e.g. gen-train")
+    pool_tasks: int = setting(100, "pool tasks, a seeded random subset (0 = all; paper: the whole pool; 100 keeps the CPU build to minutes)")
+    pool_per_task: int = setting(4, "augmented leave-one-out examples per pool task (CPU default)")
+    pool_max_len: int = setting(1024, "longest pool example in tokens, longer ones skipped (CPU default; ARC tasks run to ~2k)")
+    pool_seed: int = setting(0, "seed of the pool and the datastore (not the run's seed, so the cache is shared)")
+    drop_overlap: bool = setting(False, "leave pool tasks that overlap the evaluated tasks out of the pool instead of refusing")
+    datastore_dir: str = setting("", "where datastores are cached (default $TTA_CACHE/datastores or ~/.cache/tta/datastores)")
+    # ---- the gradient datastore (tta/gradients.py)
+    gradient_rank: int = setting(8, "warm-up LoRA rank (paper: 128 at width 4096; scaled by width to 8 at 256)")
+    gradient_alpha: int = setting(32, "warm-up LoRA alpha (paper: 512 = 4 x rank)")
+    gradient_targets: list = setting(["q_proj", "k_proj", "v_proj", "o_proj"], "warm-up LoRA modules (paper: q/k/v/o)")
+    warmup_fraction: float = setting(0.05, "share of the pool the warm-up trains on (paper: 0.05)")
+    min_warmup_examples: int = setting(16, "at least this many warm-up examples (a small pool's 5% is a handful)")
+    gradient_epochs: int = setting(4, "warm-up epochs = checkpoints (paper: 4)")
+    gradient_lr: float = setting(1e-3, "warm-up AdamW peak lr, 3% linear warm-up then linear decay (paper: 2e-5 for 7B; the small model needs more)")
+    proj_dim: int = setting(1024, "random projection dimension (paper: 8192 for 7B; scaled down: the embedded model's warm-up LoRA has 65k parameters)")
+    proj_density: float = setting(0.0, "projection density (0 = 1/sqrt(n) sparse Rademacher; 1 = dense, as LESS)")
+    # ---- selection
+    top_k: int = setting(32, "pool examples kept per task (paper: top 5% of the pool; 32 is ~10% of the default pool)")
+    aggregate: str = setting("mean", "mean over the targets, or max: mean per held-out demonstration, max over them (paper: max over subtasks)")
+    target_views: int = setting(1, "copies of each leave-one-out target (1 = as given; more adds augmented views)")
+    with_task_data: bool = setting(False, "also train on the task's own augmented leave-one-out examples (as ttt_lora)")
+    task_examples: int = setting(250, "cap on the task's own examples when with_task_data (paper: 250)")
+    # ---- adaptation and prediction (as ttt_lora)
+    rank: int = setting(32, "LoRA rank (ttt_lora's default)")
+    alpha: int = setting(32, "LoRA alpha")
+    targets: list = setting(["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"], "modules that get adapters")
+    lr: float = setting(1e-3, "AdamW learning rate")
+    weight_decay: float = setting(0.01, "AdamW weight decay")
+    epochs: int = setting(2, "passes over the selected examples")
+    batch_size: int = setting(2, "examples per step")
+    warmup_ratio: float = setting(0.1, "share of steps with linear warm-up before the cosine decay")
+    transforms: list = setting(["identity", "rot90", "rot180", "flip_h", "flip_v", "transpose"], "views for augmented inference")
+    orders: int = setting(2, "demonstration orders per view")
+    top_per_group: int = setting(3, "answers kept per view before the global vote")
+    decode_batch_size: int = setting(16, "prompts decoded together")
+
+    def gradient_settings(self) -> gradients.GradientSettings:
+        return gradients.GradientSettings(
+            rank=self.gradient_rank, alpha=self.gradient_alpha, targets=list(self.gradient_targets),
+            warmup_fraction=self.warmup_fraction, min_warmup_examples=self.min_warmup_examples,
+            epochs=self.gradient_epochs, lr=self.gradient_lr, proj_dim=self.proj_dim,
+            proj_density=self.proj_density, seed=self.pool_seed)
+
+
+def target_examples(task, fmt, rng, views: int, max_len: int):
+    """The task's leave-one-out demonstrations as they are (views=1), or `views` augmented copies of each."""
+    n = len(task.train)
+    if views <= 1:
+        return leave_one_out_examples(task, fmt, rng, n, max_len=max_len, transforms=[],
+                                      permute_colours=False, shuffle_demos=False)
+    return leave_one_out_examples(task, fmt, rng, n * views, max_len=max_len)
+
+
+def pool_tasks_for(config: LESSConfig, evaluated: list) -> tuple[list, str, list[str]]:
+    """The pool's tasks (after the overlap check), the pool's name, and the pool tasks dropped."""
+    pool = load_dataset(config.pool)
+    hits = overlap(fingerprint(pool.tasks), evaluated)
+    dropped = []
+    chosen = gradients.choose_pool_tasks(pool.tasks, config.pool_tasks, config.pool_seed)
+    if hits:
+        if not config.drop_overlap:
+            shown = ", ".join(hits[:5]) + (f" and {len(hits) - 5} more" if len(hits) > 5 else "")
+            raise ContaminationError(
+                f"less: {len(hits)} of {len(evaluated)} evaluated tasks appear in the pool {config.pool} "
+                f"(by id or content): {shown}; choose another pool (--set pool=NAME) or --set drop_overlap=true")
+        bad = set(overlap(fingerprint(evaluated), chosen))   # the pool tasks that match an evaluated one
+        dropped = sorted(t.id for t in chosen if t.id in bad)
+        chosen = [t for t in chosen if t.id not in bad]
+    return chosen, pool.name, dropped
+
+
+@register("less")
+class LESS(Method):
+    Config = LESSConfig
+
+    def setup(self, tasks):
+        c = self.config
+        if c.aggregate not in ("mean", "max"):
+            raise MethodError(f"--set aggregate={c.aggregate}: must be mean or max")
+        chosen, pool_name, dropped = pool_tasks_for(c, tasks)
+        examples = gradients.pool_examples(chosen, self.lm.format, c.pool_per_task, c.pool_max_len, c.pool_seed)
+        settings = c.gradient_settings()
+        self.store, built = gradients.load_or_build(
+            self.lm, examples, settings, root=c.datastore_dir or None, progress=True,
+            extra_meta={"pool": pool_name, "pool_tasks": [t.id for t in chosen], "model": self.lm.spec})
+        meta = self.store.meta
+        return {
+            "what": (f"LESS gradient datastore: warm-up LoRA r={settings.rank} on {meta['warmup']['examples']} "
+                     f"examples x {settings.epochs} epochs, then {len(self.store)} pool examples from "
+                     f"{len(chosen)} {pool_name} tasks x {settings.epochs} checkpoints projected to {meta['proj_dim']} dims"),
+            "flops": meta["build"]["flops"], "seconds": meta["build"]["seconds"], "charged": False,
+            "cached": not built, "datastore": str(self.store.path), "pool": pool_name,
+            "pool_examples": len(self.store), "pool_tasks": len(chosen), "dropped_overlap": dropped,
+        }
+
+    def adapt(self, task, meter, seed):
+        c, lm, store = self.config, self.lm, self.store
+        rng = np.random.default_rng(seed)
+        transforms = transforms_from_names(c.transforms)
+        reserve = prediction_cost(lm, task, meter, transforms, c.orders)
+
+        # 1. target gradients and scores (charged: metered forwards+backwards), within the budget
+        started = time.perf_counter()
+        targets = target_examples(task, lm.format, rng, c.target_views, lm.max_context)
+        afford = lambda e: meter.can_afford(step_cost(meter, lm.model, [e]) + reserve)
+        feats = store.target_features(lm, [t.encoded for t in targets], afford) if targets else np.zeros((0, 0, 0))
+        selected, scores = [], None
+        if feats.shape[0] > 0:
+            groups = [t.held_out[0] for t in targets]
+            scores = gradients.score(store.features, store.lrs, feats, groups, c.aggregate)
+            n_groups = len(set(groups)) if c.aggregate == "max" else 1
+            meter.charge(2.0 * feats.shape[0] * n_groups * len(store) * feats.shape[2])   # the dot products
+            selected = [int(i) for i in np.argsort(-scores, kind="stable")[:c.top_k]]
+        selection_seconds = time.perf_counter() - started
+
+        # 2. a fresh adapter on the selected examples (and the task's own, if asked)
+        data = [store.encoded(i) for i in selected]
+        own = 0
+        if c.with_task_data:
+            own_examples = leave_one_out_examples(task, lm.format, rng, c.task_examples, max_len=lm.max_context)
+            data += [e.encoded for e in own_examples]
+            own = len(own_examples)
+        self._adapter = attach_lora(lm, c.rank, c.alpha, c.targets, seed=seed)
+        report = train(lm, data, meter, lr=c.lr, epochs=c.epochs, batch_size=c.batch_size,
+                       weight_decay=c.weight_decay, warmup_ratio=c.warmup_ratio, seed=seed, reserve_flops=reserve)
+        picks = [{"task_id": store.examples[i]["task_id"], "augmentation": store.examples[i]["augmentation"],
+                  "held_out": store.examples[i]["held_out"], "index": i, "score": round(float(scores[i]), 6)}
+                 for i in selected]
+        return {"targets": len(targets), "checkpoints_used": int(feats.shape[0]),
+                "selection_seconds": round(selection_seconds, 3),
+                "score_mean": None if scores is None else round(float(scores.mean()), 6),
+                "selected": picks, "selected_tasks": dict(Counter(p["task_id"] for p in picks).most_common()),
+                "train_examples": len(data), "task_examples": own, **report.as_dict()}
+
+    def predict(self, task, meter, seed):
+        c = self.config
+        return predict_augmented(self.lm, task, meter, transforms_from_names(c.transforms), c.orders,
+                                 seed=seed, batch_size=c.decode_batch_size, top_per_group=c.top_per_group)
+
+    def reset(self):
+        if getattr(self, "_adapter", None) is not None:
+            detach_lora(self.lm, self._adapter)
+            self._adapter = None
