@@ -62,16 +62,17 @@ def _command_line() -> str:
 @click.option("--out", type=click.Path(path_type=Path), help="run directory (default runs/METHOD-DATASET)")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | mps")
 @click.option("--force", is_flag=True, help="evaluate the default model even on tasks it was trained on")
+@click.option("--shard", help="I/N: run every N-th task starting from the I-th (0-based), for batch schedulers")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def run(method, dataset, limit, task_ids, model, budget_flops, budget_seconds, seed, overrides, out, device,
-        force, quiet):
+        force, shard, quiet):
     """Run one method over an ARC task set into a run directory (resumable)."""
     from tta.runner import RunSpec, read_results, run as run_method
     from tta.scoring import aggregate
 
     if budget_flops and budget_seconds:
         raise click.UsageError("give --budget-flops or --budget-seconds, not both")
-    spec = RunSpec(method=method, dataset=dataset, model=model, limit=limit,
+    spec = RunSpec(shard=_parse_shard(shard) if shard else None, method=method, dataset=dataset, model=model, limit=limit,
                    task_ids=[t.strip() for t in task_ids.split(",") if t.strip()] if task_ids else None,
                    budget=Budget(budget_flops, budget_seconds), seed=seed, overrides=list(overrides),
                    out=out, device=device, command=_command_line(), force=force)
@@ -79,6 +80,16 @@ def run(method, dataset, limit, task_ids, model, budget_flops, budget_seconds, s
     records = read_results(out_dir / "results.jsonl")
     click.echo(_summary_line(records, aggregate))
     click.echo(f"results in {out_dir}")
+
+
+def _parse_shard(text: str) -> tuple[int, int]:
+    try:
+        index, count = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not I/N", param_hint="--shard") from None
+    if not 0 <= index < count:
+        raise click.BadParameter(f"{text!r}: need 0 <= I < N", param_hint="--shard")
+    return index, count
 
 
 def _summary_line(records, aggregate) -> str:
@@ -110,12 +121,35 @@ def compare(runs, baseline, out, allow_mismatch):
 
 
 @main.command()
+@click.argument("shards", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="the merged run directory")
+def merge(shards, out):
+    """Join the directories of `tta run --shard I/N` runs into one run directory."""
+    from tta.runner import merge as merge_shards
+    click.echo(f"merged {len(shards)} shards into {merge_shards(list(shards), out)}")
+
+
+@main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), help="also write the report here")
 def report(run_dir, out):
     """Summarise one run: accuracy, per-task results, failures."""
     from tta.report import write_run_report
     click.echo(write_run_report(run_dir, out))
+
+
+@main.command()
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--runs", type=click.Path(path_type=Path), default=Path("runs"), show_default=True,
+              help="where the run directories go (runs/NAME/METHOD-BUDGET-SEED)")
+@click.option("--reports", type=click.Path(path_type=Path), default=Path("reports"), show_default=True)
+@click.option("--quiet", is_flag=True, help="no progress bars")
+def experiment(file, runs, reports, quiet):
+    """Run every cell of an experiment TOML (resuming finished ones), then write its report."""
+    from tta.experiment import run_experiment
+    path = run_experiment(file, runs, reports, progress=not quiet, log=lambda m: click.echo(m, err=True),
+                          command=_command_line())
+    click.echo(f"report written to {path}")
 
 
 @main.command()

@@ -52,6 +52,7 @@ class RunSpec:
     device: str = "auto"
     command: str = ""
     force: bool = False   # evaluate the default model on data it was trained on
+    shard: tuple[int, int] | None = None   # (i, n): this process runs every n-th task from the i-th
 
 
 # ---------------------------------------------------------------- files
@@ -247,6 +248,9 @@ def prepare(spec: RunSpec):
     cls = get_method(spec.method)
     config = make_config(cls, spec.overrides)
     dataset = select(load_dataset(spec.dataset), spec.task_ids, spec.limit)
+    if spec.shard:
+        index, count = spec.shard
+        dataset = select(dataset, dataset.ids[index::count])
     if not dataset.ids:
         raise RunError(f"{spec.dataset}: no tasks selected")
     out = Path(spec.out or default_out(cls.name, spec.dataset))
@@ -254,6 +258,8 @@ def prepare(spec: RunSpec):
                 "dataset": spec.dataset, "task_ids": dataset.ids, "budget": spec.budget.as_dict(),
                 "seed": spec.seed}
     manifest["config_hash"] = config_hash(manifest)
+    if spec.shard:
+        manifest["shard"] = list(spec.shard)
     manifest_path = out / "manifest.json"
     if manifest_path.exists():
         try:
@@ -320,3 +326,51 @@ def run(spec: RunSpec, progress: bool = True) -> Path:
 def _progress(total: int, initial: int, enabled: bool, name: str):
     from tqdm import tqdm
     return tqdm(total=total, initial=initial, disable=not enabled, desc=name, unit="task", file=sys.stderr)
+
+
+# ---------------------------------------------------------------- shards
+
+def merge(shard_dirs: list[Path], out: Path) -> Path:
+    """Join the run directories of `--shard i/n` runs into one, as if it had run unsharded:
+    the shards must agree on everything but their tasks, and every task must be there once."""
+    manifests = []
+    for d in shard_dirs:
+        path = Path(d) / "manifest.json"
+        if not path.exists():
+            raise RunError(f"{d}: not a run directory (no manifest.json)")
+        manifests.append(json.loads(path.read_text()))
+    first = manifests[0]
+    for d, m in zip(shard_dirs[1:], manifests[1:]):
+        for key in ("method", "config", "model", "dataset", "budget", "seed"):
+            if m[key] != first[key]:
+                raise RunError(f"{d}: differs from {shard_dirs[0]} in {key}; shards of one run must agree")
+    records, owner = [], {}
+    for d, m in zip(shard_dirs, manifests):
+        shard_records = read_results(Path(d) / "results.jsonl")
+        for r in shard_records:
+            if r["task_id"] in owner:
+                raise RunError(f"{d}: task {r['task_id']} is also in {owner[r['task_id']]}; shards overlap")
+            owner[r["task_id"]] = d
+        missing = sorted(set(m["task_ids"]) - {r["task_id"] for r in shard_records})
+        if missing:
+            raise RunError(f"{d}: {len(missing)} tasks have no result yet ({', '.join(missing[:5])}); finish the shard first")
+        records += shard_records
+    task_ids = sorted(owner)
+    counts = {m["shard"][1] for m in manifests if "shard" in m}
+    if counts and (len(counts) > 1 or sorted(m["shard"][0] for m in manifests) != list(range(counts.pop()))):
+        raise RunError("the directories are not shards 0..n-1 of one run (see each manifest's shard)")
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / "results.jsonl").exists():
+        raise RunError(f"{out}: already holds results; merge into a new directory")
+    order = {task_id: i for i, task_id in enumerate(task_ids)}
+    for record in sorted(records, key=lambda r: order[r["task_id"]]):
+        append_line(out / "results.jsonl", record)
+    merged = {k: v for k, v in first.items() if k != "shard"}
+    merged.update(task_ids=task_ids, merged_from=[str(d) for d in shard_dirs],
+                  started=min(m.get("started") or "" for m in manifests),
+                  finished=max(m.get("finished") or "" for m in manifests) or None)
+    merged["config_hash"] = config_hash(merged)
+    merged["one_off"] = first.get("one_off")
+    atomic_write_json(out / "manifest.json", {k: v for k, v in merged.items() if v is not None})
+    atomic_write_json(out / "submission.json", submission(records, task_ids))
+    return out

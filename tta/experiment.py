@@ -1,0 +1,88 @@
+"""`tta experiment FILE`: a whole comparison -- methods x budgets x seeds -- from one TOML file.
+
+    name = "default"                 # report: reports/<name>.md
+    dataset = "gen-eval"
+    limit = 20                       # or tasks = ["id", ...]
+    model = "default"
+    seeds = [0]
+    budgets = ["none", 1e12]         # FLOPs per task; "none" = uncapped; or budget_seconds = [...]
+    baseline = "icl"
+    [methods.icl]
+    [methods.ttt_lora]
+    max_examples = 64                # any setting of the method, as with --set
+
+Every cell is an ordinary run directory under `runs/<name>/` (so an interrupted experiment
+resumes finished cells and tasks), and the report is `tta compare` over all of them.
+"""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from tta.budget import Budget
+from tta.runner import RunError, RunSpec, run
+
+
+@dataclass
+class Cell:
+    method: str
+    settings: dict
+    budget: Budget
+    seed: int
+
+    def directory(self, root: Path) -> Path:
+        cap = ("f%.0e" % self.budget.flops).replace("+", "") if self.budget.flops else (
+            f"s{self.budget.seconds:g}" if self.budget.seconds else "uncapped")
+        return root / f"{self.method}-{cap}-seed{self.seed}"
+
+
+def _budgets(plan: dict, where: str) -> list[Budget]:
+    if "budget_seconds" in plan:
+        return [Budget(seconds=None if b == "none" else float(b)) for b in plan["budget_seconds"]]
+    budgets = []
+    for b in plan.get("budgets", ["none"]):
+        if b != "none" and not isinstance(b, (int, float)):
+            raise RunError(f"{where}: budgets must be numbers of FLOPs or \"none\", not {b!r}")
+        budgets.append(Budget(flops=None if b == "none" else float(b)))
+    return budgets
+
+
+def load_plan(path: Path) -> dict:
+    try:
+        plan = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise RunError(f"{path}: no such file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise RunError(f"{path}: not valid TOML ({e})") from None
+    if not plan.get("methods"):
+        raise RunError(f"{path}: names no [methods.NAME] tables")
+    plan.setdefault("name", path.stem)
+    return plan
+
+
+def cells(plan: dict, where: str) -> list[Cell]:
+    return [Cell(method, dict(settings), budget, seed)
+            for method, settings in plan["methods"].items()
+            for budget in _budgets(plan, where)
+            for seed in plan.get("seeds", [0])]
+
+
+def run_experiment(path: Path, runs_root: Path = Path("runs"), reports_root: Path = Path("reports"),
+                   progress: bool = True, log=print, command: str = "") -> Path:
+    from tta.report import write_report
+
+    plan = load_plan(path)
+    root = runs_root / plan["name"]
+    directories = []
+    for cell in cells(plan, str(path)):
+        out = cell.directory(root)
+        log(f"== {out}")
+        run(RunSpec(method=cell.method, dataset=plan.get("dataset", "arc1-eval"), model=plan.get("model", "default"),
+                    limit=plan.get("limit"), task_ids=plan.get("tasks"), budget=cell.budget, seed=cell.seed,
+                    overrides=cell.settings, out=out, command=command or f"tta experiment {path}"),
+            progress=progress)
+        directories.append(out)
+    several_budgets = len(_budgets(plan, str(path))) > 1
+    return write_report(directories, reports_root / f"{plan['name']}.md", baseline=plan.get("baseline", "icl"),
+                        allow_mismatch=several_budgets, command=command or f"tta experiment {path}")
