@@ -46,3 +46,14 @@ def test_sharded_runs_merged_equal_the_unsharded_run(tmp_path):
         merge([shards[0], shards[0]], tmp_path / "twice")
     with pytest.raises(RunError, match="not shards 0..n-1"):
         merge([shards[1]], tmp_path / "half")
+
+
+def test_gpu_benchmark_smoke_runs_on_the_cpu_at_tiny_size():
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).parent.parent / "benchmarks" / "gpu_ttt.py"
+    out = subprocess.run([sys.executable, str(script), "--size", "tiny", "--steps", "3"], capture_output=True,
+                         text=True, timeout=300, env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "MFU" in out.stdout and "TTT: 3 steps" in out.stdout

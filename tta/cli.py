@@ -63,9 +63,12 @@ def _command_line() -> str:
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | mps")
 @click.option("--force", is_flag=True, help="evaluate the default model even on tasks it was trained on")
 @click.option("--shard", help="I/N: run every N-th task starting from the I-th (0-based), for batch schedulers")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="where tasks run: this process, or a Ray cluster")
+@click.option("--ray-address", help="address of a running Ray cluster (default: start a local one)")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def run(method, dataset, limit, task_ids, model, budget_flops, budget_seconds, seed, overrides, out, device,
-        force, shard, quiet):
+        force, shard, executor, ray_address, quiet):
     """Run one method over an ARC task set into a run directory (resumable)."""
     from tta.runner import RunSpec, read_results, run as run_method
     from tta.scoring import aggregate
@@ -76,7 +79,7 @@ def run(method, dataset, limit, task_ids, model, budget_flops, budget_seconds, s
                    task_ids=[t.strip() for t in task_ids.split(",") if t.strip()] if task_ids else None,
                    budget=Budget(budget_flops, budget_seconds), seed=seed, overrides=list(overrides),
                    out=out, device=device, command=_command_line(), force=force)
-    out_dir = run_method(spec, progress=not quiet)
+    out_dir = run_method(spec, progress=not quiet, executor=executor, ray_address=ray_address)
     records = read_results(out_dir / "results.jsonl")
     click.echo(_summary_line(records, aggregate))
     click.echo(f"results in {out_dir}")

@@ -271,7 +271,42 @@ def prepare(spec: RunSpec):
     return cls, config, dataset, out, manifest
 
 
-def run(spec: RunSpec, progress: bool = True) -> Path:
+class TaskRunner:
+    """The model and the method, loaded once, solving tasks by id.  The local executor holds one;
+    with `--executor ray` every worker holds its own (see tta.ray_executor)."""
+
+    def __init__(self, spec: RunSpec, cls, config, dataset: Dataset):
+        set_threads()
+        self.spec, self.name = spec, cls.name
+        self.lm = load_model(spec.model, device=spec.device) if cls.needs_model else None
+        if self.lm is not None:
+            from tta import contamination
+            contamination.check_model_data(self.lm, spec.model, dataset, force=spec.force)
+        self.method = cls(config, self.lm, spec.seed)
+        self.dataset = dataset
+        self.by_id = {t.id: t for t in dataset.tasks}
+
+    @property
+    def device(self) -> str:
+        return str(self.lm.device) if self.lm else "cpu"
+
+    def setup(self) -> dict | None:
+        """The method's one-off work, with its wall seconds added to its own record."""
+        started = time.perf_counter()
+        one_off = self.method.setup(self.dataset.tasks)
+        return {"seconds": round(time.perf_counter() - started, 3), **one_off} if one_off else None
+
+    def solve(self, task_id: str) -> dict:
+        task = self.by_id.get(task_id)
+        if task is None:
+            return failed_record(task_id, self.name, self.dataset.failures[task_id], 1)
+        try:
+            return run_task(self.method, self.lm, task, self.spec.budget, self.spec.seed)
+        except Exception as e:  # one task's failure (bad data, NaN loss, out of memory) never ends the run
+            return failed_record(task_id, self.name, one_line(e), len(task.test), task=task)
+
+
+def run(spec: RunSpec, progress: bool = True, executor: str = "local", ray_address: str | None = None) -> Path:
     cls, config, dataset, out, manifest = prepare(spec)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.jsonl"
@@ -279,37 +314,26 @@ def run(spec: RunSpec, progress: bool = True) -> Path:
     done = {r["task_id"] for r in records}
     todo = [task_id for task_id in dataset.ids if task_id not in done]
 
-    set_threads()
-    lm = load_model(spec.model, device=spec.device) if cls.needs_model else None
-    if lm is not None:
-        from tta import contamination
-        contamination.check_model_data(lm, spec.model, dataset, force=spec.force)
-    method = cls(config, lm, spec.seed)
     manifest.setdefault("started", datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    manifest.update({"versions": package_versions(), "git_commit": git_commit(),
-                     "command": spec.command or manifest.get("command", ""), "finished": None,
-                     "device": str(lm.device) if lm else "cpu"})
-    if todo and "one_off" not in manifest:
-        started = time.perf_counter()
-        one_off = method.setup(dataset.tasks)
-        if one_off:
-            manifest["one_off"] = {"seconds": round(time.perf_counter() - started, 3), **one_off}
-    elif todo:
-        method.setup(dataset.tasks)
+    manifest.update({"versions": package_versions(), "git_commit": git_commit(), "executor": executor,
+                     "command": spec.command or manifest.get("command", ""), "finished": None})
+    if executor == "ray":
+        from tta.ray_executor import solve_on_ray
+        results, one_off, device = solve_on_ray(spec, todo, ray_address)
+    elif executor == "local":
+        runner = TaskRunner(spec, cls, config, dataset)
+        one_off, device = (runner.setup() if todo else None), runner.device
+        results = (runner.solve(task_id) for task_id in todo)
+    else:
+        raise RunError(f"unknown executor {executor!r} (local, ray)")
+    manifest["device"] = device
+    if one_off and "one_off" not in manifest:
+        manifest["one_off"] = one_off
     atomic_write_json(out / "manifest.json", manifest)
 
-    by_id = {t.id: t for t in dataset.tasks}
     bar = _progress(len(dataset.ids), len(done), progress, cls.name)
     solved = sum(r["score"] for r in records)
-    for task_id in todo:
-        task = by_id.get(task_id)
-        if task is None:
-            record = failed_record(task_id, cls.name, dataset.failures[task_id], 1)
-        else:
-            try:
-                record = run_task(method, lm, task, spec.budget, spec.seed)
-            except Exception as e:  # one task's failure (bad data, NaN loss, out of memory) never ends the run
-                record = failed_record(task_id, cls.name, one_line(e), len(task.test), task=task)
+    for record in results:   # written by this process alone, in the order tasks finish
         append_line(results_path, record)
         records.append(record)
         atomic_write_json(out / "submission.json", submission(records, dataset.ids))
