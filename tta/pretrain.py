@@ -133,6 +133,14 @@ def load_checkpoint(out: Path, model, optimizer) -> dict:
     return json.loads((out / "trainer_state.json").read_text())
 
 
+def record_training_data(path: Path, datasets: list[str], fingerprint: dict) -> None:
+    """What the model has seen, accumulated: a resumed run on other data adds to the record."""
+    seen = json.loads(path.read_text()) if path.exists() else {"datasets": [], "ids": [], "hashes": []}
+    path.write_text(json.dumps({"datasets": sorted(set(seen["datasets"]) | set(datasets)),
+                                "ids": sorted(set(seen["ids"]) | set(fingerprint["ids"])),
+                                "hashes": sorted(set(seen["hashes"]) | set(fingerprint["hashes"]))}))
+
+
 # ---------------------------------------------------------------- the loop
 
 def pretrain(c: PretrainConfig, out: Path, device: str = "auto", command: str = "", log=print) -> dict:
@@ -149,8 +157,11 @@ def pretrain(c: PretrainConfig, out: Path, device: str = "auto", command: str = 
     if (out / "trainer_state.json").exists():
         state = load_checkpoint(out, model, optimizer)
         log(f"resuming from {out} at step {state['step']} ({state['tokens']:,} tokens)")
+    # Each invocation is a phase (a resumed run may use other data or a longer schedule).
+    state.setdefault("phases", []).append({"from_step": state["step"], "data": c.data, "minutes": c.minutes,
+                                           "steps": c.steps, "command": command})
     out.mkdir(parents=True, exist_ok=True)
-    (out / "training_data.json").write_text(json.dumps({"datasets": c.data, **fingerprint}))
+    record_training_data(out / "training_data.json", c.data, fingerprint)
 
     model.train()
     started, last_checkpoint, window = time.perf_counter(), time.perf_counter(), []
@@ -208,6 +219,10 @@ def write_model_card(out: Path, state: dict, model, command: str, evaluation: st
     curve = state["curve"]
     shown = curve[:: max(1, len(curve) // 12)] + ([curve[-1]] if curve else [])
     rows = "\n".join(f"| {p['step']} | {p['tokens']:,} | {p['minutes']} | {p['loss']} |" for p in shown)
+    phases = "\n".join(f"  - from step {p['from_step']}: `{p['command'] or '(not recorded)'}` (data: {', '.join(p['data'])})"
+                       for p in state.get("phases", [])) or f"  - `{state.get('command') or command}`"
+    seen = out / "training_data.json"
+    datasets = json.loads(seen.read_text())["datasets"] if seen.exists() else c["data"]
     eval_path = out / "evaluation.md"
     evaluation = evaluation or (eval_path.read_text() if eval_path.exists() else "Not evaluated yet.")
     card = f"""# tta embedded base model
@@ -219,14 +234,15 @@ row end, input/output markers, bos/eos/pad), trained from scratch by `tta pretra
   width {model.config.hidden_size}, context {model.config.max_position_embeddings} positions.
 - Data: augmented leave-one-out sequences (rotations/flips/transpose/upscaling/reflections/
   translations, colour permutations with 0 fixed, shuffled demonstration order) drawn fresh at
-  every step from {', '.join(c['data'])}; loss on outputs only. Sequences over {c['max_len']} tokens are skipped.
+  every step from {', '.join(datasets)} (see the phases below); loss on outputs only. Sequences over {c['max_len']} tokens are skipped.
 - Excluded: the data was checked against {', '.join(c['exclude'])} (ids and content hashes) and
   shares no task with them. `training_data.json` lists every training task id and hash;
   `tta run` refuses to evaluate this model on any of them unless `--force`.
 - Optimiser: AdamW (betas 0.9/0.95, weight decay {c['weight_decay']}), peak lr {c['lr']}, warm-up
   {c['warmup']:.0%} then cosine to {c['min_lr_ratio']}x, ~{c['tokens_per_batch']} tokens per batch, grad clip 1.0.
 - Trained: {state['step']:,} steps, {state['tokens']:,} tokens, {state['seconds'] / 60:.1f} minutes.
-- Command: `{state.get('command') or command}`
+- Commands (each phase of the run, in order; a later phase resumes the earlier one):
+{phases}
 
 ## Loss curve (training loss, mean over the last {c['log_every']} steps)
 
