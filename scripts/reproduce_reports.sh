@@ -11,7 +11,7 @@ tta compare runs/icl runs/ttt --out reports/arc1-eval-icl-vs-ttt.md
 tta experiment experiments/default.toml --quiet
 tta experiment experiments/budget_sweep.toml --quiet
 # Held-out real ARC training tasks the base model never saw (model card).
-tta run --method icl --dataset arc1-heldout --limit 20 --budget-flops 2e12 --out runs/card/icl-arc1-heldout --quiet
-tta run --method ttt_lora --dataset arc1-heldout --limit 20 --budget-flops 2e12 --out runs/card/ttt-arc1-heldout --quiet
-tta run --method copy_input --dataset arc1-heldout --limit 20 --budget-flops 2e12 --out runs/card/copy-arc1-heldout --quiet
+tta run --method icl --dataset arc1-heldout --limit 10 --budget-flops 2e12 --out runs/card/icl-arc1-heldout --quiet
+tta run --method ttt_lora --dataset arc1-heldout --limit 10 --budget-flops 2e12 --out runs/card/ttt-arc1-heldout --quiet
+tta run --method copy_input --dataset arc1-heldout --limit 10 --budget-flops 2e12 --out runs/card/copy-arc1-heldout --quiet
 tta compare runs/card/icl-arc1-heldout runs/card/ttt-arc1-heldout runs/card/copy-arc1-heldout --out reports/arc1-heldout.md
