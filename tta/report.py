@@ -353,7 +353,7 @@ def _accuracy_row(g: pd.DataFrame) -> dict:
            "n_tasks": n_tasks, "n_outputs": n_outputs,
            "n_solved_outputs": k_outputs, "n_solved_tasks": k_tasks}
     row.update(_proportion("kaggle", k_outputs, n_outputs))
-    row.update(_mean_ci("task_mean", g["score"]))
+    row.update(_task_mean_ci(g["score"]))
     row.update(_proportion("all_outputs", k_tasks, n_tasks))
     for m in GRADED_METRICS:
         row.update(_mean_ci(m, g[m]))
@@ -377,6 +377,16 @@ def _proportion(name: str, k: int, n: int) -> dict:
 def _mean_ci(name: str, values: pd.Series) -> dict:
     est = stats.bootstrap_mean_ci(values.to_numpy(dtype=float), n_boot=N_BOOT, seed=BOOT_SEED)
     return {name: est.value, f"{name}_lo": est.lo, f"{name}_hi": est.hi}
+
+
+def _task_mean_ci(scores: pd.Series) -> dict:
+    """Mean task score with a bootstrap interval -- except when every task scored the same
+    (e.g. nothing solved), where resampling gives a zero-width interval that claims certainty
+    no n can give; scores lie in [0, 1], so the Wilson interval of their sum stands in."""
+    values = scores.to_numpy(dtype=float)
+    if len(values) and np.all(values == values[0]):
+        return _proportion("task_mean", float(values.sum()), len(values))
+    return _mean_ci("task_mean", scores)
 
 
 def baseline_method(df: pd.DataFrame, baseline: str = "icl") -> str:
