@@ -301,3 +301,11 @@ def test_inconsistent_score_rejected(tmp_path):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             load_runs([path])
+
+
+def test_mean_task_score_interval_is_never_zero_width_when_nothing_is_solved(tmp_path):
+    df = load_runs([make_run(tmp_path, "none", "icl", solving([]))])
+    row = accuracy_table(df).iloc[0]
+    lo, hi = proportion_confint(0, 20, method="wilson")
+    assert row["task_mean"] == 0 and row["task_mean_lo"] == pytest.approx(lo) and row["task_mean_hi"] == pytest.approx(hi)
+    assert row["task_mean_hi"] > 0.1
