@@ -40,7 +40,7 @@ def main():
                     f"{fmt(acc['cell_acc'])} | {fmt(acc['nll'])} | {fmt(acc['token_acc'])} | "
                     f"{acc['flops_mean']:.2e} | {acc['seconds_mean']:.1f} | `{manifest['command']}` |")
     text = ("Measured on a 2-core CPU; each row is one run directory, made by the command shown "
-            "(all of them: `scripts/reproduce_reports.sh`). Exact = every test output right in one of two "
+            "(all of them: `scripts/reproduce_reports.sh`). Seconds were measured while other jobs shared the CPU and overstate the cost; FLOPs do not depend on that. Exact = every test output right in one of two "
             "attempts; graded metrics as in `tta compare`.\n\n" + "\n".join(rows) + "\n\n"
             "The model solves none of these tasks exactly, and no attempt of a model method has the right "
             "shape (greedy decoding fixes a wrong row width, then runs to the length limit), while copying "
