@@ -7,6 +7,10 @@ cd "$(dirname "$0")/.."
 tta run --method icl --dataset arc1-eval --limit 5 --out runs/icl --quiet
 tta run --method ttt_lora --dataset arc1-eval --limit 5 --out runs/ttt --quiet
 tta compare runs/icl runs/ttt --out reports/arc1-eval-icl-vs-ttt.md
+# The other two methods on the same tasks (issues 4 and 5), then all four together.
+tta run --method sampling --dataset arc1-eval --limit 5 --out runs/sampling --quiet
+tta run --method less --dataset arc1-eval --limit 5 --out runs/less --quiet
+tta compare runs/icl runs/ttt runs/less runs/sampling --out reports/arc1-eval-four-methods.md
 # The shipped experiments.
 tta experiment experiments/default.toml --quiet
 tta experiment experiments/budget_sweep.toml --quiet
