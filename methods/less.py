@@ -31,12 +31,11 @@ from tta import gradients
 from tta.augment import transforms_from_names
 from tta.contamination import ContaminationError, fingerprint, overlap
 from tta.data import leave_one_out_examples
-from tta.method import Method, MethodError, register, setting
-from tta.predict import predict_augmented
+from tta.method import MethodError, register, setting
 from tta.tasks import load_dataset
-from tta.training import attach_lora, detach_lora, step_cost, train
+from tta.training import attach_lora, step_cost, train
 
-from methods.ttt_lora import prediction_cost
+from methods.ttt_lora import TTTLoRA, prediction_cost
 
 
 @dataclass
@@ -115,7 +114,8 @@ def pool_tasks_for(config: LESSConfig, evaluated: list) -> tuple[list, str, list
 
 
 @register("less")
-class LESS(Method):
+class LESS(TTTLoRA):
+    """ttt_lora with another choice of training data: prediction and reset are ttt_lora's."""
     Config = LESSConfig
 
     def setup(self, tasks):
@@ -176,13 +176,3 @@ class LESS(Method):
                 "score_mean": None if scores is None else round(float(scores.mean()), 6),
                 "selected": picks, "selected_tasks": dict(Counter(p["task_id"] for p in picks).most_common()),
                 "train_examples": len(data), "task_examples": own, **report.as_dict()}
-
-    def predict(self, task, meter, seed):
-        c = self.config
-        return predict_augmented(self.lm, task, meter, transforms_from_names(c.transforms), c.orders,
-                                 seed=seed, batch_size=c.decode_batch_size, top_per_group=c.top_per_group)
-
-    def reset(self):
-        if getattr(self, "_adapter", None) is not None:
-            detach_lora(self.lm, self._adapter)
-            self._adapter = None
