@@ -80,10 +80,6 @@ def batch_tokens_and_context(attention_mask: torch.Tensor | None, input_len: int
     return int(new.sum()), int(context.sum())
 
 
-class BudgetExhausted(RuntimeError):
-    pass
-
-
 @dataclass
 class Budget:
     """A per-task cap: FLOPs, wall seconds, or neither (None = unlimited)."""

@@ -523,17 +523,20 @@ def _objects_apart(rng, d: Difficulty, palette) -> np.ndarray:
     return scene(rng, d, palette, n=n_objects(rng, d, lo=2), gap=1, max_sprite=4)
 
 
+def _only_largest(g: np.ndarray) -> np.ndarray:
+    """The grid with every cell outside its largest object set to background."""
+    cells = tuple(np.array(largest_component(g)).T)
+    out = np.zeros_like(g)
+    out[cells] = g[cells]
+    return out
+
+
 @family("crop_largest_object")
 def crop_largest_object(rng, d):
     """Cut out the largest object (by cell count), without its neighbours."""
     palette = colours(rng, 3)
 
-    def rule(g):
-        cells = tuple(np.array(largest_component(g)).T)
-        only = np.zeros_like(g)
-        only[cells] = g[cells]
-        return crop_to_content(only)
-    return Instance(rule, lambda r: _objects_apart(r, d, palette), {})
+    return Instance(lambda g: crop_to_content(_only_largest(g)), lambda r: _objects_apart(r, d, palette), {})
 
 
 @family("keep_largest_object")
@@ -541,12 +544,7 @@ def keep_largest_object(rng, d):
     """Erase every object but the largest (by cell count)."""
     palette = colours(rng, 3)
 
-    def rule(g):
-        cells = tuple(np.array(largest_component(g)).T)
-        out = np.zeros_like(g)
-        out[cells] = g[cells]
-        return out
-    return Instance(rule, lambda r: _objects_apart(r, d, palette), {})
+    return Instance(_only_largest, lambda r: _objects_apart(r, d, palette), {})
 
 
 @family("count_objects")

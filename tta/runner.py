@@ -223,13 +223,12 @@ def run_task(method: Method, lm: LoadedModel | None, task: Task, budget: Budget,
     return record
 
 
-def failed_record(task_id: str, method_name: str, error: str, n_outputs: int, meter_summary: dict | None = None,
-                  task: Task | None = None) -> dict:
+def failed_record(task_id: str, method_name: str, error: str, n_outputs: int, task: Task | None = None) -> dict:
     return {"task_id": task_id, "method": method_name, "n_demos": len(task.train) if task else 0,
             "n_tokens": grid_tokens(task) if task else 0,
             "attempts": [[None, None] for _ in range(n_outputs)], "correct": [False] * n_outputs,
             "score": 0.0, "flops": 0.0, "eval_flops": 0.0, "seconds": 0.0, "peak_memory_mb": 0.0,
-            **(meter_summary or {}), "budget_exhausted": False, "error": error, "metrics": {}, "extra": {}}
+            "budget_exhausted": False, "error": error, "metrics": {}, "extra": {}}
 
 
 def one_line(e: BaseException) -> str:
