@@ -1,6 +1,8 @@
 """Batched augmented inference (`tta.predict.predict_augmented`: all views of a task in one
 batched, KV-cached, grammar-constrained decode) against one transformers `generate` call per view
 (greedy, same prompts, same token limit), same model, same run.  Aim: >= 5x faster.
+`generate` numbers tokens 0, 1, 2, ..., not with the grid positions the embedded model was
+trained with, so its answers are worse: this compares speed only.
 
     python benchmarks/decoding.py [--model SPEC] [--tasks 3]
 """

@@ -2,6 +2,8 @@
 view in one KV-cached, grammar-constrained batch) against one transformers
 `model.generate(do_sample=True)` call per sample (same prompts, temperature, top-p and token
 limit), same model, same run.  Reports sampled tokens per second for each.
+`generate` numbers tokens 0, 1, 2, ..., not with the grid positions the embedded model was
+trained with, so its answers are worse: this compares speed only.
 
     python benchmarks/sampling.py [--model SPEC] [--tasks 2] [--samples 4]
 """

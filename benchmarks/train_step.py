@@ -20,8 +20,7 @@ from common import benchmark_model  # noqa: E402
 from methods.ttt_lora import TTTConfig  # noqa: E402
 from tta.budget import Meter  # noqa: E402
 from tta.data import leave_one_out_examples  # noqa: E402
-from tta.decoding import pad_batch  # noqa: E402
-from tta.encoding import IGNORE  # noqa: E402
+from tta.decoding import pad_batch, pad_labels  # noqa: E402
 from tta.models import autocast  # noqa: E402
 from tta.tasks import load_dataset  # noqa: E402
 from tta.training import PAD_MULTIPLE, attach_lora, batches, detach_lora, train  # noqa: E402
@@ -33,8 +32,8 @@ def bare_steps(lm, plan):
     lm.model.train()
     start = time.perf_counter()
     for batch in plan:
-        ids, mask, pos = pad_batch([e.input_ids for e in batch], lm.format.pad_id, lm.device, "right", PAD_MULTIPLE)
-        labels, _, _ = pad_batch([e.labels for e in batch], IGNORE, lm.device, "right", PAD_MULTIPLE)
+        ids, mask, pos = pad_batch([e.input_ids for e in batch], lm.format, lm.device, "right", PAD_MULTIPLE)
+        labels = pad_labels([e.labels for e in batch], lm.device, PAD_MULTIPLE)
         with autocast(lm.device):
             loss = lm.model(input_ids=ids, attention_mask=mask, position_ids=pos, labels=labels).loss
         loss.backward()

@@ -38,12 +38,53 @@ def test_scores_match_a_direct_forward(tiny):
     prompt = prompts_of(tiny, [task])[0]
     answer = tiny.format.answer_ids(task.test[0].output)
     score = score_answers(tiny, [prompt, prompt[:5]], [answer, answer])[0]
+    seq = prompt + answer
     with torch.no_grad():
-        logits = tiny.model(input_ids=torch.tensor([prompt + answer])).logits[0].float()
+        logits = tiny.model(input_ids=torch.tensor([seq]), attention_mask=torch.ones(1, len(seq), dtype=torch.long),
+                            position_ids=torch.tensor([tiny.format.positions(seq)])).logits[0].float()
     logprobs = torch.log_softmax(logits[len(prompt) - 1:-1], -1)
     nll = -logprobs.gather(1, torch.tensor(answer)[:, None]).sum()
     assert abs(score.nll - float(nll)) < 0.05 * len(answer)   # bf16 autocast vs fp32
     assert score.n_tokens == len(answer)
+
+
+def record_positions(model):
+    """The position ids of every forward of `model`, row by row."""
+    seen = []
+    hook = model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["position_ids"].tolist()),
+                                           with_kwargs=True)
+    return seen, hook
+
+
+def test_decoding_numbers_tokens_as_the_whole_sequence_would_be(tiny):
+    """The KV-cache loop feeds one token at a time; each must get the grid position it has in the
+    full sequence, or the model sees a geometry it was never trained on."""
+    prompt = prompts_of(tiny, [flip_task(size=3)])[0]
+    seen, hook = record_positions(tiny.model)
+    try:
+        g = generate(tiny, [prompt], max_new_tokens=30)[0]
+    finally:
+        hook.remove()
+    fed = [p for call in seen for p in call[0]]
+    assert fed == tiny.format.positions(prompt + g.tokens + [tiny.format.eos_id])[:len(fed)]
+    assert len(fed) >= len(prompt) + len(g.tokens) - 1   # the last chosen token need not be fed
+
+
+def test_search_numbers_tokens_as_the_whole_sequence_would_be(tiny):
+    from tta.search import PromptCache, dfs
+    prompt = prompts_of(tiny, [flip_task(size=3)])[0]
+    answer = tiny.format.answer_ids(flip_task(size=3).test[0].output)
+    seen, hook = record_positions(tiny.model)
+    try:
+        PromptCache(tiny, prompt).nll(answer)
+    finally:
+        hook.remove()
+    assert seen[0][0] + seen[1][0] == tiny.format.positions(prompt + answer[:-1])
+    result = dfs(tiny, prompt, threshold=0.3, max_new_tokens=20, keep_greedy=True)
+    best = result.completions[0].tokens if result.completions else []
+    full = PromptCache(tiny, prompt).nll(best + [tiny.format.eos_id]) if best else None
+    if full is not None:   # the search's probability is the teacher-forced one, renormalised over grid tokens
+        assert -result.completions[0].logprob <= full + 1e-3
 
 
 def test_fit_prompt_drops_demonstrations_to_fit(tiny):

@@ -2,7 +2,8 @@ import numpy as np
 from hypothesis import given, settings, strategies as st
 
 from tta.encoding import (IGNORE, CompactFormat, ChatTextFormat, make_grid_tokenizer, numpy_text,
-                          parse_numpy_text, EOS_ID, NL_ID)
+                          parse_numpy_text, DIGIT0_ID, EOS_ID, NL_ID, OUT_ID)
+from tta.tasks import Pair
 from conftest import flip_task
 
 FMT = CompactFormat(make_grid_tokenizer())
@@ -82,3 +83,25 @@ def test_chat_format_round_trip_and_allowed_tokens():
     assert np.array_equal(fmt.parse(answer), task.test[0].output)
     allowed = {chr(i) for i in fmt.allowed_token_ids() if i}
     assert set("0123456789[] \n") <= allowed and "a" not in allowed
+
+
+def test_grid_positions_put_the_same_cell_of_consecutive_grids_a_fixed_distance_apart():
+    rng = np.random.default_rng(0)
+    for h, w in [(1, 1), (3, 7), (30, 30), (5, 2)]:
+        a, b = rng.integers(0, 10, (h, w)), rng.integers(0, 10, (w, h))
+        ids = FMT.encode([Pair(a, b)], b, a).input_ids
+        pos = FMT.positions(ids)
+        cells = [p for t, p in zip(ids, pos) if DIGIT0_ID <= t < DIGIT0_ID + 10]
+        first, second = cells[:h * w], cells[h * w:2 * h * w]
+        # grid 0 is h x w, grid 1 is w x h: cell (r, c) of each at 1024 g + 1 + 32 r + c
+        assert first == [1 + 32 * r + c for r in range(h) for c in range(w)]
+        assert second == [1025 + 32 * r + c for r in range(w) for c in range(h)]
+        assert len(set(pos[1:])) == len(pos) - 1          # no two tokens share a position after <s>
+        closers = [p for t, p in zip(ids, pos) if t in (OUT_ID, EOS_ID)]
+        assert closers == [1 + 32 * h, 1025 + 32 * w, 2049 + 32 * w, 3073 + 32 * h]
+
+
+def test_positions_of_a_chat_format_and_of_old_checkpoints_count_up():
+    plain = CompactFormat(grid_positions=False)
+    ids = plain.encode([], np.ones((2, 2), dtype=np.int8)).input_ids
+    assert plain.positions(ids) == list(range(len(ids)))

@@ -28,6 +28,9 @@ def test_bad_experiment_files(tmp_path):
     (tmp_path / "b.toml").write_text('dataset = "gen-eval"')
     with pytest.raises(RunError, match="no \\[methods.NAME\\]"):
         run_experiment(tmp_path / "b.toml", tmp_path, tmp_path)
+    (tmp_path / "c.toml").write_text('dataset = "gen-eval"\nsampel = 4\n[methods.icl]\n')
+    with pytest.raises(RunError, match="c.toml: unknown key 'sampel'"):
+        run_experiment(tmp_path / "c.toml", tmp_path, tmp_path)
 
 
 def test_sharded_runs_merged_equal_the_unsharded_run(tmp_path):

@@ -97,6 +97,17 @@ def test_select_by_ids_and_limit():
         select(d, task_ids=["nope"])
 
 
+def test_sample_spreads_over_the_families_of_gen_eval():
+    d = load_dataset("gen-eval")
+    family = lambda task_id: task_id.rsplit("-", 1)[0]
+    first = select(d, limit=20).ids
+    spread = select(d, sample=20).ids
+    assert len(spread) == 20 == len(set(spread)) and spread == sorted(spread)
+    assert len({family(i) for i in spread}) >= 15 > len({family(i) for i in first})
+    assert select(d, sample=20).ids == spread                     # the same tasks for every method
+    assert select(d, sample=500).ids == d.ids                     # more than there are: all of them
+
+
 def test_heldout_split_is_a_tenth_of_arc1_train():
     held = load_dataset("arc1-heldout")
     train = load_dataset("arc1-train")

@@ -53,6 +53,7 @@ def _command_line() -> str:
 @click.option("--method", required=True, help="method name (see `tta methods`) or module:Class")
 @click.option("--dataset", default="arc1-eval", show_default=True, help="dataset name or path")
 @click.option("--limit", type=click.IntRange(min=1), help="first N tasks (sorted by id)")
+@click.option("--sample", type=click.IntRange(min=1), help="N tasks spread evenly over the sorted ids (every k-th)")
 @click.option("--tasks", "task_ids", help="comma-separated task ids")
 @click.option("--model", default="default", show_default=True, help="default | random:SIZE | PATH | ORG/NAME")
 @click.option("--budget-flops", type=click.FloatRange(min=0, min_open=True), help="FLOP cap per task")
@@ -67,7 +68,7 @@ def _command_line() -> str:
               help="where tasks run: this process, or a Ray cluster")
 @click.option("--ray-address", help="address of a running Ray cluster (default: start a local one)")
 @click.option("--quiet", is_flag=True, help="no progress bar")
-def run(method, dataset, limit, task_ids, model, budget_flops, budget_seconds, seed, overrides, out, device,
+def run(method, dataset, limit, sample, task_ids, model, budget_flops, budget_seconds, seed, overrides, out, device,
         force, shard, executor, ray_address, quiet):
     """Run one method over an ARC task set into a run directory (resumable)."""
     from tta.runner import RunSpec, read_results, run as run_method
@@ -75,7 +76,7 @@ def run(method, dataset, limit, task_ids, model, budget_flops, budget_seconds, s
 
     if budget_flops and budget_seconds:
         raise click.UsageError("give --budget-flops or --budget-seconds, not both")
-    spec = RunSpec(shard=_parse_shard(shard) if shard else None, method=method, dataset=dataset, model=model, limit=limit,
+    spec = RunSpec(shard=_parse_shard(shard) if shard else None, method=method, dataset=dataset, model=model, limit=limit, sample=sample,
                    task_ids=[t.strip() for t in task_ids.split(",") if t.strip()] if task_ids else None,
                    budget=Budget(budget_flops, budget_seconds), seed=seed, overrides=list(overrides),
                    out=out, device=device, command=_command_line(), force=force)
@@ -186,6 +187,8 @@ def methods():
 @click.option("--minutes", type=click.FloatRange(min=0, min_open=True), help="wall-clock length of the run")
 @click.option("--steps", type=click.IntRange(min=1), help="optimiser steps")
 @click.option("--size", default="default", show_default=True, help="model size (tiny, small, default)")
+@click.option("--positions", type=click.Choice(["grid", "sequential"]), default="grid", show_default=True,
+              help="position ids: grid geometry (tta.encoding.GridPositions) or plain 0, 1, 2, ...")
 @click.option("--data", default="arc1-train,arc2-train,gen-train", show_default=True,
               help="training datasets, comma-separated")
 @click.option("--exclude", default="arc1-eval,arc2-eval,arc1-heldout,gen-eval", show_default=True,
@@ -197,14 +200,14 @@ def methods():
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--checkpoint-minutes", type=float, default=5.0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
-def pretrain(out, minutes, steps, size, data, exclude, drop_overlap, lr, tokens_per_batch, max_len, seed, checkpoint_minutes, device):
+def pretrain(out, minutes, steps, size, positions, data, exclude, drop_overlap, lr, tokens_per_batch, max_len, seed, checkpoint_minutes, device):
     """Train the embedded base model from scratch (resumable)."""
     from tta.pretrain import PretrainConfig, main_log, pretrain as run_pretrain
 
     if minutes is None and steps is None:
         raise click.UsageError("give --minutes or --steps")
     split = lambda text: [x.strip() for x in text.split(",") if x.strip()]
-    config = PretrainConfig(data=split(data), exclude=split(exclude), drop_overlap=drop_overlap, size=size, minutes=minutes, steps=steps,
+    config = PretrainConfig(data=split(data), exclude=split(exclude), drop_overlap=drop_overlap, size=size, positions=positions, minutes=minutes, steps=steps,
                             tokens_per_batch=tokens_per_batch, max_len=max_len, lr=lr, seed=seed,
                             checkpoint_minutes=checkpoint_minutes)
     state = run_pretrain(config, out, device=device, command=_command_line(), log=main_log)

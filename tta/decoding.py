@@ -5,7 +5,8 @@ Written as a short loop rather than `model.generate` because the loop must
 (2) constrain every step to grid tokens -- for the compact format, to
 rectangular grids (each row as wide as the first, at most 30x30) -- and
 (3) return each sequence's log-probability for voting and product-of-experts
-scoring.  `benchmarks/decoding.py` measures it against one `generate` per view.
+scoring, and (4) number each new token with the format's position ids (grid
+positions for the embedded model, `tta.encoding.GridPositions`).  `benchmarks/decoding.py` measures it against one `generate` per view.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from tta.budget import Meter, attention_context, forward_flops
-from tta.encoding import CompactFormat, DIGIT0_ID, EOS_ID, NL_ID
+from tta.encoding import IGNORE, CompactFormat, DIGIT0_ID, EOS_ID, NL_ID, positions_of
 from tta.models import CACHE_KW, LoadedModel, autocast, output_cache
 from tta.tasks import MAX_SIZE
 
@@ -26,19 +27,31 @@ class Generation:
     logprob: float       # sum of log-probabilities of the generated tokens, end-of-sequence included
 
 
-def pad_batch(seqs: list[list[int]], pad_id: int, device, side: str = "left", multiple: int = 1):
-    """Pad to a rectangle; position ids count real tokens only, so padding never shifts a sequence.
+def _rectangle(rows: list[list[int]], fill: int, side: str, multiple: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = -(-max(len(r) for r in rows) // multiple) * multiple
+    values = torch.full((len(rows), width), fill, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        span = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+        values[i, span] = torch.tensor(r, dtype=torch.long)
+        mask[i, span] = 1
+    return values, mask
+
+
+def pad_batch(seqs: list[list[int]], fmt, device, side: str = "left", multiple: int = 1):
+    """Token ids, attention mask and the format's position ids, padded to a rectangle (padding
+    never shifts a sequence's positions).  Always pass the mask on to the model: without one,
+    transformers reads jumps in the position ids as packed separate sequences.
     Training pads the width to a `multiple` (64): on the CPU every new tensor shape makes oneDNN
     build new kernels, which made variable-length training several times slower and grew memory."""
-    width = -(-max(len(s) for s in seqs) // multiple) * multiple
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, s in enumerate(seqs):
-        span = slice(width - len(s), width) if side == "left" else slice(0, len(s))
-        ids[row, span] = torch.tensor(s, dtype=torch.long)
-        mask[row, span] = 1
-    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    ids, mask = _rectangle(seqs, fmt.pad_id, side, multiple)
+    positions, _ = _rectangle([fmt.positions(s) for s in seqs], 0, side, multiple)
     return ids.to(device), mask.to(device), positions.to(device)
+
+
+def pad_labels(labels: list[list[int]], device, multiple: int = 1) -> torch.Tensor:
+    """Labels right-padded with IGNORE, to line up with `pad_batch(..., side="right")`."""
+    return _rectangle(labels, IGNORE, "right", multiple)[0].to(device)
 
 
 class GridGrammar:
@@ -108,7 +121,10 @@ def _generate_batch(lm, prompts, meter, max_new_tokens, temperature, top_p, gene
     from transformers import DynamicCache
 
     model, device = lm.model, lm.device
-    ids, mask, positions = pad_batch(prompts, lm.format.pad_id, device)
+    ids, mask, positions = pad_batch(prompts, lm.format, device)
+    trackers = [lm.format.position_tracker() for _ in prompts]   # numbering continues past each prompt
+    for tracker, prompt in zip(trackers, prompts):
+        positions_of(tracker, prompt)
     batch = len(prompts)
     vocab = model.config.vocab_size
     constraint = _constraint(lm, batch, vocab)
@@ -147,7 +163,7 @@ def _generate_batch(lm, prompts, meter, max_new_tokens, temperature, top_p, gene
             break
         ids = chosen[:, None]
         mask = torch.cat([mask, active[:, None]], dim=1)
-        positions = positions[:, -1:] + 1
+        positions = torch.tensor([[t.feed(int(c))] for t, c in zip(trackers, chosen.tolist())], device=device)
     results = []
     for row in range(batch):
         tokens = out_tokens[row].tolist()
@@ -206,7 +222,7 @@ def score_answers(lm: LoadedModel, prompts: list[list[int]], answers: list[list[
     scores = []
     for start in range(0, len(prompts), batch_size):
         seqs = [p + a for p, a in zip(prompts[start:start + batch_size], answers[start:start + batch_size])]
-        ids, mask, positions = pad_batch(seqs, lm.format.pad_id, lm.device, side="right")
+        ids, mask, positions = pad_batch(seqs, lm.format, lm.device, side="right")
         with autocast(lm.device):
             logits = lm.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits.float()
         logprobs = torch.log_softmax(logits[:, :-1], dim=-1)

@@ -2,7 +2,7 @@
 
     name = "default"                 # report: reports/<name>.md
     dataset = "gen-eval"
-    limit = 20                       # or tasks = ["id", ...]
+    limit = 20                       # first N ids; or sample = 20 (spread evenly); or tasks = ["id", ...]
     model = "default"
     seeds = [0]
     budgets = ["none", 1e12]         # FLOPs per task; "none" = uncapped; or budget_seconds = [...]
@@ -48,6 +48,10 @@ def _budgets(plan: dict, where: str) -> list[Budget]:
     return budgets
 
 
+PLAN_KEYS = {"name", "dataset", "limit", "sample", "tasks", "model", "seeds", "budgets", "budget_seconds",
+             "baseline", "methods"}
+
+
 def load_plan(path: Path) -> dict:
     try:
         plan = tomllib.loads(path.read_text())
@@ -57,6 +61,9 @@ def load_plan(path: Path) -> dict:
         raise RunError(f"{path}: not valid TOML ({e})") from None
     if not plan.get("methods"):
         raise RunError(f"{path}: names no [methods.NAME] tables")
+    unknown = sorted(set(plan) - PLAN_KEYS)
+    if unknown:
+        raise RunError(f"{path}: unknown key {', '.join(map(repr, unknown))} (known: {', '.join(sorted(PLAN_KEYS))})")
     plan.setdefault("name", path.stem)
     return plan
 
@@ -79,7 +86,7 @@ def run_experiment(path: Path, runs_root: Path = Path("runs"), reports_root: Pat
         out = cell.directory(root)
         log(f"== {out}")
         run(RunSpec(method=cell.method, dataset=plan.get("dataset", "arc1-eval"), model=plan.get("model", "default"),
-                    limit=plan.get("limit"), task_ids=plan.get("tasks"), budget=cell.budget, seed=cell.seed,
+                    limit=plan.get("limit"), sample=plan.get("sample"), task_ids=plan.get("tasks"), budget=cell.budget, seed=cell.seed,
                     overrides=cell.settings, out=out, command=command or f"tta experiment {path}"),
             progress=progress)
         directories.append(out)

@@ -45,8 +45,8 @@ import torch
 
 from tta.budget import Meter
 from tta.data import Example, leave_one_out_examples
-from tta.decoding import pad_batch
-from tta.encoding import IGNORE, Encoded
+from tta.decoding import pad_batch, pad_labels
+from tta.encoding import Encoded
 from tta.models import LoadedModel, autocast
 from tta.tasks import Task
 
@@ -336,8 +336,8 @@ def build(lm: LoadedModel, examples: list[Example], settings: GradientSettings, 
                 model.train()
                 epoch_lrs = []
                 for batch in plan[epoch * steps_per_epoch:(epoch + 1) * steps_per_epoch]:
-                    ids, mask, positions = pad_batch([e.input_ids for e in batch], lm.format.pad_id, lm.device, side="right")
-                    labels, _, _ = pad_batch([e.labels for e in batch], IGNORE, lm.device, side="right")
+                    ids, mask, positions = pad_batch([e.input_ids for e in batch], lm.format, lm.device, side="right")
+                    labels = pad_labels([e.labels for e in batch], lm.device)
                     with autocast(lm.device):
                         loss = model(input_ids=ids, attention_mask=mask, position_ids=positions, labels=labels).loss
                     loss.backward()

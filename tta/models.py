@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from tta.encoding import CompactFormat, ChatTextFormat, VOCAB, BOS_ID, EOS_ID, PAD_ID, format_for, make_grid_tokenizer
+from tta.encoding import (CompactFormat, ChatTextFormat, VOCAB, BOS_ID, EOS_ID, PAD_ID, POSITIONS_KEY,
+                          format_for, make_grid_tokenizer)
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
 
@@ -76,8 +77,11 @@ def autocast(device: torch.device, enabled: bool = True):
 
 # ---------------------------------------------------------------- building and loading
 
-def build_model(size: str = "default", seed: int = 0, max_context: int = MAX_CONTEXT):
-    """A randomly initialised Llama-architecture model over the compact grid vocabulary."""
+def build_model(size: str = "default", seed: int = 0, max_context: int = MAX_CONTEXT, positions: str = "grid"):
+    """A randomly initialised Llama-architecture model over the compact grid vocabulary.
+    `positions="grid"` (recorded in its config) numbers tokens by `tta.encoding.GridPositions`;
+    `max_position_embeddings` stays the longest sequence in tokens (RoPE has no position table,
+    so the larger grid position ids need none)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if size not in SIZES:
@@ -87,6 +91,8 @@ def build_model(size: str = "default", seed: int = 0, max_context: int = MAX_CON
                          num_key_value_heads=dims["num_attention_heads"], rope_theta=10000.0,
                          bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
                          tie_word_embeddings=False, **dims)
+    if positions == "grid":
+        setattr(config, POSITIONS_KEY, "grid")
     torch.manual_seed(seed)
     return LlamaForCausalLM(config), make_grid_tokenizer()
 
@@ -166,7 +172,7 @@ def load_model(spec: str = "default", device: str = "auto", dtype: str = "auto",
     else:
         raise ModelError(f"{spec}: no such model directory, and not a hub id (ORG/NAME)")
     model = model.to(device=dev, dtype=torch_dtype).eval()
-    return LoadedModel(model, tokenizer, format_for(tokenizer), spec, dev)
+    return LoadedModel(model, tokenizer, format_for(tokenizer, model.config), spec, dev)
 
 
 def save_model(model, tokenizer, path: Path) -> None:

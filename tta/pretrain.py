@@ -26,10 +26,10 @@ import torch
 
 from tta import contamination
 from tta.data import leave_one_out_examples
-from tta.decoding import pad_batch
-from tta.encoding import IGNORE, CompactFormat
+from tta.decoding import pad_batch, pad_labels
+from tta.encoding import format_for
 from tta.training import PAD_MULTIPLE
-from tta.models import autocast, build_model, pick_device, save_model, set_threads
+from tta.models import autocast, build_model, pick_device, quiet_transformers, save_model, set_threads
 from tta.tasks import load_dataset
 
 
@@ -40,6 +40,7 @@ class PretrainConfig:
     exclude: list = field(default_factory=lambda: ["arc1-eval", "arc2-eval", "arc1-heldout", "gen-eval"])
     drop_overlap: bool = False     # drop overlapping training tasks instead of refusing
     size: str = "default"
+    positions: str = "grid"        # "grid" (tta.encoding.GridPositions) or "sequential" (0, 1, 2, ...)
     minutes: float | None = None
     steps: int | None = None
     tokens_per_batch: int = 8192
@@ -147,11 +148,12 @@ def pretrain(c: PretrainConfig, out: Path, device: str = "auto", command: str = 
     if c.minutes is None and c.steps is None:
         raise ValueError("give --minutes or --steps")
     set_threads()
+    quiet_transformers()   # no "Writing model shards" bar at every checkpoint
     dev = pick_device(device)
     tasks, fingerprint = load_training_tasks(c, log)
-    model, tokenizer = build_model(c.size, seed=c.seed, max_context=c.max_len)
+    model, tokenizer = build_model(c.size, seed=c.seed, max_context=c.max_len, positions=c.positions)
     model.to(dev)
-    fmt = CompactFormat(tokenizer)
+    fmt = format_for(tokenizer, model.config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay, betas=(0.9, 0.95))
     state = {"step": 0, "tokens": 0, "seconds": 0.0, "curve": [], "config": asdict(c)}
     if (out / "trainer_state.json").exists():
@@ -177,8 +179,8 @@ def pretrain(c: PretrainConfig, out: Path, device: str = "auto", command: str = 
             group["lr"] = lr
         # Seeded by step, so a resumed run draws the batches an uninterrupted one would have.
         batch = draw_batch(tasks, fmt, np.random.default_rng([c.seed, state["step"]]), c.tokens_per_batch, c.max_len)
-        ids, mask, positions = pad_batch([e.input_ids for e in batch], fmt.pad_id, dev, "right", PAD_MULTIPLE)
-        labels, _, _ = pad_batch([e.labels for e in batch], IGNORE, dev, "right", PAD_MULTIPLE)
+        ids, mask, positions = pad_batch([e.input_ids for e in batch], fmt, dev, "right", PAD_MULTIPLE)
+        labels = pad_labels([e.labels for e in batch], dev, PAD_MULTIPLE)
         with autocast(dev):
             loss = model(input_ids=ids, attention_mask=mask, position_ids=positions, labels=labels).loss
         loss.backward()

@@ -44,6 +44,7 @@ class RunSpec:
     dataset: str = "arc1-eval"
     model: str = "default"
     limit: int | None = None
+    sample: int | None = None     # tasks spread evenly over the sorted ids (see tta.tasks.select)
     task_ids: list[str] | None = None
     budget: Budget = field(default_factory=Budget)
     seed: int = 0
@@ -246,7 +247,7 @@ def prepare(spec: RunSpec):
     """Everything that can fail fast, before any model work: method, settings, dataset, directory."""
     cls = get_method(spec.method)
     config = make_config(cls, spec.overrides)
-    dataset = select(load_dataset(spec.dataset), spec.task_ids, spec.limit)
+    dataset = select(load_dataset(spec.dataset), spec.task_ids, spec.limit, spec.sample)
     if spec.shard:
         index, count = spec.shard
         dataset = select(dataset, dataset.ids[index::count])

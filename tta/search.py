@@ -30,6 +30,7 @@ import torch
 
 from tta.budget import attention_context, forward_flops
 from tta.decoding import _constraint
+from tta.encoding import positions_of
 from tta.models import CACHE_KW, LoadedModel, autocast, output_cache
 
 THRESHOLD = 0.09   # the paper's probability threshold
@@ -60,6 +61,8 @@ class _Node:
     nll: float
     grammar: object
     on_greedy: bool       # every token so far was the most probable one
+    positions: object     # the format's position tracker, fed up to the node's last token
+    position: int = 0     # the position id of the node's last token
 
 
 def _crop(cache, keep: int) -> None:
@@ -72,6 +75,21 @@ def _advance(grammar, token: int, device):
     child = copy.copy(grammar)   # the grammar's update() rebinds its tensors, never writes in place
     child.update(torch.tensor([token], device=device))
     return child
+
+
+def _number(tracker, token: int):
+    """A copy of the position tracker fed `token`, and that token's position id."""
+    child = copy.copy(tracker)   # trackers hold plain integers: a shallow copy is independent
+    return child, child.feed(token)
+
+
+def _forward(model, device, ids: list[int], positions: list[int], n_past: int, cache, keep: int):
+    n = n_past + len(ids)
+    with autocast(device):
+        return model(input_ids=torch.tensor([ids], device=device),
+                     attention_mask=torch.ones((1, n), dtype=torch.long, device=device),
+                     position_ids=torch.tensor([positions], device=device),
+                     use_cache=True, logits_to_keep=keep, **{CACHE_KW: cache})
 
 
 @torch.no_grad()
@@ -100,13 +118,8 @@ def dfs(lm: LoadedModel, prompt: list[int], meter=None, threshold: float = THRES
         result.stopped_by_budget = True
         return False
 
-    def forward(ids: list[int], n_past: int, cache):
-        n = n_past + len(ids)
-        with autocast(device):
-            out = model(input_ids=torch.tensor([ids], device=device),
-                        attention_mask=torch.ones((1, n), dtype=torch.long, device=device),
-                        position_ids=torch.arange(n_past, n, device=device)[None],
-                        use_cache=True, logits_to_keep=1, **{CACHE_KW: cache})
+    def forward(ids: list[int], positions: list[int], n_past: int, cache):
+        out = _forward(model, device, ids, positions, n_past, cache, keep=1)
         result.forwards += 1
         result.tokens += len(ids)
         return out.logits[0, -1].float(), output_cache(out)
@@ -117,10 +130,11 @@ def dfs(lm: LoadedModel, prompt: list[int], meter=None, threshold: float = THRES
         from transformers import DynamicCache
         if not affordable(0, len(prompt)):
             return result
-        logits, cache = forward(prompt, 0, DynamicCache())
+        tracker = fmt.position_tracker()
+        logits, cache = forward(prompt, positions_of(tracker, prompt), 0, DynamicCache())
         grammar = _constraint(lm, 1, model.config.vocab_size)
         stack: list[_Node] = []
-        node = _Node((), 0.0, grammar, True)
+        node = _Node((), 0.0, grammar, True, tracker)
         while True:
             # Expand `node`, whose next-token logits are in `logits`: push the children that stay
             # above the threshold, least probable first, so the most probable is explored next.
@@ -135,8 +149,8 @@ def dfs(lm: LoadedModel, prompt: list[int], meter=None, threshold: float = THRES
                 if token == fmt.eos_id:
                     result.completions.append(Completion(list(node.tokens), -child_nll))
                 elif len(node.tokens) + 1 < limit:   # room left for at least the end-of-sequence
-                    stack.append(_Node(node.tokens + (token,), child_nll,
-                                       _advance(node.grammar, token, device), node.on_greedy and token == best))
+                    stack.append(_Node(node.tokens + (token,), child_nll, _advance(node.grammar, token, device),
+                                       node.on_greedy and token == best, *_number(node.positions, token)))
             if not stack:
                 break
             if max_forwards is not None and result.forwards >= max_forwards:
@@ -147,7 +161,7 @@ def dfs(lm: LoadedModel, prompt: list[int], meter=None, threshold: float = THRES
             if not affordable(n_past, 1):
                 break
             _crop(cache, n_past)
-            logits, cache = forward([node.tokens[-1]], n_past, cache)
+            logits, cache = forward([node.tokens[-1]], [node.position], n_past, cache)
     finally:
         model.train(was_training)
     result.completions.sort(key=lambda c: -c.logprob)
@@ -167,7 +181,8 @@ class PromptCache:
         from transformers import DynamicCache
 
         self.lm, self.n = lm, len(prompt)
-        logits, self.cache = self._forward(prompt, 0, DynamicCache(), keep=1)
+        self.positions = lm.format.position_tracker()   # fed the prompt; answers continue from a copy
+        logits, self.cache = self._forward(prompt, positions_of(self.positions, prompt), 0, DynamicCache(), keep=1)
         self.first = torch.log_softmax(logits[-1], dim=-1)   # distribution of the answer's first token
 
     @staticmethod
@@ -180,16 +195,11 @@ class PromptCache:
         return forward_flops(shape, n, attention_context(n_prompt, n))
 
     @torch.no_grad()
-    def _forward(self, ids: list[int], n_past: int, cache, keep: int = 0):
-        model, device = self.lm.model, self.lm.device
-        n = n_past + len(ids)
+    def _forward(self, ids: list[int], positions: list[int], n_past: int, cache, keep: int = 0):
+        model = self.lm.model
         was_training = model.training
         model.eval()
-        with autocast(device):
-            out = model(input_ids=torch.tensor([ids], device=device),
-                        attention_mask=torch.ones((1, n), dtype=torch.long, device=device),
-                        position_ids=torch.arange(n_past, n, device=device)[None],
-                        use_cache=True, logits_to_keep=keep, **{CACHE_KW: cache})
+        out = _forward(model, self.lm.device, ids, positions, n_past, cache, keep)
         model.train(was_training)
         return out.logits[0].float(), output_cache(out)
 
@@ -198,7 +208,8 @@ class PromptCache:
         total = -float(self.first[answer[0]])
         if len(answer) > 1:
             _crop(self.cache, self.n)
-            logits, self.cache = self._forward(answer[:-1], self.n, self.cache)
+            positions = positions_of(copy.copy(self.positions), answer[:-1])
+            logits, self.cache = self._forward(answer[:-1], positions, self.n, self.cache)
             logprobs = torch.log_softmax(logits, dim=-1)
             target = torch.tensor(answer[1:], device=logprobs.device)
             total -= float(logprobs.gather(1, target[:, None]).sum())

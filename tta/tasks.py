@@ -234,8 +234,11 @@ def load_dataset(spec: str) -> Dataset:
     raise TaskError(f"{spec}: unknown dataset (names: {', '.join(dataset_names())}) and no such path")
 
 
-def select(dataset: Dataset, task_ids: list[str] | None = None, limit: int | None = None) -> Dataset:
-    """Restrict a dataset to given ids (in that order) and/or the first `limit` ids."""
+def select(dataset: Dataset, task_ids: list[str] | None = None, limit: int | None = None,
+           sample: int | None = None) -> Dataset:
+    """Restrict a dataset to given ids (in that order), then to `sample` ids spread evenly over
+    them (every k-th: on gen-eval, whose ids sort by family, that covers the families, where the
+    first N would all be `anti_transpose` and `colour_*`), then to the first `limit` ids."""
     by_id = {t.id: t for t in dataset.tasks}
     ids = dataset.ids
     if task_ids:
@@ -243,6 +246,8 @@ def select(dataset: Dataset, task_ids: list[str] | None = None, limit: int | Non
         if unknown:
             raise TaskError(f"{dataset.name}: no task with id {', '.join(unknown)}")
         ids = list(task_ids)
+    if sample is not None and sample < len(ids):
+        ids = [ids[i * len(ids) // sample] for i in range(sample)]
     if limit is not None:
         ids = ids[:limit]
     return Dataset(dataset.name, [by_id[i] for i in ids if i in by_id],

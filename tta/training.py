@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import torch
 
 from tta.budget import Meter, attention_context, training_step_flops
-from tta.decoding import pad_batch
-from tta.encoding import Encoded, IGNORE
+from tta.decoding import pad_batch, pad_labels
+from tta.encoding import Encoded
 from tta.models import LoadedModel, autocast
 
 
@@ -103,8 +103,8 @@ def train(lm: LoadedModel, examples: list[Encoded], meter: Meter, lr: float, epo
         if not meter.can_afford(step_cost(meter, model, batch) + reserve_flops):
             report.stopped_by_budget = True
             break
-        ids, mask, positions = pad_batch([e.input_ids for e in batch], lm.format.pad_id, lm.device, "right", PAD_MULTIPLE)
-        labels, _, _ = pad_batch([e.labels for e in batch], IGNORE, lm.device, "right", PAD_MULTIPLE)
+        ids, mask, positions = pad_batch([e.input_ids for e in batch], lm.format, lm.device, "right", PAD_MULTIPLE)
+        labels = pad_labels([e.labels for e in batch], lm.device, PAD_MULTIPLE)
         with autocast(lm.device):
             loss = model(input_ids=ids, attention_mask=mask, position_ids=positions, labels=labels).loss
         loss.backward()
