@@ -69,6 +69,20 @@ def test_rerun_skips_finished_tasks_and_refuses_other_settings(tmp_path):
         run(RunSpec(**spec, seed=1), progress=False)
 
 
+def test_a_rerun_after_the_weights_changed_is_refused(tmp_path):
+    from tta.models import build_model, save_model
+    model_dir = tmp_path / "model"
+    save_model(*build_model("tiny", seed=0), model_dir)
+    spec = dict(method="test_echo", dataset=str(task_dir(tmp_path, n=2)), model=str(model_dir), out=tmp_path / "run")
+    out = run(RunSpec(**spec), progress=False)
+    recorded = json.loads((out / "manifest.json").read_text())["model_sha256"]
+    assert recorded and len(recorded) == 16
+    run(RunSpec(**spec), progress=False)                  # same weights: resumes
+    save_model(*build_model("tiny", seed=1), model_dir)   # retrained in place
+    with pytest.raises(RunError, match="different model_sha256"):
+        run(RunSpec(**spec), progress=False)
+
+
 def test_torn_last_line_is_cut_and_the_task_redone(tmp_path):
     tasks = task_dir(tmp_path, n=3)
     spec = dict(method="test_echo", dataset=str(tasks), out=tmp_path / "run")

@@ -175,6 +175,20 @@ def load_model(spec: str = "default", device: str = "auto", dtype: str = "auto",
     return LoadedModel(model, tokenizer, format_for(tokenizer, model.config), spec, dev)
 
 
+def model_fingerprint(spec: str) -> str | None:
+    """sha256 (first 16 hex digits) of the weights a local spec (`default` or a directory) loads,
+    so a run records which weights it used and a rerun after the weights changed is refused;
+    None for specs whose weights are fixed by the name (random:SIZE, smollm2-135m, hub ids)."""
+    import hashlib
+    folder = DEFAULT_MODEL_DIR if spec == "default" else Path(spec)
+    if spec.startswith("random:") or not folder.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for weights in sorted(folder.glob("*.safetensors")):
+        digest.update(weights.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def save_model(model, tokenizer, path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)

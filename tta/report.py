@@ -204,7 +204,8 @@ def _run_frame(label: str, path: Path, manifest: dict, rows: list[dict]) -> pd.D
         "path": str(path),
         "method": str(manifest["method"]),
         "config_hash": manifest.get("config_hash"),
-        "model": manifest.get("model"),
+        # The weights' hash with the name: two runs of "default" across a retrained model differ.
+        "model": manifest.get("model") + (f"@{manifest['model_sha256'][:8]}" if manifest.get("model_sha256") else ""),
         "dataset": manifest.get("dataset"),
         "seed": manifest.get("seed"),
         "budget_flops": _float(budget.get("flops")),
