@@ -36,6 +36,7 @@ def test_short_pretraining_lowers_the_loss_loads_and_resumes(tmp_path):
     assert state["step"] == 24 and curve[-1] < curve[0]
     lm = load_model(str(out), device="cpu")
     assert lm.format.name == "compact" and (out / "README.md").read_text().count("24 steps") == 1
+    assert lm.format.grid_positions   # the checkpoint's config says how it numbers tokens
     # the model remembers what it saw: evaluating it on its training tasks is refused
     seen = select(load_dataset("gen-train"), limit=3)
     with pytest.raises(contamination.ContaminationError, match="--force"):
