@@ -21,6 +21,7 @@ strings give the published values.
 """
 from __future__ import annotations
 
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -125,8 +126,8 @@ class LESS(TTTLoRA):
         chosen, pool_name, dropped = pool_tasks_for(c, tasks)
         examples = gradients.pool_examples(chosen, self.lm.format, c.pool_per_task, c.pool_max_len, c.pool_seed)
         settings = c.gradient_settings()
-        self.store, built = gradients.load_or_build(
-            self.lm, examples, settings, root=c.datastore_dir or None, progress=True,
+        self.store, built = gradients.load_or_build(   # a progress bar on a terminal, not in logs
+            self.lm, examples, settings, root=c.datastore_dir or None, progress=sys.stderr.isatty(),
             extra_meta={"pool": pool_name, "pool_tasks": [t.id for t in chosen], "model": self.lm.spec})
         meta = self.store.meta
         return {

@@ -175,7 +175,7 @@ def load_model(spec: str = "default", device: str = "auto", dtype: str = "auto",
     return LoadedModel(model, tokenizer, format_for(tokenizer, model.config), spec, dev)
 
 
-def model_fingerprint(spec: str) -> str | None:
+def weights_sha256(spec: str) -> str | None:
     """sha256 (first 16 hex digits) of the weights a local spec (`default` or a directory) loads,
     so a run records which weights it used and a rerun after the weights changed is refused;
     None for specs whose weights are fixed by the name (random:SIZE, smollm2-135m, hub ids)."""

@@ -27,7 +27,7 @@ import torch
 from tta import contamination
 from tta.data import leave_one_out_examples
 from tta.decoding import pad_batch, pad_labels
-from tta.encoding import format_for
+from tta.encoding import POSITIONS_KEY, format_for
 from tta.training import PAD_MULTIPLE
 from tta.models import autocast, build_model, pick_device, quiet_transformers, save_model, set_threads
 from tta.tasks import load_dataset
@@ -227,13 +227,19 @@ def write_model_card(out: Path, state: dict, model, command: str, evaluation: st
     datasets = json.loads(seen.read_text())["datasets"] if seen.exists() else c["data"]
     eval_path = out / "evaluation.md"
     evaluation = evaluation or (eval_path.read_text() if eval_path.exists() else "Not evaluated yet.")
+    positions = ("grid positions (`tta.encoding.GridPositions`): cell (r, c) of the g-th grid at "
+                 "1024 g + 1 + 32 r + c, so an output cell is always 1024 after the same cell of its input. "
+                 "Use `tta.decoding.generate` (or pass `position_ids` from `CompactFormat.positions`); "
+                 "`model.generate` numbers tokens 0, 1, 2, ... and gets worse answers."
+                 if getattr(model.config, POSITIONS_KEY, None) == "grid" else "0, 1, 2, ... (plain).")
     card = f"""# tta embedded base model
 
 A Llama-architecture causal LM over the compact grid vocabulary (16 tokens: one per colour,
 row end, input/output markers, bos/eos/pad), trained from scratch by `tta pretrain`.
 
 - Size: `{c['size']}` -- {n_params:,} parameters, {model.config.num_hidden_layers} layers,
-  width {model.config.hidden_size}, context {model.config.max_position_embeddings} positions.
+  width {model.config.hidden_size}, at most {model.config.max_position_embeddings} tokens per sequence.
+- Position ids: {positions}
 - Data: augmented leave-one-out sequences (rotations/flips/transpose/upscaling/reflections/
   translations, colour permutations with 0 fixed, shuffled demonstration order) drawn fresh at
   every step from {', '.join(datasets)} (see the phases below); loss on outputs only. Sequences over {c['max_len']} tokens are skipped.

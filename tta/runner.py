@@ -29,7 +29,7 @@ from tta import scoring
 from tta.budget import Budget, Meter, reset_peak_memory
 from tta.decoding import score_answers
 from tta.method import Method, get_method, make_config
-from tta.models import LoadedModel, load_model, model_fingerprint, set_threads
+from tta.models import LoadedModel, load_model, weights_sha256, set_threads
 from tta.predict import fit_prompt
 from tta.tasks import Dataset, Task, grid_to_list, load_dataset, select
 
@@ -255,7 +255,7 @@ def prepare(spec: RunSpec):
         raise RunError(f"{spec.dataset}: no tasks selected")
     out = Path(spec.out or default_out(cls.name, spec.dataset))
     manifest = {"method": cls.name, "config": dataclasses.asdict(config), "model": spec.model,
-                "model_sha256": model_fingerprint(spec.model), "dataset": spec.dataset, "task_ids": dataset.ids, "budget": spec.budget.as_dict(),
+                "model_sha256": weights_sha256(spec.model), "dataset": spec.dataset, "task_ids": dataset.ids, "budget": spec.budget.as_dict(),
                 "seed": spec.seed}
     manifest["config_hash"] = config_hash(manifest)
     if spec.shard:
