@@ -38,14 +38,17 @@ def _rectangle(rows: list[list[int]], fill: int, side: str, multiple: int) -> tu
     return values, mask
 
 
-def pad_batch(seqs: list[list[int]], fmt, device, side: str = "left", multiple: int = 1):
+def pad_batch(seqs: list[list[int]], fmt, device, side: str = "left", multiple: int = 1, trackers=None):
     """Token ids, attention mask and the format's position ids, padded to a rectangle (padding
     never shifts a sequence's positions).  Always pass the mask on to the model: without one,
-    transformers reads jumps in the position ids as packed separate sequences.
+    transformers reads jumps in the position ids as packed separate sequences.  `trackers` (one
+    `fmt.position_tracker()` per sequence) number the tokens and are left fed, for a caller that
+    continues the sequences.
     Training pads the width to a `multiple` (64): on the CPU every new tensor shape makes oneDNN
     build new kernels, which made variable-length training several times slower and grew memory."""
     ids, mask = _rectangle(seqs, fmt.pad_id, side, multiple)
-    positions, _ = _rectangle([fmt.positions(s) for s in seqs], 0, side, multiple)
+    trackers = trackers or [fmt.position_tracker() for _ in seqs]
+    positions, _ = _rectangle([positions_of(t, s) for t, s in zip(trackers, seqs)], 0, side, multiple)
     return ids.to(device), mask.to(device), positions.to(device)
 
 
@@ -121,10 +124,8 @@ def _generate_batch(lm, prompts, meter, max_new_tokens, temperature, top_p, gene
     from transformers import DynamicCache
 
     model, device = lm.model, lm.device
-    ids, mask, positions = pad_batch(prompts, lm.format, device)
     trackers = [lm.format.position_tracker() for _ in prompts]   # numbering continues past each prompt
-    for tracker, prompt in zip(trackers, prompts):
-        positions_of(tracker, prompt)
+    ids, mask, positions = pad_batch(prompts, lm.format, device, trackers=trackers)
     batch = len(prompts)
     vocab = model.config.vocab_size
     constraint = _constraint(lm, batch, vocab)

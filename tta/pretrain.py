@@ -27,7 +27,7 @@ import torch
 from tta import contamination
 from tta.data import leave_one_out_examples
 from tta.decoding import pad_batch, pad_labels
-from tta.encoding import POSITIONS_KEY, format_for
+from tta.encoding import GRID_STRIDE, POSITIONS_KEY, ROW_STRIDE, format_for
 from tta.training import PAD_MULTIPLE
 from tta.models import autocast, build_model, pick_device, quiet_transformers, save_model, set_threads
 from tta.tasks import load_dataset
@@ -228,7 +228,7 @@ def write_model_card(out: Path, state: dict, model, command: str, evaluation: st
     eval_path = out / "evaluation.md"
     evaluation = evaluation or (eval_path.read_text() if eval_path.exists() else "Not evaluated yet.")
     positions = ("grid positions (`tta.encoding.GridPositions`): cell (r, c) of the g-th grid at "
-                 "1024 g + 1 + 32 r + c, so an output cell is always 1024 after the same cell of its input. "
+                 f"{GRID_STRIDE} g + 1 + {ROW_STRIDE} r + c, so an output cell is always {GRID_STRIDE} after the same cell of its input. "
                  "Use `tta.decoding.generate` (or pass `position_ids` from `CompactFormat.positions`); "
                  "`model.generate` numbers tokens 0, 1, 2, ... and gets worse answers."
                  if getattr(model.config, POSITIONS_KEY, None) == "grid" else "0, 1, 2, ... (plain).")
