@@ -48,3 +48,14 @@ def test_short_pretraining_lowers_the_loss_loads_and_resumes(tmp_path):
     state = pretrain(config, out, device="cpu", log=logs.append)
     assert state["step"] == 30 and any("resuming" in line and "step 24" in line for line in logs)
     assert json.loads((out / "trainer_state.json").read_text())["step"] == 30
+
+
+def test_worker_processes_draw_the_batches_the_loop_would_draw(tmp_path):
+    # a GPU run draws batches in worker processes; it must train on exactly the same stream
+    losses = {}
+    for workers in (0, 2):
+        config = PretrainConfig(data=["gen-train"], exclude=["gen-eval"], size="tiny", steps=6,
+                                tokens_per_batch=2048, max_len=512, log_every=2, workers=workers)
+        state = pretrain(config, tmp_path / f"w{workers}", device="cpu", log=lambda _: None)
+        losses[workers] = [p["loss"] for p in state["curve"]]
+    assert len(losses[0]) == 3 and losses[0] == losses[2]

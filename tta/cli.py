@@ -159,8 +159,12 @@ def experiment(file, runs, reports, quiet):
 @main.command()
 def datasets():
     """List the datasets by name, with task counts."""
+    from tta import generate
     from tta.tasks import dataset_names, load_dataset
     for name in dataset_names():
+        if name in generate.DATASETS and generate.size(name) > generate.PARALLEL_ABOVE:
+            click.echo(f"{name:12s} {generate.size(name):5d} tasks  (generated when first used)")
+            continue
         d = load_dataset(name)
         outputs = sum(len(t.test) for t in d.tasks)
         click.echo(f"{name:12s} {len(d.tasks):5d} tasks  {outputs:5d} test outputs"
@@ -186,7 +190,7 @@ def methods():
               help="model directory (rerunning resumes from its checkpoint)")
 @click.option("--minutes", type=click.FloatRange(min=0, min_open=True), help="wall-clock length of the run")
 @click.option("--steps", type=click.IntRange(min=1), help="optimiser steps")
-@click.option("--size", default="default", show_default=True, help="model size (tiny, small, default)")
+@click.option("--size", default="default", show_default=True, help="model size (tiny, small, default, medium)")
 @click.option("--positions", type=click.Choice(["grid", "sequential"]), default="grid", show_default=True,
               help="position ids: grid geometry (tta.encoding.GridPositions) or plain 0, 1, 2, ...")
 @click.option("--data", default="arc1-train,arc2-train,gen-train", show_default=True,
@@ -199,8 +203,10 @@ def methods():
 @click.option("--max-len", type=int, default=2048, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--checkpoint-minutes", type=float, default=5.0, show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), help="processes drawing batches [default: 0 on the CPU, up to 8 on a GPU]")
 @click.option("--device", default="auto", show_default=True)
-def pretrain(out, minutes, steps, size, positions, data, exclude, drop_overlap, lr, tokens_per_batch, max_len, seed, checkpoint_minutes, device):
+def pretrain(out, minutes, steps, size, positions, data, exclude, drop_overlap, lr, tokens_per_batch, max_len, seed,
+             checkpoint_minutes, workers, device):
     """Train the embedded base model from scratch (resumable)."""
     from tta.pretrain import PretrainConfig, main_log, pretrain as run_pretrain
 
@@ -209,7 +215,7 @@ def pretrain(out, minutes, steps, size, positions, data, exclude, drop_overlap, 
     split = lambda text: [x.strip() for x in text.split(",") if x.strip()]
     config = PretrainConfig(data=split(data), exclude=split(exclude), drop_overlap=drop_overlap, size=size, positions=positions, minutes=minutes, steps=steps,
                             tokens_per_batch=tokens_per_batch, max_len=max_len, lr=lr, seed=seed,
-                            checkpoint_minutes=checkpoint_minutes)
+                            checkpoint_minutes=checkpoint_minutes, workers=workers)
     state = run_pretrain(config, out, device=device, command=_command_line(), log=main_log)
     click.echo(f"{state['step']} steps, {state['tokens']:,} tokens; model in {out}")
 

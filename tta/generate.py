@@ -77,6 +77,7 @@ Both are sorted by task id; ids are ``gen-{family}-{seed}``.
 from __future__ import annotations
 
 import functools
+import os
 import zlib
 from dataclasses import asdict, dataclass, replace
 from typing import Callable
@@ -1081,14 +1082,22 @@ def check_task(task: Task, rule: Rule) -> None:
 
 TRAIN_SEEDS = range(40)
 TRAIN_COMPOSITION_SEEDS = range(10)
+# gen-train-large: 25x the seeds, for pretraining on a GPU, where 40 seeds a family are seen
+# hundreds of times over in ten minutes.  Every training seed stays below EVAL_SEED_START.
+LARGE_TRAIN_SEEDS = range(1000)
+LARGE_TRAIN_COMPOSITION_SEEDS = range(200)
 EVAL_SIZE = 200
 EVAL_COMPOSITION_SEEDS = range(EVAL_SEED_START, EVAL_SEED_START + 8)
 
 
-def _train_specs() -> list[tuple[str, int]]:
-    singles = [(name, s) for name in FAMILIES for s in TRAIN_SEEDS]
-    combos = [(composition_name(c), s) for c in TRAIN_COMPOSITIONS for s in TRAIN_COMPOSITION_SEEDS]
+def _train_specs(seeds=TRAIN_SEEDS, composition_seeds=TRAIN_COMPOSITION_SEEDS) -> list[tuple[str, int]]:
+    singles = [(name, s) for name in FAMILIES for s in seeds]
+    combos = [(composition_name(c), s) for c in TRAIN_COMPOSITIONS for s in composition_seeds]
     return singles + combos
+
+
+def _large_train_specs() -> list[tuple[str, int]]:
+    return _train_specs(LARGE_TRAIN_SEEDS, LARGE_TRAIN_COMPOSITION_SEEDS)
 
 
 def _eval_specs() -> list[tuple[str, int]]:
@@ -1100,13 +1109,33 @@ def _eval_specs() -> list[tuple[str, int]]:
     return singles + combos
 
 
-DATASETS = {"gen-train": _train_specs, "gen-eval": _eval_specs}
+DATASETS = {"gen-train": _train_specs, "gen-train-large": _large_train_specs, "gen-eval": _eval_specs}
+PARALLEL_ABOVE = 5000   # tasks; ~1.2 ms each, so gen-train-large (41k) is worth the worker start-up
+
+
+def _make_tasks(specs: list[tuple[str, int]]) -> list[Task]:
+    return [make_task(family, seed) for family, seed in specs]
 
 
 @functools.lru_cache(maxsize=None)
 def _dataset(name: str) -> tuple[Task, ...]:
-    tasks = [make_task(family, seed) for family, seed in DATASETS[name]()]
+    specs = DATASETS[name]()
+    if len(specs) <= PARALLEL_ABOVE or (os.cpu_count() or 1) == 1:
+        tasks = _make_tasks(specs)
+    else:
+        # Forked workers: they run numpy only (no torch thread pools), and unlike spawned ones
+        # they need no importable __main__ (a script piped to python has none).
+        from concurrent.futures import ProcessPoolExecutor
+        import multiprocessing
+        chunks = [specs[i:i + 1000] for i in range(0, len(specs), 1000)]
+        with ProcessPoolExecutor(os.cpu_count(), mp_context=multiprocessing.get_context("fork")) as pool:
+            tasks = [t for chunk in pool.map(_make_tasks, chunks) for t in chunk]
     return tuple(sorted(tasks, key=lambda t: t.id))
+
+
+def size(name: str) -> int:
+    """How many tasks a generated dataset holds, without generating it."""
+    return len(DATASETS[name]())
 
 
 def dataset(name: str) -> list[Task]:

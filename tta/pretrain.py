@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -52,6 +53,7 @@ class PretrainConfig:
     seed: int = 0
     checkpoint_minutes: float = 5.0
     log_every: int = 20
+    workers: int | None = None     # processes drawing batches; None: none on the CPU, up to 8 on a GPU
 
 
 def learning_rate(c: PretrainConfig, progress: float) -> float:
@@ -66,11 +68,19 @@ def learning_rate(c: PretrainConfig, progress: float) -> float:
 def load_training_tasks(c: PretrainConfig, log=print):
     """The training tasks, checked against every excluded dataset: an overlap is refused, or with
     `drop_overlap` the overlapping training tasks are dropped (and named in the log)."""
-    tasks = [t for name in c.data for t in load_dataset(name).tasks]
+    tasks = [t for entry in c.data for t in _weighted(entry)]
     for name in c.exclude:
         excluded = load_dataset(name).tasks
         if c.drop_overlap:
             dropped = set(contamination.overlap(contamination.fingerprint(excluded), tasks))
+            # An evaluated task can also be covered by pieces of several training tasks (one
+            # shared demonstration each, common among 41k generated tasks on small grids):
+            # drop every training task that shares any grid pair with it.
+            kept = [t for t in tasks if t.id not in dropped]
+            for hit in contamination.overlap(contamination.fingerprint(kept), excluded):
+                hit_task = next(t for t in excluded if t.id == hit)
+                hashes = contamination.content_hashes(hit_task)
+                dropped |= {t.id for t in kept if t.id == hit or contamination.content_hashes(t) & hashes}
             if dropped:
                 shown = sorted(dropped)
                 log(f"dropped {len(dropped)} training tasks that overlap {name}: {', '.join(shown[:10])}"
@@ -78,6 +88,15 @@ def load_training_tasks(c: PretrainConfig, log=print):
             tasks = [t for t in tasks if t.id not in dropped]
         contamination.check(contamination.fingerprint(tasks), excluded, "+".join(c.data), name)
     return tasks, contamination.fingerprint(tasks)
+
+
+def _weighted(entry: str) -> list:
+    """`NAME*K`: the dataset's tasks K times over, so each is drawn K times as often (the 400
+    real training tasks would be 1% of the draws beside gen-train-large's 41,000)."""
+    name, _, times = entry.partition("*")
+    if times and not (times.isdigit() and int(times) >= 1):
+        raise ValueError(f"--data {entry}: the weight after * must be a whole number >= 1")
+    return load_dataset(name).tasks * int(times or 1)
 
 
 def draw_batch(tasks, fmt, rng: np.random.Generator, tokens_per_batch: int, max_len: int):
@@ -98,6 +117,35 @@ def draw_batch(tasks, fmt, rng: np.random.Generator, tokens_per_batch: int, max_
         batch.append(e)
         width = width_if
     return batch
+
+
+class BatchStream(torch.utils.data.Dataset):
+    """Batch number `step`, drawn from a generator seeded by (seed, step) and padded: the same
+    batch whichever process draws it, so worker processes feed a GPU the batches the loop would
+    have drawn itself, and a resumed run continues the stream of an uninterrupted one."""
+
+    def __init__(self, tasks, fmt, c: PretrainConfig):
+        self.tasks, self.fmt, self.c = tasks, fmt, c
+
+    def __getitem__(self, step: int):
+        batch = draw_batch(self.tasks, self.fmt, np.random.default_rng([self.c.seed, step]),
+                           self.c.tokens_per_batch, self.c.max_len)
+        ids, mask, positions = pad_batch([e.input_ids for e in batch], self.fmt, "cpu", "right", PAD_MULTIPLE)
+        return ids, mask, positions, pad_labels([e.labels for e in batch], "cpu", PAD_MULTIPLE)
+
+
+def batches_from(stream: BatchStream, first_step: int, dev: torch.device, workers: int | None):
+    """Batches first_step, first_step + 1, ... in order.  On a GPU one process cannot draw
+    augmented sequences as fast as a small model eats them (~1.4M tokens/s per core, measured),
+    so worker processes draw ahead; on the CPU drawing is ~1% of a step and the cores train."""
+    if workers is None:
+        workers = 0 if dev.type == "cpu" else max(0, min(8, (os.cpu_count() or 1) - 2))
+    steps = range(first_step, 2 ** 62)
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, sampler=steps, num_workers=workers,
+                                         pin_memory=dev.type == "cuda", prefetch_factor=4 if workers else None,
+                                         persistent_workers=False)
+    for ids, mask, positions, labels in loader:
+        yield (t.to(dev, non_blocking=True) for t in (ids, mask, positions, labels))
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -169,6 +217,7 @@ def pretrain(c: PretrainConfig, out: Path, device: str = "auto", command: str = 
     started, last_checkpoint, window = time.perf_counter(), time.perf_counter(), []
     seconds_before = state["seconds"]   # from earlier sessions of a resumed run
     elapsed = lambda: seconds_before + time.perf_counter() - started
+    batches = batches_from(BatchStream(tasks, fmt, c), state["step"], dev, c.workers)
     while True:
         progress = max(state["step"] / c.steps if c.steps else 0.0,
                        elapsed() / (60 * c.minutes) if c.minutes else 0.0)
@@ -177,10 +226,7 @@ def pretrain(c: PretrainConfig, out: Path, device: str = "auto", command: str = 
         lr = learning_rate(c, progress)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        # Seeded by step, so a resumed run draws the batches an uninterrupted one would have.
-        batch = draw_batch(tasks, fmt, np.random.default_rng([c.seed, state["step"]]), c.tokens_per_batch, c.max_len)
-        ids, mask, positions = pad_batch([e.input_ids for e in batch], fmt, dev, "right", PAD_MULTIPLE)
-        labels = pad_labels([e.labels for e in batch], dev, PAD_MULTIPLE)
+        ids, mask, positions, labels = next(batches)
         with autocast(dev):
             loss = model(input_ids=ids, attention_mask=mask, position_ids=positions, labels=labels).loss
         loss.backward()
@@ -203,6 +249,7 @@ def pretrain(c: PretrainConfig, out: Path, device: str = "auto", command: str = 
         if time.perf_counter() - last_checkpoint > 60 * c.checkpoint_minutes:
             _checkpoint(out, model, tokenizer, optimizer, state, elapsed(), command)
             last_checkpoint = time.perf_counter()
+    batches.close()   # ends the worker processes
     _checkpoint(out, model, tokenizer, optimizer, state, elapsed(), command)
     write_model_card(out, state, model, command)
     return state
