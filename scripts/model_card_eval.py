@@ -49,8 +49,7 @@ def main():
         if headline is None and manifest["dataset"] == "gen-eval" and manifest["method"] == "icl":
             headline = acc
     text = ("Measured on a 2-core CPU; each row is one run directory, made by the command shown "
-            "(all of them: `scripts/reproduce_reports.sh`). Two runs shared the CPU, one thread each, so "
-            "seconds overstate the cost; FLOPs do not depend on that. Exact = every test output right in "
+            "(all of them: `scripts/reproduce_reports.sh`, one run at a time). Exact = every test output right in "
             "one of two attempts; graded metrics as in `tta compare` (cell accuracy is 0 for a wrong shape; "
             "NLL and token accuracy are the true answer's, teacher-forced, per token).\n\n" + "\n".join(rows) + "\n")
     if headline is not None:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Re-creates every committed report under reports/ and the evaluation in the model card, from
 # scratch, on the embedded defaults.  Each run directory lands under runs/ (resumable).
-# On a 2-core CPU the whole script takes about 1.5 hours.
+# On a 2-core CPU the whole script takes about 1.5-2 hours.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # Model card: in-context accuracy on every gen-eval task.

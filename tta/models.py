@@ -27,7 +27,8 @@ SIZES = {
     # 3.4M parameters: on a 2-core CPU it trains at ~12k tokens/s in bf16 (benchmarks/cpu_bf16.py),
     # twice the rate of the 4.8M 6-layer variant, and its fp32 weights (13 MB) fit the 25 MB limit.
     "default": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4),
-    # 10.6M parameters, for pretraining on a GPU; its weights ship in bf16 (21 MB).
+    # 10.6M parameters, for GPU pretraining.  Not shipped: at lr 1.5e-3 (65k-token batches) its
+    # loss went to NaN at step 1,140 (scripts/gpu_pretrain.sh); a lower lr is untried.
     "medium": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=6),
     # ~1B parameters, for the GPU throughput benchmark only.
     "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=20, num_attention_heads=16),
