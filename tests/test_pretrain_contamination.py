@@ -1,11 +1,14 @@
 import json
 
+import numpy as np
 import pytest
+from click.testing import CliRunner
 
-from tta import contamination
+from tta import contamination, generate
+from tta.cli import main
 from tta.models import load_model
 from tta.pretrain import PretrainConfig, load_training_tasks, pretrain
-from tta.tasks import load_dataset, select
+from tta.tasks import TaskError, load_dataset, select
 
 
 def test_arc2_train_is_refused_as_pretraining_data_for_arc1_eval():
@@ -59,3 +62,51 @@ def test_worker_processes_draw_the_batches_the_loop_would_draw(tmp_path):
         state = pretrain(config, tmp_path / f"w{workers}", device="cpu", log=lambda _: None)
         losses[workers] = [p["loss"] for p in state["curve"]]
     assert len(losses[0]) == 3 and losses[0] == losses[2]
+
+
+def _grid(seed: int, size: int = 3) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 10, (size, size)).tolist()
+
+
+def _pair(seed: int) -> dict:
+    return {"input": _grid(seed), "output": _grid(seed + 1000)}
+
+
+def _write_tasks(folder, tasks: dict):
+    folder.mkdir()
+    for task_id, (train_seeds, test_seed) in tasks.items():
+        data = {"train": [_pair(s) for s in train_seeds], "test": [_pair(test_seed)]}
+        (folder / f"{task_id}.json").write_text(json.dumps(data))
+    return str(folder)
+
+
+def test_drop_overlap_also_drops_tasks_that_cover_an_evaluated_task_piecewise(tmp_path):
+    # The evaluated task's demonstrations 1 and 2 each appear in a different training task:
+    # neither training task overlaps it alone, together they hold two of its pairs.
+    evaluated = _write_tasks(tmp_path / "eval", {"e": ([1, 2, 3], 4)})
+    training = _write_tasks(tmp_path / "train", {"a": ([1, 10, 11], 12), "b": ([2, 20, 21], 22),
+                                                 "c": ([30, 31, 32], 33)})
+    with pytest.raises(contamination.ContaminationError, match="1 of 1 tasks"):
+        load_training_tasks(PretrainConfig(data=[training], exclude=[evaluated]))
+    logs = []
+    tasks, fingerprint = load_training_tasks(PretrainConfig(data=[training], exclude=[evaluated], drop_overlap=True),
+                                             log=logs.append)
+    assert [t.id for t in tasks] == ["c"] and "dropped 2 training tasks" in logs[0]
+
+
+def test_a_dataset_weight_repeats_its_tasks_and_a_bad_weight_is_one_line(tmp_path):
+    once, _ = load_training_tasks(PretrainConfig(data=["gen-train"], exclude=[]))
+    thrice, _ = load_training_tasks(PretrainConfig(data=["gen-train*3"], exclude=[]))
+    assert len(thrice) == 3 * len(once) and {t.id for t in thrice} == {t.id for t in once}
+    with pytest.raises(TaskError, match=r"gen-train\*x: the weight"):
+        load_training_tasks(PretrainConfig(data=["gen-train*x"], exclude=[]))
+    result = CliRunner().invoke(main, ["pretrain", "--steps", "1", "--data", "gen-train*0", "--out", str(tmp_path / "m")])
+    assert result.exit_code == 2 and "gen-train*0: the weight" in result.output and "Traceback" not in result.output
+
+
+def test_gen_train_large_has_more_seeds_of_the_same_rules_and_none_of_the_eval_seeds():
+    large, small = generate.DATASETS["gen-train-large"](), generate.DATASETS["gen-train"]()
+    assert generate.size("gen-train-large") == len(large) == 41_000 and set(small) < set(large)
+    assert {name for name, _ in large} == {name for name, _ in small}
+    assert max(seed for _, seed in large) < generate.EVAL_SEED_START

@@ -31,7 +31,7 @@ from tta.decoding import pad_batch, pad_labels
 from tta.encoding import GRID_STRIDE, POSITIONS_KEY, ROW_STRIDE, format_for
 from tta.training import PAD_MULTIPLE
 from tta.models import autocast, build_model, pick_device, quiet_transformers, save_model, set_threads
-from tta.tasks import load_dataset
+from tta.tasks import TaskError, load_dataset
 
 
 @dataclass
@@ -95,7 +95,7 @@ def _weighted(entry: str) -> list:
     real training tasks would be 1% of the draws beside gen-train-large's 41,000)."""
     name, _, times = entry.partition("*")
     if times and not (times.isdigit() and int(times) >= 1):
-        raise ValueError(f"--data {entry}: the weight after * must be a whole number >= 1")
+        raise TaskError(f"--data {entry}: the weight after * must be a whole number >= 1")
     return load_dataset(name).tasks * int(times or 1)
 
 
