@@ -69,7 +69,7 @@ class LESSConfig:
     rank: int = setting(32, "LoRA rank (ttt_lora's default)")
     alpha: int = setting(32, "LoRA alpha")
     targets: list = setting(["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"], "modules that get adapters")
-    lr: float = setting(1e-3, "AdamW learning rate")
+    lr: float = setting(1e-4, "AdamW learning rate (ttt_lora's default)")
     weight_decay: float = setting(0.01, "AdamW weight decay")
     epochs: int = setting(2, "passes over the selected examples")
     batch_size: int = setting(2, "examples per step")

@@ -7,10 +7,9 @@ For each task:
 4. reset  -- the adapter is removed; the next task starts from the base model.
 
 Defaults follow the paper except where the embedded model is far smaller than
-the paper's 1B-8B models (help strings give the published values): a ~1M
-parameter model needs a larger learning rate and a LoRA rank matched to its
-width.  Training stops early when the task's budget could no longer pay for
-the prediction that follows.
+the paper's 1B-8B models (help strings give the published values): a LoRA rank
+matched to its width.  Training stops early when the task's budget could no
+longer pay for the prediction that follows.
 """
 from __future__ import annotations
 
@@ -33,7 +32,10 @@ class TTTConfig:
     alpha: int = setting(32, "LoRA alpha (paper: 16)")
     targets: list = setting(["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"],
                             "modules that get adapters (paper: q, v and the MLP)")
-    lr: float = setting(1e-3, "AdamW learning rate (paper: 5e-5 for 1B/3B, 1e-4 for 8B)")
+    # The paper's 8B value.  Measured with the shipped model on 10 gen-eval tasks outside the
+    # reported 40-task sample (2e12 FLOPs/task): true-answer NLL 0.185 / 0.196 / 0.246 at
+    # lr 1e-4 / 3e-4 / 1e-3 (in-context 0.195); 1e-3 suited the earlier, weaker model.
+    lr: float = setting(1e-4, "AdamW learning rate (paper: 5e-5 for 1B/3B, 1e-4 for 8B)")
     weight_decay: float = setting(0.01, "AdamW weight decay (paper: 0.01)")
     epochs: int = setting(2, "passes over the task's examples (paper: 2)")
     batch_size: int = setting(2, "examples per step (paper: 2)")

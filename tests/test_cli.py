@@ -76,6 +76,6 @@ def test_methods_and_datasets_list_everything():
     assert code == 0
     for name in ("icl", "ttt_lora", "copy_input", "common_output"):
         assert f"{name}:" in output
-    assert "lr (float) = 0.001" in output
+    assert "lr (float) = 0.0001" in output   # ttt_lora's, the paper's 8B value
     code, output = invoke("datasets")
     assert code == 0 and "arc1-eval" in output and "400 tasks" in output and "gen-eval" in output
