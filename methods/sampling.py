@@ -23,7 +23,8 @@ none), never an error.
 
 The paper's recipe (DFS at 0.09 in 16 views, PoE over the same views, after TTT) is
 `--set search=dfs --set select=poe --set adapt=ttt` with more views; `--set select=vote` with
-sampling is self-consistency.  The defaults are sized for the small embedded model on a CPU.
+sampling is self-consistency.  By default sampling goes on until the budget is spent
+(`samples=0`, at most `max_samples` per view), so it spends what the other methods may spend.
 With a chat LLM and the text format the same code samples, searches and scores the answer
 grids as text; no chain-of-thought variant is implemented or needed -- the answer is the grid.
 """
@@ -56,7 +57,10 @@ class SamplingConfig:
     transforms: list = setting(["identity", "rot90", "transpose", "flip_h"],
                                "views of the task (paper: 16 augmented views for DFS and scoring)")
     orders: int = setting(1, "demonstration orders per view")
-    samples: int = setting(2, "search=sample: samples per view (CPU-sized; self-consistency papers use 20-40 in all)")
+    # 0 by default: a method compared on equal compute should be able to spend it.  A fixed 2 per
+    # view spent ~2% of a 2e12-FLOP cap on gen-eval (reports/default.md before 2026-11-28).
+    samples: int = setting(0, "search=sample: samples per view; 0 = as many as the budget pays for, up to max_samples (self-consistency papers use 20-40 in all)")
+    max_samples: int = setting(32, "search=sample with samples=0: samples per view at most (and without a FLOP budget)")
     temperature: float = setting(1.0, "search=sample: sampling temperature")
     top_p: float = setting(0.95, "search=sample: nucleus (top-p) cut-off")
     threshold: float = setting(0.09, "search=dfs: keep completions with probability above this (paper: 0.09)")
@@ -75,6 +79,8 @@ class SamplingConfig:
                              ("adapt", ("none", "ttt")), ("vote", ("majority", "hierarchical"))):
             if getattr(self, key) not in allowed:
                 raise MethodError(f"--set {key}={getattr(self, key)}: expected one of {', '.join(allowed)}")
+        if self.samples < 0 or self.max_samples < 1:
+            raise MethodError(f"--set samples={self.samples}, max_samples={self.max_samples}: expected samples >= 0 and max_samples >= 1")
         if not 0 < self.threshold < 1:
             raise MethodError(f"--set threshold={self.threshold}: expected a probability between 0 and 1")
         unknown = set(self.ttt) - {f for f in TTTConfig.__dataclass_fields__}
@@ -191,20 +197,24 @@ class Sampling(Method):
         return Candidate(view.test_index, view.augmentation.transform.name, view.augmentation.invert_grid(grid), logprob)
 
     def sample(self, views, room, meter, seed):
-        """`samples` answers per view, drawn round-robin over the views a batch at a time, so a
-        budget that runs out part-way leaves samples spread over all views."""
+        """`samples` answers per view (0: until the budget is spent, at most `max_samples`), drawn
+        round-robin over the views a batch at a time, so a budget that runs out part-way leaves
+        samples spread over all views."""
         c = self.config
         shape = meter._shape(self.lm.model)
 
         def cost(chunk):   # the chunk's prompts and full-length answers
             return sum(forward_flops(shape, len(v.prompt) + room, attention_context(0, len(v.prompt) + room)) for v in chunk)
 
-        owners = [v for _ in range(c.samples) for v in views]
+        fill = c.samples == 0
+        owners = [v for _ in range(c.samples or c.max_samples) for v in views]
         gens, start = [], 0
         while start < len(owners) and meter.can_afford(0.0):
             chunk = owners[start:start + c.batch_size]
             while len(chunk) > 1 and not meter.can_afford(cost(chunk)):
                 chunk = chunk[: len(chunk) // 2]   # a smaller batch when the budget is short
+            if fill and gens and not meter.can_afford(cost(chunk)):
+                break   # filling: stop before a sample the budget cannot finish
             gens += generate(self.lm, [v.prompt for v in chunk], meter, max_new_tokens=room,
                              temperature=c.temperature, top_p=c.top_p, seed=seed + start, batch_size=c.batch_size)
             start += len(chunk)

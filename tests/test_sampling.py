@@ -296,6 +296,20 @@ def test_the_method_processes_no_more_tokens_than_the_budget_allows(search, k):
     assert len(attempts) == 1 and len(attempts[0]) == 2
 
 
+def test_samples_zero_fills_the_budget_and_stops_at_max_samples_without_one():
+    lm = stub_lm({answer(["11", "11"]): 0.7, answer(["1"]): 0.3})
+    settings = dict(search="sample", select="vote", transforms=["identity", "rot90"], samples=0, max_samples=6)
+    _, info, meter = run_method(lm, small_task(), Budget(), **settings)
+    assert info["samples"] == 2 * 6                       # no budget: max_samples per view
+    one_sample = meter.flops / info["samples"]
+    counts = []
+    for k in (3, 7):                                     # room for about k samples
+        _, info, meter = run_method(lm, small_task(), Budget(flops=(k + 0.5) * one_sample), **settings)
+        assert meter.flops <= (k + 0.5) * one_sample
+        counts.append(info["samples"])
+    assert 1 <= counts[0] < counts[1] <= 7                # a bigger budget buys more samples
+
+
 @pytest.mark.parametrize("search", ["sample", "dfs"])
 @pytest.mark.parametrize("select", ["vote", "poe"])
 def test_method_never_crashes_on_exhaustion(search, select):
