@@ -51,11 +51,13 @@ def test_ragged_and_oversized(bad_files):
     assert_one_line_error(*invoke("run", "--method", "copy_input", "--dataset", bad_files("big.json", data)), "more than 30")
 
 
-def test_unknown_method_bad_flag_bad_setting_missing_model(tmp_path):
+def test_unknown_method_bad_flag_bad_setting_missing_model(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)   # runs/ would land here
     assert_one_line_error(*invoke("run", "--method", "nope"), "unknown method")
     assert_one_line_error(*invoke("run", "--method", "icl", "--no-such-flag"), "--no-such-flag")
     assert_one_line_error(*invoke("run", "--method", "icl", "--set", "bogus=1"), "bogus")
     assert_one_line_error(*invoke("run", "--method", "icl", "--limit", "1", "--model", str(tmp_path / "none")), "none")
+    assert not (tmp_path / "runs").exists()   # a run that could not start leaves no directory behind
     assert_one_line_error(*invoke("run", "--method", "icl", "--budget-flops", "1", "--budget-seconds", "1"), "not both")
     assert_one_line_error(*invoke("compare", str(tmp_path)), str(tmp_path))
 

@@ -308,7 +308,6 @@ class TaskRunner:
 
 def run(spec: RunSpec, progress: bool = True, executor: str = "local", ray_address: str | None = None) -> Path:
     cls, config, dataset, out, manifest = prepare(spec)
-    out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.jsonl"
     records = read_results(results_path)
     done = {r["task_id"] for r in records}
@@ -329,6 +328,7 @@ def run(spec: RunSpec, progress: bool = True, executor: str = "local", ray_addre
     manifest["device"] = device
     if one_off and "one_off" not in manifest:
         manifest["one_off"] = one_off
+    out.mkdir(parents=True, exist_ok=True)   # only now: a run that cannot start leaves no empty directory
     atomic_write_json(out / "manifest.json", manifest)
 
     bar = _progress(len(dataset.ids), len(done), progress, cls.name)
