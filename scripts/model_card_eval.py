@@ -21,6 +21,8 @@ RUNS = [  # (what, run directory)
     ("arc1-heldout (unseen arc1-train), first 10", "runs/card/icl-arc1-heldout"),
     ("arc1-heldout (unseen arc1-train), first 10", "runs/card/ttt-arc1-heldout"),
     ("arc1-heldout (unseen arc1-train), first 10", "runs/card/copy-arc1-heldout"),
+    ("arc1-eval, 40 tasks (`--sample 40`)", "runs/card/icl-arc1-eval-40"),
+    ("arc1-eval, 40 tasks (`--sample 40`)", "runs/card/ttt-arc1-eval-40"),
     ("arc1-eval, first 5", "runs/icl"),
     ("arc1-eval, first 5", "runs/ttt"),
 ]
