@@ -20,6 +20,7 @@ tta compare runs/icl runs/ttt --out reports/arc1-eval-icl-vs-ttt.md
 # ARC-AGI-1 evaluation, 40 tasks spread over the ids, at the same budget (model card).
 tta run --method icl --dataset arc1-eval --sample 40 --budget-flops 2e12 --out runs/card/icl-arc1-eval-40 --quiet
 tta run --method ttt_lora --dataset arc1-eval --sample 40 --budget-flops 2e12 --out runs/card/ttt-arc1-eval-40 --quiet
+tta compare runs/card/icl-arc1-eval-40 runs/card/ttt-arc1-eval-40 --out reports/arc1-eval-40.md
 # The model card's Evaluation section, from the runs above.
 python scripts/model_card_eval.py
 # Accuracy against compute: four methods at three budgets.
