@@ -151,3 +151,19 @@ def test_floors_need_no_model_and_score_as_expected(tmp_path):
     record = read_results(out / "results.jsonl")[0]
     assert record["attempts"][0][0] == [[4]] and record["correct"] == [False]
     assert record["metrics"]["shape_ok"] == [False] and record["metrics"]["nll"] == [None]
+
+
+def test_threads_follow_the_cores_this_process_may_use(monkeypatch):
+    import torch
+    from tta import models
+    if not hasattr(models.os, "sched_getaffinity"):
+        pytest.fail("this platform has no sched_getaffinity; the test needs Linux")
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(models.os, "sched_getaffinity", lambda pid: {0})   # one usable core of many
+    monkeypatch.setattr(models.os, "cpu_count", lambda: 64)
+    try:
+        models.set_threads()
+        assert models.usable_cpus() == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -1120,7 +1120,8 @@ def _make_tasks(specs: list[tuple[str, int]]) -> list[Task]:
 @functools.lru_cache(maxsize=None)
 def _dataset(name: str) -> tuple[Task, ...]:
     specs = DATASETS[name]()
-    if len(specs) <= PARALLEL_ABOVE or (os.cpu_count() or 1) == 1:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if len(specs) <= PARALLEL_ABOVE or cpus == 1:
         tasks = _make_tasks(specs)
     else:
         # Forked workers: they run numpy only (no torch thread pools), and unlike spawned ones
@@ -1128,7 +1129,7 @@ def _dataset(name: str) -> tuple[Task, ...]:
         from concurrent.futures import ProcessPoolExecutor
         import multiprocessing
         chunks = [specs[i:i + 1000] for i in range(0, len(specs), 1000)]
-        with ProcessPoolExecutor(os.cpu_count(), mp_context=multiprocessing.get_context("fork")) as pool:
+        with ProcessPoolExecutor(cpus, mp_context=multiprocessing.get_context("fork")) as pool:
             tasks = [t for chunk in pool.map(_make_tasks, chunks) for t in chunk]
     return tuple(sorted(tasks, key=lambda t: t.id))
 

@@ -211,7 +211,13 @@ def output_cache(output):
     return getattr(output, "cache", None) if CACHE_KW == "cache" else output.past_key_values
 
 
+def usable_cpus() -> int:
+    """The cores this process may run on: in a container or VM `os.cpu_count()` can be the
+    host's, and that many OpenMP threads on a few cores make every small CPU op crawl."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def set_threads() -> None:
-    """Use every core for intra-op parallelism unless the user set a number."""
+    """Use every usable core for intra-op parallelism unless the user set a number."""
     if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(usable_cpus())

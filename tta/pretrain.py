@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,7 +29,7 @@ from tta.data import leave_one_out_examples
 from tta.decoding import pad_batch, pad_labels
 from tta.encoding import GRID_STRIDE, POSITIONS_KEY, ROW_STRIDE, format_for
 from tta.training import PAD_MULTIPLE
-from tta.models import autocast, build_model, pick_device, quiet_transformers, save_model, set_threads
+from tta.models import autocast, build_model, pick_device, quiet_transformers, save_model, set_threads, usable_cpus
 from tta.tasks import TaskError, load_dataset
 
 
@@ -139,7 +138,7 @@ def batches_from(stream: BatchStream, first_step: int, dev: torch.device, worker
     augmented sequences as fast as a small model eats them (~1.4M tokens/s per core, measured),
     so worker processes draw ahead; on the CPU drawing is ~1% of a step and the cores train."""
     if workers is None:
-        workers = 0 if dev.type == "cpu" else max(0, min(8, (os.cpu_count() or 1) - 2))
+        workers = 0 if dev.type == "cpu" else max(0, min(8, usable_cpus() - 2))
     steps = range(first_step, 2 ** 62)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, sampler=steps, num_workers=workers,
                                          pin_memory=dev.type == "cuda", prefetch_factor=4 if workers else None,
