@@ -30,7 +30,7 @@ import numpy as np
 
 from tta import gradients
 from tta.augment import transforms_from_names
-from tta.contamination import ContaminationError, fingerprint, overlap
+from tta.contamination import ContaminationError, fingerprint, overlap, to_drop
 from tta.data import leave_one_out_examples
 from tta.method import MethodError, register, setting
 from tta.tasks import load_dataset
@@ -108,7 +108,7 @@ def pool_tasks_for(config: LESSConfig, evaluated: list) -> tuple[list, str, list
             raise ContaminationError(
                 f"less: {len(hits)} of {len(evaluated)} evaluated tasks appear in the pool {config.pool} "
                 f"(by id or content): {shown}; choose another pool (--set pool=NAME) or --set drop_overlap=true")
-        bad = set(overlap(fingerprint(evaluated), chosen))   # the pool tasks that match an evaluated one
+        bad = to_drop(chosen, evaluated)   # the pool tasks that match an evaluated one
         dropped = sorted(t.id for t in chosen if t.id in bad)
         chosen = [t for t in chosen if t.id not in bad]
     return chosen, pool.name, dropped

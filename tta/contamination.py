@@ -49,6 +49,20 @@ def overlap(train_fp: dict, evaluated: list[Task]) -> list[str]:
                   or len({h for h in content_hashes(t) if h.startswith("d:")} & hashes) >= 2)
 
 
+def to_drop(training: list[Task], evaluated: list[Task]) -> set[str]:
+    """Ids of the training tasks to leave out so that `check` passes: each that overlaps an
+    evaluated task by itself, and, where an evaluated task is covered only by pieces of several
+    (one shared demonstration pair each, common among many generated tasks on small grids),
+    every training task that shares any grid pair with it."""
+    dropped = set(overlap(fingerprint(evaluated), training))
+    kept = [t for t in training if t.id not in dropped]
+    by_id = {t.id: t for t in evaluated}
+    for hit in overlap(fingerprint(kept), evaluated):
+        hashes = content_hashes(by_id[hit])
+        dropped |= {t.id for t in kept if t.id == hit or content_hashes(t) & hashes}
+    return dropped
+
+
 def check(train_fp: dict, evaluated: list[Task], train_name: str, eval_name: str) -> None:
     hits = overlap(train_fp, evaluated)
     if hits:

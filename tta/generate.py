@@ -77,7 +77,6 @@ Both are sorted by task id; ids are ``gen-{family}-{seed}``.
 from __future__ import annotations
 
 import functools
-import os
 import zlib
 from dataclasses import asdict, dataclass, replace
 from typing import Callable
@@ -1120,8 +1119,11 @@ def _make_tasks(specs: list[tuple[str, int]]) -> list[Task]:
 @functools.lru_cache(maxsize=None)
 def _dataset(name: str) -> tuple[Task, ...]:
     specs = DATASETS[name]()
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if len(specs) <= PARALLEL_ABOVE or cpus == 1:
+    cpus = 1
+    if len(specs) > PARALLEL_ABOVE:
+        from tta.models import usable_cpus
+        cpus = usable_cpus()
+    if cpus == 1:
         tasks = _make_tasks(specs)
     else:
         # Forked workers: they run numpy only (no torch thread pools), and unlike spawned ones

@@ -71,15 +71,7 @@ def load_training_tasks(c: PretrainConfig, log=print):
     for name in c.exclude:
         excluded = load_dataset(name).tasks
         if c.drop_overlap:
-            dropped = set(contamination.overlap(contamination.fingerprint(excluded), tasks))
-            # An evaluated task can also be covered by pieces of several training tasks (one
-            # shared demonstration each, common among 41k generated tasks on small grids):
-            # drop every training task that shares any grid pair with it.
-            kept = [t for t in tasks if t.id not in dropped]
-            for hit in contamination.overlap(contamination.fingerprint(kept), excluded):
-                hit_task = next(t for t in excluded if t.id == hit)
-                hashes = contamination.content_hashes(hit_task)
-                dropped |= {t.id for t in kept if t.id == hit or contamination.content_hashes(t) & hashes}
+            dropped = contamination.to_drop(tasks, excluded)
             if dropped:
                 shown = sorted(dropped)
                 log(f"dropped {len(dropped)} training tasks that overlap {name}: {', '.join(shown[:10])}"
@@ -141,8 +133,7 @@ def batches_from(stream: BatchStream, first_step: int, dev: torch.device, worker
         workers = 0 if dev.type == "cpu" else max(0, min(8, usable_cpus() - 2))
     steps = range(first_step, 2 ** 62)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, sampler=steps, num_workers=workers,
-                                         pin_memory=dev.type == "cuda", prefetch_factor=4 if workers else None,
-                                         persistent_workers=False)
+                                         pin_memory=dev.type == "cuda", prefetch_factor=4 if workers else None)
     for ids, mask, positions, labels in loader:
         yield (t.to(dev, non_blocking=True) for t in (ids, mask, positions, labels))
 
