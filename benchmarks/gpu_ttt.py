@@ -65,12 +65,12 @@ def main():
     examples = [e.encoded for e in leave_one_out_examples(task, lm.format, np.random.default_rng(0),
                                                           args.steps * c.batch_size)]
     adapter = attach_lora(lm, c.rank, c.alpha, c.targets)
-    train(lm, examples[: 2 * c.batch_size], Meter(), lr=c.lr, epochs=1, batch_size=c.batch_size)  # warm-up
+    train(lm, examples[: 2 * c.batch_size], Meter().handle(lm.model), lr=c.lr, epochs=1, batch_size=c.batch_size)  # warm-up
     meter = Meter()
     meter.attach(lm.model)
     sync(device)
     start = time.perf_counter()
-    report = train(lm, examples, meter, lr=c.lr, epochs=1, batch_size=c.batch_size)
+    report = train(lm, examples, meter.handle(lm.model), lr=c.lr, epochs=1, batch_size=c.batch_size)
     sync(device)
     seconds = time.perf_counter() - start
     meter.detach()
@@ -81,7 +81,7 @@ def main():
     meter.attach(lm.model)
     sync(device)
     start = time.perf_counter()
-    _, info = predict_augmented(lm, task, meter, batch_size=32)
+    _, info = predict_augmented(lm, task, meter.handle(lm.model), batch_size=32, fill=False)
     sync(device)
     seconds = time.perf_counter() - start
     meter.detach()

@@ -66,7 +66,7 @@ def main():
         meter = Meter()
         meter.attach(lm.model)
         start = time.perf_counter()
-        train(lm, examples, meter, lr=c.lr, epochs=1, batch_size=c.batch_size)
+        train(lm, examples, meter.handle(lm.model), lr=c.lr, epochs=1, batch_size=c.batch_size)
         results["harness"].append(time.perf_counter() - start)
         meter.detach()
         detach_lora(lm, adapter)

@@ -1,34 +1,32 @@
 """In-context only (`icl`): the base model reads the demonstrations and the test input and
 decodes the answer greedily; no weights change.
 
-With the default views this is the paper's "FT" baseline: the same augmented
-inference and hierarchical vote as `ttt_lora`, so the two differ only in the
-adaptation.  `--set transforms='["identity"]' --set orders=1` gives plain
-greedy decoding (attempt 2 is then empty).
+With the default views this is the paper's "FT" baseline: the same augmented inference and
+hierarchical vote as `ttt_lora`, so the two differ only in the adaptation.
+
+How it spends a bigger budget: more views.  The configured views (6 transforms x 2
+demonstration orders) come first; while the cap pays for another whole view, more follow --
+the 8 dihedral transforms with fresh colour permutations and demonstration orders, as the
+Product-of-Experts recipe draws its views -- each one more vote, up to `max_views` per test
+input (the record says when it stopped there).  `--set transforms=identity --set orders=1
+--set fill_views=false` gives plain greedy decoding (attempt 2 is then empty).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tta.augment import transforms_from_names
-from tta.method import Method, register, setting
-from tta.predict import predict_augmented
+from tta.method import Method, register
+from tta.predict import ViewSettings, predict_with_views
 
 
 @dataclass
-class ICLConfig:
-    transforms: list = setting(["identity", "rot90", "rot180", "flip_h", "flip_v", "transpose"],
-                               "views for augmented inference (paper: identity, rot90/180, three flips)")
-    orders: int = setting(2, "demonstration orders per view (paper: 2)")
-    top_per_group: int = setting(3, "answers kept per view before the global vote (paper: 3)")
-    batch_size: int = setting(16, "prompts decoded together")
+class ICLConfig(ViewSettings):
+    pass
 
 
 @register("icl")
 class ICL(Method):
     Config = ICLConfig
 
-    def predict(self, task, meter, seed):
-        c = self.config
-        return predict_augmented(self.lm, task, meter, transforms_from_names(c.transforms), c.orders,
-                                 seed=seed, batch_size=c.batch_size, top_per_group=c.top_per_group)
+    def predict(self, task, budget, seed):
+        return predict_with_views(self.lm, task, budget, self.config, seed)

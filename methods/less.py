@@ -1,6 +1,7 @@
 """LESS-style gradient-based data selection (`less`), Xia et al. 2024, as a test-time method.
 
-Once per run (`setup`, the one-off cost, recorded in the manifest and not charged to any task):
+Once per run (`setup`, the one-off cost: recorded in the manifest and amortised over the run's
+tasks in every report, i.e. each task's spend includes 1/n of it):
 0. pool   -- augmented leave-one-out examples of ARC *training* tasks (`pool`, never the split
              being evaluated: an overlap by id or content is refused);
 1. store  -- a gradient datastore of the pool (`tta.gradients`): warm-up LoRA, a checkpoint per
@@ -14,6 +15,11 @@ For each task, all charged to its budget (every gradient is a metered forward+ba
 3. adapt  -- a fresh LoRA trained on them (plus the task's own TTT data with `with_task_data`);
 4. predict-- the same augmented inference and vote as `ttt_lora`;
 5. reset  -- the adapter is removed.
+
+How it spends a bigger budget: more selected examples, then more views.  After the targets'
+gradients, the selection keeps the best-scoring pool examples for as long as `epochs` passes
+over them fit what is left (keeping the configured views' cost back), at least `top_k` and at
+most `max_selected`; training is planned to the budget; what remains buys more views.
 The record of `adapt` lists the selected pool examples (task, augmentation, score).
 
 Defaults are the paper's scaled to the embedded 3.4M-parameter model on a 2-core CPU; help
@@ -29,18 +35,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from tta import gradients
-from tta.augment import transforms_from_names
 from tta.contamination import ContaminationError, fingerprint, overlap, to_drop
 from tta.data import leave_one_out_examples
-from tta.method import MethodError, register, setting
+from tta.method import AdapterMethod, MethodError, register, setting
+from tta.predict import ViewSettings, configured_views_cost, predict_with_views
 from tta.tasks import load_dataset
-from tta.training import attach_lora, step_cost, train
-
-from methods.ttt_lora import TTTLoRA, prediction_cost
+from tta.training import LoRASettings, new_adapter, train_adapter
 
 
 @dataclass
-class LESSConfig:
+class LESSConfig(LoRASettings, ViewSettings):
     # ---- the pool
     pool: str = setting("arc1-train", "dataset the pool is drawn from (never the evaluated one), e.g. gen-train")
     pool_tasks: int = setting(100, "pool tasks, a seeded random subset (0 = all; paper: the whole pool; 100 keeps the CPU build to minutes)")
@@ -60,24 +64,19 @@ class LESSConfig:
     proj_dim: int = setting(1024, "random projection dimension (paper: 8192 for 7B; scaled down: the embedded model's warm-up LoRA has 65k parameters)")
     proj_density: float = setting(0.0, "projection density (0 = 1/sqrt(n) sparse Rademacher; 1 = dense, as LESS)")
     # ---- selection
-    top_k: int = setting(32, "pool examples kept per task (paper: top 5% of the pool; 32 is ~10% of the default pool)")
+    top_k: int = setting(32, "pool examples kept per task at least (paper: top 5% of the pool; 32 is ~10% of the default pool)")
+    max_selected: int = setting(128, "pool examples kept at most when the budget pays for more")
     aggregate: str = setting("mean", "mean over the targets, or max: mean per held-out demonstration, max over them (paper: max over subtasks)")
     target_views: int = setting(1, "copies of each leave-one-out target (1 = as given; more adds augmented views)")
     with_task_data: bool = setting(False, "also train on the task's own augmented leave-one-out examples (as ttt_lora)")
     task_examples: int = setting(250, "cap on the task's own examples when with_task_data (paper: 250)")
-    # ---- adaptation and prediction (as ttt_lora)
-    rank: int = setting(32, "LoRA rank (ttt_lora's default)")
-    alpha: int = setting(32, "LoRA alpha")
-    targets: list = setting(["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"], "modules that get adapters")
-    lr: float = setting(1e-4, "AdamW learning rate (ttt_lora's default)")
-    weight_decay: float = setting(0.01, "AdamW weight decay")
-    epochs: int = setting(2, "passes over the selected examples")
-    batch_size: int = setting(2, "examples per step")
-    warmup_ratio: float = setting(0.1, "share of steps with linear warm-up before the cosine decay")
-    transforms: list = setting(["identity", "rot90", "rot180", "flip_h", "flip_v", "transpose"], "views for augmented inference")
-    orders: int = setting(2, "demonstration orders per view")
-    top_per_group: int = setting(3, "answers kept per view before the global vote")
-    decode_batch_size: int = setting(16, "prompts decoded together")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.aggregate not in ("mean", "max"):
+            raise MethodError(f"--set aggregate={self.aggregate}: must be mean or max")
+        if not 1 <= self.top_k <= self.max_selected:
+            raise MethodError(f"--set top_k={self.top_k}, max_selected={self.max_selected}: expected 1 <= top_k <= max_selected")
 
     def gradient_settings(self) -> gradients.GradientSettings:
         return gradients.GradientSettings(
@@ -114,15 +113,25 @@ def pool_tasks_for(config: LESSConfig, evaluated: list) -> tuple[list, str, list
     return chosen, pool.name, dropped
 
 
+def select_within(order: list[int], lengths: list[int], budget, epochs: int, least: int, most: int) -> list[int]:
+    """The best-scoring pool examples (`order`, best first) for as long as `epochs` passes over
+    them fit the budget, at least `least` (training then runs as far as it can) and at most `most`."""
+    chosen, cost = [], 0.0
+    for i in order[:most]:
+        cost += epochs * budget.training_cost([lengths[i]])
+        if len(chosen) >= least and not budget.can_afford(cost):
+            break
+        chosen.append(i)
+    return chosen
+
+
 @register("less")
-class LESS(TTTLoRA):
-    """ttt_lora with another choice of training data: prediction and reset are ttt_lora's."""
+class LESS(AdapterMethod):
+    """ttt_lora with another choice of training data."""
     Config = LESSConfig
 
     def setup(self, tasks):
         c = self.config
-        if c.aggregate not in ("mean", "max"):
-            raise MethodError(f"--set aggregate={c.aggregate}: must be mean or max")
         chosen, pool_name, dropped = pool_tasks_for(c, tasks)
         examples = gradients.pool_examples(chosen, self.lm.format, c.pool_per_task, c.pool_max_len, c.pool_seed)
         settings = c.gradient_settings()
@@ -134,29 +143,33 @@ class LESS(TTTLoRA):
             "what": (f"LESS gradient datastore: warm-up LoRA r={settings.rank} on {meta['warmup']['examples']} "
                      f"examples x {settings.epochs} epochs, then {len(self.store)} pool examples from "
                      f"{len(chosen)} {pool_name} tasks x {settings.epochs} checkpoints projected to {meta['proj_dim']} dims"),
-            "flops": meta["build"]["flops"], "seconds": meta["build"]["seconds"], "charged": False,
+            # Charged as its share per task: every report adds flops / tasks to each task's spend,
+            # whether this run built the datastore or found it cached.
+            "flops": meta["build"]["flops"], "seconds": meta["build"]["seconds"], "charged": "amortised",
             "cached": not built, "datastore": str(self.store.path), "pool": pool_name,
             "pool_examples": len(self.store), "pool_tasks": len(chosen), "dropped_overlap": dropped,
         }
 
-    def adapt(self, task, meter, seed):
+    def adapt(self, task, budget, seed):
         c, lm, store = self.config, self.lm, self.store
         rng = np.random.default_rng(seed)
-        transforms = transforms_from_names(c.transforms)
-        reserve = prediction_cost(lm, task, meter, transforms, c.orders)
+        # Priced with the adapter's rank: prediction runs through the adapter trained below.
+        after_selection = budget.holding_back(configured_views_cost(lm, task, budget, c))
 
         # 1. target gradients and scores (charged: metered forwards+backwards), within the budget
         started = time.perf_counter()
         targets = target_examples(task, lm.format, rng, c.target_views, lm.max_context)
-        afford = lambda e: meter.can_afford(step_cost(meter, lm.model, [e]) + reserve)
+        afford = lambda e: after_selection.can_afford(after_selection.training_cost([len(e)]))
         feats = store.target_features(lm, [t.encoded for t in targets], afford) if targets else np.zeros((0, 0, 0))
         selected, scores = [], None
         if feats.shape[0] > 0:
             groups = [t.held_out[0] for t in targets]
             scores = gradients.score(store.features, store.lrs, feats, groups, c.aggregate)
             n_groups = len(set(groups)) if c.aggregate == "max" else 1
-            meter.charge(2.0 * feats.shape[0] * n_groups * len(store) * feats.shape[2])   # the dot products
-            selected = [int(i) for i in np.argsort(-scores, kind="stable")[:c.top_k]]
+            budget.charge(2.0 * feats.shape[0] * n_groups * len(store) * feats.shape[2])   # the dot products
+            order = [int(i) for i in np.argsort(-scores, kind="stable")]
+            lengths = [len(store.encoded(i)) for i in range(len(store))]
+            selected = select_within(order, lengths, after_selection, c.epochs, c.top_k, c.max_selected)
         selection_seconds = time.perf_counter() - started
 
         # 2. a fresh adapter on the selected examples (and the task's own, if asked)
@@ -166,9 +179,8 @@ class LESS(TTTLoRA):
             own_examples = leave_one_out_examples(task, lm.format, rng, c.task_examples, max_len=lm.max_context)
             data += [e.encoded for e in own_examples]
             own = len(own_examples)
-        self._adapter = attach_lora(lm, c.rank, c.alpha, c.targets, seed=seed)
-        report = train(lm, data, meter, lr=c.lr, epochs=c.epochs, batch_size=c.batch_size,
-                       weight_decay=c.weight_decay, warmup_ratio=c.warmup_ratio, seed=seed, reserve_flops=reserve)
+        self.adapter = new_adapter(lm, c, seed)
+        report = train_adapter(lm, data, budget.holding_back(configured_views_cost(lm, task, budget, c)), c, seed)
         picks = [{"task_id": store.examples[i]["task_id"], "augmentation": store.examples[i]["augmentation"],
                   "held_out": store.examples[i]["held_out"], "index": i, "score": round(float(scores[i]), 6)}
                  for i in selected]
@@ -177,3 +189,6 @@ class LESS(TTTLoRA):
                 "score_mean": None if scores is None else round(float(scores.mean()), 6),
                 "selected": picks, "selected_tasks": dict(Counter(p["task_id"] for p in picks).most_common()),
                 "train_examples": len(data), "task_examples": own, **report.as_dict()}
+
+    def predict(self, task, budget, seed):
+        return predict_with_views(self.lm, task, budget, self.config, seed)

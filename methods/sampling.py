@@ -21,6 +21,10 @@ with `adapt=ttt`, training leaves a share of the budget (`ttt_share`) for everyt
 When the budget runs out at any point the method submits the best candidates it has (possibly
 none), never an error.
 
+How it spends a bigger budget: more samples.  With `samples=0` (the default) it samples,
+round-robin over the views, until the cap cannot pay for another batch, at most `max_samples`
+per view (the record says when it stopped there); DFS spends it on more views' searches.
+
 The paper's recipe (DFS at 0.09 in 16 views, PoE over the same views, after TTT) is
 `--set search=dfs --set select=poe --set adapt=ttt` with more views; `--set select=vote` with
 sampling is self-consistency.  By default sampling goes on until the budget is spent
@@ -35,44 +39,41 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tta.augment import IDENTITY, transforms_from_names
+from tta.augment import transforms_from_names
 from tta.data import leave_one_out_examples
 from tta.decoding import generate
-from tta.method import Method, MethodError, register, setting
-from tta.budget import attention_context, forward_flops
-from tta.predict import answer_room, build_views
+from tta.method import AdapterMethod, MethodError, register, setting
+from tta.predict import answer_room, build_views, vote
 from tta.search import PromptCache, dfs
 from tta.tasks import MAX_SIZE, grid_key
-from tta.training import attach_lora, detach_lora, train
-from tta.voting import hierarchical_vote, majority_vote
-
-from methods.ttt_lora import TTTConfig
+from tta.training import LoRASettings, new_adapter, train_adapter
 
 
 @dataclass
-class SamplingConfig:
+class SamplingConfig(LoRASettings):
     search: str = setting("sample", "how candidates are made: sample (temperature sampling) | dfs (all above threshold)")
     select: str = setting("poe", "how the 2 attempts are chosen: vote | poe (product of experts, Franzen et al.)")
-    adapt: str = setting("none", "none | ttt (first train a per-task LoRA as ttt_lora does)")
+    adapt: str = setting("none", "none | ttt (first train a per-task LoRA as ttt_lora does, with the LoRA settings here)")
+    max_examples: int = setting(250, "adapt=ttt: augmented leave-one-out examples per task (paper: 250)")
     transforms: list = setting(["identity", "rot90", "transpose", "flip_h"],
                                "views of the task (paper: 16 augmented views for DFS and scoring)")
     orders: int = setting(1, "demonstration orders per view")
     # 0 by default: a method compared on equal compute should be able to spend it.  A fixed 2 per
-    # view spent ~2% of a 2e12-FLOP cap on gen-eval (reports/default.md before 2026-11-28).
+    # view spent ~2% of a 2e12-FLOP cap on gen-eval, and a ceiling of 32 per view stopped all 40
+    # tasks of the default experiment at 19% of that cap.
     samples: int = setting(0, "search=sample: samples per view; 0 = as many as the budget pays for, up to max_samples (self-consistency papers use 20-40 in all)")
-    max_samples: int = setting(32, "search=sample with samples=0: samples per view at most (and without a FLOP budget)")
+    max_samples: int = setting(256, "search=sample with samples=0: samples per view at most (and without a FLOP budget)")
     temperature: float = setting(1.0, "search=sample: sampling temperature")
     top_p: float = setting(0.95, "search=sample: nucleus (top-p) cut-off")
     threshold: float = setting(0.09, "search=dfs: keep completions with probability above this (paper: 0.09)")
     max_forwards: int = setting(600, "search=dfs: model calls per view at most (the search stops there)")
     keep_greedy: bool = setting(True, "search=dfs: also keep each view's greedy answer when below the threshold")
     vote: str = setting("majority", "select=vote: majority (self-consistency) | hierarchical (ttt_lora's vote)")
-    top_per_group: int = setting(3, "vote=hierarchical: answers kept per view before the global vote")
-    max_scored: int = setting(8, "select=poe: distinct candidates scored per test input (most voted first)")
+    top_per_group: int = setting(3, "vote=hierarchical: answers kept per transform category")
+    max_scored: int = setting(8, "select=poe: distinct candidates scored per test input, the most probable under the view that produced them first")
     reserve_scored: int = setting(2, "select=poe: generation stops early enough to score this many candidates in every view")
-    ttt: dict = setting({}, "adapt=ttt: overrides of ttt_lora's settings, e.g. '{\"max_examples\": 50}'")
     ttt_share: float = setting(0.5, "adapt=ttt: share of the task's budget held back from training")
-    batch_size: int = setting(16, "sequences decoded or scored together")
+    decode_batch_size: int = setting(16, "sequences decoded or scored together")
 
     def __post_init__(self):
         for key, allowed in (("search", ("sample", "dfs")), ("select", ("vote", "poe")),
@@ -83,31 +84,10 @@ class SamplingConfig:
             raise MethodError(f"--set samples={self.samples}, max_samples={self.max_samples}: expected samples >= 0 and max_samples >= 1")
         if not 0 < self.threshold < 1:
             raise MethodError(f"--set threshold={self.threshold}: expected a probability between 0 and 1")
-        unknown = set(self.ttt) - {f for f in TTTConfig.__dataclass_fields__}
-        if unknown:
-            raise MethodError(f"--set ttt: ttt_lora has no setting {', '.join(sorted(unknown))}")
         try:
             transforms_from_names(self.transforms)
         except ValueError as e:
             raise MethodError(f"--set transforms: {e}") from None
-
-
-class HeldBack:
-    """The task's meter as one phase sees it: `flops` of a FLOP budget, or `share` of a seconds
-    budget, are kept for later phases.  Charging is untouched: the meter's hook still counts
-    every forward; this only makes the phase stop earlier."""
-
-    def __init__(self, meter, flops: float = 0.0, share: float = 0.0):
-        self.meter, self.flops, self.share = meter, flops, share
-
-    def can_afford(self, flops: float = 0.0) -> bool:
-        budget = self.meter.budget
-        if budget.seconds is not None and self.meter.seconds >= (1 - self.share) * budget.seconds:
-            return False
-        return self.meter.can_afford(flops + self.flops)
-
-    def _shape(self, model):
-        return self.meter._shape(model)
 
 
 @dataclass
@@ -118,21 +98,20 @@ class Candidate:
     logprob: float       # under the view that produced it
 
 
-def poe_rank(lm, views, ranked: list[np.ndarray], meter, max_scored: int):
+def poe_rank(lm, views, ranked: list[np.ndarray], budget, max_scored: int):
     """Product of experts: the summed NLL of each candidate (a grid in the original frame) under
     every view of its test input, lowest first.  Each view's prompt is computed once -- as many
-    views as the meter can pay for along with scoring the leading candidate in them; then the
+    views as the budget can pay for along with scoring the leading candidate in them; then the
     first `max_scored` candidates of `ranked` are teacher-forced after every such view's prompt,
-    one candidate at a time while the meter can pay.  The unscored follow in `ranked` order.
+    one candidate at a time while the budget can pay.  The unscored follow in `ranked` order.
     Returns (candidates best first, NLLs of the scored).  A single candidate is not scored."""
     if len(ranked) < 2:
         return ranked, []
-    shape = meter._shape(lm.model)
     lead = len(lm.format.answer_ids(ranked[0]))
     caches, scoring_lead = [], 0.0
     for v in views:
-        scoring_lead += PromptCache.answer_flops(shape, len(v.prompt), lead)
-        if not meter.can_afford(PromptCache.prompt_flops(shape, len(v.prompt)) + scoring_lead):
+        scoring_lead += PromptCache.answer_cost(budget, len(v.prompt), lead)
+        if not budget.can_afford(PromptCache.prompt_cost(budget, len(v.prompt)) + scoring_lead):
             break
         caches.append(PromptCache(lm, v.prompt))
     views = views[:len(caches)]
@@ -140,8 +119,8 @@ def poe_rank(lm, views, ranked: list[np.ndarray], meter, max_scored: int):
     for grid in ranked[:max_scored]:
         answers = [(cache, lm.format.answer_ids(v.augmentation.grid(grid))) for v, cache in zip(views, caches)]
         answers = [(cache, a) for cache, a in answers if len(a) <= lm.max_context - cache.n]
-        cost = sum(PromptCache.answer_flops(shape, cache.n, len(a)) for cache, a in answers)
-        if not answers or not meter.can_afford(cost):
+        cost = sum(PromptCache.answer_cost(budget, cache.n, len(a)) for cache, a in answers)
+        if not answers or not budget.can_afford(cost):
             break
         nlls = [cache.nll(a) for cache, a in answers]
         # A view whose context is too short for this answer counts as the mean of the others.
@@ -150,30 +129,34 @@ def poe_rank(lm, views, ranked: list[np.ndarray], meter, max_scored: int):
     return [scored[i][1] for i in order] + ranked[len(scored):], [scored[i][0] for i in order]
 
 
+def most_probable_first(candidates: list[Candidate]) -> list[np.ndarray]:
+    """Distinct candidate grids, the one with the highest log-probability under the view that
+    produced it first (a grid produced several times counts its best), ties to the first drawn:
+    the shortlist that product-of-experts scoring works through."""
+    best: dict[tuple, tuple[float, int, np.ndarray]] = {}
+    for i, x in enumerate(candidates):
+        key = grid_key(x.grid)
+        if key not in best or x.logprob > best[key][0]:
+            best[key] = (x.logprob, best.get(key, (0, i))[1], x.grid)
+    return [grid for _, _, grid in sorted(best.values(), key=lambda b: (-b[0], b[1]))]
+
+
 @register("sampling")
-class Sampling(Method):
+class Sampling(AdapterMethod):
     Config = SamplingConfig
 
     # ---------------------------------------------------------------- 1. adapt
 
-    def adapt(self, task, meter, seed):
+    def adapt(self, task, budget, seed):
         c = self.config
         if c.adapt == "none":
             return {}
-        t = TTTConfig(**c.ttt)
         rng = np.random.default_rng(seed)
-        examples = leave_one_out_examples(task, self.lm.format, rng, t.max_examples, max_len=self.lm.max_context)
-        self._adapter = attach_lora(self.lm, t.rank, t.alpha, t.targets, seed=seed)
-        held = HeldBack(meter, c.ttt_share * (meter.budget.flops or 0.0), c.ttt_share)
-        report = train(self.lm, [e.encoded for e in examples], held, lr=t.lr,
-                       epochs=t.epochs, batch_size=t.batch_size, weight_decay=t.weight_decay,
-                       warmup_ratio=t.warmup_ratio, seed=seed)
+        examples = leave_one_out_examples(task, self.lm.format, rng, c.max_examples, max_len=self.lm.max_context)
+        self.adapter = new_adapter(self.lm, c, seed)
+        kept = c.ttt_share * (budget.cap.flops or 0.0)
+        report = train_adapter(self.lm, [e.encoded for e in examples], budget.holding_back(kept, c.ttt_share), c, seed)
         return {"train_examples": len(examples), **report.as_dict()}
-
-    def reset(self):
-        if getattr(self, "_adapter", None) is not None:
-            detach_lora(self.lm, self._adapter)
-            self._adapter = None
 
     # ---------------------------------------------------------------- 2. generate
 
@@ -181,8 +164,8 @@ class Sampling(Method):
         """All views of all test inputs, interleaved (every test input's identity view first), so a
         budget that runs out mid-way still leaves every test input some candidates."""
         c = self.config
-        views = build_views(self.lm, task, transforms_from_names(c.transforms), c.orders,
-                            np.random.default_rng(seed))
+        rng = np.random.default_rng(seed)
+        views = build_views(self.lm, task, transforms_from_names(c.transforms), c.orders, rng)
         rank = Counter()
         keyed = []
         for v in views:
@@ -196,39 +179,41 @@ class Sampling(Method):
             return None
         return Candidate(view.test_index, view.augmentation.transform.name, view.augmentation.invert_grid(grid), logprob)
 
-    def sample(self, views, room, meter, seed):
+    def sample(self, views, room, budget, seed):
         """`samples` answers per view (0: until the budget is spent, at most `max_samples`), drawn
         round-robin over the views a batch at a time, so a budget that runs out part-way leaves
         samples spread over all views."""
         c = self.config
-        shape = meter._shape(self.lm.model)
 
         def cost(chunk):   # the chunk's prompts and full-length answers
-            return sum(forward_flops(shape, len(v.prompt) + room, attention_context(0, len(v.prompt) + room)) for v in chunk)
+            return budget.sequences_cost([len(v.prompt) + room for v in chunk])
 
         fill = c.samples == 0
         owners = [v for _ in range(c.samples or c.max_samples) for v in views]
         gens, start = [], 0
-        while start < len(owners) and meter.can_afford(0.0):
-            chunk = owners[start:start + c.batch_size]
-            while len(chunk) > 1 and not meter.can_afford(cost(chunk)):
+        while start < len(owners) and budget.can_afford(0.0):
+            chunk = owners[start:start + c.decode_batch_size]
+            while len(chunk) > 1 and not budget.can_afford(cost(chunk)):
                 chunk = chunk[: len(chunk) // 2]   # a smaller batch when the budget is short
-            if fill and gens and not meter.can_afford(cost(chunk)):
+            if fill and gens and not budget.can_afford(cost(chunk)):
                 break   # filling: stop before a sample the budget cannot finish
-            gens += generate(self.lm, [v.prompt for v in chunk], meter, max_new_tokens=room,
-                             temperature=c.temperature, top_p=c.top_p, seed=seed + start, batch_size=c.batch_size)
+            gens += generate(self.lm, [v.prompt for v in chunk], budget, max_new_tokens=room,
+                             temperature=c.temperature, top_p=c.top_p, seed=seed + start,
+                             batch_size=c.decode_batch_size)
             start += len(chunk)
             if not gens[-1].tokens:
                 break   # not even the prompts could be paid for
+        if fill and start >= len(owners):
+            budget.out_of_work(f"max_samples reached ({c.max_samples} per view)")
         candidates = [self.to_candidate(v, g.tokens, g.logprob) for v, g in zip(owners, gens) if g.finished]
         tokens = sum(len(g.tokens) + g.finished for g in gens)
         return candidates, {"samples": len(gens), "finished": sum(g.finished for g in gens), "generated_tokens": tokens}
 
-    def search(self, views, room, meter):
+    def search(self, views, room, budget):
         c = self.config
         candidates, info = [], {"forwards": 0, "stopped_by_limit": 0, "stopped_by_budget": False}
         for v in views:
-            found = dfs(self.lm, v.prompt, meter, threshold=c.threshold, max_new_tokens=room,
+            found = dfs(self.lm, v.prompt, budget, threshold=c.threshold, max_new_tokens=room,
                         max_forwards=c.max_forwards, keep_greedy=c.keep_greedy)
             candidates += [self.to_candidate(v, x.tokens, x.logprob) for x in found.completions]
             info["forwards"] += found.forwards
@@ -236,50 +221,42 @@ class Sampling(Method):
             if found.stopped_by_budget:
                 info["stopped_by_budget"] = True
                 break
+        else:
+            budget.out_of_work("every view searched")
         return candidates, info
 
     # ---------------------------------------------------------------- 3. select
 
-    def scoring_reserve(self, views, room, meter) -> tuple[float, float]:
+    def scoring_reserve(self, views, room, budget) -> tuple[float, float]:
         """What generation leaves for product-of-experts scoring: the FLOPs to score `reserve_scored`
         full-length candidates in every view (at most half the budget), or a quarter of a seconds budget."""
-        shape = meter._shape(self.lm.model)
-        flops = sum(PromptCache.prompt_flops(shape, len(v.prompt))
-                    + self.config.reserve_scored * PromptCache.answer_flops(shape, len(v.prompt), room) for v in views)
-        if meter.budget.flops is not None:
-            flops = min(flops, 0.5 * meter.budget.flops)   # generation always gets half
+        flops = sum(PromptCache.prompt_cost(budget, len(v.prompt))
+                    + self.config.reserve_scored * PromptCache.answer_cost(budget, len(v.prompt), room) for v in views)
+        if budget.cap.flops is not None:
+            flops = min(flops, 0.5 * budget.remaining())   # generation always gets half of what is left
         return flops, 0.25
 
-    def predict(self, task, meter, seed):
+    def predict(self, task, budget, seed):
         c = self.config
         views = self.views(task, seed)
         room = answer_room(self.lm.format, task)
-        generation_meter = HeldBack(meter, *self.scoring_reserve(views, room, meter)) if c.select == "poe" else meter
+        generation = budget.holding_back(*self.scoring_reserve(views, room, budget)) if c.select == "poe" else budget
         if c.search == "sample":
-            candidates, info = self.sample(views, room, generation_meter, seed)
+            candidates, info = self.sample(views, room, generation, seed)
         else:
-            candidates, info = self.search(views, room, generation_meter)
+            candidates, info = self.search(views, room, generation)
         candidates = [x for x in candidates if x is not None and max(x.grid.shape) <= MAX_SIZE]
         info.update({"views": len(views), "candidates": len(candidates), "distinct": [], "poe_nll": []})
 
         attempts = []
         for i in range(len(task.test)):
             mine = [x for x in candidates if x.test_index == i]
-            if c.vote == "hierarchical":
-                voted = hierarchical_vote([(x.view, x.grid) for x in mine], top_per_group=c.top_per_group,
-                                          n_attempts=len(mine), identity=IDENTITY.name)
-            else:
-                voted = majority_vote([x.grid for x in mine], n_attempts=len(mine))
-            # The vote ranks the winners; every other distinct candidate follows, most probable first.
-            ranked, seen = [], set()
-            for grid in [g for g in voted if g is not None] + [x.grid for x in sorted(mine, key=lambda x: -x.logprob)]:
-                if grid_key(grid) not in seen:
-                    seen.add(grid_key(grid))
-                    ranked.append(grid)
-            info["distinct"].append(len(ranked))
-            if c.select == "poe" and ranked:
-                ranked, nlls = poe_rank(self.lm, [v for v in views if v.test_index == i], ranked, meter, c.max_scored)
+            info["distinct"].append(len({grid_key(x.grid) for x in mine}))
+            if c.select == "poe":
+                ranked, nlls = poe_rank(self.lm, [v for v in views if v.test_index == i], most_probable_first(mine),
+                                        budget, c.max_scored)
                 info["poe_nll"].append([round(x, 3) for x in nlls])
-            attempts.append((ranked + [None, None])[:2])
-        info["budget_left"] = meter.can_afford(0.0)
+            else:
+                ranked = vote([(x.view, x.grid) for x in mine], c.vote, c.top_per_group)
+            attempts.append((list(ranked) + [None, None])[:2])
         return attempts, info

@@ -1,86 +1,251 @@
+"""The harness's compute meter: what it charges, that nothing escapes it, and the budget handle."""
+import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-from tta.budget import (Budget, Meter, attention_context, backward_flops, forward_flops, model_shape,
+from tta.budget import (Budget, Meter, TaskBudget, attention_context, forward_flops, model_shape,
                         training_step_flops)
 from tta.decoding import generate
+from tta.models import load_model
+from tta.training import attach_lora, detach_lora
 
 
-def test_shape_excludes_only_the_input_embedding(tiny):
-    shape = model_shape(tiny.model)
-    cfg = tiny.model.config
+@pytest.fixture()
+def lm():
+    torch.manual_seed(0)
+    return load_model("random:tiny", device="cpu")
+
+
+def charged(lm, work) -> float:
+    meter = Meter()
+    meter.attach(lm.model)
+    try:
+        work()
+    finally:
+        meter.detach()
+    return meter.flops
+
+
+def counted_by_torch(model, work) -> dict[str, float]:
+    """torch's own count of the matmuls: linear layers (mm/addmm) and attention (bmm), with the
+    eager attention path (torch's counter has no formula for the CPU's fused SDPA kernel)."""
+    implementation = model.config._attn_implementation
+    model.config._attn_implementation = "eager"
+    try:
+        with FlopCounterMode(display=False) as counter:
+            work()
+    finally:
+        model.config._attn_implementation = implementation
+    linear = attention = 0.0
+    for op, n in counter.get_flop_counts()["Global"].items():
+        name = str(op)
+        if "addmm" in name or name.endswith(".mm") or "aten.mm" in name:
+            linear += n
+        else:
+            attention += n
+    return {"linear": linear, "attention": attention}
+
+
+def test_shape_counts_every_linear_map_and_not_the_embedding_or_norms(lm):
+    cfg = lm.model.config
     d, f, L, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
-    per_layer = 4 * d * d + 3 * d * f + 2 * d          # q,k,v,o; gate,up,down; two norms
-    by_hand = L * per_layer + d + V * d                # final norm, untied output projection
-    assert shape.n_params == by_hand
-    assert shape.n_layer == L and shape.d_model == d
-
-
-def test_forward_formula_by_hand(tiny):
-    shape = model_shape(tiny.model)
-    # 5 new tokens after 3 cached ones attend to 4+5+6+7+8 = 30 positions.
-    assert attention_context(3, 5) == 30
-    assert forward_flops(shape, 5, 30) == 2 * shape.n_params * 5 + 2 * shape.n_layer * 30 * shape.d_model
-    # full fine-tuning: 6N per token (plus 3x the attention term)
-    assert training_step_flops(shape, 5, 30) == 6 * shape.n_params * 5 + 6 * shape.n_layer * 30 * shape.d_model
-
-
-def test_meter_charges_real_tokens_of_every_forward(tiny):
-    meter = Meter()
-    meter.attach(tiny.model)
+    shape = model_shape(lm.model)
+    assert shape.n_params == shape.n_trainable == L * (4 * d * d + 3 * d * f) + V * d   # q,k,v,o; gate,up,down; head
+    lm.model.requires_grad_(False)
+    shape = model_shape(lm.model)
+    assert shape.n_trainable == 0
+    adapter = attach_lora(lm, rank=4, alpha=4, targets=["q_proj", "v_proj"])
     try:
-        ids = torch.tensor([[0, 0, 1, 3, 6], [1, 3, 6, 7, 5]])
-        mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+        with_lora = model_shape(lm.model)
+        lora = L * 2 * (4 * d + d * 4)   # A (r x d) and B (d x r) on q and v in every layer
+        assert with_lora.n_params == shape.n_params + lora and with_lora.n_trainable == lora
+    finally:
+        detach_lora(lm, adapter)
+
+
+@pytest.mark.parametrize("with_lora", [False, True])
+def test_a_decode_step_is_charged_what_torch_counts(lm, with_lora):
+    """One new token after a cached prompt: torch counts exactly QKᵀ and AV over the context, so
+    linear and attention FLOPs must both match the hooks' charge."""
+    from transformers import DynamicCache
+    from tta.models import CACHE_KW, output_cache
+    adapter = attach_lora(lm, rank=4, alpha=8, targets=["q_proj", "v_proj", "down_proj"]) if with_lora else None
+    try:
+        model = lm.model
+        prompt = torch.tensor([[1, 3, 6, 7, 5, 4, 3]])
         with torch.no_grad():
-            tiny.model(input_ids=ids, attention_mask=mask)
-        shape = model_shape(tiny.model)
-        expected = forward_flops(shape, 3 + 5, attention_context(0, 3) + attention_context(0, 5))
-        assert meter.flops == expected
+            cache = output_cache(model(input_ids=prompt, use_cache=True, **{CACHE_KW: DynamicCache()}))
+        step = lambda: model(input_ids=torch.tensor([[6]]), attention_mask=torch.ones(1, 8, dtype=torch.long),
+                             use_cache=True, **{CACHE_KW: cache})
+        with torch.no_grad():
+            torch_count = counted_by_torch(model, step)
+            cache.crop(-1)   # back to the prompt alone
+            ours = charged(lm, step)
+        shape = model_shape(model)
+        assert torch_count["linear"] == 2 * shape.n_params
+        assert torch_count["attention"] == 4 * shape.n_layer * shape.d_model * 8   # ctx = 8 positions
+        assert ours == torch_count["linear"] + torch_count["attention"]
     finally:
-        meter.detach()
+        if adapter is not None:
+            detach_lora(lm, adapter)
 
 
-def test_training_forward_also_pays_the_backward(tiny):
-    meter = Meter()
-    meter.attach(tiny.model)
+def test_a_prompt_is_charged_the_causal_half_of_torchs_attention_count(lm):
+    """torch counts the full square QKᵀ of a prompt; causal attention needs n(n+1)/2 of it."""
+    ids = torch.tensor([[1, 3, 6, 7, 5, 4]])
+    n = ids.shape[1]
+    with torch.no_grad():
+        torch_count = counted_by_torch(lm.model, lambda: lm.model(input_ids=ids))
+        ours = charged(lm, lambda: lm.model(input_ids=ids))
+    causal = torch_count["attention"] * (n + 1) / (2 * n)
+    assert ours == pytest.approx(torch_count["linear"] + causal)
+
+
+def test_padding_is_never_charged(lm):
+    ids = torch.tensor([[0, 0, 1, 3, 6], [1, 3, 6, 7, 5]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        padded = charged(lm, lambda: lm.model(input_ids=ids, attention_mask=mask))
+        alone = charged(lm, lambda: lm.model(input_ids=ids[:1, 2:])) + charged(lm, lambda: lm.model(input_ids=ids[1:]))
+    shape = model_shape(lm.model)
+    assert padded == alone == forward_flops(shape, 8, attention_context(0, 3) + attention_context(0, 5))
+
+
+# ---------------------------------------------------------------- nothing escapes the meter
+
+def _ids():
+    return torch.tensor([[1, 3, 6, 7, 5, 4, 3, 2]])
+
+
+def well_behaved(lm):
+    with torch.no_grad():
+        lm.model(input_ids=_ids())
+
+
+def through_forward(lm):
+    with torch.no_grad():
+        lm.model.forward(input_ids=_ids())
+
+
+def through_the_inner_model(lm):
+    with torch.no_grad():
+        hidden = lm.model.model(input_ids=_ids()).last_hidden_state
+        lm.model.lm_head(hidden)
+
+
+def test_every_entry_point_is_charged_the_same(lm):
+    expected = charged(lm, lambda: well_behaved(lm))
+    assert expected == forward_flops(model_shape(lm.model), 8, attention_context(0, 8))
+    assert charged(lm, lambda: through_forward(lm)) == expected
+    assert charged(lm, lambda: through_the_inner_model(lm)) == expected
+
+
+def _train_step(lm, mode: str):
+    adapter = attach_lora(lm, rank=4, alpha=4, targets=["q_proj", "v_proj"])
     try:
-        tiny.model.train()
-        ids = torch.tensor([[1, 3, 6, 7]])
+        lm.model.train(mode == "train")
         with torch.enable_grad():
-            tiny.model(input_ids=ids)
-        shape = model_shape(tiny.model)
-        assert meter.flops == forward_flops(shape, 4, 10) + backward_flops(shape, 4, 10)
+            loss = lm.model(input_ids=_ids(), labels=_ids()).loss
+            loss.backward()
+        return model_shape(lm.model)
     finally:
-        tiny.model.eval()
-        meter.detach()
+        lm.model.eval()
+        detach_lora(lm, adapter)
 
 
-def test_uncharged_compute_is_recorded_apart(tiny):
+def test_a_backward_is_charged_in_eval_mode_as_in_train_mode(lm):
     meter = Meter()
-    meter.attach(tiny.model)
+    meter.attach(lm.model)
+    shape = _train_step(lm, "train")
+    in_train = meter.flops
+    _train_step(lm, "eval")
+    meter.detach()
+    assert in_train == training_step_flops(shape, 8, attention_context(0, 8))
+    assert meter.flops == 2 * in_train
+
+
+def test_a_backward_is_charged_when_it_runs_not_before(lm):
+    meter = Meter()
+    meter.attach(lm.model)
+    adapter = attach_lora(lm, rank=4, alpha=4, targets=["q_proj"])
     try:
-        with meter.uncharged(), torch.no_grad():
-            tiny.model(input_ids=torch.tensor([[1, 3, 6]]))
-        assert meter.flops == 0 and meter.uncharged_flops > 0
+        with torch.enable_grad():
+            loss = lm.model(input_ids=_ids(), labels=_ids()).loss
+            shape = model_shape(lm.model)
+            forward_only = meter.flops
+            assert forward_only == forward_flops(shape, 8, attention_context(0, 8))
+            loss.backward()
+        assert meter.flops == training_step_flops(shape, 8, attention_context(0, 8))
+    finally:
+        detach_lora(lm, adapter)
+        meter.detach()
+
+
+def test_the_method_handle_cannot_switch_counting_off(lm):
+    meter = Meter(Budget(flops=1e12))
+    meter.attach(lm.model)
+    handle = meter.handle(lm.model)
+    try:
+        for name in ("uncharged", "detach", "attach", "flops"):
+            assert not hasattr(handle, name)
+        with pytest.raises(ValueError):
+            handle.charge(-1.0)
+        well_behaved(lm)
+        handle.charge(10.0)   # compute outside the model can only be added
+        assert handle.spent == meter.flops == forward_flops(model_shape(lm.model), 8, 36) + 10
     finally:
         meter.detach()
 
 
-def test_decoding_stops_at_the_flop_cap(tiny):
-    prompts = [[1, 3, 6, 7, 5, 4], [1, 3, 8, 5, 4]]
-    free = Meter()
-    free.attach(tiny.model)
-    full = generate(tiny, prompts, free, max_new_tokens=30)
-    free.detach()
-    cap = free.flops / 3
-    capped = Meter(Budget(flops=cap))
-    capped.attach(tiny.model)
-    short = generate(tiny, prompts, capped, max_new_tokens=30)
-    capped.detach()
-    assert capped.flops <= cap
-    assert sum(len(g.tokens) for g in short) < sum(len(g.tokens) for g in full)
+# ---------------------------------------------------------------- the handle's questions
+
+def test_holding_back_keeps_room_and_a_no_is_recorded():
+    meter = Meter(Budget(flops=100))
+    budget = meter.handle()
+    assert budget.can_afford(100) and meter.refusals == 0 and not meter.stopped_by_budget()
+    phase = budget.holding_back(40)
+    assert phase.remaining() == 60 and phase.can_afford(60) and not phase.can_afford(61)
+    assert meter.stopped_by_budget() and meter.summary()["stopped_by_budget"]
+    assert budget.remaining() == 100   # the phase's reserve is the phase's alone
+    budget.out_of_work("every distinct view used")
+    assert meter.summary()["out_of_work"] == "every distinct view used"
+
+
+def test_spending_the_cap_counts_as_a_stop_by_the_budget():
+    meter = Meter(Budget(flops=10))
+    meter._charge(10)
+    assert meter.stopped_by_budget() and meter.summary()["budget_share"] == 1.0
+    assert not Meter(Budget(flops=10)).stopped_by_budget()
 
 
 def test_seconds_cap():
     meter = Meter(Budget(seconds=0.0))
-    assert meter.exhausted() and not meter.can_afford(0)
-    assert Meter(Budget(flops=10)).can_afford(10) and not Meter(Budget(flops=10)).can_afford(11)
+    assert meter.handle().exhausted() and not meter.can_afford(0)
+    assert meter.handle().holding_back(share=0.5).exhausted()
+
+
+def test_decoding_stops_at_the_flop_cap(lm):
+    prompts = [[1, 3, 6, 7, 5, 4], [1, 3, 8, 5, 4]]
+    free = Meter()
+    free.attach(lm.model)
+    full = generate(lm, prompts, free.handle(lm.model), max_new_tokens=30)
+    free.detach()
+    cap = free.flops / 3
+    capped = Meter(Budget(flops=cap))
+    capped.attach(lm.model)
+    short = generate(lm, prompts, capped.handle(lm.model), max_new_tokens=30)
+    capped.detach()
+    assert capped.flops <= cap and capped.stopped_by_budget()
+    assert sum(len(g.tokens) for g in short) < sum(len(g.tokens) for g in full)
+
+
+def test_pricing_matches_what_the_hooks_charge(lm):
+    """A method plans with the handle's prices; they must be what running the work costs."""
+    meter = Meter()
+    meter.attach(lm.model)
+    budget = meter.handle(lm.model)
+    price = budget.sequences_cost([8])
+    well_behaved(lm)
+    meter.detach()
+    assert price == meter.flops
+    assert isinstance(budget, TaskBudget)

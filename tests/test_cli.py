@@ -1,10 +1,16 @@
 """Every bad input ends in one line on stderr, a non-zero exit code and no traceback."""
+import dataclasses
 import json
+import re
 
 import pytest
 from click.testing import CliRunner
 
+from tta import generate
 from tta.cli import main
+from tta.method import REGISTRY, _load_builtins, make_config
+from tta.runner import read_results
+from tta.tasks import dataset_names
 from conftest import GOOD, write_task
 
 
@@ -69,15 +75,68 @@ def test_a_directory_with_a_bad_task_runs_the_rest(tmp_path):
     (tasks / "bad.json").write_text("[1, 2")
     code, output = invoke("run", "--method", "copy_input", "--dataset", str(tasks), "--out", str(tmp_path / "r"), "--quiet")
     assert code == 0 and "2 tasks" in output and "1 failed" in output
+    records = {r["task_id"]: r for r in read_results(tmp_path / "r" / "results.jsonl")}
+    assert sorted(records) == ["bad", "good"]
+    assert "bad.json" in records["bad"]["error"] and "not valid JSON" in records["bad"]["error"]
+    assert records["good"]["error"] is None and records["good"]["attempts"][0][0] == GOOD["test"][0]["input"]
     code, output = invoke("report", str(tmp_path / "r"))
     assert code == 0 and "bad" in output
 
 
-def test_methods_and_datasets_list_everything():
+def method_listing(output: str) -> dict[str, list[str]]:
+    """`tta methods` output as {method: its setting lines}; a method listed twice is an error."""
+    blocks: dict[str, list[str]] = {}
+    current = None
+    for line in output.splitlines():
+        if line.startswith("    "):
+            current.append(line)
+        else:
+            name = line.split(":", 1)[0]
+            assert name not in blocks, f"{name} listed twice"
+            current = blocks[name] = []
+    return blocks
+
+
+def test_methods_lists_every_registered_method_with_each_settings_default():
     code, output = invoke("methods")
     assert code == 0
-    for name in ("icl", "ttt_lora", "copy_input", "common_output"):
-        assert f"{name}:" in output
-    assert "lr (float) = 0.0001" in output   # ttt_lora's, the paper's 8B value
+    _load_builtins()
+    blocks = method_listing(output)
+    assert list(blocks) == sorted(REGISTRY) and {"icl", "ttt_lora", "copy_input", "common_output"} <= set(blocks)
+    for name, cls in REGISTRY.items():
+        fields = dataclasses.fields(cls.Config)
+        assert len(blocks[name]) == len(fields), name
+        for line, f in zip(blocks[name], fields):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            assert line.startswith(f"    {f.name} (") and f") = {default!r}" in line, (name, line)
+            # The listed setting is one --set takes, and its default given back as text reads as itself.
+            text = json.dumps(default) if isinstance(default, (list, dict)) else str(default)
+            assert getattr(make_config(cls, [f"{f.name}={text}"]), f.name) == default, (name, f.name)
+    assert any(line.startswith("    lr (float) = 0.0001") for line in blocks["ttt_lora"])   # the paper's 8B value
+
+
+def test_a_bad_setting_exits_non_zero_with_one_line_on_stderr_naming_the_key(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for setting, needles in [("ordrs=2", ("ordrs", "orders")),          # unknown key: the real ones listed
+                             ("orders=two", ("orders", "two")),          # a value of the wrong type
+                             ("orders", ("orders", "key=value"))]:       # no value at all
+        result = CliRunner().invoke(main, ["run", "--method", "icl", "--set", setting])
+        assert result.exit_code == 2 and result.stdout == ""
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error") and "Traceback" not in result.stderr, result.stderr
+        assert all(n in lines[0] for n in needles), lines[0]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_datasets_lists_every_dataset_with_its_counts():
     code, output = invoke("datasets")
-    assert code == 0 and "arc1-eval" in output and "400 tasks" in output and "gen-eval" in output
+    assert code == 0
+    rows = {m[1]: m.groups()[1:] for m in re.finditer(r"^(\S+)\s+(\d+) tasks(?:\s+(\d+) test outputs)?(.*)$",
+                                                       output, re.M)}
+    assert list(rows) == dataset_names()
+    for name in generate.DATASETS:
+        assert int(rows[name][0]) == generate.size(name), name
+    assert rows["gen-eval"][:2] == ("200", "200")                 # one test output per generated task
+    assert rows["gen-train-large"][1] is None and "generated when first used" in rows["gen-train-large"][2]
+    assert rows["arc1-eval"][:2] == ("400", "419") and rows["arc1-heldout"][0] == "40"
+    assert output.splitlines()[-1].startswith("or a PATH")

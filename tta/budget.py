@@ -1,23 +1,35 @@
-"""Compute accounting: the one place where FLOPs are counted.
+"""Compute accounting: the one place where FLOPs are counted and the cost formula lives.
 
-The harness, not the method, counts what a method spends.  `Meter.attach`
-hooks the model's top-level forward, so every forward pass -- decoding,
-scoring, a training step, or a user's own call -- is charged, whoever makes
-it.  A forward run with gradients enabled on a model in training mode is
-charged for its backward pass too.
+The harness, not the method, counts what a method spends.  `Meter.attach` hooks
+the modules that every forward of a transformers decoder runs through -- each
+decoder layer and the output head -- so a forward is charged whatever its entry
+point: `lm.model(...)`, `lm.model.forward(...)`, `lm.model.model(...)` followed
+by `lm_head`, training or inference, a method's own call or the harness's.  A
+layer whose output carries a gradient graph gets a tensor hook that charges the
+backward pass when (and only when) a backward actually flows through it, in
+train or eval mode alike.
 
-Formula (DESIGN.md section 4; Kaplan et al. 2020):
+Methods never hold the meter.  They get a `TaskBudget`: it answers questions
+(what is left, would this fit, keep X back for a later phase), lets a method add
+compute the model hooks cannot see (`charge`), and records why a method stopped;
+it has no way to switch counting off or to detach the hooks.
 
-* forward, per token: ``2 * N`` + attention ``2 * n_layer * ctx * d_model``
-  where N counts every parameter the token touches except the input embedding
-  (a lookup, not a matmul; the output projection *is* counted) and ``ctx`` is
-  the number of positions the token attends to (its own included);
-* backward, per token: activation gradients ``2 * N`` plus twice the forward
-  attention term, and weight gradients ``2 * N_trainable``.  Full fine-tuning
-  is thus ``6 N`` per token, LoRA ``4 N + 2 N_lora`` (N includes the adapters).
+The formula, per token (attention as QKᵀ plus the weighted sum of values):
 
-Only real tokens are charged, never padding, so the spend does not depend on
-how a method batches its work.
+* forward: ``2 * N`` + ``4 * n_layer * ctx * d_attn`` where N counts the weights
+  the token is multiplied by (every linear layer: attention, MLP, adapters and
+  the output head; not the input embedding, a lookup, nor the norms' scales)
+  and ``ctx`` is the number of positions the token attends to (its own included),
+  ``d_attn = n_heads * head_dim``;
+* backward: activation gradients ``2 * N`` plus twice the forward attention term
+  (``8 * n_layer * ctx * d_attn``), and weight gradients ``2 * N_trainable``.
+  Full fine-tuning is thus ``6 N`` per token, LoRA ``4 N + 2 N_lora``.
+
+Only real tokens are charged, never padding (the attention mask says which are
+real), so the spend does not depend on how a method batches its work.  A forward
+that bypasses the decoder's mask (a decoder layer called by hand) is charged for
+every position it is given.  `tests/test_budget.py` checks the hooks' count
+against `torch.utils.flop_counter` with a LoRA attached.
 """
 from __future__ import annotations
 
@@ -29,24 +41,36 @@ from dataclasses import dataclass
 import torch
 
 
+# ---------------------------------------------------------------- the formula
+
 @dataclass(frozen=True)
 class ModelShape:
-    n_params: int         # parameters a token touches (input embedding excluded)
-    n_trainable: int      # parameters that receive gradients
+    n_params: int         # weights a token is multiplied by (input embedding and norms excluded)
+    n_trainable: int      # of those, the ones that receive gradients
     n_layer: int
-    d_model: int
+    d_model: int          # attention width: n_heads * head_dim (= hidden size for Llama)
+
+
+def linear_weights(module: torch.nn.Module) -> tuple[int, int]:
+    """(weights, trainable weights) of every linear map inside `module`, adapters included."""
+    total = trainable = 0
+    for m in module.modules():
+        if isinstance(m, torch.nn.Linear):
+            n = m.weight.numel()
+            total += n
+            trainable += n if m.weight.requires_grad else 0
+    return total, trainable
+
+
+def attention_width(config) -> int:
+    heads = config.num_attention_heads
+    return heads * int(getattr(config, "head_dim", None) or config.hidden_size // heads)
 
 
 def model_shape(model: torch.nn.Module) -> ModelShape:
-    embedding = model.get_input_embeddings().weight
-    params = [p for p in model.parameters() if p is not embedding]
-    output = model.get_output_embeddings()
-    # A tied output projection shares the embedding's tensor but is a real matmul per token.
-    tied_output = embedding.numel() if output is not None and output.weight is embedding else 0
-    config = model.config
-    return ModelShape(n_params=sum(p.numel() for p in params) + tied_output,
-                      n_trainable=sum(p.numel() for p in params if p.requires_grad),
-                      n_layer=config.num_hidden_layers, d_model=config.hidden_size)
+    total, trainable = linear_weights(model)   # a tied output head is a Linear: counted, as it should be
+    return ModelShape(n_params=total, n_trainable=trainable, n_layer=model.config.num_hidden_layers,
+                      d_model=attention_width(model.config))
 
 
 def attention_context(n_past: int, n_new: int) -> int:
@@ -54,12 +78,17 @@ def attention_context(n_past: int, n_new: int) -> int:
     return n_new * n_past + n_new * (n_new + 1) // 2
 
 
+def attention_flops(n_layer: int, d_attn: int, context: int) -> float:
+    """QKᵀ and the weighted sum of values: 2·ctx·d each, per layer."""
+    return 4.0 * n_layer * d_attn * context
+
+
 def forward_flops(shape: ModelShape, n_tokens: int, context: int) -> float:
-    return 2.0 * shape.n_params * n_tokens + 2.0 * shape.n_layer * shape.d_model * context
+    return 2.0 * shape.n_params * n_tokens + attention_flops(shape.n_layer, shape.d_model, context)
 
 
 def backward_flops(shape: ModelShape, n_tokens: int, context: int) -> float:
-    activations = 2.0 * shape.n_params * n_tokens + 4.0 * shape.n_layer * shape.d_model * context
+    activations = 2.0 * shape.n_params * n_tokens + 2 * attention_flops(shape.n_layer, shape.d_model, context)
     weights = 2.0 * shape.n_trainable * n_tokens
     return activations + weights
 
@@ -68,17 +97,14 @@ def training_step_flops(shape: ModelShape, n_tokens: int, context: int) -> float
     return forward_flops(shape, n_tokens, context) + backward_flops(shape, n_tokens, context)
 
 
-def batch_tokens_and_context(attention_mask: torch.Tensor | None, input_len: int, batch: int) -> tuple[int, int]:
-    """Real tokens in this forward and their summed attention context, from the attention mask
-    (which spans cached and new positions)."""
-    if attention_mask is None:
-        return batch * input_len, batch * attention_context(0, input_len)
-    mask = attention_mask.detach().to("cpu", torch.int64)
-    new = mask[:, -input_len:].sum(dim=1)
-    past = mask.sum(dim=1) - new
-    context = new * past + new * (new + 1) // 2
-    return int(new.sum()), int(context.sum())
+def sequences_flops(shape: ModelShape, lengths: list[int], training: bool = False) -> float:
+    """Whole sequences run once from scratch: a training batch, or prompts plus full-length
+    answers (decoding with a KV cache costs the same as one pass over the finished sequence)."""
+    tokens, context = sum(lengths), sum(attention_context(0, n) for n in lengths)
+    return (training_step_flops if training else forward_flops)(shape, tokens, context)
 
+
+# ---------------------------------------------------------------- the cap
 
 @dataclass
 class Budget:
@@ -90,51 +116,116 @@ class Budget:
         return {"flops": self.flops, "seconds": self.seconds}
 
 
+@dataclass
+class _Call:
+    """The decoder call in progress: which of its positions are real tokens."""
+    new_mask: torch.Tensor | None   # (batch, new positions) on the CPU, 1 = real; None = all real
+    tokens: int
+    context: int
+
+
 class Meter:
-    """Counts FLOPs, seconds and peak memory for the task at hand, against its budget."""
+    """Counts FLOPs, seconds and peak memory for the task at hand.  Owned by the harness."""
 
     def __init__(self, budget: Budget | None = None):
         self.budget = budget or Budget()
         self.flops = 0.0
         self.uncharged_flops = 0.0   # evaluation-only compute (graded metrics), recorded apart
+        self.refusals = 0            # times a method asked for more than the cap allowed
+        self.out_of_work: str | None = None
         self._charging = True
         self._started = time.perf_counter()
-        self._shape_cache: dict[int, tuple[int, ModelShape]] = {}
+        self._call: _Call | None = None        # the decoder call in progress
+        self._last_call: _Call | None = None   # the one that finished last (for the output head)
         self._handles = []
+        self._shapes: dict[int, tuple[tuple, ModelShape]] = {}
 
     # ---- attaching to models
     def attach(self, model: torch.nn.Module) -> None:
-        """Charge every forward of `model` (hook on its top-level module)."""
-        self._handles.append(model.register_forward_pre_hook(self._on_forward, with_kwargs=True))
+        """Charge every forward (and backward) that runs through `model`'s layers and head."""
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+        layers = getattr(decoder, "layers", None)
+        if decoder is None or layers is None:
+            raise ValueError(f"cannot meter {type(model).__name__}: no decoder with .layers")
+        width = attention_width(model.config)
+        self._handles += [decoder.register_forward_pre_hook(self._on_decoder, with_kwargs=True),
+                          decoder.register_forward_hook(self._after_decoder)]
+        for layer in layers:
+            self._handles.append(layer.register_forward_hook(self._layer_hook(width), with_kwargs=True))
+        head = model.get_output_embeddings()
+        if head is not None:
+            self._handles.append(head.register_forward_hook(self._on_head))
 
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
 
-    def _shape(self, model) -> ModelShape:
-        # Adapters change N and N_trainable; recount when the parameter count or trainable set changes.
-        key = sum(p.numel() for p in model.parameters() if p.requires_grad) * 1_000_003 + len(list(model.parameters()))
-        cached = self._shape_cache.get(id(model))
+    def shape(self, model: torch.nn.Module) -> ModelShape:
+        """The model's shape, recounted only when its parameters change (an adapter attached or
+        removed, weights frozen or unfrozen)."""
+        params = list(model.parameters())
+        key = (len(params), sum(p.requires_grad for p in params))
+        cached = self._shapes.get(id(model))
         if cached is None or cached[0] != key:
             cached = (key, model_shape(model))
-            self._shape_cache[id(model)] = cached
+            self._shapes[id(model)] = cached
         return cached[1]
 
-    def _on_forward(self, model, args, kwargs):
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        embeds = kwargs.get("inputs_embeds")
-        ref = input_ids if input_ids is not None else embeds
+    # ---- the hooks
+    def _on_decoder(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        ref = ids if ids is not None else kwargs.get("inputs_embeds")
         batch, length = ref.shape[0], ref.shape[1]
-        n_tokens, context = batch_tokens_and_context(kwargs.get("attention_mask"), length, batch)
-        shape = self._shape(model)
-        cost = forward_flops(shape, n_tokens, context)
-        if model.training and torch.is_grad_enabled():
-            cost += backward_flops(shape, n_tokens, context)
-        self.charge(cost)
+        mask = kwargs.get("attention_mask")
+        if mask is None or mask.dim() != 2:
+            self._call = _Call(None, batch * length, batch * attention_context(0, length))
+            return
+        mask = mask.detach().to("cpu", torch.int64)
+        new_mask = mask[:, -length:]
+        new = new_mask.sum(dim=1)
+        past = mask.sum(dim=1) - new
+        self._call = _Call(new_mask, int(new.sum()), int((new * past + new * (new + 1) // 2).sum()))
 
-    # ---- charging
-    def charge(self, flops: float) -> None:
+    def _after_decoder(self, module, args, output):
+        self._last_call, self._call = self._call, None   # the head, which runs next, reads it
+
+    def _layer_hook(self, width: int):
+        def hook(layer, args, kwargs, output):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if self._call is not None:
+                tokens, context = self._call.tokens, self._call.context
+            else:   # a layer called outside its decoder: every position counts
+                tokens = hidden.shape[0] * hidden.shape[1]
+                context = hidden.shape[0] * attention_context(0, hidden.shape[1])
+            weights, trainable = linear_weights(layer)
+            self._charge(2.0 * weights * tokens + attention_flops(1, width, context))
+            out = output[0] if isinstance(output, tuple) else output
+            if isinstance(out, torch.Tensor) and out.requires_grad:
+                backward = 2.0 * (weights + trainable) * tokens + 2 * attention_flops(1, width, context)
+                out.register_hook(self._backward_charger(backward))
+        return hook
+
+    def _on_head(self, head, args, output):
+        rows = output.shape[0] * output.shape[1] if output.dim() == 3 else output.shape[0]
+        call = self._last_call
+        tokens = rows
+        if (call is not None and call.new_mask is not None and output.dim() == 3
+                and output.shape[0] == call.new_mask.shape[0] and output.shape[1] <= call.new_mask.shape[1]):
+            kept = output.shape[1]   # logits_to_keep: the head ran on the last `kept` positions
+            tokens = int(call.new_mask[:, -kept:].sum())
+        weights = head.weight.numel()
+        self._charge(2.0 * weights * tokens)
+        if output.requires_grad:
+            trainable = weights if head.weight.requires_grad else 0
+            output.register_hook(self._backward_charger(2.0 * (weights + trainable) * tokens))
+
+    def _backward_charger(self, flops: float):
+        def charge_backward(grad):
+            self._charge(flops)
+        return charge_backward
+
+    def _charge(self, flops: float) -> None:
         if self._charging:
             self.flops += flops
         else:
@@ -142,7 +233,8 @@ class Meter:
 
     @contextlib.contextmanager
     def uncharged(self):
-        """Compute that is measurement, not method (e.g. the teacher-forced NLL of the true answer)."""
+        """Compute that is measurement, not method (the teacher-forced NLL of the true answer).
+        The harness's own use only: methods never see the meter."""
         previous, self._charging = self._charging, False
         try:
             yield
@@ -157,17 +249,106 @@ class Meter:
     def remaining_flops(self) -> float:
         return float("inf") if self.budget.flops is None else self.budget.flops - self.flops
 
-    def can_afford(self, flops: float = 0.0) -> bool:
-        if self.budget.seconds is not None and self.seconds >= self.budget.seconds:
-            return False
-        return flops <= self.remaining_flops()
+    def can_afford(self, flops: float = 0.0, keep_flops: float = 0.0, keep_share: float = 0.0) -> bool:
+        """Whether `flops` more fit, keeping `keep_flops` FLOPs and `keep_share` of a seconds
+        cap for later; a no is remembered (the cap cut the method's work)."""
+        seconds_cap = self.budget.seconds
+        fits = flops + keep_flops <= self.remaining_flops() and not (
+            seconds_cap is not None and self.seconds >= (1 - keep_share) * seconds_cap)
+        if not fits:
+            self.refusals += 1
+        return fits
 
-    def exhausted(self) -> bool:
-        return not self.can_afford(0.0) or self.remaining_flops() <= 0
+    def spent_cap(self) -> bool:
+        if self.budget.seconds is not None and self.seconds >= self.budget.seconds:
+            return True
+        return self.budget.flops is not None and self.flops >= self.budget.flops
+
+    def stopped_by_budget(self) -> bool:
+        return self.refusals > 0 or self.spent_cap()
+
+    def handle(self, model: torch.nn.Module | None = None) -> "TaskBudget":
+        return TaskBudget(self, model)
 
     def summary(self) -> dict:
+        share = None if not self.budget.flops else round(self.flops / self.budget.flops, 4)
         return {"flops": self.flops, "eval_flops": self.uncharged_flops, "seconds": round(self.seconds, 3),
-                "peak_memory_mb": peak_memory_mb()}
+                "peak_memory_mb": peak_memory_mb(), "budget_share": share,
+                "stopped_by_budget": self.stopped_by_budget(), "out_of_work": self.out_of_work}
+
+
+class TaskBudget:
+    """A method's view of its task's budget.
+
+    Ask before spending: `can_afford(flops)` (a no is recorded as the cap cutting the
+    method's work), `remaining()`, `holding_back(flops, share)` for a phase that must leave
+    room for a later one.  Price work with `forward_cost`, `sequences_cost`, `training_cost`
+    (the one formula, for the model as it is now, adapters included).  Every forward and
+    backward of the model is charged by the harness whatever the method does; `charge` adds
+    compute the model hooks cannot see (e.g. a similarity search), and `out_of_work(reason)`
+    records that the method stopped below the cap because it had nothing useful left to do.
+    """
+
+    def __init__(self, meter: Meter, model: torch.nn.Module | None = None,
+                 keep_flops: float = 0.0, keep_share: float = 0.0):
+        self._meter, self._model = meter, model
+        self._keep_flops, self._keep_share = keep_flops, keep_share
+
+    @property
+    def cap(self) -> Budget:
+        return self._meter.budget
+
+    @property
+    def spent(self) -> float:
+        return self._meter.flops
+
+    @property
+    def seconds(self) -> float:
+        return self._meter.seconds
+
+    def remaining(self) -> float:
+        """FLOPs this phase may still spend (inf without a FLOP cap)."""
+        return self._meter.remaining_flops() - self._keep_flops
+
+    def can_afford(self, flops: float = 0.0) -> bool:
+        return self._meter.can_afford(flops, self._keep_flops, self._keep_share)
+
+    def exhausted(self) -> bool:
+        return not self.can_afford(0.0) or self.remaining() <= 0
+
+    def holding_back(self, flops: float = 0.0, share: float = 0.0) -> "TaskBudget":
+        """The same budget for a phase that must leave `flops` FLOPs (and `share` of a seconds
+        cap) to the phases after it.  Charging is untouched: this only makes the phase stop earlier."""
+        return TaskBudget(self._meter, self._model, self._keep_flops + flops, max(self._keep_share, share))
+
+    def charge(self, flops: float) -> None:
+        """Add compute that does not run through the model (never negative)."""
+        if flops < 0:
+            raise ValueError("a charge cannot be negative")
+        self._meter._charge(float(flops))
+
+    def out_of_work(self, reason: str) -> None:
+        self._meter.out_of_work = reason
+
+    # ---- pricing, with the model's current shape
+    def shape(self, model: torch.nn.Module | None = None) -> ModelShape:
+        return self._meter.shape(model if model is not None else self._model)
+
+    def forward_cost(self, n_tokens: int, context: int, model=None) -> float:
+        return forward_flops(self.shape(model), n_tokens, context)
+
+    def sequences_cost(self, lengths: list[int], model=None) -> float:
+        """Prompts plus answers of these total lengths, decoded or scored once."""
+        return sequences_flops(self.shape(model), lengths)
+
+    def training_cost(self, lengths: list[int], model=None) -> float:
+        """One training step (forward and backward) over sequences of these lengths."""
+        return sequences_flops(self.shape(model), lengths, training=True)
+
+
+def unlimited(model: torch.nn.Module | None = None) -> TaskBudget:
+    """A budget that never says no, charged to nothing (tools and tests outside a run)."""
+    return Meter().handle(model)
 
 
 def peak_memory_mb() -> float:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tta.budget import Meter, attention_context, forward_flops
+from tta.budget import TaskBudget, attention_context
 from tta.encoding import IGNORE, CompactFormat, DIGIT0_ID, EOS_ID, NL_ID, positions_of
 from tta.models import CACHE_KW, LoadedModel, autocast, output_cache
 from tta.tasks import MAX_SIZE
@@ -120,7 +120,7 @@ def _choose(logprobs: torch.Tensor, temperature: float, top_p: float, generator)
 
 
 @torch.no_grad()
-def _generate_batch(lm, prompts, meter, max_new_tokens, temperature, top_p, generator) -> list[Generation]:
+def _generate_batch(lm, prompts, budget, max_new_tokens, temperature, top_p, generator) -> list[Generation]:
     from transformers import DynamicCache
 
     model, device = lm.model, lm.device
@@ -129,7 +129,6 @@ def _generate_batch(lm, prompts, meter, max_new_tokens, temperature, top_p, gene
     batch = len(prompts)
     vocab = model.config.vocab_size
     constraint = _constraint(lm, batch, vocab)
-    shape = meter._shape(model) if meter else None
     lengths = torch.tensor([len(p) for p in prompts])
 
     done = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -137,7 +136,7 @@ def _generate_batch(lm, prompts, meter, max_new_tokens, temperature, top_p, gene
     logprob = torch.zeros(batch, dtype=torch.float32, device=device)
     cache = DynamicCache()
 
-    if meter and not meter.can_afford(forward_flops(shape, int(lengths.sum()), sum(attention_context(0, int(n)) for n in lengths))):
+    if budget and not budget.can_afford(budget.sequences_cost([int(n) for n in lengths], model)):
         return [Generation([], False, 0.0) for _ in prompts]
     for step in range(max_new_tokens):
         with autocast(device):
@@ -160,7 +159,7 @@ def _generate_batch(lm, prompts, meter, max_new_tokens, temperature, top_p, gene
         active = (~done).long()
         n_active = int(active.sum())
         context = int(((mask.sum(dim=1) + 1) * active).sum())   # each active row attends to its past and itself
-        if meter and not meter.can_afford(forward_flops(shape, n_active, context)):
+        if budget and not budget.can_afford(budget.forward_cost(n_active, context, model)):
             break
         ids = chosen[:, None]
         mask = torch.cat([mask, active[:, None]], dim=1)
@@ -175,7 +174,7 @@ def _generate_batch(lm, prompts, meter, max_new_tokens, temperature, top_p, gene
     return results
 
 
-def generate(lm: LoadedModel, prompts: list[list[int]], meter: Meter | None = None,
+def generate(lm: LoadedModel, prompts: list[list[int]], budget: TaskBudget | None = None,
              max_new_tokens: int | None = None, temperature: float = 0.0, top_p: float = 1.0,
              seed: int = 0, batch_size: int = 16) -> list[Generation]:
     """Decode an answer for every prompt, `batch_size` at a time, longest first (so batches
@@ -191,7 +190,7 @@ def generate(lm: LoadedModel, prompts: list[list[int]], meter: Meter | None = No
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         room = lm.max_context - max(len(prompts[i]) for i in chunk)
-        outs = _generate_batch(lm, [prompts[i] for i in chunk], meter, max(1, min(limit, room)),
+        outs = _generate_batch(lm, [prompts[i] for i in chunk], budget, max(1, min(limit, room)),
                                temperature, top_p, generator)
         for i, g in zip(chunk, outs):
             results[i] = g

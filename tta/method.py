@@ -15,8 +15,9 @@ from typing import ClassVar
 
 import numpy as np
 
-from tta.budget import Meter
+from tta.budget import TaskBudget
 from tta.models import LoadedModel
+from tta.settings import setting  # noqa: F401  (re-exported: methods import it from here)
 from tta.tasks import Task
 
 REGISTRY: dict[str, type["Method"]] = {}
@@ -53,16 +54,30 @@ class Method:
         """One-off work before the first task (e.g. a data store); returns its cost record, if any."""
         return None
 
-    def adapt(self, task: Task, meter: Meter, seed: int) -> dict:
-        """Spend compute on the task before predicting (e.g. train an adapter); returns a record."""
+    def adapt(self, task: Task, budget: TaskBudget, seed: int) -> dict:
+        """Spend compute on the task before predicting (e.g. train an adapter); returns a record.
+        `budget` answers what is left and prices work (see tta.budget.TaskBudget); the harness
+        charges every forward and backward of the model whatever the method does."""
         return {}
 
-    def predict(self, task: Task, meter: Meter, seed: int) -> tuple[list[list[np.ndarray | None]], dict]:
+    def predict(self, task: Task, budget: TaskBudget, seed: int) -> tuple[list[list[np.ndarray | None]], dict]:
         """Two attempts for every test input, and a record of how they were made."""
         raise NotImplementedError
 
     def reset(self) -> None:
         """Undo whatever `adapt` changed, so the next task starts from the base model."""
+
+
+class AdapterMethod(Method):
+    """A method whose `adapt` attaches a per-task adapter (kept in `self.adapter`); `reset`
+    removes it, leaving the base weights as they were."""
+    adapter = None
+
+    def reset(self) -> None:
+        if self.adapter is not None:
+            from tta.training import detach_lora
+            detach_lora(self.lm, self.adapter)
+            self.adapter = None
 
 
 # ---------------------------------------------------------------- lookup and settings
@@ -125,7 +140,10 @@ def make_config(cls: type[Method], overrides: list[str] | dict | None = None):
             values[key] = _coerce(fields[key], value) if isinstance(value, str) else value
         except (ValueError, json.JSONDecodeError) as e:
             raise MethodError(f"--set {key}={value}: {e}") from None
-    return cls.Config(**values)
+    try:
+        return cls.Config(**values)
+    except ValueError as e:   # a config's own check (e.g. an unknown transform name)
+        raise MethodError(f"{cls.name}: {e}") from None
 
 
 def describe(cls: type[Method]) -> list[tuple[str, str, object, str]]:
@@ -137,10 +155,3 @@ def describe(cls: type[Method]) -> list[tuple[str, str, object, str]]:
         kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
         rows.append((f.name, kind, default, f.metadata.get("help", "")))
     return rows
-
-
-def setting(default, help: str):
-    """A config field with a help string (peft's style), mutable defaults handled."""
-    if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})

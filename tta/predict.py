@@ -1,20 +1,44 @@
 """Augmented inference: predict each test output under several invertible views of the task,
 map every prediction back, and vote (Akyürek et al. 2024, section 4).
 
-All views of all test inputs go through one batched `generate` call.
+The configured views of all test inputs go through one batched `generate` call; a budget that
+pays for more buys more views (colour-permuted, reordered dihedral views), batch by batch.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import Iterator
+
 import numpy as np
 
-from tta.augment import IDENTITY, TaskAugmentation, inference_transforms
-from tta.budget import Meter
+from tta.augment import (DIHEDRAL, IDENTITY, TaskAugmentation, inference_transforms, random_colour_permutation,
+                         transforms_from_names)
+from tta.budget import TaskBudget
 from tta.decoding import generate
 from tta.models import LoadedModel
+from tta.settings import setting
 from tta.tasks import Task
-from tta.voting import hierarchical_vote
+from tta.voting import hierarchical_vote, majority_vote
+
+
+@dataclass
+class ViewSettings:
+    """Augmented inference settings, shared by every method that predicts this way."""
+    transforms: list = setting(["identity", "rot90", "rot180", "flip_h", "flip_v", "transpose"],
+                               "configured views (paper: identity, rot90/180, three flips)")
+    orders: int = setting(2, "demonstration orders per configured view (paper: 2)")
+    leave_one_out_prompts: bool = setting(False, "also prompt every configured view with each demonstration left out (the reference code's inference does)")
+    vote: str = setting("hierarchical", "hierarchical: the reference code's vote (a candidate scores one point per transform whose top answers it is among, plus one for the all-views top) | majority: plain self-consistency")
+    top_per_group: int = setting(3, "answers kept per transform category in the hierarchical vote (paper: 3)")
+    fill_views: bool = setting(True, "under a cap, spend what is left on more views (8 dihedral transforms x colour permutations x demonstration orders) until it runs out")
+    max_views: int = setting(512, "views per test input at most when filling (the method records when it stops here)")
+    decode_batch_size: int = setting(16, "prompts decoded together")
+
+    def __post_init__(self) -> None:
+        if self.vote not in ("hierarchical", "majority"):
+            raise ValueError(f"--set vote={self.vote}: must be hierarchical or majority")
+        transforms_from_names(self.transforms)
 
 
 @dataclass
@@ -41,38 +65,147 @@ def answer_room(fmt, task: Task) -> int:
     return fmt.answer_tokens(min(30, max(max(g.shape) for g in grids) + 2))
 
 
-def build_views(lm: LoadedModel, task: Task, transforms: list, orders: int, rng: np.random.Generator) -> list[View]:
-    """For every test input, every transform, `orders` demonstration orders (the first is the task's)."""
+def paper_augmentations(task: Task, transforms: list, orders: int, rng: np.random.Generator,
+                        leave_one_out: bool = False) -> list[TaskAugmentation]:
+    """The configured views: every transform under `orders` demonstration orders (the first is the
+    task's own), and with `leave_one_out` also every transform with one demonstration left out of
+    the prompt (the reference implementation's inference prompts use such subsets too)."""
+    n = len(task.train)
+    augmentations = []
+    for transform in transforms:
+        for k in range(orders):
+            order = None if k == 0 else tuple(rng.permutation(n).tolist())
+            augmentations.append(TaskAugmentation(transform, None, order))
+        if leave_one_out and n >= 2:
+            augmentations += [TaskAugmentation(transform, None, tuple(j for j in range(n) if j != i)) for i in range(n)]
+    return augmentations
+
+
+def more_augmentations(task: Task, rng: np.random.Generator) -> Iterator[TaskAugmentation]:
+    """Views past the configured ones, for a budget that pays for more: the 8 dihedral transforms
+    in turn, each with a fresh colour permutation (0 stays) and demonstration order, as the
+    Product-of-Experts recipe draws its views.  Endless: 8 x 9! x n! distinct views."""
+    n = len(task.train)
+    while True:
+        for transform in DIHEDRAL:
+            yield TaskAugmentation(transform, random_colour_permutation(rng), tuple(rng.permutation(n).tolist()))
+
+
+def build_views(lm: LoadedModel, task: Task, transforms: list, orders: int, rng: np.random.Generator,
+                leave_one_out: bool = False) -> list[View]:
+    """The configured views (see `paper_augmentations`) of every test input."""
+    return views_for(lm, task, paper_augmentations(task, transforms, orders, rng, leave_one_out))
+
+
+def views_for(lm: LoadedModel, task: Task, augmentations: list[TaskAugmentation]) -> list[View]:
+    """For every test input, every augmentation whose grids fit 30x30 and whose prompt fits."""
     views = []
     room = lm.max_context - answer_room(lm.format, task)
     for test_index in range(len(task.test)):
-        for transform in transforms:
-            for k in range(orders):
-                order = None if k == 0 else tuple(rng.permutation(len(task.train)).tolist())
-                aug = TaskAugmentation(transform, None, order)
-                augmented = aug.apply(task)
-                if augmented is None:
-                    continue
-                prompt = fit_prompt(lm.format, list(augmented.train), augmented.test[test_index].input, room)
-                if prompt is not None:
-                    views.append(View(test_index, aug, prompt))
+        for aug in augmentations:
+            augmented = aug.apply(task)
+            if augmented is None:
+                continue
+            prompt = fit_prompt(lm.format, list(augmented.train), augmented.test[test_index].input, room)
+            if prompt is not None:
+                views.append(View(test_index, aug, prompt))
     return views
 
 
-def predict_augmented(lm: LoadedModel, task: Task, meter: Meter | None, transforms: list | None = None,
-                      orders: int = 2, seed: int = 0, batch_size: int = 16,
-                      top_per_group: int = 3) -> tuple[list[list[np.ndarray | None]], dict]:
-    """Two attempts per test output, and a record of the views' votes."""
-    transforms = inference_transforms() if transforms is None else transforms
-    rng = np.random.default_rng(seed)
-    views = build_views(lm, task, transforms, orders, rng)
-    room = answer_room(lm.format, task)
-    generations = generate(lm, [v.prompt for v in views], meter, max_new_tokens=room, batch_size=batch_size)
-    per_test: list[list[tuple[str, np.ndarray | None]]] = [[] for _ in task.test]
+def decode_views(lm: LoadedModel, views: list[View], budget: TaskBudget | None, room: int,
+                 batch_size: int) -> list[tuple[View, np.ndarray | None]]:
+    """Greedy answers of the views, each mapped back to the task's frame (None: no grid)."""
+    generations = generate(lm, [v.prompt for v in views], budget, max_new_tokens=room, batch_size=batch_size)
+    out = []
     for view, gen in zip(views, generations):
         grid = lm.format.parse(gen.tokens) if gen.finished else None
-        back = view.augmentation.invert_grid(grid) if grid is not None else None
-        per_test[view.test_index].append((view.augmentation.transform.name, back))
-    attempts = [hierarchical_vote(preds, top_per_group=top_per_group, identity=IDENTITY.name) for preds in per_test]
-    info = {"views": len(views), "valid_predictions": sum(g is not None for preds in per_test for _, g in preds)}
+        out.append((view, view.augmentation.invert_grid(grid) if grid is not None else None))
+    return out
+
+
+def affordable_prefix(views: list[View], budget: TaskBudget, room: int) -> list[View]:
+    """The longest prefix (halving) whose prompts and full-length answers the budget pays for."""
+    while views and not budget.can_afford(budget.sequences_cost([len(v.prompt) + room for v in views])):
+        views = views[: len(views) // 2]
+    return views
+
+
+def vote(predictions: list[tuple[str, np.ndarray | None]], how: str = "hierarchical",
+         top_per_group: int = 3) -> list[np.ndarray | None]:
+    """Two attempts from (category, grid) predictions: marc's hierarchical vote or a plain majority."""
+    if how == "majority":
+        return majority_vote([g for _, g in predictions])
+    return hierarchical_vote(predictions, top_per_group=top_per_group, identity=IDENTITY.name)
+
+
+def predict_augmented(lm: LoadedModel, task: Task, budget: TaskBudget | None, transforms: list | None = None,
+                      orders: int = 2, seed: int = 0, batch_size: int = 16, top_per_group: int = 3,
+                      how: str = "hierarchical", leave_one_out: bool = False, fill: bool = True,
+                      max_views: int = 512) -> tuple[list[list[np.ndarray | None]], dict]:
+    """Two attempts per test output, and a record of the views.
+
+    The configured views come first.  With `fill` and a capped budget, more views follow (see
+    `more_augmentations`), a batch at a time, for as long as the budget pays for a whole view
+    (prompt and full-length answer), at most `max_views` per test input: more budget buys more
+    votes.  Without a cap only the configured views are decoded."""
+    transforms = inference_transforms() if transforms is None else transforms
+    rng = np.random.default_rng(seed)
+    room = answer_room(lm.format, task)
+    views = build_views(lm, task, transforms, orders, rng, leave_one_out)
+    decoded = decode_views(lm, views, budget, room, batch_size)
+    capped = budget is not None and (budget.cap.flops is not None or budget.cap.seconds is not None)
+    if fill and capped and not budget.exhausted():
+        decoded += fill_views(lm, task, budget, room, batch_size, len(views), max_views, rng)
+    elif budget is not None and not capped:
+        budget.out_of_work("no cap: the configured views only")
+    per_test: list[list[tuple[str, np.ndarray | None]]] = [[] for _ in task.test]
+    for view, grid in decoded:
+        per_test[view.test_index].append((view.augmentation.transform.name, grid))
+    attempts = [vote(preds, how, top_per_group) for preds in per_test]
+    info = {"views": len(decoded), "configured_views": len(views),
+            "valid_predictions": sum(g is not None for preds in per_test for _, g in preds)}
     return attempts, info
+
+
+def fill_views(lm, task, budget: TaskBudget, room: int, batch_size: int, done: int, max_views: int,
+               rng: np.random.Generator) -> list[tuple[View, np.ndarray | None]]:
+    """More views while the budget pays for them (see predict_augmented)."""
+    per_test = max(1, len(task.test))
+    source = more_augmentations(task, rng)
+    decoded, misses = [], 0
+    while True:
+        room_left = max_views * per_test - done - len(decoded)
+        if room_left <= 0:
+            budget.out_of_work(f"max_views reached ({max_views} views per test input)")
+            break
+        augs = [next(source) for _ in range(max(1, min(batch_size, room_left) // per_test))]
+        views = views_for(lm, task, augs)[:room_left]
+        if not views:
+            misses += 1
+            if misses > 8:
+                budget.out_of_work("no further view fits the context")
+                break
+            continue
+        views = affordable_prefix(views, budget, room)
+        if not views:
+            break   # the budget cannot pay for one more view (recorded as a stop by the cap)
+        decoded += decode_views(lm, views, budget, room, batch_size)
+    return decoded
+
+
+def predict_with_views(lm: LoadedModel, task: Task, budget: TaskBudget | None, views: ViewSettings,
+                       seed: int) -> tuple[list[list[np.ndarray | None]], dict]:
+    """`predict_augmented` with a method's `ViewSettings`."""
+    return predict_augmented(lm, task, budget, transforms_from_names(views.transforms), views.orders, seed=seed,
+                             batch_size=views.decode_batch_size, top_per_group=views.top_per_group, how=views.vote,
+                             leave_one_out=views.leave_one_out_prompts, fill=views.fill_views,
+                             max_views=views.max_views)
+
+
+def configured_views_cost(lm: LoadedModel, task: Task, budget: TaskBudget, views: ViewSettings) -> float:
+    """FLOPs of the configured views (prompts plus full-length answers): what an adaptation phase
+    leaves for the prediction that follows."""
+    configured = build_views(lm, task, transforms_from_names(views.transforms), views.orders,
+                             np.random.default_rng(0), views.leave_one_out_prompts)
+    room = answer_room(lm.format, task)
+    return budget.sequences_cost([len(v.prompt) + room for v in configured])

@@ -12,7 +12,10 @@ Rules the report follows, so its numbers can be trusted:
 - a failed task (error set) or a task missing from ``results.jsonl`` counts as
   wrong; it is never dropped from the denominator;
 - every accuracy carries its n and a 95% interval, and the report names the
-  aggregation (ARC has three in use, see DESIGN.md section 2);
+  aggregation (ARC has three in use: solved test outputs, mean task score, and
+  tasks with every output solved);
+- spend is per-task FLOPs plus the run's one-off cost divided by its number of
+  tasks, and a comparison whose runs spent very different amounts says so first;
 - only what was measured is stated: no claim of significance beyond the tests
   shown, no extrapolation.
 """
@@ -38,7 +41,7 @@ GRADED_METRICS = ("shape_ok", "cell_acc", "nll", "token_acc")
 ZERO_WHEN_FAILED = ("shape_ok", "cell_acc")
 
 # Task-size bins in tokens (one per cell plus one per row).  1,024 and 2,048 are
-# the common context limits; DESIGN.md: 36% / 68% of ARC-AGI-1 eval tasks fit.
+# the context limits common among small models, so the bins show what fits them.
 TOKEN_BIN_EDGES = (0, 1024, 2048, 4096, 8192, math.inf)
 
 N_BOOT = 2000
@@ -58,7 +61,8 @@ RUN_COLUMNS = ["run", "path", "method", "config_hash", "model", "dataset", "seed
                "budget_flops", "budget_seconds"]
 TASK_COLUMNS = ["task_id", "n_outputs", "n_solved", "all_solved", "score", "flops",
                 "seconds", "peak_memory_mb", "error", "failed", "missing",
-                "budget_exhausted", "n_demos", "n_tokens", *GRADED_METRICS]
+                "budget_exhausted", "stopped_by_budget", "out_of_work", "n_demos", "n_tokens",
+                *GRADED_METRICS]
 
 
 def load_runs(paths: Iterable[str | Path] | str | Path) -> pd.DataFrame:
@@ -68,9 +72,13 @@ def load_runs(paths: Iterable[str | Path] | str | Path) -> pd.DataFrame:
     name), path, method, config_hash, model, dataset, seed, budget_flops,
     budget_seconds, task_id, n_outputs, n_solved, all_solved, score, flops,
     seconds, peak_memory_mb, error, failed, missing, budget_exhausted,
-    n_demos, n_tokens, the graded metrics averaged over the task's outputs
-    (shape_ok, cell_acc, nll, token_acc; NaN when not recorded), one_off_flops
-    and one_off_seconds (the run's one-off cost, repeated on each row).
+    stopped_by_budget (1.0 / 0.0, NaN when not recorded), out_of_work (the
+    method's own reason for stopping below the cap, or None), n_demos,
+    n_tokens, the graded metrics averaged over the task's outputs (shape_ok,
+    cell_acc, nll, token_acc; NaN when not recorded), one_off_flops and
+    one_off_seconds (the run's one-off cost, repeated on each row), and
+    total_flops (flops + one_off_flops / the run's number of tasks: the
+    amortised spend every report figure uses).
 
     Tasks listed in the manifest without a line in ``results.jsonl`` get a
     row with ``missing=True`` and an error, so they count as wrong.  The
@@ -177,6 +185,9 @@ def _task_row(record: dict, where: str) -> dict:
         "failed": error is not None,
         "missing": False,
         "budget_exhausted": bool(record.get("budget_exhausted", False)),
+        # Absent from records written before the harness logged why work stopped.
+        "stopped_by_budget": _float(record.get("stopped_by_budget")),
+        "out_of_work": None if record.get("out_of_work") is None else str(record["out_of_work"]),
         "n_demos": _float(record.get("n_demos")),
         "n_tokens": _float(record.get("n_tokens")),
         **{m: _mean_of_outputs(metrics.get(m)) for m in GRADED_METRICS},
@@ -191,6 +202,7 @@ def _missing_task_rows(manifest: dict, rows: list[dict]) -> list[dict]:
         "task_id": str(t), "n_outputs": 0, "n_solved": 0, "all_solved": False,
         "score": 0.0, "flops": math.nan, "seconds": math.nan, "peak_memory_mb": math.nan,
         "error": MISSING_ERROR, "failed": True, "missing": True, "budget_exhausted": False,
+        "stopped_by_budget": math.nan, "out_of_work": None,
         "n_demos": math.nan, "n_tokens": math.nan, **{m: math.nan for m in GRADED_METRICS},
     } for t in missing]
 
@@ -216,6 +228,7 @@ def _run_frame(label: str, path: Path, manifest: dict, rows: list[dict]) -> pd.D
         df.insert(i, name, [value] * len(df))
     df["one_off_flops"] = _float(one_off.get("flops"))
     df["one_off_seconds"] = _float(one_off.get("seconds"))
+    df["total_flops"] = df["flops"] + np.nan_to_num(df["one_off_flops"]) / len(df)
     return df
 
 
@@ -334,15 +347,14 @@ def _first_ids(ids: list[str], k: int = 5) -> str:
 def accuracy_table(df: pd.DataFrame) -> pd.DataFrame:
     """Per-run accuracy, graded metrics and cost (numbers, one row per run).
 
-    The three ARC aggregations (DESIGN.md section 2), each with a 95% interval:
+    The three ARC aggregations in use, each with a 95% interval:
     - ``kaggle``: solved test outputs / all test outputs (Wilson over outputs);
     - ``task_mean``: mean over tasks of the task score, the
       arc-agi-benchmarking number (percentile bootstrap over tasks);
     - ``all_outputs``: fraction of tasks with every output solved (Wilson
       over tasks).
     Graded metrics: ``<m>``, ``<m>_lo``, ``<m>_hi`` (bootstrap) and ``<m>_n``
-    (tasks where measured).  Cost: mean/median/max per task of flops, seconds
-    and peak_memory_mb; one-off cost divided by the number of tasks.
+    (tasks where measured).  Cost: see :func:`_cost_fields`.
     """
     return pd.DataFrame([_accuracy_row(g) for _, g in _groups(df)]).set_index("run")
 
@@ -359,14 +371,35 @@ def _accuracy_row(g: pd.DataFrame) -> dict:
     for m in GRADED_METRICS:
         row.update(_mean_ci(m, g[m]))
         row[f"{m}_n"] = int(g[m].notna().sum())
+    row.update(_cost_fields(g))
+    row["n_failed"] = int(g["failed"].sum())
+    return row
+
+
+def _cost_fields(g: pd.DataFrame) -> dict:
+    """Spend of one run: mean/median/max per task of flops (the per-task part),
+    seconds and peak_memory_mb; the one-off cost per task; total_flops_mean
+    (per-task + one-off part); cap_share_mean / cap_share_min over tasks of
+    total_flops / the FLOPs cap (NaN without a cap); how many tasks the cap
+    stopped (n_stopped_by_budget, of n_stop_recorded that record it) and the
+    most common out_of_work reason with its count."""
+    n_tasks = len(g)
+    row = {"budget_flops": g["budget_flops"].iloc[0], "budget_seconds": g["budget_seconds"].iloc[0]}
     for col in ("flops", "seconds", "peak_memory_mb"):
         row[f"{col}_mean"] = g[col].mean()
         row[f"{col}_median"] = g[col].median()
         row[f"{col}_max"] = g[col].max()
     row["one_off_flops_per_task"] = g["one_off_flops"].iloc[0] / n_tasks
     row["one_off_seconds_per_task"] = g["one_off_seconds"].iloc[0] / n_tasks
-    row["n_failed"] = int(g["failed"].sum())
+    row["total_flops_mean"] = g["total_flops"].mean()
+    share = g["total_flops"] / g["budget_flops"]
+    row["cap_share_mean"], row["cap_share_min"] = share.mean(), share.min()
     row["n_budget_exhausted"] = int(g["budget_exhausted"].sum())
+    row["n_stop_recorded"] = int(g["stopped_by_budget"].notna().sum())
+    row["n_stopped_by_budget"] = int(g["stopped_by_budget"].sum())
+    reasons = g["out_of_work"].dropna().value_counts()
+    row["out_of_work_top"] = reasons.index[0] if len(reasons) else None
+    row["out_of_work_top_n"] = int(reasons.iloc[0]) if len(reasons) else 0
     return row
 
 
@@ -397,7 +430,7 @@ def baseline_method(df: pd.DataFrame, baseline: str = "icl") -> str:
 
 
 PAIRED_COLUMNS = ["run", "method", "baseline", "n_paired", "score_diff", "score_diff_lo",
-                  "score_diff_hi", "won", "lost", "tied", "mcnemar_p", "holm_p",
+                  "score_diff_hi", "won", "lost", "tied", "mcnemar_p", "holm_p", "mdd",
                   "cell_acc_diff", "cell_acc_diff_lo", "cell_acc_diff_hi", "cell_acc_n"]
 
 
@@ -411,7 +444,9 @@ def paired_table(df: pd.DataFrame, baseline: str = "icl") -> pd.DataFrame:
     Columns: method, baseline (run), n_paired (tasks in both), score_diff
     (mean task score of run minus baseline) with a paired bootstrap interval,
     won/lost/tied on all outputs solved, exact McNemar p on the same, Holm
-    adjusted p across all rows, and cell_acc_diff (with interval and n) when
+    adjusted p across all rows, mdd (the smallest difference in that solve
+    rate the comparison could detect, :func:`tta.stats.min_detectable_difference`
+    at alpha 0.05 and 80% power), and cell_acc_diff (with interval and n) when
     both runs recorded cell accuracy.
     """
     base = baseline_method(df, baseline)
@@ -451,6 +486,7 @@ def _paired_row(df: pd.DataFrame, run: str, base_run: str) -> dict:
             "score_diff": diff.value, "score_diff_lo": diff.lo, "score_diff_hi": diff.hi,
             "won": won, "lost": lost, "tied": len(common) - won - lost,
             "mcnemar_p": p if common else math.nan, "holm_p": math.nan,
+            "mdd": stats.min_detectable_difference(len(common), won + lost),
             "cell_acc_diff": cell.value, "cell_acc_diff_lo": cell.lo,
             "cell_acc_diff_hi": cell.hi, "cell_acc_n": int(both.sum())}
 
@@ -588,25 +624,28 @@ def plot_accuracy(acc: pd.DataFrame, out_png: str | Path) -> Path:
 
 
 def plot_accuracy_vs_flops(acc: pd.DataFrame, out_png: str | Path) -> Path | None:
-    """Kaggle accuracy against measured mean FLOPs per task, a line per method.
+    """Kaggle accuracy against mean total FLOPs per task, a line per method.
 
-    Returns None (no file) when no run recorded positive FLOPs.
+    The total is the per-task spend plus the run's one-off cost divided by its
+    number of tasks (``total_flops_mean``), so a method with a costly shared
+    setup is placed where its whole spend puts it.  Returns None (no file)
+    when no run recorded positive FLOPs.
     """
     from matplotlib.figure import Figure
 
-    ok = acc[acc["flops_mean"] > 0]
+    ok = acc[acc["total_flops_mean"] > 0]
     if ok.empty:
         return None
     fig = Figure(figsize=(6, 4))
     ax = fig.add_subplot()
     for method, g in ok.groupby("method", sort=False):
-        g = g.sort_values("flops_mean")
+        g = g.sort_values("total_flops_mean")
         y = g["kaggle"].to_numpy(float)
         err = np.nan_to_num([y - g["kaggle_lo"].to_numpy(float), g["kaggle_hi"].to_numpy(float) - y])
-        ax.errorbar(g["flops_mean"], y, yerr=err, fmt="o-", capsize=3, label=str(method))
-    if ok["flops_mean"].max() > 10 * ok["flops_mean"].min():
+        ax.errorbar(g["total_flops_mean"], y, yerr=err, fmt="o-", capsize=3, label=str(method))
+    if ok["total_flops_mean"].max() > 10 * ok["total_flops_mean"].min():
         ax.set_xscale("log")
-    ax.set_xlabel("mean FLOPs per task (measured)")
+    ax.set_xlabel("mean FLOPs per task, one-off costs amortised (measured)")
     ax.set_ylabel("Kaggle accuracy (95% Wilson)")
     ax.set_ylim(0, 1)
     ax.legend(fontsize="small")
@@ -699,37 +738,122 @@ def _metrics_markdown(acc: pd.DataFrame) -> str | None:
     return markdown_table(table)
 
 
+COST_NOTE = (
+    "Spend per task is the FLOPs the harness charged to the task (per-task part) plus the "
+    "run's one-off cost, such as a datastore built once for all tasks, divided by its number "
+    "of tasks (one-off part); spend comparisons and the accuracy-vs-FLOPs plot use this total. Share of cap: "
+    "total / the FLOPs cap per task, mean and lowest over tasks. Stopped by budget: tasks where "
+    "the harness saw the cap cut the method's work. Out of work: the method's own reason for "
+    "stopping below the cap, the most common one with its count. Runs made before the harness "
+    "logged these show \"not recorded\". Seconds and peak memory are per task, as recorded."
+)
+
+
 def _cost_markdown(acc: pd.DataFrame) -> str:
     table = pd.DataFrame({"run": acc.index})
-    for col, label in (("flops", "FLOPs"), ("seconds", "seconds"), ("peak_memory_mb", "peak MB")):
+    table["FLOPs / task: total = per-task + one-off (means)"] = [
+        f"{_num(t)} = {_num(p)} + {_num(o) if o == o else '0'}"
+        for t, p, o in zip(acc["total_flops_mean"], acc["flops_mean"], acc["one_off_flops_per_task"])]
+    table["per-task FLOPs median / max"] = [
+        f"{_num(a)} / {_num(b)}" for a, b in zip(acc["flops_median"], acc["flops_max"])]
+    table["share of cap mean / min"] = [_cap_share_cell(r) for r in acc.itertuples()]
+    table["stopped by budget"] = [
+        f"{r.n_stopped_by_budget}/{r.n_stop_recorded}" if r.n_stop_recorded else "not recorded"
+        for r in acc.itertuples()]
+    table["most common out-of-work reason"] = [_out_of_work_cell(r) for r in acc.itertuples()]
+    for col, label in (("seconds", "seconds"), ("peak_memory_mb", "peak MB")):
         table[f"{label} mean / median / max"] = [
             f"{_num(a)} / {_num(b)} / {_num(c)}"
             for a, b, c in zip(acc[f"{col}_mean"], acc[f"{col}_median"], acc[f"{col}_max"])]
-    table["one-off FLOPs / task"] = [_num(x) if x == x else "none" for x in acc["one_off_flops_per_task"]]
     table["one-off s / task"] = [_num(x) if x == x else "none" for x in acc["one_off_seconds_per_task"]]
     table["budget exhausted"] = [f"{k}/{n}" for k, n in zip(acc["n_budget_exhausted"], acc["n_tasks"])]
     return markdown_table(table)
 
 
-def _paired_markdown(paired: pd.DataFrame) -> str:
-    def pp(v, lo, hi):
-        if v != v:
-            return "n/a"
-        ci = "[n/a]" if lo != lo else f"[{100 * lo:+.1f}, {100 * hi:+.1f}]"
-        return f"{100 * v:+.1f} pp {ci}"
+def _cap_share_cell(r) -> str:
+    if r.budget_flops != r.budget_flops:
+        return "no FLOPs cap" if r.budget_seconds == r.budget_seconds else "no cap"
+    return f"{_pct(r.cap_share_mean)} / {_pct(r.cap_share_min)}"
 
+
+def _out_of_work_cell(r) -> str:
+    if isinstance(r.out_of_work_top, str):
+        return f"{r.out_of_work_top} ({r.out_of_work_top_n}/{r.n_tasks})"
+    return "none" if r.n_stop_recorded else "not recorded"
+
+
+def _spend_warning(acc: pd.DataFrame, factor: float = 2.0) -> str | None:
+    """A warning when the runs that spent anything differ in mean total spend by more
+    than ``factor``; runs that spent nothing (e.g. trivial floors) are named apart."""
+    spend = acc["total_flops_mean"]
+    spenders = spend[spend > 0].sort_values()
+    if len(spenders) < 2 or spenders.iloc[-1] <= factor * spenders.iloc[0]:
+        return None
+    ratio = spenders.iloc[-1] / spenders.iloc[0]
+    text = (f"**Unequal spend:** the runs' mean FLOPs per task (one-off costs amortised) differ "
+            f"by {ratio:.3g}x, so their accuracies are not at equal compute: "
+            + ", ".join(f"{run} {_num(v)} FLOPs" for run, v in spenders.items()) + ".")
+    idle = [str(run) for run, v in spend.items() if v == 0]
+    if idle:
+        text += f" Spent nothing: {', '.join(idle)}."
+    return text
+
+
+def _significance_sentence(paired: pd.DataFrame, base: str) -> str:
+    """Which runs beat the baseline after Holm correction (p < 0.05, more tasks won than
+    lost, the direction the McNemar test is about); significantly worse runs are named too."""
+    if paired.empty:
+        return f"No run of another method to compare with the baseline `{base}`."
+    lo, hi = paired["n_paired"].min(), paired["n_paired"].max()
+    n = f"n = {lo} tasks" if lo == hi else f"n = {lo}-{hi} tasks per comparison"
+    significant = paired[paired["holm_p"] < 0.05]
+    better = significant[significant["won"] > significant["lost"]]
+    worse = significant[significant["won"] < significant["lost"]]
+    if better.empty and worse.empty:
+        return f"No method differs significantly from the baseline `{base}` after Holm correction ({n})."
+
+    def named(rows):
+        return "; ".join(f"`{r.method}` (run {r.Index}: {100 * r.score_diff:+.1f} pp, "
+                         f"Holm p = {_num(r.holm_p)})" for r in rows.itertuples())
+
+    text = (f"After Holm correction ({n}), better than the baseline `{base}` (p < 0.05): "
+            f"{named(better)}." if not better.empty else
+            f"No method beats the baseline `{base}` after Holm correction ({n}).")
+    return text + (f" Significantly worse: {named(worse)}." if not worse.empty else "")
+
+
+def _diff_cell(v: float, lo: float, hi: float) -> str:
+    """'+4.0 pp [-1.2, +9.5]'; a zero-width interval says why instead of claiming certainty."""
+    if v != v:
+        return "n/a"
+    if lo == hi:
+        return ("0.0 pp, no discordant tasks" if v == 0 else
+                f"{100 * v:+.1f} pp on every task (no interval)")
+    ci = "[n/a]" if lo != lo else f"[{100 * lo:+.1f}, {100 * hi:+.1f}]"
+    return f"{100 * v:+.1f} pp {ci}"
+
+
+def _mdd_cell(mdd: float, discordant: int) -> str:
+    if mdd != mdd:
+        return "n/a"
+    return f"{100 * mdd:.1f} pp" + ("" if discordant else " (floor: 1 discordant task)")
+
+
+def _paired_markdown(paired: pd.DataFrame) -> str:
     table = pd.DataFrame({
         "run": paired.index, "method": paired["method"], "baseline run": paired["baseline"],
         "paired tasks": paired["n_paired"],
         "Δ mean task score (run − baseline)": [
-            pp(r.score_diff, r.score_diff_lo, r.score_diff_hi) for r in paired.itertuples()],
+            _diff_cell(r.score_diff, r.score_diff_lo, r.score_diff_hi) for r in paired.itertuples()],
         "won": paired["won"], "lost": paired["lost"], "tied": paired["tied"],
         "McNemar exact p": [_num(p) for p in paired["mcnemar_p"]],
         "Holm p": [_num(p) for p in paired["holm_p"]],
+        "smallest detectable Δ": [_mdd_cell(m, w + lo) for m, w, lo
+                                  in zip(paired["mdd"], paired["won"], paired["lost"])],
     })
     if paired["cell_acc_n"].sum() > 0:
         table["Δ cell_acc"] = [
-            f"{pp(r.cell_acc_diff, r.cell_acc_diff_lo, r.cell_acc_diff_hi)} (n={r.cell_acc_n})"
+            f"{_diff_cell(r.cell_acc_diff, r.cell_acc_diff_lo, r.cell_acc_diff_hi)} (n={r.cell_acc_n})"
             if r.cell_acc_n else "not recorded" for r in paired.itertuples()]
     return markdown_table(table)
 
@@ -749,7 +873,7 @@ def _by_group_markdown(long: pd.DataFrame, group_title: str) -> str:
 def _seed_markdown(seeds: pd.DataFrame) -> str:
     table = seeds[["method", "config_hash", "budget", "n_seeds", "seeds"]].copy()
     for agg, label in AGGREGATIONS:
-        table[label] = [f"{_pct(m)} ± {100 * s:.1f} pp (range {_pct(lo)}-{_pct(hi)})"
+        table[label] = [f"mean {_pct(m)}, sd {100 * s:.1f} pp, min {_pct(lo)}, max {_pct(hi)}"
                         for m, s, lo, hi in zip(seeds[f"{agg}_mean"], seeds[f"{agg}_sd"],
                                                 seeds[f"{agg}_min"], seeds[f"{agg}_max"])]
     return markdown_table(table)
@@ -864,8 +988,10 @@ def write_report(paths, out_md: str | Path, baseline: str = "icl",
     base = baseline_method(df, baseline)
     base_note = (f"method `{base}`" if base == baseline else
                  f"method `{base}` (the first run; no run has method `{baseline}`)")
-    s = []
-    s.append("# Test-time adaptation comparison\n")
+    s = ["# Test-time adaptation comparison\n", _significance_sentence(paired, base) + "\n"]
+    spend_warning = _spend_warning(acc)
+    if spend_warning:
+        s.append(spend_warning + "\n")
     s.append(f"- Date: {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}")
     if command:
         s.append(f"- Command: `{command}`")
@@ -899,8 +1025,7 @@ def write_report(paths, out_md: str | Path, baseline: str = "icl",
         s.append(metrics_md + "\n")
 
     s.append("## Cost per task\n")
-    s.append("As recorded by the harness for each task. One-off costs (from the manifest) are "
-             "shown divided by the number of tasks, separately from the per-task numbers.\n")
+    s.append(COST_NOTE + "\n")
     s.append(_cost_markdown(acc) + "\n")
     if cost_png:
         s.append(f"![accuracy vs FLOPs]({_rel(cost_png, out_md)})\n")
@@ -913,7 +1038,10 @@ def write_report(paths, out_md: str | Path, baseline: str = "icl",
                  "bootstrap interval; won/lost/tied count tasks with all outputs solved by "
                  "one run and not the other; the exact McNemar test uses those discordant "
                  f"tasks, and the Holm correction is across the {paired['mcnemar_p'].notna().sum()} "
-                 "comparisons.\n")
+                 "comparisons. Smallest detectable Δ: the difference in the share of tasks fully "
+                 "solved that a comparison of n tasks, a share p_d of them discordant, detects "
+                 "with 80% power at p < 0.05 (before the Holm correction): (1.96 + 0.84) × "
+                 "sqrt(p_d / n), with p_d at least 1/n. A smaller true difference can go unseen.\n")
         s.append(_paired_markdown(paired) + "\n")
 
     s.append("## Accuracy by task size\n")
@@ -924,9 +1052,12 @@ def write_report(paths, out_md: str | Path, baseline: str = "icl",
     s.append("Tasks with all outputs solved / tasks, 95% Wilson.\n")
     s.append(_by_group_markdown(accuracy_by_demos(df), "demonstrations") + "\n")
 
-    if not seeds.empty:
-        s.append("## Spread across seeds\n")
-        s.append("Mean ± standard deviation (ddof=1) over the seeds' accuracies, and their range.\n")
+    s.append("## Spread across seeds\n")
+    if seeds.empty:
+        s.append("Every setting was run with one seed, so there is no spread across seeds to show.\n")
+    else:
+        s.append("Accuracy of each setting across its seeds: mean, standard deviation (ddof=1), "
+                 "lowest and highest.\n")
         s.append(_seed_markdown(seeds) + "\n")
 
     s.append("## Per-task results\n")
@@ -967,11 +1098,15 @@ def write_run_report(path: str | Path, out: str | Path | None = None) -> str:
          f"{_prop_cell(r.n_solved_tasks, r.n_tasks, r.all_outputs, r.all_outputs_lo, r.all_outputs_hi)}",
          f"- Failed tasks: {r.n_failed}; budget exhausted: {r.n_budget_exhausted}\n",
          "## Cost per task\n",
+         COST_NOTE + "\n",
          _cost_markdown(acc) + "\n",
          "## Per-task results\n",
          markdown_table(df[["task_id", "n_outputs", "n_solved", "score", "flops", "seconds",
-                            "peak_memory_mb", "budget_exhausted"]].assign(
-                                score=lambda d: d["score"].round(3))) + "\n",
+                            "peak_memory_mb", "budget_exhausted", "stopped_by_budget",
+                            "out_of_work"]].assign(
+                                score=lambda d: d["score"].round(3),
+                                stopped_by_budget=lambda d: d["stopped_by_budget"].map({1.0: True, 0.0: False})))
+         + "\n",
          "## Failed tasks\n",
          _failures_markdown(df) + "\n"]
     text = "\n".join(s)

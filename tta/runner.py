@@ -202,23 +202,25 @@ def run_task(method: Method, lm: LoadedModel | None, task: Task, budget: Budget,
     meter = Meter(budget)
     if lm is not None:
         meter.attach(lm.model)
+    budget_view = meter.handle(lm.model if lm is not None else None)   # what the method sees
     record = {"task_id": task.id, "method": method.name, "n_demos": len(task.train), "n_tokens": grid_tokens(task)}
     try:
-        adapt_info = method.adapt(task, meter, seed)
-        attempts, predict_info = method.predict(task, meter, seed)
+        adapt_info = method.adapt(task, budget_view, seed)
+        attempts, predict_info = method.predict(task, budget_view, seed)
         attempts = as_grids(attempts)
         if len(attempts) != len(task.test):
             raise RuntimeError(f"method returned {len(attempts)} answers for {len(task.test)} test inputs")
-        budget_exhausted = meter.exhausted()
+        spent = meter.summary()   # before the graded metrics, which are measurement, not method
         metrics = graded_metrics(lm, task, attempts, meter) if task.has_solutions else {}
     finally:
         method.reset()
         meter.detach()
+    spent.update(eval_flops=meter.uncharged_flops, peak_memory_mb=meter.summary()["peak_memory_mb"])
     correct = [scoring.solved(a, p.output) for a, p in zip(attempts, task.test)] if task.has_solutions else []
     record.update({
         "attempts": [[grid_to_list(a) for a in pair] for pair in attempts],
         "correct": correct, "score": scoring.task_score(correct),
-        **meter.summary(), "budget_exhausted": budget_exhausted, "error": None,
+        **spent, "budget_exhausted": spent["stopped_by_budget"], "error": None,
         "metrics": metrics, "extra": {"adapt": adapt_info, "predict": predict_info},
     })
     return record
@@ -229,6 +231,7 @@ def failed_record(task_id: str, method_name: str, error: str, n_outputs: int, ta
             "n_tokens": grid_tokens(task) if task else 0,
             "attempts": [[None, None] for _ in range(n_outputs)], "correct": [False] * n_outputs,
             "score": 0.0, "flops": 0.0, "eval_flops": 0.0, "seconds": 0.0, "peak_memory_mb": 0.0,
+            "budget_share": None, "stopped_by_budget": False, "out_of_work": None,
             "budget_exhausted": False, "error": error, "metrics": {}, "extra": {}}
 
 

@@ -11,8 +11,8 @@ Cost: the prompt is computed once; every node after that is *one* token fed
 through the model on top of the shared KV cache.  When the search backtracks,
 the cache is cropped to the branch point (depth-first order guarantees the
 cache then holds exactly the branch's prefix), so no prefix is ever recomputed.
-Every forward goes through the model, so the budget meter's hook charges it;
-before each forward the search asks the meter whether it can pay and stops
+Every forward goes through the model, so the harness's meter charges it;
+before each forward the search asks the task's budget whether it can pay and stops
 (returning what it has) when not.
 
 Tokens follow the output grammar of the model's format (for the compact format:
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tta.budget import attention_context, forward_flops
+from tta.budget import attention_context
 from tta.decoding import _constraint
 from tta.encoding import positions_of
 from tta.models import CACHE_KW, LoadedModel, autocast, output_cache
@@ -93,7 +93,7 @@ def _forward(model, device, ids: list[int], positions: list[int], n_past: int, c
 
 
 @torch.no_grad()
-def dfs(lm: LoadedModel, prompt: list[int], meter=None, threshold: float = THRESHOLD,
+def dfs(lm: LoadedModel, prompt: list[int], budget=None, threshold: float = THRESHOLD,
         max_new_tokens: int | None = None, max_forwards: int | None = None,
         keep_greedy: bool = False) -> SearchResult:
     """Every completion of `prompt` with probability above `threshold`, most probable first.
@@ -102,18 +102,17 @@ def dfs(lm: LoadedModel, prompt: list[int], meter=None, threshold: float = THRES
     or by the model's context, are not returned.  `max_forwards` caps the nodes expanded (the
     prompt counts as one).  With `keep_greedy` the greedy completion is followed to its end and
     returned whatever its probability (the paper's `max_score_greedy` set to infinity).
-    `meter` needs `can_afford(flops)` and `_shape(model)` (a `tta.budget.Meter` or a view of one).
+    `budget` is the task's `tta.budget.TaskBudget` (None: unlimited).
     """
     model, device, fmt = lm.model, lm.device, lm.format
     limit = min(max_new_tokens or fmt.max_answer_tokens(), lm.max_context - len(prompt))
     max_nll = -math.log(threshold)
-    shape = meter._shape(model) if meter is not None else None
     result = SearchResult()
     if limit <= 0:
         return result
 
     def affordable(n_past: int, n_new: int) -> bool:
-        if meter is None or meter.can_afford(forward_flops(shape, n_new, attention_context(n_past, n_new))):
+        if budget is None or budget.can_afford(budget.forward_cost(n_new, attention_context(n_past, n_new), model)):
             return True
         result.stopped_by_budget = True
         return False
@@ -175,7 +174,8 @@ class PromptCache:
     KV cache: an answer costs its own tokens only (the prompt is not recomputed), and gives the
     same summed negative log-likelihood as `tta.decoding.score_answers` (the full, unconstrained
     next-token distribution).  Every forward goes through the model, so the meter charges it;
-    callers check `prompt_flops` / `answer_flops` against the budget first."""
+    callers check `prompt_cost` / `answer_cost` against the budget first (prices from
+    `TaskBudget.shape`, the one formula in tta.budget)."""
 
     def __init__(self, lm: LoadedModel, prompt: list[int]):
         from transformers import DynamicCache
@@ -186,13 +186,13 @@ class PromptCache:
         self.first = torch.log_softmax(logits[-1], dim=-1)   # distribution of the answer's first token
 
     @staticmethod
-    def prompt_flops(shape, n_prompt: int) -> float:
-        return forward_flops(shape, n_prompt, attention_context(0, n_prompt))
+    def prompt_cost(budget, n_prompt: int) -> float:
+        return budget.sequences_cost([n_prompt])
 
     @staticmethod
-    def answer_flops(shape, n_prompt: int, n_answer: int) -> float:
+    def answer_cost(budget, n_prompt: int, n_answer: int) -> float:
         n = max(0, n_answer - 1)    # the answer's last token is never fed
-        return forward_flops(shape, n, attention_context(n_prompt, n))
+        return budget.forward_cost(n, attention_context(n_prompt, n))
 
     @torch.no_grad()
     def _forward(self, ids: list[int], positions: list[int], n_past: int, cache, keep: int = 0):

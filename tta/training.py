@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tta.budget import Meter, attention_context, training_step_flops
+from tta.budget import TaskBudget
 from tta.decoding import pad_batch, pad_labels
 from tta.encoding import Encoded
 from tta.models import LoadedModel, autocast
+from tta.settings import setting
 
 
 PAD_MULTIPLE = 64   # see pad_batch: repeated shapes keep the CPU kernels cached
@@ -31,18 +32,34 @@ class TrainingError(RuntimeError):
 @dataclass
 class TrainReport:
     steps: int = 0
-    planned_steps: int = 0
+    planned_steps: int = 0     # the steps the schedule was laid over (what the budget pays for)
+    wanted_steps: int = 0      # the steps `epochs` passes would take
     stopped_by_budget: bool = False
     losses: list[float] = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        return {"steps": self.steps, "planned_steps": self.planned_steps,
+        return {"steps": self.steps, "planned_steps": self.planned_steps, "wanted_steps": self.wanted_steps,
                 "stopped_by_budget": self.stopped_by_budget,
                 "first_loss": self.losses[0] if self.losses else None,
                 "last_loss": self.losses[-1] if self.losses else None}
 
 
 # ---------------------------------------------------------------- adapters
+
+@dataclass
+class LoRASettings:
+    """A per-task LoRA and its training, shared by every method that trains one."""
+    rank: int = setting(32, "LoRA rank (paper: 128 for 1B-8B models; 32 here, an eighth of the embedded model's width)")
+    alpha: int = setting(32, "LoRA alpha; the update is scaled by alpha/rank (paper: 16/128 = 0.125)")
+    targets: list = setting(["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"],
+                            "modules that get adapters (paper: q, v and the MLP)")
+    lr: float = setting(1e-4, "AdamW learning rate (paper: 5e-5 for 1B/3B, 1e-4 for 8B, at scaling 0.125)")
+    weight_decay: float = setting(0.01, "AdamW weight decay (paper: 0.01)")
+    epochs: int = setting(2, "passes over the training examples at most; the steps are planned to what the budget pays for (paper: 2)")
+    batch_size: int = setting(2, "training examples per step (paper: 2)")
+    warmup_ratio: float = setting(0.1, "share of the planned steps with linear warm-up before the cosine decay (paper: 0.1)")
+
+
 
 def attach_lora(lm: LoadedModel, rank: int, alpha: int, targets: list[str], dropout: float = 0.0, seed: int = 0):
     """Inject a freshly initialised LoRA adapter (peft) into the base model and return the peft
@@ -54,6 +71,18 @@ def attach_lora(lm: LoadedModel, rank: int, alpha: int, targets: list[str], drop
                         bias="none", task_type="CAUSAL_LM")
     torch.manual_seed(seed)
     return get_peft_model(lm.model, config)
+
+
+def new_adapter(lm: LoadedModel, lora: LoRASettings, seed: int):
+    """A fresh adapter with these settings; remove it with `detach_lora` when the task is done."""
+    return attach_lora(lm, lora.rank, lora.alpha, lora.targets, seed=seed)
+
+
+def train_adapter(lm: LoadedModel, examples: list[Encoded], budget: TaskBudget, lora: LoRASettings,
+                  seed: int) -> "TrainReport":
+    """`train` with a method's `LoRASettings`."""
+    return train(lm, examples, budget, lr=lora.lr, epochs=lora.epochs, batch_size=lora.batch_size,
+                 weight_decay=lora.weight_decay, warmup_ratio=lora.warmup_ratio, seed=seed)
 
 
 def detach_lora(lm: LoadedModel, peft_model) -> None:
@@ -74,25 +103,34 @@ def batches(examples: list[Encoded], batch_size: int, epochs: int, seed: int) ->
     return plan
 
 
-def step_cost(meter: Meter, model, batch: list[Encoded]) -> float:
-    shape = meter._shape(model)
-    tokens = sum(len(e) for e in batch)
-    context = sum(attention_context(0, len(e)) for e in batch)
-    return training_step_flops(shape, tokens, context)
+def plan_to_budget(plan: list[list[Encoded]], budget: TaskBudget, model) -> list[list[Encoded]]:
+    """The longest prefix of `plan` the budget can pay for (all of it when it fits), so the
+    learning-rate schedule is laid over the steps that will run instead of being cut off."""
+    costs = [budget.training_cost([len(e) for e in batch], model) for batch in plan]
+    if budget.can_afford(sum(costs)):
+        return plan
+    left, steps = budget.remaining(), 0
+    for cost in costs:
+        if cost > left:
+            break
+        left -= cost
+        steps += 1
+    return plan[:steps]
 
 
-def train(lm: LoadedModel, examples: list[Encoded], meter: Meter, lr: float, epochs: int, batch_size: int,
-          weight_decay: float = 0.01, warmup_ratio: float = 0.1, seed: int = 0,
-          reserve_flops: float = 0.0) -> TrainReport:
-    """AdamW with a cosine schedule and linear warm-up over the trainable parameters of `lm.model`.
-    Before each step the meter must afford the step plus `reserve_flops` (kept for prediction);
-    otherwise training stops there and the model is used as it is."""
+def train(lm: LoadedModel, examples: list[Encoded], budget: TaskBudget, lr: float, epochs: int, batch_size: int,
+          weight_decay: float = 0.01, warmup_ratio: float = 0.1, seed: int = 0) -> TrainReport:
+    """AdamW with a cosine schedule and linear warm-up over the trainable parameters of `lm.model`,
+    for `epochs` passes over `examples` or as many steps of them as `budget` pays for (a phase
+    that must leave room for prediction passes `budget.holding_back(...)`).  Under a seconds cap
+    the steps cannot be planned: every step checks the clock and training stops there."""
     from transformers import get_cosine_schedule_with_warmup
 
     model = lm.model
     params = [p for p in model.parameters() if p.requires_grad]
-    plan = batches(examples, batch_size, epochs, seed)
-    report = TrainReport(planned_steps=len(plan))
+    wanted = batches(examples, batch_size, epochs, seed)
+    plan = plan_to_budget(wanted, budget, model)
+    report = TrainReport(planned_steps=len(plan), wanted_steps=len(wanted), stopped_by_budget=len(plan) < len(wanted))
     if not params or not plan:
         return report
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -100,7 +138,7 @@ def train(lm: LoadedModel, examples: list[Encoded], meter: Meter, lr: float, epo
     model.train()
     losses = []
     for batch in plan:
-        if not meter.can_afford(step_cost(meter, model, batch) + reserve_flops):
+        if not budget.can_afford(budget.training_cost([len(e) for e in batch], model)):
             report.stopped_by_budget = True
             break
         ids, mask, positions = pad_batch([e.input_ids for e in batch], lm.format, lm.device, "right", PAD_MULTIPLE)
