@@ -389,3 +389,25 @@ def test_end_to_end_on_a_random_tiny_model(tmp_path):
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["error"] is None and rows[0]["extra"]["predict"]["samples"] == 4
     assert json.loads((out / "manifest.json").read_text())["config"]["search"] == "sample"
+
+
+def test_poe_scores_the_most_probable_candidates_first_whatever_the_sampling_order(monkeypatch):
+    """All samples distinct and the most probable one drawn last: with room to score one
+    candidate, product-of-experts must score that one, not the first drawn."""
+    from methods.sampling import Candidate, Sampling, most_probable_first
+
+    grids = [grid(["2"]), grid(["3"]), grid(["4"]), grid(["11", "11"])]
+    logprobs = [-3.0, -2.5, -2.0, -0.2]   # the last drawn is the most probable
+    drawn = [Candidate(0, "identity", g, lp) for g, lp in zip(grids, logprobs)]
+    assert [grid_key(g) for g in most_probable_first(drawn)] == [grid_key(g) for g in grids[::-1]]
+    # a grid drawn twice counts its best log-probability, and keeps its first place among ties
+    twice = drawn + [Candidate(0, "rot90", grids[0], -0.1)]
+    assert grid_key(most_probable_first(twice)[0]) == grid_key(grids[0])
+
+    lm = stub_lm({answer(["11", "11"]): 0.9, answer(["2"]): 0.1})
+    monkeypatch.setattr(Sampling, "sample", lambda self, views, room, budget, seed: (list(drawn), {"samples": 4}))
+    attempts, info, _ = run_method(lm, small_task(), Budget(), search="sample", select="poe",
+                                   transforms=["identity", "rot90"], max_scored=1)
+    assert grid_key(attempts[0][0]) == grid_key(grids[3])
+    assert len(info["poe_nll"][0]) == 1 and info["poe_nll"][0][0] == pytest.approx(-2 * math.log(0.9), abs=0.05)
+    assert grid_key(attempts[0][1]) == grid_key(grids[2])   # the next most probable, unscored

@@ -3,32 +3,73 @@ import numpy as np
 from tta import scoring
 from tta.voting import hierarchical_vote, majority_vote
 
-A, B, C, D = (np.full((2, 2), v, np.int8) for v in range(4))
+A, B, C, D, E, F, G = (np.full((2, 2), v, np.int8) for v in range(7))
 
 
-def test_global_vote_counts_only_each_groups_top_answers():
-    preds = [("identity", A), ("identity", A), ("rot90", B), ("rot90", B), ("rot90", B),
-             ("flip_h", C), ("flip_h", C), ("flip_h", C), ("flip_h", C), ("flip_h", None)]
-    first, second = hierarchical_vote(preds)
-    assert np.array_equal(first, C) and np.array_equal(second, B)
+def values(grids):
+    return [None if g is None else int(g[0, 0]) for g in grids]
 
 
-def test_top_per_group_drops_rare_answers():
+def test_agreement_across_transforms_beats_a_plain_majority():
+    """A: both orders of three transforms (6 votes, 3 categories); B: one order of four other
+    transforms (4 votes, 4 categories), whose other orders each said something else."""
+    preds = [(t, A) for t in ("identity", "rot90", "rot180") for _ in range(2)]
+    preds += [("flip_h", B), ("flip_h", D), ("flip_v", B), ("flip_v", E),
+              ("transpose", B), ("transpose", F), ("rot270", B), ("rot270", G)]
+    # points: B = 4 transforms + the all-views top 3 = 5; A = 3 + 1 = 4; D = flip_h + third of
+    # all (ties at 1 vote go to the first seen) = 2; E, F, G = 1 each.
+    assert values(hierarchical_vote(preds, n_attempts=4)) == [1, 0, 3, 4]
+    assert values(majority_vote([g for _, g in preds], n_attempts=2)) == [0, 1]
+    assert values(hierarchical_vote(preds)) == [1, 0]
+
+
+def test_a_category_scores_an_answer_once_however_often_it_repeats_it():
+    preds = [("rot90", B)] * 5 + [("identity", A), ("flip_h", A)]
+    # B: rot90 + all = 2; A: identity + flip_h + all = 3, though B has 5 votes to A's 2.
+    assert values(hierarchical_vote(preds)) == [0, 1]
+
+
+def test_only_each_categorys_top_answers_score():
+    # Group g ranks A (3) > B (2) > C (2) > D (1): D misses g's top 3 and scores only in h.
+    # All views: A 3, B 2, C 2, D 2 -> the tie for third goes to C (seen before D).
     preds = [("g", A)] * 3 + [("g", B)] * 2 + [("g", C)] * 2 + [("g", D)] + [("h", D)]
-    ranked = hierarchical_vote(preds, top_per_group=3, n_attempts=4)
-    # D is 4th in group g and dropped there; it keeps only h's single vote.
-    assert [int(x[0, 0]) for x in ranked] == [0, 1, 2, 3]
+    assert values(hierarchical_vote(preds, top_per_group=3, n_attempts=4)) == [0, 1, 2, 3]
+    # With a top 1, B and C score nothing and are not candidates at all.
+    assert values(hierarchical_vote(preds, top_per_group=1, n_attempts=3)) == [0, 3, None]
 
 
 def test_ties_go_to_the_identity_view():
-    preds = [("rot90", B), ("identity", A)]
-    assert np.array_equal(hierarchical_vote(preds)[0], A)
+    # Equal points (1 category + all each): the identity view's answer first, though seen second.
+    assert values(hierarchical_vote([("rot90", B), ("identity", A)])) == [0, 1]
+    # Equal points (3 each); the identity view produced B twice and A once: B first.
+    preds = [("identity", A), ("rot90", A), ("identity", B), ("identity", B), ("flip_h", B)]
+    assert values(hierarchical_vote(preds)) == [1, 0]
+    # The identity name is the caller's.
+    assert values(hierarchical_vote([("rot90", B), ("base", A)], identity="base")) == [0, 1]
+    # No identity answer among the tied: the first seen.
+    assert values(hierarchical_vote([("rot90", B), ("flip_h", A)])) == [1, 0]
 
 
-def test_fewer_candidates_than_attempts():
+def test_none_predictions_are_ignored():
+    # Five views without an answer neither score nor take a place in a category's top answers.
+    preds = [("identity", None)] * 5 + [("identity", A), ("rot90", B), ("rot90", None)]
+    assert values(hierarchical_vote(preds, top_per_group=1)) == [0, 1]
+    assert values(majority_vote([None, None, None, B, A, A])) == [0, 1]
+
+
+def test_fewer_candidates_than_attempts_are_padded_with_none():
     assert hierarchical_vote([("identity", None)]) == [None, None]
-    out = majority_vote([A, A, B])
-    assert np.array_equal(out[0], A) and np.array_equal(out[1], B)
+    assert hierarchical_vote([]) == [None, None]
+    assert values(hierarchical_vote([("identity", A), ("rot90", A)], n_attempts=3)) == [0, None, None]
+    assert majority_vote([None]) == [None, None]
+    assert values(majority_vote([A], n_attempts=3)) == [0, None, None]
+
+
+def test_majority_vote_is_plain_self_consistency():
+    assert values(majority_vote([B, A, A, C, B, A])) == [0, 1]
+    assert values(majority_vote([B, A, C, A, B], n_attempts=3)) == [1, 0, 2]   # ties: first seen
+    different_shape = np.zeros((2, 3), np.int8)   # same values, another shape: another answer
+    assert [g.shape for g in majority_vote([different_shape, A, A])] == [(2, 2), (2, 3)]
 
 
 def test_pass_at_2_and_shapes():

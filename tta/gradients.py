@@ -1,6 +1,6 @@
 """Gradient features for LESS-style data selection (Xia et al. 2024), built once and cached.
 
-Recipe (DESIGN.md section 3, "LESS"), in the order the code runs:
+The recipe, in the order the code runs:
 
 1. warm-up   -- a LoRA adapter (paper: r=128, alpha=512 on q/k/v/o) is trained with AdamW on a
                 random 5% of the pool for 4 epochs; after every epoch its weights, the optimiser's
@@ -50,7 +50,10 @@ from tta.encoding import Encoded
 from tta.models import LoadedModel, autocast
 from tta.tasks import Task
 
-FORMAT_VERSION = 1
+# Part of every datastore's cache key.  2: features taken with the format's position ids (grid
+# positions for the embedded model) and, on the CPU, at each checkpoint's own weights; version-1
+# stores had neither and are rebuilt rather than reused.
+FORMAT_VERSION = 2
 ADAM_EPS = 1e-8   # LESS's constant in m / sqrt(v + eps)
 
 
@@ -166,19 +169,28 @@ def gradient_adapter(lm: LoadedModel, settings: GradientSettings):
         detach_lora(lm, adapter)
 
 
+def batch_loss(lm: LoadedModel, batch: list[Encoded]) -> torch.Tensor:
+    """The mean loss of `batch` (right-padded) in one forward, numbered exactly as training numbers
+    it (`tta.training.train`): the format's position ids from `pad_batch` -- grid positions for
+    the embedded model, whose loss on ARC-style examples is 7-20x higher under plain 0, 1, 2, ...
+    -- and the attention mask, without which transformers would read the jumps in grid positions
+    as the starts of packed sequences.  Every forward in this module goes through here."""
+    ids, mask, positions = pad_batch([e.input_ids for e in batch], lm.format, lm.device, side="right")
+    labels = pad_labels([e.labels for e in batch], lm.device)
+    with autocast(lm.device):
+        return lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, labels=labels).loss
+
+
 def example_gradient(lm: LoadedModel, params: list, example: Encoded) -> torch.Tensor:
     """The flattened LoRA gradient (float32, on the CPU) of one example's loss (batch size 1).
     A training-mode forward with gradients: an attached meter charges forward and backward."""
     model = lm.model
-    # One unpadded sequence needs no attention mask, which keeps attention on its fast causal path.
-    ids = torch.tensor([example.input_ids], dtype=torch.long, device=lm.device)
-    labels = torch.tensor([example.labels], dtype=torch.long, device=lm.device)
     for _, p in params:
         p.grad = None
     was_training = model.training
     model.train()
-    with torch.enable_grad(), autocast(lm.device):
-        loss = model(input_ids=ids, labels=labels).loss
+    with torch.enable_grad():
+        loss = batch_loss(lm, [example])
     loss.backward()
     model.train(was_training)
     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
@@ -336,10 +348,7 @@ def build(lm: LoadedModel, examples: list[Example], settings: GradientSettings, 
                 model.train()
                 epoch_lrs = []
                 for batch in plan[epoch * steps_per_epoch:(epoch + 1) * steps_per_epoch]:
-                    ids, mask, positions = pad_batch([e.input_ids for e in batch], lm.format, lm.device, side="right")
-                    labels = pad_labels([e.labels for e in batch], lm.device)
-                    with autocast(lm.device):
-                        loss = model(input_ids=ids, attention_mask=mask, position_ids=positions, labels=labels).loss
+                    loss = batch_loss(lm, batch)
                     loss.backward()
                     epoch_lrs.append(optimizer.param_groups[0]["lr"])
                     optimizer.step()
@@ -351,7 +360,9 @@ def build(lm: LoadedModel, examples: list[Example], settings: GradientSettings, 
                 state = [optimizer.state[p] for _, p in params]
                 m = torch.cat([s["exp_avg"].reshape(-1).float().cpu() for s in state])
                 v = torch.cat([s["exp_avg_sq"].reshape(-1).float().cpu() for s in state])
-                weights = {n: p.detach().float().cpu().contiguous() for n, p in params}
+                # A copy: on the CPU `.float().cpu()` of a float32 parameter is the parameter itself,
+                # which the next epoch trains on in place.
+                weights = {n: p.detach().float().cpu().clone() for n, p in params}
                 save_file({**weights, "adam.exp_avg": m, "adam.exp_avg_sq": v}, tmp / f"checkpoint_{epoch}.safetensors")
                 checkpoints.append((weights, m, v))
                 lrs.append(float(np.mean(epoch_lrs)))

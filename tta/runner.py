@@ -1,6 +1,6 @@
 """`tta run`: one method over a set of tasks, into a run directory.
 
-The run directory (DESIGN.md section 5):
+The run directory:
 * `manifest.json` -- what was run (method, config, model, budget, dataset, task ids, seed,
   versions, git commit, command, times); a rerun into the same directory must match it;
 * `results.jsonl` -- one JSON object per task, appended with a single write as each task
@@ -163,7 +163,7 @@ def seed_everything(seed: int) -> None:
 
 
 def grid_tokens(task: Task) -> int:
-    """Task size at one token per cell plus one per row, all grids (DESIGN.md section 2)."""
+    """Task size at one token per cell plus one per row, all grids (the compact format's length)."""
     grids = [g for p in (*task.train, *task.test) for g in (p.input, p.output) if g is not None]
     return int(sum(g.shape[0] * (g.shape[1] + 1) for g in grids))
 

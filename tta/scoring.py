@@ -1,8 +1,8 @@
 """Scoring attempts against the true outputs.
 
 pass@2 exact match (official): a test output is solved when either attempt
-equals the true grid, shape included.  The three aggregations in use
-(DESIGN.md section 2) are computed from per-task lists of booleans:
+equals the true grid, shape included.  The three aggregations in use for ARC
+are computed from per-task lists of booleans:
 
 * `kaggle`: solved test outputs / all test outputs;
 * `benchmarking` (arc-agi-benchmarking): mean over tasks of solved/outputs;
