@@ -17,16 +17,20 @@ from tta.tasks import grid_key
 @register("copy_input")
 class CopyInput(Method):
     needs_model = False
+    spends = "nothing: no model, no compute"
 
-    def predict(self, task, meter, seed):
+    def predict(self, task, budget, seed):
+        budget.out_of_work("a floor: no model, nothing to spend")
         return [[p.input, None] for p in task.test], {}
 
 
 @register("common_output")
 class CommonOutput(Method):
     needs_model = False
+    spends = "nothing: no model, no compute"
 
-    def predict(self, task, meter, seed):
+    def predict(self, task, budget, seed):
+        budget.out_of_work("a floor: no model, nothing to spend")
         outputs = [p.output for p in task.train]
         counts = Counter(grid_key(g) for g in outputs)
         by_key = {grid_key(g): g for g in outputs}

@@ -27,6 +27,7 @@ class ICLConfig(ViewSettings):
 @register("icl")
 class ICL(Method):
     Config = ICLConfig
+    spends = "more views (8 dihedral transforms x colour permutations x demonstration orders), up to max_views per test input"
 
     def predict(self, task, budget, seed):
         return predict_with_views(self.lm, task, budget, self.config, seed)

@@ -131,6 +131,7 @@ def select_within(order: list[int], lengths: list[int], budget, epochs: int, lea
 class LESS(AdapterMethod):
     """ttt_lora with another choice of training data."""
     Config = LESSConfig
+    spends = "more selected pool examples (top_k to max_selected) and training steps, then more views"
 
     def setup(self, tasks):
         c = self.config

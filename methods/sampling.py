@@ -144,6 +144,7 @@ def most_probable_first(candidates: list[Candidate]) -> list[np.ndarray]:
 @register("sampling")
 class Sampling(AdapterMethod):
     Config = SamplingConfig
+    spends = "more samples per view (samples=0), up to max_samples; with search=dfs, more views searched"
 
     # ---------------------------------------------------------------- 1. adapt
 

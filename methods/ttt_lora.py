@@ -35,6 +35,7 @@ class TTTConfig(LoRASettings, ViewSettings):
 @register("ttt_lora")
 class TTTLoRA(AdapterMethod):
     Config = TTTConfig
+    spends = "more training steps (planned to the budget, up to epochs x max_examples), then more views"
 
     def adapt(self, task, budget, seed):
         c = self.config

@@ -249,3 +249,87 @@ def test_pricing_matches_what_the_hooks_charge(lm):
     meter.detach()
     assert price == meter.flops
     assert isinstance(budget, TaskBudget)
+
+
+# ---------------------------------------------------------------- through the runner, as a plugin would
+
+from tta.method import Method  # noqa: E402
+from tta.runner import run_task  # noqa: E402
+from conftest import flip_task  # noqa: E402
+
+
+class WellBehaved(Method):
+    """Scores the task's first prompt through the model's front door, then trains one step on it."""
+    name = "well_behaved"
+
+    def prompt(self, task):
+        return torch.tensor([self.lm.format.encode(list(task.train), task.test[0].input).input_ids])
+
+    def forward(self, ids):
+        return self.lm.model(input_ids=ids).logits
+
+    def backward(self, ids):
+        self.lm.model.train()
+        loss = self.lm.model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        self.lm.model.eval()
+
+    def adapt(self, task, budget, seed):
+        ids = self.prompt(task)
+        with torch.no_grad():
+            self.forward(ids)
+        with torch.enable_grad():
+            self.backward(ids)
+        return {}
+
+    def predict(self, task, budget, seed):
+        return [[p.input, None] for p in task.test], {}
+
+
+class ThroughForward(WellBehaved):
+    def forward(self, ids):
+        return self.lm.model.forward(input_ids=ids).logits
+
+
+class ThroughTheInnerModel(WellBehaved):
+    def forward(self, ids):
+        return self.lm.model.lm_head(self.lm.model.model(input_ids=ids).last_hidden_state)
+
+
+class BackwardInEvalMode(WellBehaved):
+    def backward(self, ids):
+        loss = self.lm.model(input_ids=ids, labels=ids).loss   # eval mode: dropout off, graph on
+        loss.backward()
+
+
+class ReachesForTheMeter(WellBehaved):
+    def adapt(self, task, budget, seed):
+        for name in ("uncharged", "detach", "_meter"):
+            if name != "_meter":
+                assert not hasattr(budget, name)
+        return super().adapt(task, budget, seed)
+
+
+@pytest.mark.parametrize("cls", [ThroughForward, ThroughTheInnerModel, BackwardInEvalMode, ReachesForTheMeter])
+def test_a_method_that_escapes_the_front_door_is_charged_like_a_well_behaved_one(lm, cls):
+    lm.model.requires_grad_(True)   # a full fine-tuning backward: every weight trains
+    task = flip_task()
+    expected = run_task(WellBehaved(None, lm), lm, task, Budget(), seed=0)
+    got = run_task(cls(None, lm), lm, task, Budget(), seed=0)
+    assert expected["error"] is None and got["error"] is None
+    shape = model_shape(lm.model)
+    n = len(lm.format.encode(list(task.train), task.test[0].input).input_ids)
+    assert expected["flops"] == forward_flops(shape, n, attention_context(0, n)) + training_step_flops(
+        shape, n, attention_context(0, n))
+    assert got["flops"] == expected["flops"]
+
+
+def test_the_record_says_whether_the_cap_cut_the_work(lm):
+    from methods.icl import ICL, ICLConfig
+    task = flip_task()
+    capped = run_task(ICL(ICLConfig(max_views=64), lm), lm, task, Budget(flops=2e8), seed=0)
+    assert capped["stopped_by_budget"] and capped["out_of_work"] is None
+    assert 0.8 <= capped["budget_share"] <= 1.0 and capped["flops"] <= 2e8
+    roomy = run_task(ICL(ICLConfig(max_views=16), lm), lm, task, Budget(flops=1e11), seed=0)
+    assert not roomy["stopped_by_budget"] and roomy["out_of_work"].startswith("max_views reached")
+    assert roomy["extra"]["predict"]["views"] == 16

@@ -84,12 +84,15 @@ def test_a_directory_with_a_bad_task_runs_the_rest(tmp_path):
 
 
 def method_listing(output: str) -> dict[str, list[str]]:
-    """`tta methods` output as {method: its setting lines}; a method listed twice is an error."""
+    """`tta methods` output as {method: its setting lines}; a method listed twice is an error.
+    The two-space line under a method's name (what a bigger budget buys) is checked apart."""
     blocks: dict[str, list[str]] = {}
     current = None
     for line in output.splitlines():
         if line.startswith("    "):
             current.append(line)
+        elif line.startswith("  a bigger budget buys: "):
+            continue
         else:
             name = line.split(":", 1)[0]
             assert name not in blocks, f"{name} listed twice"
@@ -112,7 +115,10 @@ def test_methods_lists_every_registered_method_with_each_settings_default():
             # The listed setting is one --set takes, and its default given back as text reads as itself.
             text = json.dumps(default) if isinstance(default, (list, dict)) else str(default)
             assert getattr(make_config(cls, [f"{f.name}={text}"]), f.name) == default, (name, f.name)
-    assert any(line.startswith("    lr (float) = 0.0001") for line in blocks["ttt_lora"])   # the paper's 8B value
+    assert any(line.startswith("    lr (float) = 0.0008") for line in blocks["ttt_lora"])
+    # every built-in method says how it spends a bigger budget, right under its name
+    for name in ("icl", "ttt_lora", "less", "sampling"):
+        assert re.search(rf"^{name}: .*\n  a bigger budget buys: \S", output, re.M), name
 
 
 def test_a_bad_setting_exits_non_zero_with_one_line_on_stderr_naming_the_key(tmp_path, monkeypatch):

@@ -323,3 +323,25 @@ def test_smollm2_chat_model_solves_through_the_text_path():
     prompt = lm.format.encode(list(task.train), task.test[0].input).input_ids
     score = score_answers(lm, [prompt], [answer_ids])[0]
     assert 0 < score.mean_nll < 5   # a real LM finds the copied grid plausible
+
+
+def test_a_bigger_budget_buys_more_views_and_leave_one_out_prompts_add_views(tiny):
+    from tta.budget import Budget, Meter
+    from tta.predict import ViewSettings, predict_with_views
+    from conftest import flip_task
+
+    task = flip_task(n_train=3)
+    views = {}
+    for cap in (1e8, 4e8):
+        meter = Meter(Budget(flops=cap))
+        meter.attach(tiny.model)
+        _, info = predict_with_views(tiny, task, meter.handle(tiny.model), ViewSettings(max_views=500), seed=0)
+        meter.detach()
+        assert meter.flops <= cap and meter.flops >= 0.8 * cap
+        views[cap] = info["views"]
+    assert views[4e8] > 2 * views[1e8] >= 2 * 12
+    unlimited = ViewSettings(fill_views=False)
+    _, plain = predict_with_views(tiny, task, None, unlimited, seed=0)
+    unlimited.leave_one_out_prompts = True
+    _, loo = predict_with_views(tiny, task, None, unlimited, seed=0)
+    assert plain["views"] == 12 and loo["views"] == 12 + 6 * 3   # each transform once per left-out demo

@@ -360,8 +360,9 @@ def test_bad_settings_are_one_line_errors():
     cls = get_method("sampling")
     for bad in (["search=beam"], ["select=best"], ["adapt=full"], ["threshold=1.5"], ["transforms=[\"spin\"]"],
                 ["nope=1"]):
-        with pytest.raises(MethodError):
+        with pytest.raises(MethodError) as error:
             make_config(cls, bad)
+        assert "\n" not in str(error.value) and bad[0].split("=")[0] in str(error.value)
 
 
 # ---------------------------------------------------------------- end to end

@@ -181,6 +181,8 @@ def methods():
         cls = REGISTRY[name]
         doc = (cls.__module__ and sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
         click.echo(f"{name}: {doc[0] if doc else ''}")
+        if cls.spends:
+            click.echo(f"  a bigger budget buys: {cls.spends}")
         for field, kind, default, help_text in describe(cls):
             click.echo(f"    {field} ({kind}) = {default!r}  {help_text}")
 

@@ -44,6 +44,9 @@ class Method:
     name: ClassVar[str] = ""
     Config: ClassVar[type] = NoConfig
     needs_model: ClassVar[bool] = True
+    # How the method turns a bigger cap into more of its own work (shown by `tta methods`).  A
+    # method compared on equal compute should have an answer; where it has none, say so.
+    spends: ClassVar[str] = ""
 
     def __init__(self, config, lm: LoadedModel | None, seed: int = 0):
         self.config = config
