@@ -12,12 +12,12 @@ from tta.report import accuracy_table, load_runs
 
 RUNS = [  # (what, run directory)
     ("gen-eval, all 200 tasks", "runs/card/icl-gen-eval"),
-    ("gen-eval, 40 tasks (`sample = 40`)", "runs/default/icl-f2e12-seed0"),
-    ("gen-eval, 40 tasks (`sample = 40`)", "runs/default/ttt_lora-f2e12-seed0"),
-    ("gen-eval, 40 tasks (`sample = 40`)", "runs/default/less-f2e12-seed0"),
-    ("gen-eval, 40 tasks (`sample = 40`)", "runs/default/sampling-f2e12-seed0"),
-    ("gen-eval, 40 tasks (`sample = 40`)", "runs/default/copy_input-f2e12-seed0"),
-    ("gen-eval, 40 tasks (`sample = 40`)", "runs/default/common_output-f2e12-seed0"),
+    ("gen-eval, 40 tasks (`sample = 40`)", "runs/default/icl-f5e11-seed0"),
+    ("gen-eval, 40 tasks (`sample = 40`)", "runs/default/ttt_lora-f5e11-seed0"),
+    ("gen-eval, 40 tasks (`sample = 40`)", "runs/default/less-f5e11-seed0"),
+    ("gen-eval, 40 tasks (`sample = 40`)", "runs/default/sampling-f5e11-seed0"),
+    ("gen-eval, 40 tasks (`sample = 40`)", "runs/default/copy_input-f5e11-seed0"),
+    ("gen-eval, 40 tasks (`sample = 40`)", "runs/default/common_output-f5e11-seed0"),
     ("arc1-heldout (unseen arc1-train), first 10", "runs/card/icl-arc1-heldout"),
     ("arc1-heldout (unseen arc1-train), first 10", "runs/card/ttt-arc1-heldout"),
     ("arc1-heldout (unseen arc1-train), first 10", "runs/card/copy-arc1-heldout"),
