@@ -11,20 +11,20 @@ from tta.pretrain import write_model_card
 from tta.report import accuracy_table, load_runs
 
 RUNS = [  # (what, run directory)
-    ("gen-eval, all 200 tasks", "runs/card/icl-gen-eval"),
-    ("gen-eval, 40 tasks (`sample = 40`)", "runs/default/icl-f5e11-seed0"),
-    ("gen-eval, 40 tasks (`sample = 40`)", "runs/default/ttt_lora-f5e11-seed0"),
-    ("gen-eval, 40 tasks (`sample = 40`)", "runs/default/less-f5e11-seed0"),
-    ("gen-eval, 40 tasks (`sample = 40`)", "runs/default/sampling-f5e11-seed0"),
-    ("gen-eval, 40 tasks (`sample = 40`)", "runs/default/copy_input-f5e11-seed0"),
-    ("gen-eval, 40 tasks (`sample = 40`)", "runs/default/common_output-f5e11-seed0"),
-    ("arc1-heldout (unseen arc1-train), first 10", "runs/card/icl-arc1-heldout"),
-    ("arc1-heldout (unseen arc1-train), first 10", "runs/card/ttt-arc1-heldout"),
-    ("arc1-heldout (unseen arc1-train), first 10", "runs/card/copy-arc1-heldout"),
-    ("arc1-eval, 40 tasks (`--sample 40`)", "runs/card/icl-arc1-eval-40"),
-    ("arc1-eval, 40 tasks (`--sample 40`)", "runs/card/ttt-arc1-eval-40"),
-    ("arc1-eval, first 5", "runs/icl"),
-    ("arc1-eval, first 5", "runs/ttt"),
+    ("gen-eval, 100 tasks (`--sample 100`)", "reports/runs/card/icl-gen-eval-100"),
+    ("gen-eval, 40 tasks (`sample = 40`)", "reports/runs/default/icl-f5e11-seed0"),
+    ("gen-eval, 40 tasks (`sample = 40`)", "reports/runs/default/ttt_lora-f5e11-seed0"),
+    ("gen-eval, 40 tasks (`sample = 40`)", "reports/runs/default/less-f5e11-seed0"),
+    ("gen-eval, 40 tasks (`sample = 40`)", "reports/runs/default/sampling-f5e11-seed0"),
+    ("gen-eval, 40 tasks (`sample = 40`)", "reports/runs/default/copy_input-f5e11-seed0"),
+    ("gen-eval, 40 tasks (`sample = 40`)", "reports/runs/default/common_output-f5e11-seed0"),
+    ("arc1-heldout (unseen arc1-train), first 10", "reports/runs/card/icl-arc1-heldout"),
+    ("arc1-heldout (unseen arc1-train), first 10", "reports/runs/card/ttt-arc1-heldout"),
+    ("arc1-heldout (unseen arc1-train), first 10", "reports/runs/card/copy-arc1-heldout"),
+    ("arc1-eval, 40 tasks (`--sample 40`)", "reports/runs/card/icl-arc1-eval-40"),
+    ("arc1-eval, 40 tasks (`--sample 40`)", "reports/runs/card/ttt-arc1-eval-40"),
+    ("arc1-eval, first 5", "reports/runs/icl"),
+    ("arc1-eval, first 5", "reports/runs/ttt"),
 ]
 
 
@@ -51,7 +51,7 @@ def main():
         if headline is None and manifest["dataset"] == "gen-eval" and manifest["method"] == "icl":
             headline = acc
     text = ("Measured on a 2-core CPU; each row is one run directory, made by the command shown "
-            "(all of them: `scripts/reproduce_reports.sh`, one run at a time). Exact = every test output right in "
+            "(all of them: `scripts/reproduce_reports.sh`; two jobs side by side, each pinned to one core with one thread, so seconds are one core's). Exact = every test output right in "
             "one of two attempts; graded metrics as in `tta compare` (cell accuracy is 0 for a wrong shape; "
             "NLL and token accuracy are the true answer's, teacher-forced, per token).\n\n" + "\n".join(rows) + "\n")
     if headline is not None:

@@ -477,3 +477,35 @@ def test_default_experiment_runs_three_seeds():
     assert len(grid) == 3 * len(plan["methods"])
     assert {c.seed for c in grid if c.method == "icl"} == {0, 1, 2}
     assert len({c.directory(Path("runs")) for c in grid}) == len(grid)  # one directory per cell
+
+
+def test_the_report_draws_the_tasks_the_methods_disagree_on(tmp_path):
+    from conftest import write_task
+    data = tmp_path / "data"
+    data.mkdir()
+    for t in ("a", "b", "c"):
+        write_task(data / f"{t}.json", {"train": [{"input": [[1]], "output": [[2]]}],
+                                        "test": [{"input": [[1]], "output": [[2]]}]})
+    runs = tmp_path / "runs"
+    icl = make_run(runs, "icl", "icl", [task(t, [t in "ab"]) for t in "abc"], dataset=str(data))
+    ttt = make_run(runs, "ttt", "ttt_lora", [task(t, [t in "bc"]) for t in "abc"], dataset=str(data))
+    floor = make_run(runs, "floor", "copy_input", [task(t, [False], flops=0.0) for t in "abc"], dataset=str(data))
+    out = write_report([icl, ttt, floor], tmp_path / "rep.md")
+    text = out.read_text()
+    drawn = sorted(p.name for p in (tmp_path / "rep_files" / "tasks").glob("*.png"))
+    assert drawn == ["a.png", "c.png"]   # b: both solve it; the floor, which spends nothing, never counts
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
+    assert "rep_files/tasks/a.png" in rows["a"] and "rep_files/tasks/c.png" in rows["c"] and ".png" not in rows["b"]
+
+
+def test_a_budget_sweep_compares_spend_within_each_cap(tmp_path):
+    """Runs at different caps spend differently by design: only runs under one cap are compared."""
+    small = make_run(tmp_path, "icl-small", "icl", solving(TASKS[:4], flops=1e11), budget_flops=1e11)
+    big = make_run(tmp_path, "icl-big", "icl", solving(TASKS[:4], flops=1e12), budget_flops=1e12)
+    ttt_big = make_run(tmp_path, "ttt-big", "ttt_lora", solving(TASKS[:4], flops=0.9e12), budget_flops=1e12)
+    text = write_report([small, big, ttt_big], tmp_path / "r.md", allow_mismatch=True).read_text()
+    assert "Unequal spend" not in text
+    starved = make_run(tmp_path, "ttt-small", "ttt_lora", solving(TASKS[:4], flops=1e10), budget_flops=1e11)
+    head = "\n".join(write_report([small, big, ttt_big, starved], tmp_path / "r2.md",
+                                  allow_mismatch=True).read_text().splitlines()[:5])
+    assert "at 1e+11 FLOPs" in head and "differ by 10x" in head and "icl-big" not in head

@@ -106,6 +106,11 @@ def sequences_flops(shape: ModelShape, lengths: list[int], training: bool = Fals
 
 # ---------------------------------------------------------------- the cap
 
+# The FLOP cap per task of `tta run` and `tta experiment` when none is given (`--budget-flops none`
+# or `budgets = ["none"]` asks for no cap).  The one place this number lives.
+DEFAULT_FLOPS = 5e11
+
+
 @dataclass
 class Budget:
     """A per-task cap: FLOPs, wall seconds, or neither (None = unlimited)."""

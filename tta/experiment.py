@@ -6,13 +6,16 @@
     model = "default"
     seeds = [0]
     budgets = ["none", 1e12]         # FLOPs per task; "none" = uncapped; or budget_seconds = [...]
+                                     # (without either: tta.budget.DEFAULT_FLOPS, as `tta run`)
     baseline = "icl"
     [methods.icl]
     [methods.ttt_lora]
     max_examples = 64                # any setting of the method, as with --set
 
 Every cell is an ordinary run directory under `runs/<name>/` (so an interrupted experiment
-resumes finished cells and tasks), and the report is `tta compare` over all of them.
+resumes finished cells and tasks), and the report is `tta compare` over all of them.  Every
+method's settings are checked before the first cell runs, so a typo in the last method's table
+costs nothing.
 """
 from __future__ import annotations
 
@@ -20,7 +23,8 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from tta.budget import Budget
+from tta.budget import DEFAULT_FLOPS, Budget
+from tta.method import MethodError, get_method, load_plugins, make_config
 from tta.runner import RunError, RunSpec, run
 
 
@@ -41,7 +45,7 @@ def _budgets(plan: dict, where: str) -> list[Budget]:
     if "budget_seconds" in plan:
         return [Budget(seconds=None if b == "none" else float(b)) for b in plan["budget_seconds"]]
     budgets = []
-    for b in plan.get("budgets", ["none"]):
+    for b in plan.get("budgets", [DEFAULT_FLOPS]):
         if b != "none" and not isinstance(b, (int, float)):
             raise RunError(f"{where}: budgets must be numbers of FLOPs or \"none\", not {b!r}")
         budgets.append(Budget(flops=None if b == "none" else float(b)))
@@ -75,11 +79,24 @@ def cells(plan: dict, where: str) -> list[Cell]:
             for seed in plan.get("seeds", [0])]
 
 
+def validate(plan: dict, where: str) -> None:
+    """Every method named and every setting typed before any cell runs (one-line RunError)."""
+    for method, settings in plan["methods"].items():
+        if not isinstance(settings, dict):
+            raise RunError(f"{where}: methods.{method} must be a table ([methods.{method}])")
+        try:
+            make_config(get_method(method), dict(settings))
+        except MethodError as e:
+            raise RunError(f"{where}: [methods.{method}]: {e}") from None
+
+
 def run_experiment(path: Path, runs_root: Path = Path("runs"), reports_root: Path = Path("reports"),
-                   progress: bool = True, log=print, command: str = "") -> Path:
+                   progress: bool = True, log=print, command: str = "", plugins: list[str] | None = None) -> Path:
     from tta.report import write_report
 
     plan = load_plan(path)
+    load_plugins(plugins)
+    validate(plan, str(path))
     root = runs_root / plan["name"]
     directories = []
     for cell in cells(plan, str(path)):
@@ -87,8 +104,9 @@ def run_experiment(path: Path, runs_root: Path = Path("runs"), reports_root: Pat
         log(f"== {out}")
         run(RunSpec(method=cell.method, dataset=plan.get("dataset", "arc1-eval"), model=plan.get("model", "default"),
                     limit=plan.get("limit"), sample=plan.get("sample"), task_ids=plan.get("tasks"), budget=cell.budget, seed=cell.seed,
-                    overrides=cell.settings, out=out, command=command or f"tta experiment {path}"),
-            progress=progress)
+                    overrides=cell.settings, out=out, command=command or f"tta experiment {path}",
+                    plugins=list(plugins or [])),
+            progress=progress, log=log)
         directories.append(out)
     several_budgets = len(_budgets(plan, str(path))) > 1
     return write_report(directories, reports_root / f"{plan['name']}.md", baseline=plan.get("baseline", "icl"),

@@ -4,13 +4,20 @@ A method is a class with a config dataclass and four hooks (after TTAB):
 `setup` once per run, then for every task `adapt`, `predict`, `reset`.
 The runner owns everything else -- budgets, scoring, results -- so methods
 differ only in how they spend compute.  A user's class plugs in with
-`@register("name")` in any imported module, or as ``--method module:Class``.
+`@register("name")` in any imported module (``--plugin FILE_OR_MODULE`` imports one), or as
+``--method module:Class`` or ``--method path/to/file.py:Class``; docs/plugins.md has the contract.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib
+import importlib.util
 import json
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
 from typing import ClassVar
 
 import numpy as np
@@ -89,25 +96,106 @@ def _load_builtins() -> None:
     import methods  # noqa: F401  (importing the package registers the built-in methods)
 
 
+def _is_file(spec: str) -> bool:
+    return spec.endswith(".py") or "/" in spec or os.sep in spec
+
+
+def _import_file(path: Path) -> ModuleType:
+    """Import a Python file as a module of its own (no PYTHONPATH needed); the same file twice is
+    the same module, so `--plugin f.py` and `--method f.py:Class` do not register it twice."""
+    if not path.is_file():
+        raise MethodError(f"{path}: no such plugin file")
+    resolved = path.resolve()
+    name = f"tta_plugin_{resolved.stem}_{hashlib.sha1(str(resolved).encode()).hexdigest()[:8]}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, resolved)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module   # before running it: dataclasses look their module up
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        del sys.modules[name]
+        raise MethodError(f"{path}: cannot import ({_one_line(e)})") from None
+    return module
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+
+
+def load_plugin(spec: str) -> ModuleType:
+    """Import a plugin -- a file (`path/to/mine.py`) or a module name (`my_package.methods`) --
+    so that its `@register("name")` methods run by name and show in `tta methods`."""
+    _load_builtins()
+    if _is_file(spec):
+        return _import_file(Path(spec))
+    try:
+        return importlib.import_module(spec)
+    except ImportError as e:
+        raise MethodError(f"cannot import plugin {spec} ({_one_line(e)})") from None
+    except Exception as e:
+        raise MethodError(f"cannot import plugin {spec} ({_one_line(e)})") from None
+
+
+def load_plugins(specs) -> None:
+    for spec in specs or ():
+        load_plugin(spec)
+
+
 def get_method(name: str) -> type[Method]:
+    """A method by its registered name, or `module:Class`, or `path/to/file.py:Class`."""
     _load_builtins()
     if name in REGISTRY:
         return REGISTRY[name]
     if ":" in name:
-        module_name, _, class_name = name.partition(":")
-        try:
-            cls = getattr(importlib.import_module(module_name), class_name)
-        except (ImportError, AttributeError) as e:
-            raise MethodError(f"cannot import method {name} ({e})") from None
+        module_name, _, class_name = name.rpartition(":")
+        if _is_file(module_name):
+            module = _import_file(Path(module_name))
+        else:
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError as e:
+                hint = (f"; a file is named by its path, e.g. ./{module_name}.py:{class_name}"
+                        if Path(module_name + ".py").exists() else "")
+                raise MethodError(f"cannot import method {name} ({_one_line(e)}){hint}") from None
+            except Exception as e:
+                raise MethodError(f"cannot import method {name} ({_one_line(e)})") from None
+        cls = getattr(module, class_name, None)
+        if cls is None:
+            found = sorted(k for k, v in vars(module).items()
+                           if isinstance(v, type) and issubclass(v, Method) and v.__module__ == module.__name__)
+            raise MethodError(f"{module_name} has no class {class_name!r} (methods there: {', '.join(found) or 'none'})")
         if not (isinstance(cls, type) and issubclass(cls, Method)):
             raise MethodError(f"{name} is not a subclass of tta.method.Method")
         cls.name = cls.name or class_name
         return cls
-    raise MethodError(f"unknown method {name!r} (known: {', '.join(sorted(REGISTRY))}; or module:Class)")
+    raise MethodError(f"unknown method {name!r} (known: {', '.join(sorted(REGISTRY))}; or module:Class, "
+                      "path/to/file.py:Class, or --plugin FILE_OR_MODULE)")
+
+
+def _kind(field: dataclasses.Field) -> str:
+    """The annotation as text: `int`, `list`, `list[int]`, `dict[str, float]`, ..."""
+    if isinstance(field.type, str):
+        return field.type
+    if getattr(field.type, "__origin__", None) is not None:   # list[int], typing.List[int]
+        return str(field.type).replace("typing.", "")
+    return getattr(field.type, "__name__", str(field.type))
+
+
+def _element(kind: str, text: str):
+    """One item of a comma-separated list setting, typed by `list[int]`-style annotations."""
+    inner = kind[kind.find("[") + 1:-1].strip() if "[" in kind else ""
+    if inner == "int":
+        return int(text)
+    if inner == "float":
+        return float(text)
+    return text
 
 
 def _coerce(field: dataclasses.Field, text: str):
-    kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
+    kind = _kind(field)
     if kind == "bool":
         if text.lower() in ("1", "true", "yes", "on"):
             return True
@@ -120,12 +208,33 @@ def _coerce(field: dataclasses.Field, text: str):
         return float(text)
     if kind == "str":
         return text
-    return json.loads(text)  # lists and anything else: JSON
+    if kind.split("[")[0] in ("list", "tuple", "List", "Tuple"):
+        # JSON (["identity", "rot90"]) or plain comma-separated text (identity,rot90)
+        if not text.strip():
+            return []
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = [_element(kind, item.strip()) for item in text.split(",") if item.strip()]
+        return value if isinstance(value, list) else [value]
+    if kind.split("[")[0] in ("dict", "Dict"):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{field.name} takes a JSON object such as '{{\"key\": 1}}' ({e.msg} at char {e.pos})") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"{field.name} takes a JSON object such as '{{\"key\": 1}}', not {text!r}")
+        return value
+    try:
+        return json.loads(text)  # anything else: JSON
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{field.name} ({kind}) takes a JSON value ({e.msg} at char {e.pos})") from None
 
 
 def make_config(cls: type[Method], overrides: list[str] | dict | None = None):
     """The method's config with `key=value` overrides applied; unknown keys are an error."""
     fields = {f.name: f for f in dataclasses.fields(cls.Config)}
+    flag = "" if isinstance(overrides, dict) else "--set "   # a dict: an experiment file's table
     if isinstance(overrides, dict):
         items = list(overrides.items())
     else:
@@ -138,11 +247,11 @@ def make_config(cls: type[Method], overrides: list[str] | dict | None = None):
     values = {}
     for key, value in items:
         if key not in fields:
-            raise MethodError(f"--set {key}: {cls.name} has no setting {key!r} (settings: {', '.join(fields) or 'none'})")
+            raise MethodError(f"{flag}{key}: {cls.name} has no setting {key!r} (settings: {', '.join(fields) or 'none'})")
         try:
             values[key] = _coerce(fields[key], value) if isinstance(value, str) else value
         except (ValueError, json.JSONDecodeError) as e:
-            raise MethodError(f"--set {key}={value}: {e}") from None
+            raise MethodError(f"{flag}{key}={value}: {e}") from None
     try:
         return cls.Config(**values)
     except ValueError as e:   # a config's own check (e.g. an unknown transform name)
@@ -155,6 +264,6 @@ def describe(cls: type[Method]) -> list[tuple[str, str, object, str]]:
     for f in dataclasses.fields(cls.Config):
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        kind = _kind(f)
         rows.append((f.name, kind, default, f.metadata.get("help", "")))
     return rows

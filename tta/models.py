@@ -55,8 +55,31 @@ class LoadedModel:
 
 # ---------------------------------------------------------------- devices
 
+def check_device(name: str) -> None:
+    """A one-line ModelError for a device this machine cannot use (instead of torch's traceback
+    at the first tensor moved there)."""
+    if name == "auto":
+        return
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ModelError(f"--device {name}: unknown device (auto, cpu, cuda, cuda:N, mps)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch was built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ModelError(f"--device {name}: {why} (torch {torch.__version__}); use --device cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ModelError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ModelError(f"--device {name}: Apple MPS is not available on this machine; use --device cpu or auto")
+    elif dev.type != "cpu":
+        raise ModelError(f"--device {name}: not supported (auto, cpu, cuda, cuda:N, mps)")
+
+
 def pick_device(name: str = "auto") -> torch.device:
     if name != "auto":
+        check_device(name)
         return torch.device(name)
     if torch.cuda.is_available():
         return torch.device("cuda")

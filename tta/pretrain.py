@@ -67,7 +67,12 @@ def learning_rate(c: PretrainConfig, progress: float) -> float:
 def load_training_tasks(c: PretrainConfig, log=print):
     """The training tasks, checked against every excluded dataset: an overlap is refused, or with
     `drop_overlap` the overlapping training tasks are dropped (and named in the log)."""
-    tasks = [t for entry in c.data for t in _weighted(entry)]
+    tasks, origin = [], {}
+    for entry in c.data:
+        some = _weighted(entry)
+        tasks += some
+        for t in some:
+            origin.setdefault(t.id, entry.partition("*")[0])   # the dataset, for contamination messages
     for name in c.exclude:
         excluded = load_dataset(name).tasks
         if c.drop_overlap:
@@ -77,8 +82,8 @@ def load_training_tasks(c: PretrainConfig, log=print):
                 log(f"dropped {len(dropped)} training tasks that overlap {name}: {', '.join(shown[:10])}"
                     + (" ..." if len(shown) > 10 else ""))
             tasks = [t for t in tasks if t.id not in dropped]
-        contamination.check(contamination.fingerprint(tasks), excluded, "+".join(c.data), name)
-    return tasks, contamination.fingerprint(tasks)
+        contamination.check(contamination.fingerprint(tasks, origin), excluded, "+".join(c.data), name)
+    return tasks, contamination.fingerprint(tasks, origin)
 
 
 def _weighted(entry: str) -> list:
@@ -173,11 +178,14 @@ def load_checkpoint(out: Path, model, optimizer) -> dict:
 
 
 def record_training_data(path: Path, datasets: list[str], fingerprint: dict) -> None:
-    """What the model has seen, accumulated: a resumed run on other data adds to the record."""
-    seen = json.loads(path.read_text()) if path.exists() else {"datasets": [], "ids": [], "hashes": []}
-    path.write_text(json.dumps({"datasets": sorted(set(seen["datasets"]) | set(datasets)),
-                                "ids": sorted(set(seen["ids"]) | set(fingerprint["ids"])),
-                                "hashes": sorted(set(seen["hashes"]) | set(fingerprint["hashes"]))}))
+    """What the model has seen, accumulated: a resumed run on other data adds to the record.  It
+    keeps which training task holds each hash and which dataset each task came from, so that a
+    refused evaluation task is named with the training task it matched (tta.contamination)."""
+    if path.exists():
+        seen = contamination.read_training_data(path)
+        datasets = list(seen["datasets"]) + list(datasets)
+        fingerprint = contamination.merge(seen, fingerprint)
+    path.write_text(json.dumps(contamination.to_json(fingerprint, datasets)))
 
 
 # ---------------------------------------------------------------- the loop

@@ -24,7 +24,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
-import warnings
 from pathlib import Path
 from typing import Iterable
 
@@ -60,7 +59,7 @@ class ReportError(ValueError):
 RUN_COLUMNS = ["run", "path", "method", "config_hash", "model", "dataset", "seed",
                "budget_flops", "budget_seconds"]
 TASK_COLUMNS = ["task_id", "n_outputs", "n_solved", "all_solved", "score", "flops",
-                "seconds", "peak_memory_mb", "error", "failed", "missing",
+                "seconds", "peak_memory_mb", "error", "failed", "missing", "ungraded",
                 "budget_exhausted", "stopped_by_budget", "out_of_work", "n_demos", "n_tokens",
                 *GRADED_METRICS]
 
@@ -71,7 +70,8 @@ def load_runs(paths: Iterable[str | Path] | str | Path) -> pd.DataFrame:
     Columns: run (directory name, or the full path when two runs share a
     name), path, method, config_hash, model, dataset, seed, budget_flops,
     budget_seconds, task_id, n_outputs, n_solved, all_solved, score, flops,
-    seconds, peak_memory_mb, error, failed, missing, budget_exhausted,
+    seconds, peak_memory_mb, error, failed, missing (never ran: "not run"), ungraded (the
+    dataset gave no solution, so nothing was scored), budget_exhausted,
     stopped_by_budget (1.0 / 0.0, NaN when not recorded), out_of_work (the
     method's own reason for stopping below the cap, or None), n_demos,
     n_tokens, the graded metrics averaged over the task's outputs (shape_ok,
@@ -82,7 +82,8 @@ def load_runs(paths: Iterable[str | Path] | str | Path) -> pd.DataFrame:
 
     Tasks listed in the manifest without a line in ``results.jsonl`` get a
     row with ``missing=True`` and an error, so they count as wrong.  The
-    manifests are kept in ``df.attrs["manifests"]`` (run -> dict).
+    manifests are kept in ``df.attrs["manifests"]`` (run -> dict), and the tasks whose number
+    of test outputs no run recorded (counted as 1 each) in ``df.attrs["assumed_one_output"]``.
     """
     if isinstance(paths, (str, Path)):
         paths = [paths]
@@ -101,9 +102,10 @@ def load_runs(paths: Iterable[str | Path] | str | Path) -> pd.DataFrame:
         frames.append(_run_frame(label, path, manifest, rows))
 
     df = pd.concat(frames, ignore_index=True)
-    df = _fill_task_properties(df)
+    df, assumed = _fill_task_properties(df)
     df = _zero_metrics_of_failed_tasks(df)
     df.attrs["manifests"] = manifests
+    df.attrs["assumed_one_output"] = assumed
     return df
 
 
@@ -163,13 +165,15 @@ def _task_row(record: dict, where: str) -> dict:
     if not isinstance(correct, list):
         raise ReportError(f"{where}: 'correct' must be a list of booleans")
     error = record.get("error") or None
-    n_outputs = len(correct)
+    ungraded = record.get("graded") is False
+    # an ungraded task has no `correct`; its attempts say how many test outputs it has
+    n_outputs = len(record.get("attempts") or []) if ungraded else len(correct)
     n_solved = sum(bool(c) for c in correct)
     score = n_solved / n_outputs if n_outputs else 0.0
     # The score is derived from `correct`; a disagreement means a runner bug,
     # and a report built on either number would be wrong half the time.
     recorded = record.get("score")
-    if recorded is not None and n_outputs and abs(float(recorded) - score) > 1e-9:
+    if recorded is not None and correct and abs(float(recorded) - score) > 1e-9:
         raise ReportError(f"{where}: score {recorded} disagrees with correct {correct}")
     metrics = record.get("metrics") or {}
     return {
@@ -184,6 +188,7 @@ def _task_row(record: dict, where: str) -> dict:
         "error": None if error is None else str(error),
         "failed": error is not None,
         "missing": False,
+        "ungraded": ungraded,
         "budget_exhausted": bool(record.get("budget_exhausted", False)),
         # Absent from records written before the harness logged why work stopped.
         "stopped_by_budget": _float(record.get("stopped_by_budget")),
@@ -201,7 +206,7 @@ def _missing_task_rows(manifest: dict, rows: list[dict]) -> list[dict]:
     return [{
         "task_id": str(t), "n_outputs": 0, "n_solved": 0, "all_solved": False,
         "score": 0.0, "flops": math.nan, "seconds": math.nan, "peak_memory_mb": math.nan,
-        "error": MISSING_ERROR, "failed": True, "missing": True, "budget_exhausted": False,
+        "error": MISSING_ERROR, "failed": True, "missing": True, "ungraded": False, "budget_exhausted": False,
         "stopped_by_budget": math.nan, "out_of_work": None,
         "n_demos": math.nan, "n_tokens": math.nan, **{m: math.nan for m in GRADED_METRICS},
     } for t in missing]
@@ -232,11 +237,13 @@ def _run_frame(label: str, path: Path, manifest: dict, rows: list[dict]) -> pd.D
     return df
 
 
-def _fill_task_properties(df: pd.DataFrame) -> pd.DataFrame:
+def _fill_task_properties(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     """Fill task properties of failed/missing rows from other runs of the task.
 
     A task that crashed before grading has no ``correct`` list, so its number
     of test outputs is unknown; it still must count in the Kaggle denominator.
+    Where no run knows it (a task no run has reached yet) it counts as 1; those
+    ids are returned beside the frame, for the report to say so.
     The task's size and demonstration count are the same in every run.
     """
     df = df.copy()
@@ -244,15 +251,13 @@ def _fill_task_properties(df: pd.DataFrame) -> pd.DataFrame:
     unknown = df["n_outputs"] == 0
     df["n_outputs"] = df["n_outputs"].where(~unknown, df["task_id"].map(known)).astype(float)
     still = df["n_outputs"].isna()
-    if still.any():
-        ids = ", ".join(sorted(set(df.loc[still, "task_id"])))
-        warnings.warn(f"number of test outputs unknown for {ids}; counting 1 each", stacklevel=3)
-        df.loc[still, "n_outputs"] = 1
+    assumed = sorted(set(df.loc[still, "task_id"]))
+    df.loc[still, "n_outputs"] = 1
     df["n_outputs"] = df["n_outputs"].astype(int)
     for col in ("n_demos", "n_tokens"):
         per_task = df.groupby("task_id")[col].first()  # first non-NaN value
         df[col] = df[col].fillna(df["task_id"].map(per_task))
-    return df
+    return df, assumed
 
 
 def _zero_metrics_of_failed_tasks(df: pd.DataFrame) -> pd.DataFrame:
@@ -372,7 +377,8 @@ def _accuracy_row(g: pd.DataFrame) -> dict:
         row.update(_mean_ci(m, g[m]))
         row[f"{m}_n"] = int(g[m].notna().sum())
     row.update(_cost_fields(g))
-    row["n_failed"] = int(g["failed"].sum())
+    row["n_failed"] = int((g["failed"] & ~g["missing"]).sum())   # tasks that ran and failed
+    row["n_not_run"] = int(g["missing"].sum())                    # tasks with no result yet
     return row
 
 
@@ -724,6 +730,8 @@ def _accuracy_markdown(acc: pd.DataFrame) -> str:
             for r in acc.itertuples()],
         "failed tasks": acc["n_failed"],
     })
+    if acc["n_not_run"].any():
+        table["not run"] = acc["n_not_run"]
     return markdown_table(table)
 
 
@@ -783,17 +791,25 @@ def _out_of_work_cell(r) -> str:
 
 
 def _spend_warning(acc: pd.DataFrame, factor: float = 2.0) -> str | None:
-    """A warning when the runs that spent anything differ in mean total spend by more
-    than ``factor``; runs that spent nothing (e.g. trivial floors) are named apart."""
-    spend = acc["total_flops_mean"]
-    spenders = spend[spend > 0].sort_values()
-    if len(spenders) < 2 or spenders.iloc[-1] <= factor * spenders.iloc[0]:
+    """A warning when, among runs under the same cap (a budget sweep varies caps on purpose),
+    the runs that spent anything differ in mean total spend by more than ``factor``; runs
+    that spent nothing (e.g. trivial floors) are named apart."""
+    caps = [_budget_text(f, sec) for f, sec in zip(acc["budget_flops"], acc["budget_seconds"])]
+    parts, idle = [], []
+    for cap in dict.fromkeys(caps):
+        spend = acc["total_flops_mean"][[c == cap for c in caps]]
+        idle += [str(run) for run, v in spend.items() if v == 0]
+        spenders = spend[spend > 0].sort_values()
+        if len(spenders) < 2 or spenders.iloc[-1] <= factor * spenders.iloc[0]:
+            continue
+        ratio = spenders.iloc[-1] / spenders.iloc[0]
+        where = f" at {cap}" if len(set(caps)) > 1 else ""
+        parts.append(f"the runs' mean FLOPs per task{where} (one-off costs amortised) differ by {ratio:.3g}x, "
+                     "so their accuracies are not at equal compute: "
+                     + ", ".join(f"{run} {_num(v)} FLOPs" for run, v in spenders.items()))
+    if not parts:
         return None
-    ratio = spenders.iloc[-1] / spenders.iloc[0]
-    text = (f"**Unequal spend:** the runs' mean FLOPs per task (one-off costs amortised) differ "
-            f"by {ratio:.3g}x, so their accuracies are not at equal compute: "
-            + ", ".join(f"{run} {_num(v)} FLOPs" for run, v in spenders.items()) + ".")
-    idle = [str(run) for run, v in spend.items() if v == 0]
+    text = "**Unequal spend:** " + "; ".join(parts) + "."
     if idle:
         text += f" Spent nothing: {', '.join(idle)}."
     return text
@@ -879,13 +895,42 @@ def _seed_markdown(seeds: pd.DataFrame) -> str:
     return markdown_table(table)
 
 
-def _per_task_markdown(df: pd.DataFrame) -> str:
+def disagreement_pictures(df: pd.DataFrame, out_dir: Path, limit: int = 40) -> dict[str, Path]:
+    """Pictures (tta.show) of the tasks the compared methods disagree on: some run solves every
+    output and another does not.  One run per method is drawn -- the largest budget, the lowest
+    seed -- and runs that spent nothing (floors) neither count as disagreeing nor are drawn."""
+    from tta.show import ShowError, show_runs
+
+    spent = df.groupby("run")["flops"].sum()
+    runs = df[df["run"].isin(spent[spent > 0].index)]
+    if runs.empty:
+        return {}
+    budget = runs["budget_flops"].max()
+    runs = runs[(runs["budget_flops"] == budget) | (runs["budget_flops"].isna() & pd.isna(budget))]
+    runs = runs[runs["seed"] == runs["seed"].min()]
+    solved = runs.pivot(index="task_id", columns="run", values="all_solved")
+    disagree = [t for t in solved.index[solved.nunique(axis=1) > 1]][:limit]
+    first = runs.drop_duplicates("run")
+    if not disagree or first["run"].nunique() < 2:
+        return {}
+    try:
+        pictures = show_runs(list(first["path"]), disagree, out_dir, labels=list(first["run"]))
+    except ShowError:
+        return {}   # e.g. a dataset that can no longer be loaded: the report goes on without them
+    return dict(zip(disagree, pictures))
+
+
+def _per_task_markdown(df: pd.DataFrame, pictures: dict[str, Path] | None = None, out_md: Path | None = None) -> str:
     scores = per_task_table(df)
     failed = df.pivot(index="task_id", columns="run", values="failed").reindex(scores.index)
+    missing = df.pivot(index="task_id", columns="run", values="missing").reindex(scores.index)
     table = pd.DataFrame(index=scores.index)
     for run in scores.columns.drop("solved_by"):
-        table[run] = [_score_cell(s, f) for s, f in zip(scores[run], failed[run])]
+        table[run] = [_score_cell(math.nan if m == True else s, f)  # noqa: E712 (numpy bool)
+                      for s, f, m in zip(scores[run], failed[run], missing[run])]
     table["runs solving all outputs"] = scores["solved_by"]
+    if pictures:
+        table["picture"] = [f"[png]({_rel(pictures[t], out_md)})" if t in pictures else "" for t in table.index]
     return markdown_table(table, index=True)
 
 
@@ -897,12 +942,20 @@ def _score_cell(score: float, failed) -> str:
 
 
 def _failures_markdown(df: pd.DataFrame) -> str:
-    fails = failures(df)
-    if fails.empty:
-        return "No task failed."
-    fails["error"] = [e if len(e) <= 200 else e[:197] + "..." for e in fails["error"]]
-    return (f"{len(fails)} failed task(s); each counts as wrong in every accuracy above.\n\n"
-            + markdown_table(fails))
+    """The tasks that ran and failed, with their errors; then the tasks not run yet (an
+    unfinished run), which are not failures but also count as wrong."""
+    fails = failures(df[~df["missing"]])
+    text = "No task failed."
+    if not fails.empty:
+        fails["error"] = [e if len(e) <= 200 else e[:197] + "..." for e in fails["error"]]
+        text = (f"{len(fails)} failed task(s); each counts as wrong in every accuracy above.\n\n"
+                + markdown_table(fails))
+    for run, g in _groups(df):
+        not_run = sorted(g.loc[g["missing"], "task_id"])
+        if not_run:
+            text += (f"\n\n{run}: {len(not_run)} task(s) not run (no result yet: rerun the same command "
+                     f"to finish the run); they count as wrong above: {_first_ids(not_run, 20)}")
+    return text
 
 
 def _versions_markdown(manifests: dict) -> str:
@@ -975,6 +1028,10 @@ def write_report(paths, out_md: str | Path, baseline: str = "icl",
     """
     out_md = Path(out_md)
     df = load_runs(paths)
+    for run, g in _groups(df):
+        if g["ungraded"].any():
+            raise ReportError(f"{g['path'].iloc[0]}: {int(g['ungraded'].sum())} of its {len(g)} tasks are ungraded "
+                              "(the dataset gives no solutions); a comparison needs graded runs")
     diffs = check_comparable(df, allow_mismatch=allow_mismatch)
     manifests = df.attrs["manifests"]
     acc = accuracy_table(df)
@@ -1061,9 +1118,12 @@ def write_report(paths, out_md: str | Path, baseline: str = "icl",
         s.append(_seed_markdown(seeds) + "\n")
 
     s.append("## Per-task results\n")
+    pictures = disagreement_pictures(df, files_dir / "tasks")
     s.append("Task score (solved outputs / outputs) per run, sorted by the number of runs "
-             "that solved every output.\n")
-    s.append(_per_task_markdown(df) + "\n")
+             "that solved every output." + (" The tasks the methods disagree on link to a picture of "
+             "the task, its true output and each method's two attempts (largest budget, lowest seed)."
+             if pictures else "") + "\n")
+    s.append(_per_task_markdown(df, pictures, out_md) + "\n")
 
     s.append("## Failed tasks\n")
     s.append(_failures_markdown(df) + "\n")
@@ -1074,41 +1134,62 @@ def write_report(paths, out_md: str | Path, baseline: str = "icl",
 
 
 def write_run_report(path: str | Path, out: str | Path | None = None) -> str:
-    """Markdown summary of one run (``tta report RUN_DIR``); written to ``out`` if given."""
+    """Markdown summary of one run (``tta report RUN_DIR``); written to ``out`` if given.
+
+    Tasks without a result yet are listed as not run (not as failed); a run of tasks without
+    solutions (a Kaggle challenges file alone) is reported as ungraded, not as 0%."""
     df = load_runs([path])
     run, manifest = next(iter(df.attrs["manifests"].items()))
-    acc = accuracy_table(df)
+    finished = df[~df["missing"]]
+    ungraded_run = bool(len(finished)) and bool(finished["ungraded"].all())
+    n_ungraded = int(df["ungraded"].sum())
+    graded = df if ungraded_run or not n_ungraded else df[~df["ungraded"]]
+    acc = accuracy_table(graded)
     r = acc.iloc[0]
     budget = manifest.get("budget") or {}
+    not_run = int(df["missing"].sum())
     s = [f"# Run {run}\n",
          f"- Method: {manifest.get('method')} (config_hash {manifest.get('config_hash')}, "
          f"config `{json.dumps(manifest.get('config') or {}, sort_keys=True)}`)",
          f"- Model: {manifest.get('model')}; dataset: {manifest.get('dataset')}; "
          f"seed: {manifest.get('seed')}",
          f"- Budget: {_budget_text(_float(budget.get('flops')), _float(budget.get('seconds')))}",
-         f"- Started: {manifest.get('started')}; finished: {manifest.get('finished') or 'not finished'}",
+         f"- Started: {manifest.get('started')}; finished: {manifest.get('finished') or 'not finished'}"
+         + (f" ({len(finished)} of {len(df)} tasks have a result; {not_run} not run yet)" if not_run else ""),
          f"- {AGGREGATIONS_NOTE}",
          f"- {INTERVALS_NOTE}\n",
-         "## Accuracy\n",
-         f"- Kaggle (solved outputs / outputs): "
-         f"{_prop_cell(r.n_solved_outputs, r.n_outputs, r.kaggle, r.kaggle_lo, r.kaggle_hi)}",
-         f"- arc-agi-benchmarking (mean task score): {_pct(r.task_mean)} "
-         f"{_ci_pct(r.task_mean_lo, r.task_mean_hi)} (n={r.n_tasks} tasks)",
-         f"- All outputs solved (tasks): "
-         f"{_prop_cell(r.n_solved_tasks, r.n_tasks, r.all_outputs, r.all_outputs_lo, r.all_outputs_hi)}",
-         f"- Failed tasks: {r.n_failed}; budget exhausted: {r.n_budget_exhausted}\n",
-         "## Cost per task\n",
-         COST_NOTE + "\n",
-         _cost_markdown(acc) + "\n",
-         "## Per-task results\n",
-         markdown_table(df[["task_id", "n_outputs", "n_solved", "score", "flops", "seconds",
-                            "peak_memory_mb", "budget_exhausted", "stopped_by_budget",
-                            "out_of_work"]].assign(
-                                score=lambda d: d["score"].round(3),
-                                stopped_by_budget=lambda d: d["stopped_by_budget"].map({1.0: True, 0.0: False})))
-         + "\n",
-         "## Failed tasks\n",
-         _failures_markdown(df) + "\n"]
+         "## Accuracy\n"]
+    if ungraded_run:
+        s += [f"Ungraded: the dataset gives no solutions for these tasks, so nothing is scored. The two "
+              f"attempts per test input are in `{Path(path) / 'submission.json'}` (Kaggle format).",
+              f"- Failed tasks: {r.n_failed}; not run: {r.n_not_run}\n"]
+    else:
+        s += [f"- Kaggle (solved outputs / outputs): "
+              f"{_prop_cell(r.n_solved_outputs, r.n_outputs, r.kaggle, r.kaggle_lo, r.kaggle_hi)}",
+              f"- arc-agi-benchmarking (mean task score): {_pct(r.task_mean)} "
+              f"{_ci_pct(r.task_mean_lo, r.task_mean_hi)} (n={r.n_tasks} tasks)",
+              f"- All outputs solved (tasks): "
+              f"{_prop_cell(r.n_solved_tasks, r.n_tasks, r.all_outputs, r.all_outputs_lo, r.all_outputs_hi)}",
+              f"- Failed tasks: {r.n_failed}; not run: {r.n_not_run}"
+              + (" (they count as wrong above)" if r.n_not_run else "")
+              + f"; budget exhausted: {r.n_budget_exhausted}"
+              + (f"\n- {n_ungraded} task(s) ungraded (no solution given) are left out of these accuracies"
+                 if n_ungraded else "") + "\n"]
+    if df.attrs.get("assumed_one_output") and not ungraded_run:
+        s.append("Tasks not run count as one test output each in the Kaggle accuracy (their number is unknown).\n")
+    per_task = df[["task_id", "n_outputs", "n_solved", "score", "flops", "seconds", "peak_memory_mb",
+                   "budget_exhausted", "stopped_by_budget", "out_of_work"]].assign(
+        score=[("not run" if m else "ungraded" if u else f"{x:.3g}")
+               for x, m, u in zip(df["score"], df["missing"], df["ungraded"])],
+        n_solved=[("" if m or u else str(k)) for k, m, u in zip(df["n_solved"], df["missing"], df["ungraded"])],
+        stopped_by_budget=lambda d: d["stopped_by_budget"].map({1.0: True, 0.0: False}))
+    s += ["## Cost per task\n",
+          COST_NOTE + "\n",
+          _cost_markdown(acc) + "\n",
+          "## Per-task results\n",
+          markdown_table(per_task) + "\n",
+          "## Failed tasks\n",
+          _failures_markdown(df) + "\n"]
     text = "\n".join(s)
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,9 @@ The run directory:
 * `results.jsonl` -- one JSON object per task, appended with a single write as each task
   finishes, so an interrupted run loses at most the task in flight and a rerun resumes;
 * `submission.json` -- Kaggle format, rewritten atomically after every task.
+
+`--retry-failed` reruns the tasks whose record holds an error: their records are taken out of
+`results.jsonl` (rewritten atomically) and the tasks run again, so each task keeps one record.
 """
 from __future__ import annotations
 
@@ -28,10 +31,10 @@ import torch
 from tta import scoring
 from tta.budget import Budget, Meter, reset_peak_memory
 from tta.decoding import score_answers
-from tta.method import Method, get_method, make_config
-from tta.models import LoadedModel, load_model, weights_sha256, set_threads
+from tta.method import Method, get_method, load_plugins, make_config
+from tta.models import LoadedModel, check_device, load_model, weights_sha256, set_threads
 from tta.predict import fit_prompt
-from tta.tasks import Dataset, Task, grid_to_list, load_dataset, select
+from tta.tasks import Dataset, Task, grid_to_list, load_dataset, select, without_answers
 
 
 class RunError(ValueError):
@@ -54,6 +57,8 @@ class RunSpec:
     command: str = ""
     force: bool = False   # evaluate the default model on data it was trained on
     shard: tuple[int, int] | None = None   # (i, n): this process runs every n-th task from the i-th
+    plugins: list[str] = field(default_factory=list)   # files or modules imported first (their @register methods)
+    retry_failed: bool = False   # rerun the tasks whose record holds an error, replacing those records
 
 
 # ---------------------------------------------------------------- files
@@ -73,6 +78,16 @@ def append_line(path: Path, record: dict) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def rewrite_results(path: Path, records: list[dict]) -> None:
+    """Replace `results.jsonl` with `records` in one atomic step (a kill leaves the old file or the new)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in records))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def read_results(path: Path) -> list[dict]:
@@ -205,8 +220,9 @@ def run_task(method: Method, lm: LoadedModel | None, task: Task, budget: Budget,
     budget_view = meter.handle(lm.model if lm is not None else None)   # what the method sees
     record = {"task_id": task.id, "method": method.name, "n_demos": len(task.train), "n_tokens": grid_tokens(task)}
     try:
-        adapt_info = method.adapt(task, budget_view, seed)
-        attempts, predict_info = method.predict(task, budget_view, seed)
+        visible = without_answers(task)   # the method never sees the test outputs
+        adapt_info = method.adapt(visible, budget_view, seed)
+        attempts, predict_info = method.predict(visible, budget_view, seed)
         attempts = as_grids(attempts)
         if len(attempts) != len(task.test):
             raise RuntimeError(f"method returned {len(attempts)} answers for {len(task.test)} test inputs")
@@ -219,7 +235,7 @@ def run_task(method: Method, lm: LoadedModel | None, task: Task, budget: Budget,
     correct = [scoring.solved(a, p.output) for a, p in zip(attempts, task.test)] if task.has_solutions else []
     record.update({
         "attempts": [[grid_to_list(a) for a in pair] for pair in attempts],
-        "correct": correct, "score": scoring.task_score(correct),
+        "correct": correct, "score": scoring.task_score(correct), "graded": task.has_solutions,
         **spent, "budget_exhausted": spent["stopped_by_budget"], "error": None,
         "metrics": metrics, "extra": {"adapt": adapt_info, "predict": predict_info},
     })
@@ -227,10 +243,11 @@ def run_task(method: Method, lm: LoadedModel | None, task: Task, budget: Budget,
 
 
 def failed_record(task_id: str, method_name: str, error: str, n_outputs: int, task: Task | None = None) -> dict:
+    graded = task.has_solutions if task else True   # a task that could not be read counts as wrong
     return {"task_id": task_id, "method": method_name, "n_demos": len(task.train) if task else 0,
             "n_tokens": grid_tokens(task) if task else 0,
-            "attempts": [[None, None] for _ in range(n_outputs)], "correct": [False] * n_outputs,
-            "score": 0.0, "flops": 0.0, "eval_flops": 0.0, "seconds": 0.0, "peak_memory_mb": 0.0,
+            "attempts": [[None, None] for _ in range(n_outputs)], "correct": [False] * n_outputs if graded else [],
+            "score": 0.0, "graded": graded, "flops": 0.0, "eval_flops": 0.0, "seconds": 0.0, "peak_memory_mb": 0.0,
             "budget_share": None, "stopped_by_budget": False, "out_of_work": None,
             "budget_exhausted": False, "error": error, "metrics": {}, "extra": {}}
 
@@ -247,9 +264,12 @@ def default_out(method: str, dataset: str) -> Path:
 
 
 def prepare(spec: RunSpec):
-    """Everything that can fail fast, before any model work: method, settings, dataset, directory."""
+    """Everything that can fail fast, before any model work: plugins, method, settings, device,
+    dataset, directory."""
+    load_plugins(spec.plugins)
     cls = get_method(spec.method)
     config = make_config(cls, spec.overrides)
+    check_device(spec.device)
     dataset = select(load_dataset(spec.dataset), spec.task_ids, spec.limit, spec.sample)
     if spec.shard:
         index, count = spec.shard
@@ -263,7 +283,11 @@ def prepare(spec: RunSpec):
     manifest["config_hash"] = config_hash(manifest)
     if spec.shard:
         manifest["shard"] = list(spec.shard)
+    if spec.plugins:
+        manifest["plugins"] = list(spec.plugins)
     manifest_path = out / "manifest.json"
+    if spec.retry_failed and not manifest_path.exists():
+        raise RunError(f"{out}: no run to retry (no manifest.json); --retry-failed reruns the failed tasks of an existing run")
     if manifest_path.exists():
         try:
             existing = json.loads(manifest_path.read_text())
@@ -296,7 +320,7 @@ class TaskRunner:
     def setup(self) -> dict | None:
         """The method's one-off work, with its wall seconds added to its own record."""
         started = time.perf_counter()
-        one_off = self.method.setup(self.dataset.tasks)
+        one_off = self.method.setup([without_answers(t) for t in self.dataset.tasks])
         return {"seconds": round(time.perf_counter() - started, 3), **one_off} if one_off else None
 
     def solve(self, task_id: str) -> dict:
@@ -309,21 +333,29 @@ class TaskRunner:
             return failed_record(task_id, self.name, one_line(e), len(task.test), task=task)
 
 
-def run(spec: RunSpec, progress: bool = True, executor: str = "local", ray_address: str | None = None) -> Path:
+def run(spec: RunSpec, progress: bool = True, executor: str = "local", ray_address: str | None = None,
+        log=None) -> Path:
+    """Run `spec` into its directory and return the directory.  `log` (a callable taking one line,
+    e.g. printing to stderr) gets the run header before work starts and each task's error as it
+    happens."""
+    say = log or (lambda line: None)
     cls, config, dataset, out, manifest = prepare(spec)
     results_path = out / "results.jsonl"
     records = read_results(results_path)
-    done = {r["task_id"] for r in records}
+    retried = {r["task_id"]: r["error"] for r in records if r.get("error") is not None} if spec.retry_failed else {}
+    done = {r["task_id"] for r in records if r["task_id"] not in retried}
     todo = [task_id for task_id in dataset.ids if task_id not in done]
 
     manifest.setdefault("started", datetime.now(timezone.utc).isoformat(timespec="seconds"))
     manifest.update({"versions": package_versions(), "git_commit": git_commit(), "executor": executor,
                      "command": spec.command or manifest.get("command", ""), "finished": None})
     if executor == "ray":
+        say(run_header(manifest, dataset, out, len(done), len(retried), "ray", cls.needs_model))
         from tta.ray_executor import solve_on_ray
         results, one_off, device = solve_on_ray(spec, todo, ray_address)
     elif executor == "local":
         runner = TaskRunner(spec, cls, config, dataset)
+        say(run_header(manifest, dataset, out, len(done), len(retried), runner.device, cls.needs_model))
         one_off, device = (runner.setup() if todo else None), runner.device
         results = (runner.solve(task_id) for task_id in todo)
     else:
@@ -333,21 +365,60 @@ def run(spec: RunSpec, progress: bool = True, executor: str = "local", ray_addre
         manifest["one_off"] = one_off
     out.mkdir(parents=True, exist_ok=True)   # only now: a run that cannot start leaves no empty directory
     atomic_write_json(out / "manifest.json", manifest)
+    if retried:   # the failed records go only now that the run has started; each comes back below
+        records = [r for r in records if r["task_id"] not in retried]
+        rewrite_results(results_path, records)
 
     bar = _progress(len(dataset.ids), len(done), progress, cls.name)
     solved = sum(r["score"] for r in records)
     for record in results:   # written by this process alone, in the order tasks finish
+        if record["task_id"] in retried:
+            record["previous_error"] = retried[record["task_id"]]
         append_line(results_path, record)
         records.append(record)
         atomic_write_json(out / "submission.json", submission(records, dataset.ids))
         solved += record["score"]
         bar.update(1)
         bar.set_postfix(score=f"{solved:.1f}/{len(records)}", failed=sum(r["error"] is not None for r in records))
+        if record["error"] is not None:
+            with bar.external_write_mode(file=sys.stderr):
+                say(f"task {record['task_id']} failed: {record['error']}")
     bar.close()
     atomic_write_json(out / "submission.json", submission(records, dataset.ids))
     manifest["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     atomic_write_json(out / "manifest.json", manifest)
     return out
+
+
+def budget_text(budget: dict) -> str:
+    """A manifest's budget as a person reads it: `5e+11 FLOPs per task (the default)`."""
+    from tta.budget import DEFAULT_FLOPS
+    flops, seconds = budget.get("flops"), budget.get("seconds")
+    parts = ([f"{flops:.3g} FLOPs"] if flops else []) + ([f"{seconds:g} s"] if seconds else [])
+    if not parts:
+        return "uncapped"
+    text = " and ".join(parts) + " per task"
+    return text + (" (the default; --budget-flops X to change, none for no cap)" if flops == DEFAULT_FLOPS and not seconds else "")
+
+
+def run_header(manifest: dict, dataset: Dataset, out: Path, n_done: int, n_retry: int, device: str,
+               needs_model: bool = True) -> str:
+    """What is about to run, where its results go: printed before any task starts."""
+    sha = manifest.get("model_sha256")
+    n = len(dataset.ids)
+    state = []
+    if n_done:
+        state.append(f"{n_done} done before, {n - n_done} to run")
+    if n_retry:
+        state.append(f"{n_retry} failed before, retried")
+    return "\n".join([
+        f"method   {manifest['method']} (config {manifest['config_hash']})",
+        (f"model    {manifest['model']}" + (f" (weights sha256 {sha[:12]})" if sha else "") + f" on {device}"
+         if needs_model else "model    none (the method uses no model)"),
+        f"dataset  {manifest['dataset']}: {n} task{'s' if n != 1 else ''}" + (f" ({'; '.join(state)})" if state else ""),
+        f"budget   {budget_text(manifest['budget'])}",
+        f"results  {out}",
+    ])
 
 
 def _progress(total: int, initial: int, enabled: bool, name: str):

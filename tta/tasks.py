@@ -119,6 +119,13 @@ def task_from_dict(task_id: str, data, source: str = "") -> Task:
                 source=source)
 
 
+def without_answers(task: Task) -> Task:
+    """The task as a method sees it: its test outputs (the answers) taken out."""
+    if all(p.output is None for p in task.test):
+        return task
+    return Task(task.id, task.train, tuple(Pair(p.input, None) for p in task.test), task.source, task.meta)
+
+
 def task_to_dict(task: Task) -> dict:
     def pair(p):
         d = {"input": grid_to_list(p.input)}
@@ -179,6 +186,14 @@ def _from_mapping(name: str, raw: dict, source: str) -> Dataset:
 
 
 def _from_directory(path: Path) -> Dataset:
+    """A directory of task files, or the folder of a Kaggle challenges file (with its solutions
+    file beside it), which is read as that pair and not as two task files."""
+    challenges = sorted(path.glob("*challenges*.json"))
+    if len(challenges) == 1:
+        return _from_kaggle(challenges[0])
+    if len(challenges) > 1:
+        raise TaskError(f"{path}: holds {len(challenges)} Kaggle challenges files "
+                        f"({', '.join(c.name for c in challenges)}); give one of them as the dataset")
     tasks, failures = [], {}
     files = sorted(path.glob("*.json"))
     if not files:
@@ -192,7 +207,8 @@ def _from_directory(path: Path) -> Dataset:
 
 
 def _from_kaggle(path: Path) -> Dataset:
-    """A Kaggle challenges file; its solutions file beside it fills in the test outputs."""
+    """A Kaggle challenges file; its solutions file beside it fills in the test outputs.  Without
+    one, the tasks have no known answers and a run of them is ungraded (attempts only)."""
     challenges = _read_json(path)
     if not isinstance(challenges, dict):
         raise TaskError(f"{path}: a Kaggle challenges file must be a JSON object of tasks")

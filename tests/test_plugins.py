@@ -1,0 +1,135 @@
+"""Methods of one's own: loaded from a file or module without PYTHONPATH, and the guide's examples work."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from tta.cli import main
+from tta.method import REGISTRY, MethodError, get_method, load_plugin
+from tta.runner import read_results
+from conftest import GOOD, write_task
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "plugins.md"
+
+
+def one_task(tmp_path):
+    d = tmp_path / "tasks"
+    d.mkdir()
+    write_task(d / "t.json", GOOD)
+    return str(d)
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def doc_examples() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", DOCS.read_text(), re.S)
+
+
+def test_the_guides_first_example_runs_from_a_file_by_path_and_by_plugin_name(tmp_path, monkeypatch):
+    """Fails if loading a class from a .py file needs PYTHONPATH, if --plugin does not register
+    the file's methods (for run and for `tta methods`), or if the documented example is wrong."""
+    monkeypatch.chdir(tmp_path)
+    first = doc_examples()[0]
+    assert '@register("last_output")' in first and "def predict(self, task, budget, seed)" in first
+    (tmp_path / "last_output.py").write_text(first)
+    dataset = one_task(tmp_path)
+    REGISTRY.pop("last_output", None)
+
+    result = invoke("run", "--method", "last_output", "--dataset", dataset, "--out", "a", "--quiet")
+    assert result.exit_code == 2 and "unknown method 'last_output'" in result.stderr   # not imported yet
+
+    result = invoke("methods", "--plugin", "last_output.py")
+    assert result.exit_code == 0
+    assert re.search(r"^last_output: last_output: the last demonstration's output", result.output, re.M)
+    assert "    second (str) = 'input'" in result.output
+
+    result = invoke("run", "--plugin", "last_output.py", "--method", "last_output", "--set", "second=none",
+                    "--dataset", dataset, "--out", "b", "--quiet")
+    assert result.exit_code == 0, result.output
+    [record] = read_results(tmp_path / "b" / "results.jsonl")
+    assert record["attempts"][0] == [GOOD["train"][-1]["output"], None]
+
+    result = invoke("run", "--method", "last_output.py:LastOutput", "--dataset", dataset, "--out", "a", "--quiet")
+    assert result.exit_code == 0, result.output
+    [record] = read_results(tmp_path / "a" / "results.jsonl")
+    assert record["error"] is None
+    assert record["attempts"][0] == [GOOD["train"][-1]["output"], GOOD["test"][0]["input"]]
+
+
+def test_the_guides_model_example_decodes_under_the_budget(tmp_path, monkeypatch):
+    """The second example uses the model through the harness's decoder: it must run and be charged."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "greedy.py").write_text(doc_examples()[1])
+    result = invoke("run", "--plugin", "greedy.py", "--method", "greedy", "--model", "random:tiny",
+                    "--dataset", one_task(tmp_path), "--out", "g", "--quiet", "--budget-flops", "1e9")
+    assert result.exit_code == 0, result.output
+    [record] = read_results(tmp_path / "g" / "results.jsonl")
+    assert record["error"] is None and record["flops"] > 0 and record["out_of_work"]
+    assert len(record["attempts"]) == 1 and record["attempts"][0][1] is None
+
+
+def test_a_plugin_module_by_name_and_the_same_file_imported_once(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "my_plugin_mod.py").write_text(
+        "from tta.method import Method, register\n"
+        "@register('plugin_by_module')\n"
+        "class ByModule(Method):\n"
+        "    needs_model = False\n"
+        "    def predict(self, task, budget, seed):\n"
+        "        return [[p.input, None] for p in task.test], {}\n")
+    load_plugin("my_plugin_mod")
+    assert get_method("plugin_by_module").__name__ == "ByModule"
+    # a file given twice (--plugin and --method FILE:Class) is one module: one class, not two
+    path = str(tmp_path / "my_plugin_mod.py")
+    assert load_plugin(path) is load_plugin(path)
+    assert get_method(f"{path}:ByModule") is getattr(load_plugin(path), "ByModule")
+
+
+@pytest.mark.parametrize("content, args, needles", [
+    ("raise RuntimeError('boom at import')", ["--plugin", "{f}"], ["bad_plugin.py", "RuntimeError: boom at import"]),
+    ("def broken(:\n", ["--plugin", "{f}"], ["bad_plugin.py", "SyntaxError"]),
+    ("from tta.method import Method\nclass Here(Method): pass\n", ["--method", "{f}:Missing"],
+     ["has no class 'Missing'", "Here"]),
+    ("class NotAMethod: pass\n", ["--method", "{f}:NotAMethod"], ["not a subclass of tta.method.Method"]),
+    (None, ["--plugin", "{f}"], ["no such plugin file"]),
+    (None, ["--plugin", "no_such_module_xyz"], ["cannot import plugin no_such_module_xyz"]),
+])
+def test_a_broken_plugin_is_one_line(tmp_path, monkeypatch, content, args, needles):
+    monkeypatch.chdir(tmp_path)
+    f = tmp_path / "bad_plugin.py"
+    if content is not None:
+        f.write_text(content)
+    args = [a.format(f=f) for a in args]
+    if "--method" not in args:
+        args += ["--method", "copy_input"]
+    result = invoke("run", *args, "--dataset", one_task(tmp_path), "--quiet")
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error"), result.stderr
+    assert all(n in lines[0] for n in needles), lines[0]
+    assert "Traceback" not in result.output and not (tmp_path / "runs").exists()
+
+
+def test_a_module_name_that_is_a_file_here_gets_a_hint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine_not_on_path.py").write_text("x = 1\n")
+    with pytest.raises(MethodError, match=r"mine_not_on_path.py:Cls"):
+        get_method("mine_not_on_path:Cls")
+
+
+def test_a_file_method_runs_in_a_fresh_process_without_pythonpath(tmp_path):
+    """The issue's report: `--method mymethod:LastOutput` worked only with PYTHONPATH=.; a path works."""
+    (tmp_path / "mymethod.py").write_text(doc_examples()[0])
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-m", "tta.cli", "run", "--method", "./mymethod.py:LastOutput",
+                           "--dataset", one_task(tmp_path), "--out", "r", "--quiet"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((tmp_path / "r" / "manifest.json").read_text())
+    assert manifest["method"] == "last_output"

@@ -1,0 +1,56 @@
+"""Pictures of tasks and attempts (tta/show.py)."""
+import json
+
+import numpy as np
+import pytest
+from matplotlib.colors import to_rgb
+from matplotlib.image import imread
+
+from tta.show import PALETTE, ShowError, attempt_mark, show_runs
+from conftest import write_task
+
+TASK = {"train": [{"input": [[1, 1], [1, 1]], "output": [[2, 2], [2, 2]]}],
+        "test": [{"input": [[1, 1], [1, 1]], "output": [[2, 2], [2, 2]]}]}
+
+
+def fake_run(root, name, dataset, attempts):
+    run = root / name
+    run.mkdir()
+    (run / "manifest.json").write_text(json.dumps({"method": "m", "dataset": str(dataset), "task_ids": ["t"]}))
+    (run / "results.jsonl").write_text(json.dumps({"task_id": "t", "attempts": attempts}) + "\n")
+    return run
+
+
+def test_attempt_marks():
+    truth = np.array([[2, 2]])
+    assert attempt_mark([[2, 2]], truth) == "✓"
+    assert attempt_mark([[2], [2]], truth) == "✗"          # right cells, wrong shape
+    assert attempt_mark([[2, 3]], truth) == "✗"
+    assert attempt_mark(None, truth) == "" and attempt_mark([[2, 2]], None) == ""
+
+
+def test_a_picture_shows_the_grids_in_arc_colours(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    write_task(data / "t.json", TASK)
+    right = fake_run(tmp_path, "right", data, [[[[2, 2], [2, 2]], None]])
+    wrong = fake_run(tmp_path, "wrong", data, [[[[3, 3], [3, 3]], None]])
+    [png] = show_runs([right, wrong], ["t"], tmp_path / "pics")
+    pixels = imread(png)[..., :3]
+    for colour in (1, 2, 3):   # the inputs (blue), the true output and right attempt (red), the wrong one (green)
+        assert np.isclose(pixels, to_rgb(PALETTE[colour]), atol=0.02).all(axis=-1).sum() > 50, colour
+    assert not np.isclose(pixels, to_rgb(PALETTE[4]), atol=0.02).all(axis=-1).any()   # no yellow anywhere
+
+
+def test_show_refuses_what_it_cannot_draw(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    write_task(data / "t.json", TASK)
+    run = fake_run(tmp_path, "r", data, [[None, None]])
+    with pytest.raises(ShowError, match="no result for task nope"):
+        show_runs([run], ["nope"], tmp_path / "pics")
+    with pytest.raises(ShowError, match="not a run directory"):
+        show_runs([tmp_path / "data"], None, tmp_path / "pics")
+    other = fake_run(tmp_path, "other", "gen-eval", [[None, None]])
+    with pytest.raises(ShowError, match="different datasets"):
+        show_runs([run, other], ["t"], tmp_path / "pics")
