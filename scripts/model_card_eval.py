@@ -11,7 +11,7 @@ from tta.pretrain import write_model_card
 from tta.report import accuracy_table, load_runs
 
 RUNS = [  # (what, run directory)
-    ("gen-eval, 100 tasks (`--sample 100`)", "reports/runs/card/icl-gen-eval-100"),
+    ("gen-eval, 50 tasks (`--sample 50`)", "reports/runs/card/icl-gen-eval-50"),
     ("gen-eval, 40 tasks (`sample = 40`)", "reports/runs/default/icl-f5e11-seed0"),
     ("gen-eval, 40 tasks (`sample = 40`)", "reports/runs/default/ttt_lora-f5e11-seed0"),
     ("gen-eval, 40 tasks (`sample = 40`)", "reports/runs/default/less-f5e11-seed0"),

@@ -30,8 +30,8 @@ if [[ "$part" == all || "$part" == others ]]; then
   tta run --method icl --dataset arc1-eval --sample 40 --budget-flops 5e11 --out $R/card/icl-arc1-eval-40 --quiet
   tta run --method ttt_lora --dataset arc1-eval --sample 40 --budget-flops 5e11 --out $R/card/ttt-arc1-eval-40 --quiet
   tta compare $R/card/icl-arc1-eval-40 $R/card/ttt-arc1-eval-40 --out reports/arc1-eval-40.md
-  # Model card: in-context accuracy on 100 gen-eval tasks spread over the ids.
-  tta run --method icl --dataset gen-eval --sample 100 --budget-flops 5e11 --out $R/card/icl-gen-eval-100 --quiet
+  # Model card: in-context accuracy on 50 gen-eval tasks spread over the ids.
+  tta run --method icl --dataset gen-eval --sample 50 --budget-flops 5e11 --out $R/card/icl-gen-eval-50 --quiet
 fi
 if [[ "$part" == all || "$part" == card ]]; then
   # The model card's Evaluation section, from the runs above.

@@ -333,3 +333,15 @@ def test_the_record_says_whether_the_cap_cut_the_work(lm):
     roomy = run_task(ICL(ICLConfig(max_views=16), lm), lm, task, Budget(flops=1e11), seed=0)
     assert not roomy["stopped_by_budget"] and roomy["out_of_work"].startswith("max_views reached")
     assert roomy["extra"]["predict"]["views"] == 16
+
+
+def test_progress_inside_a_task_is_the_share_of_the_cap_spent(lm, monkeypatch):
+    from methods.icl import ICL, ICLConfig
+    import tta.budget as budget_module
+    clock = iter(range(0, 10**6))   # every charge looks half a second or more after the last
+    monkeypatch.setattr(budget_module.time, "perf_counter", lambda: float(next(clock)))
+    shares = []
+    record = run_task(ICL(ICLConfig(max_views=64), lm), lm, flip_task(), Budget(flops=2e8), seed=0,
+                      on_progress=shares.append)
+    assert len(shares) > 10 and shares == sorted(shares)
+    assert shares[-1] == pytest.approx(record["flops"] / 2e8) and shares[-1] > 0.8

@@ -459,10 +459,16 @@ def test_opening_sentence_names_what_beats_the_baseline(tmp_path, three_runs):
 def test_seed_spread_in_report(tmp_path):
     runs = [make_run(tmp_path, f"icl{s}", "icl", solving(TASKS[:k]), seed=s)
             for s, k in ((0, 4), (1, 8), (2, 6))]
+    for run, seed in zip(runs, (0, 1, 2)):   # as tta run writes it: the config hash covers the seed too
+        manifest = json.loads((run / "manifest.json").read_text())
+        manifest["config_hash"] = f"h-icl-seed{seed}"
+        (run / "manifest.json").write_text(json.dumps(manifest))
     text = write_report(runs, tmp_path / "r.md").read_text()
     section = text.split("## Spread across seeds", 1)[1].split("##", 1)[0]
     # Accuracies 0.2, 0.4, 0.3: mean 0.3, sd sqrt((0.01 + 0.01 + 0) / 2) = 0.1.
-    assert "| icl | h-icl | 1e+15 FLOPs | 3 | 0, 1, 2 | mean 30.0%, sd 10.0 pp, min 20.0%, max 40.0% |" in section
+    from tta.report import settings_hash
+    assert (f"| icl | {settings_hash({'k': 1})} | 1e+15 FLOPs | 3 | 0, 1, 2 | "
+            "mean 30.0%, sd 10.0 pp, min 20.0%, max 40.0% |") in section
     one = write_report(runs[:1], tmp_path / "one.md").read_text()
     assert "run with one seed" in one
 

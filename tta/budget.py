@@ -132,8 +132,10 @@ class _Call:
 class Meter:
     """Counts FLOPs, seconds and peak memory for the task at hand.  Owned by the harness."""
 
-    def __init__(self, budget: Budget | None = None):
+    def __init__(self, budget: Budget | None = None, on_progress=None):
         self.budget = budget or Budget()
+        self.on_progress = on_progress   # called with the share of the cap spent, at most twice a second
+        self._last_progress = 0.0
         self.flops = 0.0
         self.uncharged_flops = 0.0   # evaluation-only compute (graded metrics), recorded apart
         self.refusals = 0            # times a method asked for more than the cap allowed
@@ -233,8 +235,19 @@ class Meter:
     def _charge(self, flops: float) -> None:
         if self._charging:
             self.flops += flops
+            if self.on_progress is not None and time.perf_counter() - self._last_progress > 0.5:
+                self._last_progress = time.perf_counter()
+                self.on_progress(self.progress())
         else:
             self.uncharged_flops += flops
+
+    def progress(self) -> float | None:
+        """Share of the cap spent so far: FLOPs, or seconds under a seconds cap (None: no cap)."""
+        if self.budget.flops:
+            return min(1.0, self.flops / self.budget.flops)
+        if self.budget.seconds:
+            return min(1.0, self.seconds / self.budget.seconds)
+        return None
 
     @contextlib.contextmanager
     def uncharged(self):

@@ -22,6 +22,7 @@ Rules the report follows, so its numbers can be trusted:
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -552,14 +553,18 @@ def _accuracy_by(df: pd.DataFrame, groups: pd.Series, order: list[str]) -> pd.Da
 def seed_table(df: pd.DataFrame, acc: pd.DataFrame | None = None) -> pd.DataFrame:
     """Mean and spread across seeds for settings run with several seeds.
 
-    A setting is (method, config_hash, model, dataset, budget); only settings
-    with two or more distinct seeds appear.  For each aggregation (kaggle,
-    task_mean, all_outputs): mean, sd (ddof=1), min, max over the runs.
+    A setting is (method, settings, model, dataset, budget), where settings is a
+    short hash of the method's config alone (a run's config_hash also covers
+    its seed, so it cannot group seeds); only settings with two or more
+    distinct seeds appear.  For each aggregation (kaggle, task_mean,
+    all_outputs): mean, sd (ddof=1), min, max over the runs.
     """
     acc = accuracy_table(df) if acc is None else acc
     meta = _run_meta(df).join(acc[["kaggle", "task_mean", "all_outputs"]])
     meta["budget"] = [_budget_text(f, s) for f, s in zip(meta["budget_flops"], meta["budget_seconds"])]
-    keys = ["method", "config_hash", "model", "dataset", "budget"]
+    manifests = df.attrs.get("manifests", {})
+    meta["settings"] = [settings_hash(manifests.get(run, {}).get("config")) for run in meta.index]
+    keys = ["method", "settings", "model", "dataset", "budget"]
     rows = []
     for key, g in meta.groupby(keys, dropna=False, sort=False):
         if g["seed"].nunique() < 2:
@@ -583,6 +588,11 @@ def _groups(df: pd.DataFrame):
     """(run, rows) pairs in the order the runs were given."""
     for run in df["run"].unique():
         yield run, df[df["run"] == run]
+
+
+def settings_hash(config: dict | None) -> str:
+    """A short hash of a method's settings (not its seed, budget or data)."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def _run_meta(df: pd.DataFrame) -> pd.DataFrame:
@@ -828,9 +838,16 @@ def _significance_sentence(paired: pd.DataFrame, base: str) -> str:
     if better.empty and worse.empty:
         return f"No method differs significantly from the baseline `{base}` after Holm correction ({n})."
 
-    def named(rows):
-        return "; ".join(f"`{r.method}` (run {r.Index}: {100 * r.score_diff:+.1f} pp, "
-                         f"Holm p = {_num(r.holm_p)})" for r in rows.itertuples())
+    def named(rows):   # one entry per method, however many of its runs (seeds, budgets) qualify
+        parts = []
+        for method, g in rows.groupby("method", sort=False):
+            if len(g) == 1:
+                r = next(g.itertuples())
+                parts.append(f"`{method}` (run {r.Index}: {100 * r.score_diff:+.1f} pp, Holm p = {_num(r.holm_p)})")
+            else:
+                parts.append(f"`{method}` ({len(g)} runs: {100 * g['score_diff'].min():+.1f} to "
+                             f"{100 * g['score_diff'].max():+.1f} pp, Holm p <= {_num(g['holm_p'].max())})")
+        return "; ".join(parts)
 
     text = (f"After Holm correction ({n}), better than the baseline `{base}` (p < 0.05): "
             f"{named(better)}." if not better.empty else
@@ -887,7 +904,7 @@ def _by_group_markdown(long: pd.DataFrame, group_title: str) -> str:
 
 
 def _seed_markdown(seeds: pd.DataFrame) -> str:
-    table = seeds[["method", "config_hash", "budget", "n_seeds", "seeds"]].copy()
+    table = seeds[["method", "settings", "budget", "n_seeds", "seeds"]].copy()
     for agg, label in AGGREGATIONS:
         table[label] = [f"mean {_pct(m)}, sd {100 * s:.1f} pp, min {_pct(lo)}, max {_pct(hi)}"
                         for m, s, lo, hi in zip(seeds[f"{agg}_mean"], seeds[f"{agg}_sd"],
@@ -900,6 +917,7 @@ def disagreement_pictures(df: pd.DataFrame, out_dir: Path, limit: int = 40) -> d
     output and another does not.  One run per method is drawn -- the largest budget, the lowest
     seed -- and runs that spent nothing (floors) neither count as disagreeing nor are drawn."""
     from tta.show import ShowError, show_runs
+    from tta.tasks import TaskError
 
     spent = df.groupby("run")["flops"].sum()
     runs = df[df["run"].isin(spent[spent > 0].index)]
@@ -915,8 +933,8 @@ def disagreement_pictures(df: pd.DataFrame, out_dir: Path, limit: int = 40) -> d
         return {}
     try:
         pictures = show_runs(list(first["path"]), disagree, out_dir, labels=list(first["run"]))
-    except ShowError:
-        return {}   # e.g. a dataset that can no longer be loaded: the report goes on without them
+    except (ShowError, TaskError):
+        return {}   # e.g. a dataset that no longer holds the tasks: the report goes on without them
     return dict(zip(disagree, pictures))
 
 

@@ -210,11 +210,12 @@ def as_grids(attempts) -> list[list[np.ndarray | None]]:
             for pair in attempts]
 
 
-def run_task(method: Method, lm: LoadedModel | None, task: Task, budget: Budget, seed: int) -> dict:
+def run_task(method: Method, lm: LoadedModel | None, task: Task, budget: Budget, seed: int,
+             on_progress=None) -> dict:
     seed = task_seed(seed, task.id)
     seed_everything(seed)
     reset_peak_memory()
-    meter = Meter(budget)
+    meter = Meter(budget, on_progress)   # on_progress(share of the cap spent): progress inside the task
     if lm is not None:
         meter.attach(lm.model)
     budget_view = meter.handle(lm.model if lm is not None else None)   # what the method sees
@@ -317,6 +318,8 @@ class TaskRunner:
     def device(self) -> str:
         return str(self.lm.device) if self.lm else "cpu"
 
+    on_progress = None   # called inside a task with the share of its cap spent (the progress bar)
+
     def setup(self) -> dict | None:
         """The method's one-off work, with its wall seconds added to its own record."""
         started = time.perf_counter()
@@ -328,7 +331,7 @@ class TaskRunner:
         if task is None:
             return failed_record(task_id, self.name, self.dataset.failures[task_id], 1)
         try:
-            return run_task(self.method, self.lm, task, self.spec.budget, self.spec.seed)
+            return run_task(self.method, self.lm, task, self.spec.budget, self.spec.seed, self.on_progress)
         except Exception as e:  # one task's failure (bad data, NaN loss, out of memory) never ends the run
             return failed_record(task_id, self.name, one_line(e), len(task.test), task=task)
 
@@ -370,6 +373,10 @@ def run(spec: RunSpec, progress: bool = True, executor: str = "local", ray_addre
         rewrite_results(results_path, records)
 
     bar = _progress(len(dataset.ids), len(done), progress, cls.name)
+    if executor == "local" and progress:
+        # Every method spends (nearly) its cap, so the share spent is the task's progress.
+        runner.on_progress = lambda share: bar.set_postfix_str(
+            f"task {len(records) + 1}/{len(dataset.ids)}: {share:.0%} of its cap", refresh=True)
     solved = sum(r["score"] for r in records)
     for record in results:   # written by this process alone, in the order tasks finish
         if record["task_id"] in retried:
