@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tta import gradients
-from tta.contamination import ContaminationError, fingerprint, overlap, to_drop
+from tta.contamination import ContaminationError, describe_hits, fingerprint, overlap, to_drop
 from tta.data import leave_one_out_examples
 from tta.method import AdapterMethod, MethodError, register, setting
 from tta.predict import ViewSettings, configured_views_cost, predict_with_views
@@ -105,10 +105,10 @@ def pool_tasks_for(config: LESSConfig, evaluated: list) -> tuple[list, str, list
     chosen = gradients.choose_pool_tasks(pool.tasks, config.pool_tasks, config.pool_seed)
     if hits:
         if not config.drop_overlap:
-            shown = ", ".join(hits[:5]) + (f" and {len(hits) - 5} more" if len(hits) > 5 else "")
             raise ContaminationError(
                 f"less: {len(hits)} of {len(evaluated)} evaluated tasks appear in the pool {config.pool} "
-                f"(by id or content): {shown}; choose another pool (--set pool=NAME) or --set drop_overlap=true")
+                f"(by id or content): {describe_hits(fingerprint(pool.tasks), evaluated, hits)}; "
+                "choose another pool (--set pool=NAME) or --set drop_overlap=true")
         bad = to_drop(chosen, evaluated)   # the pool tasks that match an evaluated one
         dropped = sorted(t.id for t in chosen if t.id in bad)
         chosen = [t for t in chosen if t.id not in bad]
@@ -132,6 +132,10 @@ class LESS(AdapterMethod):
     """ttt_lora with another choice of training data."""
     Config = LESSConfig
     spends = "more selected pool examples (top_k to max_selected) and training steps, then more views"
+
+    @classmethod
+    def check_tasks(cls, config, tasks):
+        pool_tasks_for(config, tasks)   # refuses a pool that overlaps the evaluated tasks
 
     def setup(self, tasks):
         c = self.config

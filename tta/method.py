@@ -60,6 +60,11 @@ class Method:
         self.lm = lm
         self.seed = seed
 
+    @classmethod
+    def check_tasks(cls, config, tasks: list[Task]) -> None:
+        """Refuse a run before any model work (a one-line MethodError or ContaminationError), e.g.
+        when the method's own data overlaps the evaluated tasks.  The default accepts any tasks."""
+
     def setup(self, tasks: list[Task]) -> dict | None:
         """One-off work before the first task (e.g. a data store); returns its cost record, if any."""
         return None

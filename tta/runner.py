@@ -275,6 +275,7 @@ def prepare(spec: RunSpec):
     if spec.shard:
         index, count = spec.shard
         dataset = select(dataset, dataset.ids[index::count])
+    cls.check_tasks(config, dataset.tasks)   # e.g. a LESS pool that overlaps the evaluated tasks
     if not dataset.ids:
         raise RunError(f"{spec.dataset}: no tasks selected")
     out = Path(spec.out or default_out(cls.name, spec.dataset))

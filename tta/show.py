@@ -79,7 +79,7 @@ def task_picture(task: Task, answers: dict[str, list[list]], out_png: str | Path
         for k, run in enumerate(runs):
             if answers[run] is None:   # the run has no result for this task
                 axes[r, 2 + 2 * k].axis("on")
-                _draw_grid(axes[r, 2 + 2 * k], None, f"{run[:18]}: not run")
+                _draw_grid(axes[r, 2 + 2 * k], None, f"{run[:26]}: not run")
                 continue
             attempts = answers[run][t] if t < len(answers[run]) else [None, None]
             for a in range(2):
@@ -87,7 +87,7 @@ def task_picture(task: Task, answers: dict[str, list[list]], out_png: str | Path
                 mark = attempt_mark(grid, pair.output)
                 ax = axes[r, 2 + 2 * k + a]
                 ax.axis("on")
-                _draw_grid(ax, grid, f"{run[:18]} #{a + 1} {mark}".rstrip(), "green" if mark == "✓" else "black")
+                _draw_grid(ax, grid, f"{run[:26]} #{a + 1} {mark}".rstrip(), "green" if mark == "✓" else "black")
     fig.suptitle(task.id, fontsize=9)
     fig.tight_layout()
     out_png = Path(out_png)
