@@ -145,7 +145,7 @@ class Meter:
         self._call: _Call | None = None        # the decoder call in progress
         self._last_call: _Call | None = None   # the one that finished last (for the output head)
         self._handles = []
-        self._shapes: dict[int, tuple[tuple, ModelShape]] = {}
+        self._shapes: dict[int, tuple[tuple, object]] = {}   # module id -> (parameter key, count)
 
     # ---- attaching to models
     def attach(self, model: torch.nn.Module) -> None:
@@ -168,16 +168,20 @@ class Meter:
             handle.remove()
         self._handles = []
 
-    def shape(self, model: torch.nn.Module) -> ModelShape:
-        """The model's shape, recounted only when its parameters change (an adapter attached or
-        removed, weights frozen or unfrozen)."""
-        params = list(model.parameters())
+    def _recounted(self, module: torch.nn.Module, count):
+        """`count(module)`, recomputed only when the module's parameters change (an adapter
+        attached or removed, weights frozen or unfrozen): a forward hook must stay cheap."""
+        params = list(module.parameters())
         key = (len(params), sum(p.requires_grad for p in params))
-        cached = self._shapes.get(id(model))
+        cached = self._shapes.get(id(module))
         if cached is None or cached[0] != key:
-            cached = (key, model_shape(model))
-            self._shapes[id(model)] = cached
+            cached = (key, count(module))
+            self._shapes[id(module)] = cached
         return cached[1]
+
+    def shape(self, model: torch.nn.Module) -> ModelShape:
+        """The model's shape (see `model_shape`), kept while its parameters stay the same."""
+        return self._recounted(model, model_shape)
 
     # ---- the hooks
     def _on_decoder(self, module, args, kwargs):
@@ -205,7 +209,7 @@ class Meter:
             else:   # a layer called outside its decoder: every position counts
                 tokens = hidden.shape[0] * hidden.shape[1]
                 context = hidden.shape[0] * attention_context(0, hidden.shape[1])
-            weights, trainable = linear_weights(layer)
+            weights, trainable = self._recounted(layer, linear_weights)
             self._charge(2.0 * weights * tokens + attention_flops(1, width, context))
             out = output[0] if isinstance(output, tuple) else output
             if isinstance(out, torch.Tensor) and out.requires_grad:
@@ -362,11 +366,6 @@ class TaskBudget:
     def training_cost(self, lengths: list[int], model=None) -> float:
         """One training step (forward and backward) over sequences of these lengths."""
         return sequences_flops(self.shape(model), lengths, training=True)
-
-
-def unlimited(model: torch.nn.Module | None = None) -> TaskBudget:
-    """A budget that never says no, charged to nothing (tools and tests outside a run)."""
-    return Meter().handle(model)
 
 
 def peak_memory_mb() -> float:
