@@ -76,6 +76,7 @@ class SamplingConfig(LoRASettings):
     decode_batch_size: int = setting(16, "sequences decoded or scored together")
 
     def __post_init__(self):
+        super().__post_init__()
         for key, allowed in (("search", ("sample", "dfs")), ("select", ("vote", "poe")),
                              ("adapt", ("none", "ttt")), ("vote", ("majority", "hierarchical"))):
             if getattr(self, key) not in allowed:

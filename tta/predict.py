@@ -39,6 +39,9 @@ class ViewSettings:
         if self.vote not in ("hierarchical", "majority"):
             raise ValueError(f"--set vote={self.vote}: must be hierarchical or majority")
         transforms_from_names(self.transforms)
+        parent = getattr(super(), "__post_init__", None)   # configs compose several settings pieces
+        if parent:
+            parent()
 
 
 @dataclass

@@ -48,7 +48,10 @@ class TrainReport:
 
 @dataclass
 class LoRASettings:
-    """A per-task LoRA and its training, shared by every method that trains one."""
+    """A per-task adapter and its training, shared by every method that trains one: a LoRA
+    (the paper's choice) or, with `adapter=full`, every weight of the model."""
+    adapter: str = setting("lora", "lora: a fresh LoRA per task (paper); full: fine-tune every weight of the model "
+                           "per task and restore them afterwards (cheap for a small model; uses `lr_full`)")
     rank: int = setting(32, "LoRA rank (paper: 128 for 1B-8B models; 32 here, an eighth of the embedded model's width)")
     alpha: int = setting(4, "LoRA alpha; the update is scaled by alpha/rank, here 4/32 = 0.125 as in the paper (16/128)")
     targets: list = setting(["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"],
@@ -59,10 +62,26 @@ class LoRASettings:
     # NLL 0.241 (alpha 4, lr 8e-4), 0.242 (alpha 32, lr 1e-4), 0.244 (alpha 4, lr 1e-4), 5/10 exact
     # each (icl: NLL 0.244, 5/10) -- at this budget the choice hardly matters.
     lr: float = setting(8e-4, "AdamW learning rate (paper: 5e-5 for 1B/3B, 1e-4 for 8B, at larger models and 250-example epochs)")
+    lr_full: float = setting(1e-4, "AdamW learning rate when adapter=full (chosen on the development split, see "
+                             "reports/real-arc-levers.md)")
     weight_decay: float = setting(0.01, "AdamW weight decay (paper: 0.01)")
     epochs: int = setting(2, "passes over the training examples at most; the steps are planned to what the budget pays for (paper: 2)")
     batch_size: int = setting(2, "training examples per step (paper: 2)")
     warmup_ratio: float = setting(0.1, "share of the planned steps with linear warm-up before the cosine decay (paper: 0.1)")
+
+    def __post_init__(self):
+        if self.adapter not in ADAPTERS:
+            raise ValueError(f"adapter={self.adapter!r}: expected one of {', '.join(ADAPTERS)}")
+        parent = getattr(super(), "__post_init__", None)   # configs compose several settings pieces
+        if parent:
+            parent()
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr_full if self.adapter == "full" else self.lr
+
+
+ADAPTERS = ("lora", "full")
 
 
 
@@ -78,21 +97,43 @@ def attach_lora(lm: LoadedModel, rank: int, alpha: int, targets: list[str], drop
     return get_peft_model(lm.model, config)
 
 
-def new_adapter(lm: LoadedModel, lora: LoRASettings, seed: int):
-    """A fresh adapter with these settings; remove it with `detach_lora` when the task is done."""
-    return attach_lora(lm, lora.rank, lora.alpha, lora.targets, seed=seed)
+class FullWeights:
+    """Every weight of the model made trainable for one task; `unload` puts the base weights back.
+    For a model of a few million parameters a copy of the weights costs a few MB, so the per-task
+    "adapter" can be the whole model (a LoRA saves memory only at billions of parameters)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.saved = {name: value.detach().clone() for name, value in model.state_dict().items()}
+        for p in model.parameters():
+            p.requires_grad_(True)
+
+    def unload(self):
+        with torch.no_grad():
+            for name, value in self.model.state_dict().items():
+                value.copy_(self.saved[name])
+        return self.model
+
+
+def new_adapter(lm: LoadedModel, settings: LoRASettings, seed: int):
+    """A fresh per-task adapter with these settings (a peft LoRA, or `FullWeights`); remove it
+    with `detach_lora` when the task is done."""
+    if settings.adapter == "full":
+        return FullWeights(lm.model)
+    return attach_lora(lm, settings.rank, settings.alpha, settings.targets, seed=seed)
 
 
 def train_adapter(lm: LoadedModel, examples: list[Encoded], budget: TaskBudget, lora: LoRASettings,
                   seed: int) -> "TrainReport":
     """`train` with a method's `LoRASettings`."""
-    return train(lm, examples, budget, lr=lora.lr, epochs=lora.epochs, batch_size=lora.batch_size,
+    return train(lm, examples, budget, lr=lora.learning_rate, epochs=lora.epochs, batch_size=lora.batch_size,
                  weight_decay=lora.weight_decay, warmup_ratio=lora.warmup_ratio, seed=seed)
 
 
-def detach_lora(lm: LoadedModel, peft_model) -> None:
-    """Remove the adapter, leaving the base weights as they were: the model is never reloaded."""
-    peft_model.unload()
+def detach_lora(lm: LoadedModel, adapter) -> None:
+    """Remove the adapter (a LoRA or `FullWeights`), leaving the base weights as they were: the
+    model is never reloaded."""
+    adapter.unload()
     for p in lm.model.parameters():
         p.requires_grad_(False)
 
