@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from tta.models import DEFAULT_MODEL_DIR, load_model, set_threads
+from tta.model.loading import DEFAULT_MODEL_DIR, load_model
+from tta.threads import set_threads
 
 
 def benchmark_model(spec: str | None = None):

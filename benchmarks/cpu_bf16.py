@@ -14,7 +14,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import timed  # noqa: E402
 
-from tta.models import autocast, build_model, set_threads  # noqa: E402
+from tta.model.loading import autocast, build_model
+from tta.threads import set_threads
 
 
 def matmul_gflops(dtype, n=1024):

@@ -1,4 +1,4 @@
-"""Batched augmented inference (`tta.predict.predict_augmented`: all views of a task in one
+"""Batched augmented inference (`tta.inference.predict.predict_augmented`: all views of a task in one
 batched, KV-cached, grammar-constrained decode) against one transformers `generate` call per view
 (greedy, same prompts, same token limit), same model, same run.  Aim: >= 5x faster.
 `generate` numbers tokens 0, 1, 2, ..., not with the grid positions the embedded model was
@@ -19,11 +19,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import benchmark_model  # noqa: E402
 
-from tta.decoding import generate  # noqa: E402
-from tta.models import autocast  # noqa: E402
-from tta.predict import answer_room, build_views, predict_augmented  # noqa: E402
-from tta.augment import inference_transforms  # noqa: E402
-from tta.tasks import load_dataset  # noqa: E402
+from tta.inference.decoding import generate
+from tta.model.loading import autocast
+from tta.inference.predict import answer_room, build_views, predict_augmented  # noqa: E402
+from tta.data.augment import inference_transforms  # noqa: E402
+from tta.data.datasets import load_dataset
 
 
 @torch.no_grad()

@@ -17,12 +17,12 @@ import torch
 
 from methods.ttt_lora import TTTConfig
 from tta.budget import Meter
-from tta.data import leave_one_out_examples
-from tta.models import LoadedModel, build_model, pick_device
-from tta.encoding import CompactFormat
-from tta.predict import predict_augmented
-from tta.tasks import load_dataset
-from tta.training import attach_lora, detach_lora, train
+from tta.training.examples import leave_one_out_examples
+from tta.model.loading import LoadedModel, build_model, pick_device
+from tta.model.encoding import CompactFormat
+from tta.inference.predict import predict_augmented
+from tta.data.datasets import load_dataset
+from tta.training.finetune import attach_lora, detach_lora, train
 
 
 def sync(device):

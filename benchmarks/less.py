@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 from methods.less import LESSConfig, target_examples
-from tta import gradients
+from methods.less import gradients
 from tta.budget import Meter
-from tta.models import load_model
-from tta.tasks import load_dataset
+from tta.model.loading import load_model
+from tta.data.datasets import load_dataset
 
 
 def main() -> None:

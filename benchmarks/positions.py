@@ -1,5 +1,5 @@
 """Grid position ids against plain ones: the same pretraining run twice (same data, seed,
-minutes, model size), once numbering tokens with `tta.encoding.GridPositions` and once 0, 1,
+minutes, model size), once numbering tokens with `tta.model.encoding.GridPositions` and once 0, 1,
 2, ...; then greedy single-view answers of both models on the same gen-eval tasks.  Prints the
 final training loss, answers of the right shape, attempt cell accuracy and exact matches.
 
@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from tta.decoding import generate
-from tta.models import load_model
-from tta.predict import answer_room
-from tta.pretrain import PretrainConfig, pretrain
-from tta.tasks import load_dataset, select
+from tta.inference.decoding import generate
+from tta.model.loading import load_model
+from tta.inference.predict import answer_room
+from tta.training.pretrain import PretrainConfig, pretrain
+from tta.data.datasets import load_dataset, select
 
 
 def greedy_scores(model_dir: Path, n_tasks: int) -> dict:

@@ -1,4 +1,4 @@
-"""Batched temperature sampling (`tta.decoding.generate` with temperature: every sample of every
+"""Batched temperature sampling (`tta.inference.decoding.generate` with temperature: every sample of every
 view in one KV-cached, grammar-constrained batch) against one transformers
 `model.generate(do_sample=True)` call per sample (same prompts, temperature, top-p and token
 limit), same model, same run.  Reports sampled tokens per second for each.
@@ -20,11 +20,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import benchmark_model  # noqa: E402
 
-from tta.augment import transforms_from_names  # noqa: E402
-from tta.decoding import generate  # noqa: E402
-from tta.models import autocast  # noqa: E402
-from tta.predict import answer_room, build_views  # noqa: E402
-from tta.tasks import load_dataset  # noqa: E402
+from tta.data.augment import transforms_from_names  # noqa: E402
+from tta.inference.decoding import generate
+from tta.model.loading import autocast
+from tta.inference.predict import answer_room, build_views  # noqa: E402
+from tta.data.datasets import load_dataset
 
 VIEWS = ["identity", "rot90", "transpose", "flip_h"]   # the sampling method's default views
 

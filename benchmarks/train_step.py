@@ -1,4 +1,4 @@
-"""Harness overhead of test-time training: `tta.training.train` (budget checks, meter hook,
+"""Harness overhead of test-time training: `tta.training.finetune.train` (budget checks, meter hook,
 scheduler, batching) against a bare forward+backward+AdamW step on the same batches, same LoRA,
 same model, measured in the same run.  Aim: ratio <= 1.2.
 
@@ -19,11 +19,11 @@ from common import benchmark_model  # noqa: E402
 
 from methods.ttt_lora import TTTConfig  # noqa: E402
 from tta.budget import Meter  # noqa: E402
-from tta.data import leave_one_out_examples  # noqa: E402
-from tta.decoding import pad_batch, pad_labels  # noqa: E402
-from tta.models import autocast  # noqa: E402
-from tta.tasks import load_dataset  # noqa: E402
-from tta.training import PAD_MULTIPLE, attach_lora, batches, detach_lora, train  # noqa: E402
+from tta.training.examples import leave_one_out_examples  # noqa: E402
+from tta.model.batching import pad_batch, pad_labels
+from tta.model.loading import autocast
+from tta.data.datasets import load_dataset
+from tta.training.finetune import PAD_MULTIPLE, attach_lora, batches, detach_lora, train  # noqa: E402
 
 
 def bare_steps(lm, plan):
@@ -72,7 +72,7 @@ def main():
         detach_lora(lm, adapter)
     bare, harness = min(results["bare"]), min(results["harness"])
     print(f"bare forward+backward+AdamW: {1000 * bare / len(plan):.1f} ms/step")
-    print(f"tta.training.train:          {1000 * harness / len(plan):.1f} ms/step")
+    print(f"tta.training.finetune.train:          {1000 * harness / len(plan):.1f} ms/step")
     print(f"harness overhead ratio:      {harness / bare:.3f}  (aim <= 1.2)")
 
 

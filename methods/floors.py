@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import Counter
 
 from tta.method import Method, register
-from tta.tasks import grid_key
+from tta.data.tasks import grid_key
 
 
 @register("copy_input")

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tta.method import Method, register
-from tta.predict import ViewSettings, predict_with_views
+from tta.inference.predict import ViewSettings, predict_with_views
 
 
 @dataclass

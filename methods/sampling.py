@@ -8,7 +8,7 @@ For each task:
                original frame by the view's inverse transform:
                `search=sample`: temperature sampling, self-consistency (Wang et al. 2022);
                `search=dfs`: every completion above a probability threshold (0.09) by depth-first
-               search over a shared KV cache (Franzen et al. 2025; `tta.search.dfs`);
+               search over a shared KV cache (Franzen et al. 2025; `tta.inference.search.dfs`);
 3. select   -- two attempts per test input:
                `select=vote`: the most frequent candidates (`vote=majority`), or the hierarchical
                vote of `ttt_lora` (`vote=hierarchical`);
@@ -39,14 +39,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tta.augment import transforms_from_names
-from tta.data import leave_one_out_examples
-from tta.decoding import generate
+from tta.data.augment import transforms_from_names
+from tta.training.examples import leave_one_out_examples
+from tta.inference.decoding import generate
 from tta.method import AdapterMethod, MethodError, register, setting
-from tta.predict import answer_room, build_views, vote
-from tta.search import PromptCache, dfs
-from tta.tasks import MAX_SIZE, grid_key
-from tta.training import LoRASettings, new_adapter, train_adapter
+from tta.inference.predict import answer_room, build_views, vote
+from tta.inference.search import PromptCache, dfs
+from tta.data.tasks import MAX_SIZE, grid_key
+from tta.training.finetune import LoRASettings, new_adapter, train_adapter
 
 
 @dataclass

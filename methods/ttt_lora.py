@@ -21,10 +21,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tta.data import leave_one_out_examples
+from tta.training.examples import leave_one_out_examples
 from tta.method import AdapterMethod, register, setting
-from tta.predict import ViewSettings, configured_views_cost, predict_with_views
-from tta.training import LoRASettings, new_adapter, train_adapter
+from tta.inference.predict import ViewSettings, configured_views_cost, predict_with_views
+from tta.training.finetune import LoRASettings, new_adapter, train_adapter
 
 
 @dataclass

@@ -6,9 +6,9 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM
 
-from tta.models import quiet_transformers
-from tta.pretrain import write_model_card
-from tta.report import accuracy_table, load_runs
+from tta.model.loading import quiet_transformers
+from tta.training.pretrain import write_model_card
+from tta.reporting.report import accuracy_table, load_runs
 
 RUNS = [  # (what, run directory)
     ("gen-eval, 50 tasks (`--sample 50`)", "reports/runs/card/icl-gen-eval-50"),

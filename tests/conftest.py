@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from tta.models import load_model
-from tta.tasks import Pair, Task
+from tta.model.loading import load_model
+from tta.data.tasks import Pair, Task
 
 
 @pytest.fixture(scope="session")

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from tta import augment as A
-from tta.tasks import Pair, Task
+from tta.data import augment as A
+from tta.data.tasks import Pair, Task
 
 
 def grids(max_side=30):

@@ -5,9 +5,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from tta.budget import (Budget, Meter, TaskBudget, attention_context, forward_flops, model_shape,
                         training_step_flops)
-from tta.decoding import generate
-from tta.models import load_model
-from tta.training import attach_lora, detach_lora
+from tta.inference.decoding import generate
+from tta.model.loading import load_model
+from tta.training.finetune import attach_lora, detach_lora
 
 
 @pytest.fixture()
@@ -68,7 +68,7 @@ def test_a_decode_step_is_charged_what_torch_counts(lm, with_lora):
     """One new token after a cached prompt: torch counts exactly QKᵀ and AV over the context, so
     linear and attention FLOPs must both match the hooks' charge."""
     from transformers import DynamicCache
-    from tta.models import CACHE_KW, output_cache
+    from tta.model.loading import CACHE_KW, output_cache
     adapter = attach_lora(lm, rank=4, alpha=8, targets=["q_proj", "v_proj", "down_proj"]) if with_lora else None
     try:
         model = lm.model
@@ -254,7 +254,7 @@ def test_pricing_matches_what_the_hooks_charge(lm):
 # ---------------------------------------------------------------- through the runner, as a plugin would
 
 from tta.method import Method  # noqa: E402
-from tta.runner import run_task  # noqa: E402
+from tta.run.solve import run_task  # noqa: E402
 from conftest import flip_task  # noqa: E402
 
 
@@ -316,23 +316,23 @@ def test_a_method_that_escapes_the_front_door_is_charged_like_a_well_behaved_one
     task = flip_task()
     expected = run_task(WellBehaved(None, lm), lm, task, Budget(), seed=0)
     got = run_task(cls(None, lm), lm, task, Budget(), seed=0)
-    assert expected["error"] is None and got["error"] is None
+    assert expected.error is None and got.error is None
     shape = model_shape(lm.model)
     n = len(lm.format.encode(list(task.train), task.test[0].input).input_ids)
-    assert expected["flops"] == forward_flops(shape, n, attention_context(0, n)) + training_step_flops(
+    assert expected.flops == forward_flops(shape, n, attention_context(0, n)) + training_step_flops(
         shape, n, attention_context(0, n))
-    assert got["flops"] == expected["flops"]
+    assert got.flops == expected.flops
 
 
 def test_the_record_says_whether_the_cap_cut_the_work(lm):
     from methods.icl import ICL, ICLConfig
     task = flip_task()
     capped = run_task(ICL(ICLConfig(max_views=64), lm), lm, task, Budget(flops=2e8), seed=0)
-    assert capped["stopped_by_budget"] and capped["out_of_work"] is None
-    assert 0.8 <= capped["budget_share"] <= 1.0 and capped["flops"] <= 2e8
+    assert capped.stopped_by_budget and capped.out_of_work is None
+    assert 0.8 <= capped.budget_share <= 1.0 and capped.flops <= 2e8
     roomy = run_task(ICL(ICLConfig(max_views=16), lm), lm, task, Budget(flops=1e11), seed=0)
-    assert not roomy["stopped_by_budget"] and roomy["out_of_work"].startswith("max_views reached")
-    assert roomy["extra"]["predict"]["views"] == 16
+    assert not roomy.stopped_by_budget and roomy.out_of_work.startswith("max_views reached")
+    assert roomy.extra["predict"]["views"] == 16
 
 
 def test_progress_inside_a_task_is_the_share_of_the_cap_spent(lm, monkeypatch):
@@ -344,4 +344,4 @@ def test_progress_inside_a_task_is_the_share_of_the_cap_spent(lm, monkeypatch):
     record = run_task(ICL(ICLConfig(max_views=64), lm), lm, flip_task(), Budget(flops=2e8), seed=0,
                       on_progress=shares.append)
     assert len(shares) > 10 and shares == sorted(shares)
-    assert shares[-1] == pytest.approx(record["flops"] / 2e8) and shares[-1] > 0.8
+    assert shares[-1] == pytest.approx(record.flops / 2e8) and shares[-1] > 0.8

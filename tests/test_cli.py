@@ -6,11 +6,11 @@ import re
 import pytest
 from click.testing import CliRunner
 
-from tta import generate
+from tta.data import generate
 from tta.cli import main
-from tta.method import REGISTRY, _load_builtins, make_config
-from tta.runner import read_results
-from tta.tasks import dataset_names
+from tta.method import REGISTRY, discover, make_config
+from tta.run.runner import read_results
+from tta.data.datasets import dataset_names
 from conftest import GOOD, write_task
 
 
@@ -103,7 +103,7 @@ def method_listing(output: str) -> dict[str, list[str]]:
 def test_methods_lists_every_registered_method_with_each_settings_default():
     code, output = invoke("methods")
     assert code == 0
-    _load_builtins()
+    discover()
     blocks = method_listing(output)
     assert list(blocks) == sorted(REGISTRY) and {"icl", "ttt_lora", "copy_input", "common_output"} <= set(blocks)
     for name, cls in REGISTRY.items():

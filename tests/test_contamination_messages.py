@@ -6,10 +6,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from tta import contamination
-from tta.models import DEFAULT_MODEL_DIR
-from tta.pretrain import PretrainConfig, load_training_tasks, record_training_data
-from tta.tasks import Dataset, Pair, Task, load_dataset
+from tta.data import contamination
+from tta.model.loading import DEFAULT_MODEL_DIR
+from tta.training.pretrain import PretrainConfig, load_training_tasks, record_training_data
+from tta.data.tasks import Pair, Task
+from tta.data.datasets import Dataset, load_dataset
 
 
 def grid(seed, size=3):

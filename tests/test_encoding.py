@@ -1,9 +1,9 @@
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from tta.encoding import (IGNORE, CompactFormat, ChatTextFormat, make_grid_tokenizer, numpy_text,
+from tta.model.encoding import (IGNORE, CompactFormat, ChatTextFormat, make_grid_tokenizer, numpy_text,
                           parse_numpy_text, DIGIT0_ID, EOS_ID, NL_ID, OUT_ID)
-from tta.tasks import Pair
+from tta.data.tasks import Pair
 from conftest import flip_task
 
 FMT = CompactFormat(make_grid_tokenizer())

@@ -4,7 +4,7 @@ import shutil
 import pytest
 
 from tta.experiment import run_experiment
-from tta.runner import RunError, RunSpec, merge, read_results, run
+from tta.run.runner import RunError, RunSpec, merge, read_results, run
 
 
 def test_experiment_runs_every_cell_resumes_and_reports(tmp_path):

@@ -4,9 +4,9 @@ import time
 import numpy as np
 import pytest
 
-from tta import generate as gen
-from tta import tasks
-from tta.tasks import Pair, Task, grid_key
+from tta.data import generate as gen
+from tta.data import datasets, tasks
+from tta.data.tasks import Pair, Task, grid_key
 
 ALL_COMPOSITIONS = [gen.composition_name(c) for c in gen.TRAIN_COMPOSITIONS + gen.HELD_OUT_COMPOSITIONS]
 SEEDS = range(5)
@@ -57,7 +57,7 @@ def test_a_task_is_the_same_in_every_process():
     """Seeds come from crc32 of the family name, not Python's per-process salted hash()."""
     import subprocess
     import sys
-    code = ("from tta import generate as gen; t = gen.make_task('colour_swap', 5); "
+    code = ("from tta.data import generate as gen; t = gen.make_task('colour_swap', 5); "
             "print([g.tolist() for p in t.train + t.test for g in (p.input, p.output)])")
     outputs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                               env={**__import__("os").environ, "PYTHONHASHSEED": seed}).stdout
@@ -275,8 +275,8 @@ def test_held_out_compositions_only_in_eval(train_set, eval_set):
 
 
 def test_load_dataset_returns_generated_tasks(eval_set):
-    assert {"gen-train", "gen-eval"} <= set(tasks.dataset_names())
-    loaded = tasks.load_dataset("gen-eval")
+    assert {"gen-train", "gen-eval"} <= set(datasets.dataset_names())
+    loaded = datasets.load_dataset("gen-eval")
     assert loaded.ids == [t.id for t in eval_set] and not loaded.failures
     assert all(content_key(a) == content_key(b) for a, b in zip(loaded.tasks, eval_set))
     with pytest.raises(KeyError):

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from tta import gradients as G
+from methods.less import gradients as G
 from tta.budget import Meter, attention_context, model_shape, training_step_flops
-from tta.contamination import ContaminationError
-from tta.data import leave_one_out_examples
-from tta.decoding import pad_batch, pad_labels
-from tta.generate import make_task
-from tta.models import autocast, load_model
+from tta.data.contamination import ContaminationError
+from tta.training.examples import leave_one_out_examples
+from tta.model.batching import pad_batch, pad_labels
+from tta.data.generate import make_task
+from tta.model.loading import autocast, load_model
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -91,7 +91,7 @@ def test_score_is_lr_weighted_cosine_mean_or_max_by_hand():
 
 def _training_gradient(lm, params, batch, positions=True) -> torch.Tensor:
     """The flattened gradient over `params` of `batch`'s loss from a forward made the way
-    `tta.training.train` makes it: `pad_batch`'s ids, mask and position ids (grid positions for the
+    `tta.training.finetune.train` makes it: `pad_batch`'s ids, mask and position ids (grid positions for the
     embedded model), bf16 autocast.  `positions=False`: one sequence with no position ids at all."""
     model = lm.model
     model.train()
@@ -317,7 +317,7 @@ def test_projected_ranking_agrees_with_exact_cosines(family_store):
 # ================================================================ (3) end to end
 
 def _spec(tmp_path, out, **extra):
-    from tta.runner import RunSpec
+    from tta.run.runner import RunSpec
     # min_warmup_examples = the whole pool (8 tasks x 2), so the warm-up's cost is known exactly.
     overrides = {"pool": "gen-train", "pool_tasks": 8, "pool_per_task": 2, "datastore_dir": str(tmp_path / "stores"),
                  "gradient_epochs": 2, "min_warmup_examples": 16, "top_k": 4, "max_selected": 4, "epochs": 1,
@@ -330,13 +330,13 @@ def test_less_run_records_selections_charges_them_and_reuses_the_store(tmp_path,
     import dataclasses
 
     from tta.budget import Budget
-    from tta.report import load_runs
-    from tta.runner import read_results, run
-    from tta.tasks import load_dataset
+    from tta.reporting.report import load_runs
+    from tta.run.runner import read_results, run
+    from tta.data.datasets import load_dataset
 
     from methods.less import target_examples
 
-    monkeypatch.setattr("tta.runner.set_threads", lambda: None)   # keep this module's one thread
+    monkeypatch.setattr("tta.run.solve.set_threads", lambda: None)   # keep this module's one thread
     out = run(_spec(tmp_path, "first"), progress=False)
     manifest = json.loads((out / "manifest.json").read_text())
     one_off = manifest["one_off"]
@@ -390,9 +390,9 @@ def test_less_refuses_a_pool_that_overlaps_the_evaluated_tasks(tmp_path, monkeyp
     from click.testing import CliRunner
 
     from tta.cli import main
-    from tta.runner import run
+    from tta.run.runner import run
 
-    monkeypatch.setattr("tta.runner.set_threads", lambda: None)
+    monkeypatch.setattr("tta.run.solve.set_threads", lambda: None)
     with pytest.raises(ContaminationError, match="appear in the pool gen-eval"):
         run(_spec(tmp_path, "bad", overrides={"pool": "gen-eval", "pool_tasks": 0}), progress=False)
     assert not (tmp_path / "stores").exists() or not any((tmp_path / "stores").iterdir())   # refused before building

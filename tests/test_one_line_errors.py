@@ -11,8 +11,9 @@ from click.testing import CliRunner
 
 from tta.cli import main
 from tta.method import MethodError, get_method, make_config
-from tta.runner import read_results
-from tta.tasks import TaskError, load_dataset
+from tta.run.runner import read_results
+from tta.data.tasks import TaskError
+from tta.data.datasets import load_dataset
 from conftest import GOOD, write_task
 
 

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from tta.cli import main
 from tta.method import REGISTRY, MethodError, get_method, load_plugin
-from tta.runner import read_results
+from tta.run.runner import read_results
 from conftest import GOOD, write_task
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "plugins.md"

@@ -4,11 +4,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from tta import contamination, generate
+from tta.data import contamination
+from tta.data import generate
 from tta.cli import main
-from tta.models import load_model
-from tta.pretrain import PretrainConfig, load_training_tasks, pretrain
-from tta.tasks import TaskError, load_dataset, select
+from tta.model.loading import load_model
+from tta.training.pretrain import PretrainConfig, load_training_tasks, pretrain
+from tta.data.tasks import TaskError
+from tta.data.datasets import load_dataset, select
 
 
 def test_arc2_train_is_refused_as_pretraining_data_for_arc1_eval():

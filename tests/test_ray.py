@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import ray
 
-from tta.runner import RunSpec, read_results, run
-from tta.tasks import load_dataset
+from tta.run.runner import RunSpec, read_results, run
+from tta.data.datasets import load_dataset
 
 TESTS = str(Path(__file__).parent)
 IDS = load_dataset("gen-eval").ids[:4]

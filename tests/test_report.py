@@ -1,4 +1,4 @@
-"""Tests for tta.stats and tta.report on hand-built run directories with known answers."""
+"""Tests for tta.reporting.stats and tta.reporting.report on hand-built run directories with known answers."""
 from __future__ import annotations
 
 import json
@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tta import report, stats
-from tta.report import (
+from tta.reporting import report
+from tta.reporting import stats
+from tta.reporting.report import (
     ReportError, accuracy_by_demos, accuracy_by_size, accuracy_table, check_comparable,
     load_runs, paired_table, per_task_table, seed_table, write_report, write_run_report,
 )
@@ -466,7 +467,7 @@ def test_seed_spread_in_report(tmp_path):
     text = write_report(runs, tmp_path / "r.md").read_text()
     section = text.split("## Spread across seeds", 1)[1].split("##", 1)[0]
     # Accuracies 0.2, 0.4, 0.3: mean 0.3, sd sqrt((0.01 + 0.01 + 0) / 2) = 0.1.
-    from tta.report import settings_hash
+    from tta.reporting.report import settings_hash
     assert (f"| icl | {settings_hash({'k': 1})} | 1e+15 FLOPs | 3 | 0, 1, 2 | "
             "mean 30.0%, sd 10.0 pp, min 20.0%, max 40.0% |") in section
     one = write_report(runs[:1], tmp_path / "one.md").read_text()

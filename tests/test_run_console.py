@@ -9,8 +9,8 @@ from click.testing import CliRunner
 from tta.budget import DEFAULT_FLOPS
 from tta.cli import main
 from tta.experiment import run_experiment
-from tta.report import load_runs
-from tta.runner import RunError, read_results
+from tta.reporting.report import load_runs
+from tta.run.runner import RunError, read_results
 from conftest import GOOD, write_task
 
 # A plugin whose task "explode" raises while a file named BROKEN sits beside it, and that says on
@@ -83,7 +83,7 @@ def test_a_bad_flop_budget_is_one_line(workdir, value, needle):
 
 
 def test_header_comes_before_any_work_and_names_model_hash_dataset_budget_and_directory(workdir):
-    from tta.models import build_model, save_model, weights_sha256
+    from tta.model.loading import build_model, save_model, weights_sha256
     save_model(*build_model("tiny", seed=0), workdir / "model")
     # a method that needs the model, so the header names it with its weights' hash
     (workdir / "with_model.py").write_text(PLUGIN.replace("needs_model = False", "needs_model = True")

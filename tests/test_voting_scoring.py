@@ -1,7 +1,7 @@
 import numpy as np
 
 from tta import scoring
-from tta.voting import hierarchical_vote, majority_vote
+from tta.inference.voting import hierarchical_vote, majority_vote
 
 A, B, C, D, E, F, G = (np.full((2, 2), v, np.int8) for v in range(7))
 

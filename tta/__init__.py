@@ -2,6 +2,6 @@
 
 
 def load_runs(paths):
-    """One row per task x run from run directories (see tta.report.load_runs)."""
-    from tta.report import load_runs as _load_runs
+    """One row per task x run from run directories (see tta.reporting.report.load_runs)."""
+    from tta.reporting.report import load_runs as _load_runs
     return _load_runs(paths)

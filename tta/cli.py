@@ -13,13 +13,13 @@ from tta.budget import DEFAULT_FLOPS, Budget
 
 # Errors that are the user's input, not our bug: shown as one line, exit code 2.
 def _user_errors():
-    from tta.contamination import ContaminationError
+    from tta.data.contamination import ContaminationError
     from tta.method import MethodError
-    from tta.models import ModelError
-    from tta.report import ReportError
-    from tta.runner import RunError
-    from tta.show import ShowError
-    from tta.tasks import TaskError
+    from tta.model.loading import ModelError
+    from tta.reporting.report import ReportError
+    from tta.run.runner import RunError
+    from tta.reporting.show import ShowError
+    from tta.data.tasks import TaskError
     return (TaskError, ModelError, MethodError, RunError, ReportError, ContaminationError, ShowError)
 
 
@@ -112,7 +112,7 @@ def _command_line() -> str:
 def run(method, dataset, limit, sample, task_ids, model, budget_flops, budget_seconds, seed, overrides, out, device,
         force, shard, executor, ray_address, retry_failed, plugins, quiet):
     """Run one method over an ARC task set into a run directory (resumable)."""
-    from tta.runner import RunSpec, read_results, run as run_method
+    from tta.run.runner import RunSpec, read_results, run as run_method
     from tta.scoring import aggregate
 
     spec = RunSpec(shard=_parse_shard(shard) if shard else None, method=method, dataset=dataset, model=model, limit=limit, sample=sample,
@@ -195,7 +195,7 @@ def _summary_line(records, aggregate) -> str:
 @click.option("--allow-mismatch", is_flag=True, help="compare runs over different tasks/models/budgets, saying so")
 def compare(runs, baseline, out, allow_mismatch):
     """Compare run directories in a markdown report."""
-    from tta.report import write_report
+    from tta.reporting.report import write_report
 
     out = out or Path("reports") / ("compare-" + "-vs-".join(Path(r).name for r in runs)[:120] + ".md")
     path = write_report(list(runs), out, baseline=baseline, allow_mismatch=allow_mismatch, command=_command_line())
@@ -209,7 +209,7 @@ def compare(runs, baseline, out, allow_mismatch):
               help="folder for the PNGs (one per task)")
 def show(runs, task_ids, out):
     """Draw tasks as pictures: demonstrations, test input, true output and each run's two attempts."""
-    from tta.show import show_runs
+    from tta.reporting.show import show_runs
     pictures = show_runs(list(runs), list(task_ids), out)
     click.echo(f"{len(pictures)} pictures written to {out}/")
 
@@ -219,7 +219,7 @@ def show(runs, task_ids, out):
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="the merged run directory")
 def merge(shards, out):
     """Join the directories of `tta run --shard I/N` runs into one run directory."""
-    from tta.runner import merge as merge_shards
+    from tta.run.runner import merge as merge_shards
     click.echo(f"merged {len(shards)} shards into {merge_shards(list(shards), out)}")
 
 
@@ -228,7 +228,7 @@ def merge(shards, out):
 @click.option("--out", type=click.Path(path_type=Path), help="also write the report here")
 def report(run_dir, out):
     """Summarise one run: accuracy, per-task results, failures."""
-    from tta.report import write_run_report
+    from tta.reporting.report import write_run_report
     click.echo(write_run_report(run_dir, out))
 
 
@@ -251,8 +251,8 @@ def experiment(file, runs, reports, plugins, quiet):
 @main.command()
 def datasets():
     """List the datasets by name, with task counts."""
-    from tta import generate
-    from tta.tasks import dataset_names, load_dataset
+    from tta.data import generate
+    from tta.data.datasets import dataset_names, load_dataset
     for name in dataset_names():
         if name in generate.DATASETS and generate.size(name) > generate.PARALLEL_ABOVE:
             click.echo(f"{name:12s} {generate.size(name):5d} tasks  (generated when first used)")
@@ -269,8 +269,8 @@ def datasets():
 @_plugin_option
 def methods(plugins):
     """List the methods and their settings (change one with --set KEY=VALUE)."""
-    from tta.method import REGISTRY, _load_builtins, describe, load_plugins
-    _load_builtins()
+    from tta.method import REGISTRY, discover, describe, load_plugins
+    discover()
     load_plugins(plugins)
     for name in sorted(REGISTRY):
         cls = REGISTRY[name]
@@ -289,7 +289,7 @@ def methods(plugins):
 @click.option("--steps", type=click.IntRange(min=1), help="optimiser steps")
 @click.option("--size", default="default", show_default=True, help="model size (tiny, small, default, medium)")
 @click.option("--positions", type=click.Choice(["grid", "sequential"]), default="grid", show_default=True,
-              help="position ids: grid geometry (tta.encoding.GridPositions) or plain 0, 1, 2, ...")
+              help="position ids: grid geometry (tta.model.encoding.GridPositions) or plain 0, 1, 2, ...")
 @click.option("--data", default="arc1-train,arc2-train,gen-train", show_default=True,
               help="training datasets, comma-separated")
 @click.option("--exclude", default="arc1-eval,arc2-eval,arc1-heldout,gen-eval", show_default=True,
@@ -305,7 +305,7 @@ def methods(plugins):
 def pretrain(out, minutes, steps, size, positions, data, exclude, drop_overlap, lr, tokens_per_batch, max_len, seed,
              checkpoint_minutes, workers, device):
     """Train the embedded base model from scratch (resumable)."""
-    from tta.pretrain import PretrainConfig, main_log, pretrain as run_pretrain
+    from tta.training.pretrain import PretrainConfig, main_log, pretrain as run_pretrain
 
     if minutes is None and steps is None:
         raise click.UsageError("give --minutes or --steps")

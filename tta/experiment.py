@@ -25,7 +25,8 @@ from pathlib import Path
 
 from tta.budget import DEFAULT_FLOPS, Budget
 from tta.method import MethodError, get_method, load_plugins, make_config
-from tta.runner import RunError, RunSpec, run
+from tta.run.runner import RunError, RunSpec, run
+from tta.run.solve import method_label
 
 
 @dataclass
@@ -38,7 +39,7 @@ class Cell:
     def directory(self, root: Path) -> Path:
         cap = ("f%.0e" % self.budget.flops).replace("+", "") if self.budget.flops else (
             f"s{self.budget.seconds:g}" if self.budget.seconds else "uncapped")
-        return root / f"{self.method}-{cap}-seed{self.seed}"
+        return root / f"{method_label(self.method)}-{cap}-seed{self.seed}"
 
 
 def _budgets(plan: dict, where: str) -> list[Budget]:
@@ -92,7 +93,7 @@ def validate(plan: dict, where: str) -> None:
 
 def run_experiment(path: Path, runs_root: Path = Path("runs"), reports_root: Path = Path("reports"),
                    progress: bool = True, log=print, command: str = "", plugins: list[str] | None = None) -> Path:
-    from tta.report import write_report
+    from tta.reporting.report import write_report
 
     plan = load_plan(path)
     load_plugins(plugins)

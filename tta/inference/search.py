@@ -16,9 +16,9 @@ before each forward the search asks the task's budget whether it can pay and sto
 (returning what it has) when not.
 
 Tokens follow the output grammar of the model's format (for the compact format:
-rectangular grids, at most 30x30; see `tta.decoding.GridGrammar`) and the
+rectangular grids, at most 30x30; see `tta.inference.decoding.GridGrammar`) and the
 next-token distribution is renormalised over the allowed tokens, as in
-`tta.decoding.generate`, so DFS and sampling see the same distribution.
+`tta.inference.decoding.generate`, so DFS and sampling see the same distribution.
 """
 from __future__ import annotations
 
@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 import torch
 
 from tta.budget import attention_context
-from tta.decoding import _constraint
-from tta.encoding import positions_of
-from tta.models import CACHE_KW, LoadedModel, autocast, output_cache
+from tta.inference.decoding import grammar_constraint
+from tta.model.encoding import positions_of
+from tta.model.loading import CACHE_KW, LoadedModel, autocast, output_cache
 
 THRESHOLD = 0.09   # the paper's probability threshold
 
@@ -131,7 +131,7 @@ def dfs(lm: LoadedModel, prompt: list[int], budget=None, threshold: float = THRE
             return result
         tracker = fmt.position_tracker()
         logits, cache = forward(prompt, positions_of(tracker, prompt), 0, DynamicCache())
-        grammar = _constraint(lm, 1, model.config.vocab_size)
+        grammar = grammar_constraint(lm, 1, model.config.vocab_size)
         stack: list[_Node] = []
         node = _Node((), 0.0, grammar, True, tracker)
         while True:
@@ -172,7 +172,7 @@ def dfs(lm: LoadedModel, prompt: list[int], budget=None, threshold: float = THRE
 class PromptCache:
     """A prompt computed once, then any number of answers teacher-forced after it on top of its
     KV cache: an answer costs its own tokens only (the prompt is not recomputed), and gives the
-    same summed negative log-likelihood as `tta.decoding.score_answers` (the full, unconstrained
+    same summed negative log-likelihood as `tta.inference.decoding.score_answers` (the full, unconstrained
     next-token distribution).  Every forward goes through the model, so the meter charges it;
     callers check `prompt_cost` / `answer_cost` against the budget first (prices from
     `TaskBudget.shape`, the one formula in tta.budget)."""

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tta.tasks import Task, load_dataset, select
+from tta.data.tasks import Task
+from tta.data.datasets import load_dataset, select
 
 # The usual ARC palette: 0 black, 1 blue, 2 red, 3 green, 4 yellow, 5 grey, 6 magenta,
 # 7 orange, 8 light blue, 9 maroon.

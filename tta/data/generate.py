@@ -83,7 +83,7 @@ from typing import Callable
 
 import numpy as np
 
-from tta.tasks import MAX_SIZE, N_COLOURS, Pair, Task, grid_key
+from tta.data.tasks import MAX_SIZE, N_COLOURS, Pair, Task, grid_key
 
 Grid = np.ndarray
 Rule = Callable[[Grid], Grid]
@@ -1121,7 +1121,7 @@ def _dataset(name: str) -> tuple[Task, ...]:
     specs = DATASETS[name]()
     cpus = 1
     if len(specs) > PARALLEL_ABOVE:
-        from tta.models import usable_cpus
+        from tta.threads import usable_cpus
         cpus = usable_cpus()
     if cpus == 1:
         tasks = _make_tasks(specs)

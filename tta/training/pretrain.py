@@ -3,7 +3,7 @@
 The recipe is the test-time training recipe at scale: every step draws fresh
 augmented leave-one-out sequences from the training tasks (real ARC training
 tasks and generated tasks), loss on the outputs only.  A plain loop, like
-`tta.training`, because it must stop on a wall-clock limit, checkpoint and
+`tta.training.finetune`, because it must stop on a wall-clock limit, checkpoint and
 resume exactly; it runs in bf16 on CUDA and under bf16 autocast on the CPU.
 
 Checkpoints hold the model (safetensors), the AdamW moments (safetensors, not
@@ -24,13 +24,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tta import contamination
-from tta.data import leave_one_out_examples
-from tta.decoding import pad_batch, pad_labels
-from tta.encoding import GRID_STRIDE, POSITIONS_KEY, ROW_STRIDE, format_for
-from tta.training import PAD_MULTIPLE
-from tta.models import autocast, build_model, pick_device, quiet_transformers, save_model, set_threads, usable_cpus
-from tta.tasks import TaskError, load_dataset
+from tta.data import contamination
+from tta.training.examples import leave_one_out_examples
+from tta.model.batching import pad_batch, pad_labels
+from tta.model.encoding import GRID_STRIDE, POSITIONS_KEY, ROW_STRIDE, format_for
+from tta.training.step import PAD_MULTIPLE, training_step
+from tta.model.loading import build_model, pick_device, quiet_transformers, save_model
+from tta.threads import set_threads, usable_cpus
+from tta.data.tasks import TaskError
+from tta.data.datasets import load_dataset
 
 
 @dataclass
@@ -40,7 +42,7 @@ class PretrainConfig:
     exclude: list = field(default_factory=lambda: ["arc1-eval", "arc2-eval", "arc1-heldout", "gen-eval"])
     drop_overlap: bool = False     # drop overlapping training tasks instead of refusing
     size: str = "default"
-    positions: str = "grid"        # "grid" (tta.encoding.GridPositions) or "sequential" (0, 1, 2, ...)
+    positions: str = "grid"        # "grid" (tta.model.encoding.GridPositions) or "sequential" (0, 1, 2, ...)
     minutes: float | None = None
     steps: int | None = None
     tokens_per_batch: int = 8192
@@ -180,7 +182,7 @@ def load_checkpoint(out: Path, model, optimizer) -> dict:
 def record_training_data(path: Path, datasets: list[str], fingerprint: dict) -> None:
     """What the model has seen, accumulated: a resumed run on other data adds to the record.  It
     keeps which training task holds each hash and which dataset each task came from, so that a
-    refused evaluation task is named with the training task it matched (tta.contamination)."""
+    refused evaluation task is named with the training task it matched (tta.data.contamination)."""
     if path.exists():
         seen = contamination.read_training_data(path)
         datasets = list(seen["datasets"]) + list(datasets)
@@ -225,15 +227,10 @@ def pretrain(c: PretrainConfig, out: Path, device: str = "auto", command: str = 
         for group in optimizer.param_groups:
             group["lr"] = lr
         ids, mask, positions, labels = next(batches)
-        with autocast(dev):
-            loss = model(input_ids=ids, attention_mask=mask, position_ids=positions, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss = training_step(model, optimizer, (ids, mask, positions, labels), clip_norm=1.0)
         state["step"] += 1
         state["tokens"] += int(mask.sum())
-        window.append(loss.detach())
+        window.append(loss)
         if state["step"] % c.log_every == 0:
             mean_loss = float(torch.stack(window).mean())
             window = []
@@ -272,9 +269,9 @@ def write_model_card(out: Path, state: dict, model, command: str, evaluation: st
     datasets = json.loads(seen.read_text())["datasets"] if seen.exists() else c["data"]
     eval_path = out / "evaluation.md"
     evaluation = evaluation or (eval_path.read_text() if eval_path.exists() else "Not evaluated yet.")
-    positions = ("grid positions (`tta.encoding.GridPositions`): cell (r, c) of the g-th grid at "
+    positions = ("grid positions (`tta.model.encoding.GridPositions`): cell (r, c) of the g-th grid at "
                  f"{GRID_STRIDE} g + 1 + {ROW_STRIDE} r + c, so an output cell is always {GRID_STRIDE} after the same cell of its input. "
-                 "Use `tta.decoding.generate` (or pass `position_ids` from `CompactFormat.positions`); "
+                 "Use `tta.inference.decoding.generate` (or pass `position_ids` from `CompactFormat.positions`); "
                  "`model.generate` numbers tokens 0, 1, 2, ... and gets worse answers."
                  if getattr(model.config, POSITIONS_KEY, None) == "grid" else "0, 1, 2, ... (plain).")
     card = f"""# tta embedded base model

@@ -15,9 +15,9 @@ from itertools import combinations
 
 import numpy as np
 
-from tta.augment import IDENTITY, random_augmentation, training_transforms
-from tta.encoding import Encoded
-from tta.tasks import Pair, Task, grid_key
+from tta.data.augment import IDENTITY, random_augmentation, training_transforms
+from tta.model.encoding import Encoded
+from tta.data.tasks import Pair, Task, grid_key
 
 
 @dataclass

@@ -12,7 +12,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from tta.tasks import Task
+from tta.data.tasks import Task
 
 
 class ContaminationError(ValueError):

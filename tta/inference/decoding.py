@@ -6,7 +6,7 @@ Written as a short loop rather than `model.generate` because the loop must
 rectangular grids (each row as wide as the first, at most 30x30) -- and
 (3) return each sequence's log-probability for voting and product-of-experts
 scoring, and (4) number each new token with the format's position ids (grid
-positions for the embedded model, `tta.encoding.GridPositions`).  `benchmarks/decoding.py` measures it against one `generate` per view.
+positions for the embedded model, `tta.model.encoding.GridPositions`).  `benchmarks/decoding.py` measures it against one `generate` per view.
 """
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ from dataclasses import dataclass
 
 import torch
 
-from tta.budget import TaskBudget, attention_context
-from tta.encoding import IGNORE, CompactFormat, DIGIT0_ID, EOS_ID, NL_ID, positions_of
-from tta.models import CACHE_KW, LoadedModel, autocast, output_cache
-from tta.tasks import MAX_SIZE
+from tta.budget import TaskBudget
+from tta.model.batching import pad_batch
+from tta.model.encoding import CompactFormat, DIGIT0_ID, EOS_ID, NL_ID
+from tta.model.loading import CACHE_KW, LoadedModel, autocast, output_cache
+from tta.data.tasks import MAX_SIZE
 
 
 @dataclass
@@ -25,36 +26,6 @@ class Generation:
     tokens: list[int]    # generated token ids, end-of-sequence excluded
     finished: bool       # the model ended the answer itself (not cut by length or budget)
     logprob: float       # sum of log-probabilities of the generated tokens, end-of-sequence included
-
-
-def _rectangle(rows: list[list[int]], fill: int, side: str, multiple: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = -(-max(len(r) for r in rows) // multiple) * multiple
-    values = torch.full((len(rows), width), fill, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        span = slice(width - len(r), width) if side == "left" else slice(0, len(r))
-        values[i, span] = torch.tensor(r, dtype=torch.long)
-        mask[i, span] = 1
-    return values, mask
-
-
-def pad_batch(seqs: list[list[int]], fmt, device, side: str = "left", multiple: int = 1, trackers=None):
-    """Token ids, attention mask and the format's position ids, padded to a rectangle (padding
-    never shifts a sequence's positions).  Always pass the mask on to the model: without one,
-    transformers reads jumps in the position ids as packed separate sequences.  `trackers` (one
-    `fmt.position_tracker()` per sequence) number the tokens and are left fed, for a caller that
-    continues the sequences.
-    Training pads the width to a `multiple` (64): on the CPU every new tensor shape makes oneDNN
-    build new kernels, which made variable-length training several times slower and grew memory."""
-    ids, mask = _rectangle(seqs, fmt.pad_id, side, multiple)
-    trackers = trackers or [fmt.position_tracker() for _ in seqs]
-    positions, _ = _rectangle([positions_of(t, s) for t, s in zip(trackers, seqs)], 0, side, multiple)
-    return ids.to(device), mask.to(device), positions.to(device)
-
-
-def pad_labels(labels: list[list[int]], device, multiple: int = 1) -> torch.Tensor:
-    """Labels right-padded with IGNORE, to line up with `pad_batch(..., side="right")`."""
-    return _rectangle(labels, IGNORE, "right", multiple)[0].to(device)
 
 
 class GridGrammar:
@@ -101,7 +72,7 @@ class TokenSet:
         pass
 
 
-def _constraint(lm: LoadedModel, batch: int, vocab_size: int):
+def grammar_constraint(lm: LoadedModel, batch: int, vocab_size: int):
     if isinstance(lm.format, CompactFormat):
         return GridGrammar(batch, lm.device, vocab_size)
     return TokenSet(batch, lm.device, vocab_size, lm.format.allowed_token_ids())
@@ -128,7 +99,7 @@ def _generate_batch(lm, prompts, budget, max_new_tokens, temperature, top_p, gen
     ids, mask, positions = pad_batch(prompts, lm.format, device, trackers=trackers)
     batch = len(prompts)
     vocab = model.config.vocab_size
-    constraint = _constraint(lm, batch, vocab)
+    constraint = grammar_constraint(lm, batch, vocab)
     lengths = torch.tensor([len(p) for p in prompts])
 
     done = torch.zeros(batch, dtype=torch.bool, device=device)

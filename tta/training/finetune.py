@@ -16,13 +16,10 @@ from dataclasses import dataclass, field
 import torch
 
 from tta.budget import TaskBudget
-from tta.decoding import pad_batch, pad_labels
-from tta.encoding import Encoded
-from tta.models import LoadedModel, autocast
+from tta.model.encoding import Encoded
+from tta.model.loading import LoadedModel
 from tta.settings import setting
-
-
-PAD_MULTIPLE = 64   # see pad_batch: repeated shapes keep the CPU kernels cached
+from tta.training.step import PAD_MULTIPLE, padded, training_step  # noqa: F401  (PAD_MULTIPLE: for benchmarks)
 
 
 class TrainingError(RuntimeError):
@@ -187,15 +184,8 @@ def train(lm: LoadedModel, examples: list[Encoded], budget: TaskBudget, lr: floa
         if not budget.can_afford(budget.training_cost([len(e) for e in batch], model)):
             report.stopped_by_budget = True
             break
-        ids, mask, positions = pad_batch([e.input_ids for e in batch], lm.format, lm.device, "right", PAD_MULTIPLE)
-        labels = pad_labels([e.labels for e in batch], lm.device, PAD_MULTIPLE)
-        with autocast(lm.device):
-            loss = model(input_ids=ids, attention_mask=mask, position_ids=positions, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.detach())   # kept on the device: no host sync inside the loop
+        loss = training_step(model, optimizer, padded(lm, batch), schedule)
+        losses.append(loss)   # kept on the device: no host sync inside the loop
         report.steps += 1
     model.eval()
     report.losses = [float(x) for x in losses]

@@ -4,7 +4,7 @@ Once per run (`setup`, the one-off cost: recorded in the manifest and amortised 
 tasks in every report, i.e. each task's spend includes 1/n of it):
 0. pool   -- augmented leave-one-out examples of ARC *training* tasks (`pool`, never the split
              being evaluated: an overlap by id or content is refused);
-1. store  -- a gradient datastore of the pool (`tta.gradients`): warm-up LoRA, a checkpoint per
+1. store  -- a gradient datastore of the pool (`methods.less.gradients`): warm-up LoRA, a checkpoint per
              epoch, Adam-preconditioned per-example gradients, randomly projected and normalised;
              cached on disk by (model weights, pool, settings) and reused by later runs.
 For each task, all charged to its budget (every gradient is a metered forward+backward):
@@ -34,13 +34,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tta import gradients
-from tta.contamination import ContaminationError, describe_hits, fingerprint, overlap, to_drop
-from tta.data import leave_one_out_examples
+import methods.less.gradients as gradients
+from tta.data.contamination import ContaminationError, describe_hits, fingerprint, overlap, to_drop
+from tta.training.examples import leave_one_out_examples
 from tta.method import AdapterMethod, MethodError, register, setting
-from tta.predict import ViewSettings, configured_views_cost, predict_with_views
-from tta.tasks import load_dataset
-from tta.training import LoRASettings, new_adapter, train_adapter
+from tta.inference.predict import ViewSettings, configured_views_cost, predict_with_views
+from tta.data.datasets import load_dataset
+from tta.training.finetune import LoRASettings, new_adapter, train_adapter
 
 
 @dataclass
@@ -53,7 +53,7 @@ class LESSConfig(LoRASettings, ViewSettings):
     pool_seed: int = setting(0, "seed of the pool and the datastore (not the run's seed, so the cache is shared)")
     drop_overlap: bool = setting(False, "leave pool tasks that overlap the evaluated tasks out of the pool instead of refusing")
     datastore_dir: str = setting("", "where datastores are cached (default $TTA_CACHE/datastores or ~/.cache/tta/datastores)")
-    # ---- the gradient datastore (tta/gradients.py)
+    # ---- the gradient datastore (methods/less/gradients.py)
     gradient_rank: int = setting(8, "warm-up LoRA rank (paper: 128 at width 4096; scaled by width to 8 at 256)")
     gradient_alpha: int = setting(32, "warm-up LoRA alpha (paper: 512 = 4 x rank)")
     gradient_targets: list = setting(["q_proj", "k_proj", "v_proj", "o_proj"], "warm-up LoRA modules (paper: q/k/v/o)")

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import os
 
-from tta.runner import RunError, RunSpec, failed_record
+from tta.method import get_method
+from tta.run.record import TaskRecord
+from tta.run.solve import RunError, RunSpec, TaskRunner, prepare
 
 MAX_RETRIES = 1
 
@@ -30,7 +32,6 @@ def _worker_class(ray, use_gpu: bool):
     class Worker:
         def __init__(self, spec: RunSpec):
             import torch
-            from tta.runner import TaskRunner, prepare
             if not use_gpu:
                 torch.set_num_threads(1)       # one CPU slot, one thread: no oversubscription
                 os.environ["OMP_NUM_THREADS"] = "1"
@@ -41,7 +42,7 @@ def _worker_class(ray, use_gpu: bool):
         def info(self):
             return self.one_off, self.runner.device
 
-        def solve(self, task_id: str) -> dict:
+        def solve(self, task_id: str) -> TaskRecord:
             return self.runner.solve(task_id)
 
     return Worker
@@ -59,11 +60,12 @@ def solve_on_ray(spec: RunSpec, todo: list[str], address: str | None = None, n_w
     if not todo:
         return iter(()), None, "ray"
     workers = [Worker.remote(spec) for _ in range(n_workers)]
+    method_name = get_method(spec.method).name   # a record names the method, not the --method text
     one_off, device = ray.get(workers[0].info.remote())
-    return _gather(ray, Worker, spec, workers, todo), one_off, f"ray ({n_workers} workers, {device})"
+    return _gather(ray, Worker, spec, workers, todo, method_name), one_off, f"ray ({n_workers} workers, {device})"
 
 
-def _gather(ray, Worker, spec, workers, todo):
+def _gather(ray, Worker, spec, workers, todo, method_name):
     queue = list(todo)
     attempts = {task_id: 0 for task_id in todo}
     running = {}   # future -> (worker index, task id)
@@ -86,7 +88,7 @@ def _gather(ray, Worker, spec, workers, todo):
             if attempts[task_id] <= MAX_RETRIES:
                 queue.insert(0, task_id)
             else:
-                yield failed_record(task_id, spec.method, f"worker died twice: {str(e).splitlines()[0][:200]}", 1)
+                yield TaskRecord.failed_task(task_id, method_name, f"worker died twice: {str(e).splitlines()[0][:200]}")
         submit(index)
     for worker in workers:
         ray.kill(worker)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tta.tasks import MAX_SIZE, Pair
+from tta.data.tasks import MAX_SIZE, Pair
 
 # ---------------------------------------------------------------- compact tokenizer
 

@@ -8,16 +8,15 @@ code runs only when the user asks for it.
 from __future__ import annotations
 
 import inspect
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from tta.encoding import (CompactFormat, ChatTextFormat, VOCAB, BOS_ID, EOS_ID, PAD_ID, POSITIONS_KEY,
+from tta.model.encoding import (CompactFormat, ChatTextFormat, VOCAB, BOS_ID, EOS_ID, PAD_ID, POSITIONS_KEY,
                           format_for, make_grid_tokenizer)
 
-DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
+DEFAULT_MODEL_DIR = Path(__file__).parents[1] / "default_model"
 
 # Sizes of the Llama-architecture grid model.  "tiny" is for tests; "default"
 # is what `tta pretrain` trains and ships (see the model card for the reason).
@@ -105,7 +104,7 @@ def autocast(device: torch.device, enabled: bool = True):
 
 def build_model(size: str = "default", seed: int = 0, max_context: int = MAX_CONTEXT, positions: str = "grid"):
     """A randomly initialised Llama-architecture model over the compact grid vocabulary.
-    `positions="grid"` (recorded in its config) numbers tokens by `tta.encoding.GridPositions`;
+    `positions="grid"` (recorded in its config) numbers tokens by `tta.model.encoding.GridPositions`;
     `max_position_embeddings` stays the longest sequence in tokens (RoPE has no position table,
     so the larger grid position ids need none)."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -234,13 +233,3 @@ def output_cache(output):
     return getattr(output, "cache", None) if CACHE_KW == "cache" else output.past_key_values
 
 
-def usable_cpus() -> int:
-    """The cores this process may run on: in a container or VM `os.cpu_count()` can be the
-    host's, and that many OpenMP threads on a few cores make every small CPU op crawl."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def set_threads() -> None:
-    """Use every usable core for intra-op parallelism unless the user set a number."""
-    if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(usable_cpus())

@@ -12,14 +12,14 @@ from typing import Iterator
 
 import numpy as np
 
-from tta.augment import (DIHEDRAL, IDENTITY, TaskAugmentation, inference_transforms, random_colour_permutation,
+from tta.data.augment import (DIHEDRAL, IDENTITY, TaskAugmentation, inference_transforms, random_colour_permutation,
                          transforms_from_names)
 from tta.budget import TaskBudget
-from tta.decoding import generate
-from tta.models import LoadedModel
+from tta.inference.decoding import generate
+from tta.model.loading import LoadedModel
 from tta.settings import setting
-from tta.tasks import Task
-from tta.voting import hierarchical_vote, majority_vote
+from tta.data.tasks import Task
+from tta.inference.voting import hierarchical_vote, majority_vote
 
 
 @dataclass

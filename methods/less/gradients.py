@@ -44,11 +44,11 @@ import numpy as np
 import torch
 
 from tta.budget import Meter
-from tta.data import Example, leave_one_out_examples
-from tta.decoding import pad_batch, pad_labels
-from tta.encoding import Encoded
-from tta.models import LoadedModel, autocast
-from tta.tasks import Task
+from tta.training.examples import Example, leave_one_out_examples
+from tta.training import step
+from tta.model.encoding import Encoded
+from tta.model.loading import LoadedModel, autocast
+from tta.data.tasks import Task
 
 # Part of every datastore's cache key.  2: features taken with the format's position ids (grid
 # positions for the embedded model) and, on the CPU, at each checkpoint's own weights; version-1
@@ -60,7 +60,7 @@ ADAM_EPS = 1e-8   # LESS's constant in m / sqrt(v + eps)
 @dataclass
 class GradientSettings:
     """What a datastore is built with; every field is part of its cache key.  Defaults are the
-    paper's scaled to the embedded 3.4M-parameter model on a CPU (paper values in `methods/less.py`)."""
+    paper's scaled to the embedded 3.4M-parameter model on a CPU (paper values in `methods/less/method.py`)."""
     rank: int = 8
     alpha: int = 32
     targets: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
@@ -160,7 +160,7 @@ def lora_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
 @contextlib.contextmanager
 def gradient_adapter(lm: LoadedModel, settings: GradientSettings):
     """Attach the datastore's LoRA configuration for the duration; yields its ordered parameters."""
-    from tta.training import attach_lora, detach_lora
+    from tta.training.finetune import attach_lora, detach_lora
 
     adapter = attach_lora(lm, settings.rank, settings.alpha, list(settings.targets), seed=settings.seed)
     try:
@@ -171,14 +171,11 @@ def gradient_adapter(lm: LoadedModel, settings: GradientSettings):
 
 def batch_loss(lm: LoadedModel, batch: list[Encoded]) -> torch.Tensor:
     """The mean loss of `batch` (right-padded) in one forward, numbered exactly as training numbers
-    it (`tta.training.train`): the format's position ids from `pad_batch` -- grid positions for
+    it (`tta.training.finetune.train`): the format's position ids from `pad_batch` -- grid positions for
     the embedded model, whose loss on ARC-style examples is 7-20x higher under plain 0, 1, 2, ...
     -- and the attention mask, without which transformers would read the jumps in grid positions
     as the starts of packed sequences.  Every forward in this module goes through here."""
-    ids, mask, positions = pad_batch([e.input_ids for e in batch], lm.format, lm.device, side="right")
-    labels = pad_labels([e.labels for e in batch], lm.device)
-    with autocast(lm.device):
-        return lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, labels=labels).loss
+    return step.batch_loss(lm.model, *step.padded(lm, batch, multiple=1))
 
 
 def example_gradient(lm: LoadedModel, params: list, example: Encoded) -> torch.Tensor:
@@ -317,7 +314,7 @@ def build(lm: LoadedModel, examples: list[Example], settings: GradientSettings, 
     from transformers import get_linear_schedule_with_warmup
     from safetensors.torch import save_file
 
-    from tta.training import batches
+    from tta.training.finetune import batches
 
     if not examples:
         raise ValueError("the LESS pool is empty (no example fits the length limit?)")
@@ -348,13 +345,9 @@ def build(lm: LoadedModel, examples: list[Example], settings: GradientSettings, 
                 model.train()
                 epoch_lrs = []
                 for batch in plan[epoch * steps_per_epoch:(epoch + 1) * steps_per_epoch]:
-                    loss = batch_loss(lm, batch)
-                    loss.backward()
                     epoch_lrs.append(optimizer.param_groups[0]["lr"])
-                    optimizer.step()
-                    schedule.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    losses.append(float(loss.detach()))
+                    loss = step.training_step(model, optimizer, step.padded(lm, batch, multiple=1), schedule)
+                    losses.append(float(loss))
                     bar.update(1)
                 model.eval()
                 state = [optimizer.state[p] for _, p in params]

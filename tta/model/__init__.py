@@ -1,0 +1,2 @@
+"""The base model: grids as tokens (`encoding`), loading a model (`loading`), padding batches
+(`batching`)."""

@@ -1,0 +1,2 @@
+"""Reading run directories into tables, statistics (`stats`), the markdown report (`report`) and
+pictures of tasks (`show`)."""

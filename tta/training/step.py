@@ -1,0 +1,40 @@
+"""One training step, shared by per-task training (`finetune.train`), the LESS warm-up and
+pretraining: the loss of a padded batch under bf16 autocast, backward, (clip,) optimiser step,
+schedule step.  Keeping it in one place keeps what a "step" costs and does the same for every
+method that trains."""
+from __future__ import annotations
+
+import torch
+
+from tta.model.batching import pad_batch, pad_labels
+from tta.model.encoding import Encoded
+from tta.model.loading import autocast
+
+PAD_MULTIPLE = 64   # see pad_batch: repeated shapes keep the CPU kernels cached
+
+
+def padded(lm, batch: list[Encoded], multiple: int = PAD_MULTIPLE):
+    """(ids, mask, positions, labels) of training examples, right-padded to a multiple."""
+    ids, mask, positions = pad_batch([e.input_ids for e in batch], lm.format, lm.device, "right", multiple)
+    return ids, mask, positions, pad_labels([e.labels for e in batch], lm.device, multiple)
+
+
+def batch_loss(model, ids, mask, positions, labels) -> torch.Tensor:
+    """The mean loss over the labelled tokens.  Always with the mask and the format's position
+    ids: without the mask transformers reads jumps in grid positions as packed sequences."""
+    with autocast(ids.device):
+        return model(input_ids=ids, attention_mask=mask, position_ids=positions, labels=labels).loss
+
+
+def training_step(model, optimizer, tensors, schedule=None, clip_norm: float | None = None) -> torch.Tensor:
+    """Forward, backward, optimiser (and schedule) step on one padded batch; the loss, detached
+    and left on the device (reading it back would sync the host every step)."""
+    loss = batch_loss(model, *tensors)
+    loss.backward()
+    if clip_norm is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
+    optimizer.step()
+    if schedule is not None:
+        schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
