@@ -239,6 +239,10 @@ class Sampling(AdapterMethod):
         return flops, 0.25
 
     def predict(self, task, budget, seed):
+        with self.merged():
+            return self.predict_merged(task, budget, seed)
+
+    def predict_merged(self, task, budget, seed):
         c = self.config
         views = self.views(task, seed)
         room = answer_room(self.lm.format, task)

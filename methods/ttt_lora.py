@@ -48,4 +48,5 @@ class TTTLoRA(AdapterMethod):
         return {"train_examples": len(examples), **report.as_dict()}
 
     def predict(self, task, budget, seed):
-        return predict_with_views(self.lm, task, budget, self.config, seed)
+        with self.merged():
+            return predict_with_views(self.lm, task, budget, self.config, seed)

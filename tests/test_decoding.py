@@ -54,7 +54,7 @@ class Scripted(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask, position_ids, logits_to_keep=0, **kw):
         n_new = input_ids.shape[1]
-        n_past = attention_mask.shape[1] - n_new
+        n_past = attention_mask.shape[-1] - n_new   # a 2-D mask or a decode step's 4-D one
         cache = kw.get(CACHE_KW)
         if cache is not None:
             assert cache.get_seq_length() == n_past, "the cache does not hold exactly the prefix"
@@ -345,3 +345,46 @@ def test_a_bigger_budget_buys_more_views_and_leave_one_out_prompts_add_views(tin
     unlimited.leave_one_out_prompts = True
     _, loo = predict_with_views(tiny, task, None, unlimited, seed=0)
     assert plain["views"] == 12 and loo["views"] == 12 + 6 * 3   # each transform once per left-out demo
+
+
+# ---------------------------------------------------------------- host syncs
+
+VALUE_READS = ["item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy"]
+
+
+def syncs_per_decode_step(lm, monkeypatch, prompts, steps=8):
+    """Reads of a tensor's values back to the host between consecutive forwards of a decode (on a
+    GPU each one stalls the stream), with the budget meter attached as in a run."""
+    from tta.budget import Budget, Meter
+    reads = []
+    for name in VALUE_READS:
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=original, **k: (reads.append(1), _o(self, *a, **k))[1])
+    meter = Meter(Budget(flops=1e15))
+    meter.attach(lm.model)
+    marks = []
+    hook = lm.model.register_forward_pre_hook(lambda module, args: marks.append(len(reads)))
+    try:
+        generate(lm, prompts, budget=meter.handle(lm.model), max_new_tokens=steps)
+    finally:
+        hook.remove()
+        meter.detach()
+        monkeypatch.undo()
+    return [b - a for a, b in zip(marks[1:], marks[2:])]   # from the first decode step on
+
+
+def test_a_decode_step_reads_the_device_at_most_once(tiny, monkeypatch):
+    """Fails if the meter reads the attention mask, the loop reads done/active/lengths separately,
+    or transformers is left to check a 2-D mask on the host -- each a sync per step on a GPU."""
+    per_step = syncs_per_decode_step(tiny, monkeypatch, [[1] + [5] * 30, [1] + [6] * 20, [1] + [7] * 9])
+    assert per_step and max(per_step) <= 1, per_step
+
+
+def test_the_sync_counter_sees_a_read(tiny, monkeypatch):
+    # The counter itself: an extra .item() per step inside the model must show up.
+    hook = tiny.model.register_forward_hook(lambda module, args, out: [out.logits.sum().item()] and None)
+    try:
+        per_step = syncs_per_decode_step(tiny, monkeypatch, [[1] + [5] * 30])
+    finally:
+        hook.remove()
+    assert min(per_step) >= 2

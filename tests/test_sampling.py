@@ -48,6 +48,15 @@ class StubDecoder(torch.nn.Module):
         return hidden
 
 
+def real_new_tokens(mask, n_new: int) -> int:
+    """Real tokens among the last `n_new` positions of a 2-D mask, or of a decode step's 4-D one
+    (boolean: True = attend; additive: 0 = attend)."""
+    if mask.dim() == 4:
+        last = mask[:, 0, -1, -n_new:]
+        return int((last if last.dtype == torch.bool else last == 0).sum())
+    return int(mask[:, -n_new:].sum())
+
+
 class StubLM(torch.nn.Module):
     """P(answer) is `weights[answer]` (up to the leak); the answer starts after the last output marker."""
 
@@ -85,7 +94,7 @@ class StubLM(torch.nn.Module):
                 cache=None, past_key_values=None, **kwargs):
         cache = cache if cache is not None else past_key_values
         self.decoder(input_ids=input_ids, attention_mask=attention_mask)   # what the meter sees
-        self.fed.append(int(input_ids.shape[1]) if attention_mask is None else int(attention_mask[:, -input_ids.shape[1]:].sum()))
+        self.fed.append(int(input_ids.shape[1]) if attention_mask is None else real_new_tokens(attention_mask, input_ids.shape[1]))
         if cache is not None:   # the cache stores the token ids themselves, as keys
             keys, _ = cache.update(input_ids[:, None, :, None].float(), input_ids[:, None, :, None].float(), 0)
             history = keys[:, 0, :, 0].long()

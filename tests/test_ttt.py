@@ -90,3 +90,36 @@ def test_a_bigger_budget_buys_more_training_then_more_views():
     assert big_steps == 24 and big_views > small_views and big_flops > 5 * small_flops
     # 3e9 is more than 24 steps and 64 views per test input cost: the ceiling is named
     assert big_views == 64 and reasons.startswith("max_views reached")
+
+
+def test_a_merged_lora_runs_as_the_base_model_and_comes_back_unmerged(tiny):
+    """Fails if prediction inside `merged` gives other logits than the unmerged adapter, if the
+    meter still charges the LoRA matrices while merged, or if unmerging leaves the base weights
+    (or the adapter) changed beyond fp32 rounding."""
+    import torch
+    from tta.budget import model_shape
+    from tta.training.finetune import attach_lora, detach_lora, merged
+
+    base = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    adapter = attach_lora(tiny, rank=4, alpha=4, targets=["q_proj", "v_proj"], seed=0)
+    try:
+        with torch.no_grad():
+            for name, p in adapter.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.5)   # a trained adapter: B is no longer zero
+        ids = torch.tensor([[1, 5, 6, 7, 8, 9]])
+        with torch.no_grad():
+            unmerged_logits = tiny.model(input_ids=ids).logits
+        with_lora = model_shape(tiny.model).n_params
+        with merged(adapter):
+            with torch.no_grad():
+                merged_logits = tiny.model(input_ids=ids).logits
+            merged_n = model_shape(tiny.model).n_params
+        assert torch.allclose(merged_logits, unmerged_logits, atol=1e-4)
+        assert merged_n < with_lora
+        assert model_shape(tiny.model).n_params == with_lora
+        assert any(p.requires_grad for n, p in adapter.named_parameters() if "lora_" in n)
+    finally:
+        detach_lora(tiny, adapter)
+    for k, v in tiny.model.state_dict().items():
+        assert torch.allclose(v, base[k], atol=1e-6), k

@@ -52,10 +52,13 @@ class ModelShape:
 
 
 def linear_weights(module: torch.nn.Module) -> tuple[int, int]:
-    """(weights, trainable weights) of every linear map inside `module`, adapters included."""
+    """(weights, trainable weights) of every linear map inside `module`, adapters included -- except
+    a LoRA merged into its base weights, whose own matrices no longer run."""
     total = trainable = 0
+    merged = {id(x) for m in module.modules() if getattr(m, "merged", False) and hasattr(m, "lora_A")
+              for part in (m.lora_A, m.lora_B) for x in part.modules()}
     for m in module.modules():
-        if isinstance(m, torch.nn.Linear):
+        if isinstance(m, torch.nn.Linear) and id(m) not in merged:
             n = m.weight.numel()
             total += n
             trainable += n if m.weight.requires_grad else 0
@@ -127,6 +130,16 @@ class _Call:
     new_mask: torch.Tensor | None   # (batch, new positions) on the CPU, 1 = real; None = all real
     tokens: int
     context: int
+    new_per_row: list[int] | None = None   # real new tokens per row, at the row's end (from `known_rows`)
+
+
+def known_rows(mask: torch.Tensor, new: list[int], past: list[int]) -> torch.Tensor:
+    """Tell the meter a forward's real tokens so that it need not read `mask` back from the device
+    (on a GPU every read is a host sync, and decoding would pay one per step): per row, the real
+    new tokens (at the end of the row) and the real positions before them.  The harness's decoder
+    keeps these counts on the host anyway; any other caller is metered from the mask itself."""
+    mask.tta_rows = (list(new), list(past))
+    return mask
 
 
 class Meter:
@@ -189,6 +202,11 @@ class Meter:
         ref = ids if ids is not None else kwargs.get("inputs_embeds")
         batch, length = ref.shape[0], ref.shape[1]
         mask = kwargs.get("attention_mask")
+        rows = getattr(mask, "tta_rows", None)
+        if rows is not None and len(rows[0]) == batch:
+            new = [min(max(int(n), 0), length) for n in rows[0]]
+            self._call = _Call(None, sum(new), sum(n * int(p) + n * (n + 1) // 2 for n, p in zip(new, rows[1])), new)
+            return
         if mask is None or mask.dim() != 2:
             self._call = _Call(None, batch * length, batch * attention_context(0, length))
             return
@@ -221,7 +239,9 @@ class Meter:
         rows = output.shape[0] * output.shape[1] if output.dim() == 3 else output.shape[0]
         call = self._last_call
         tokens = rows
-        if (call is not None and call.new_mask is not None and output.dim() == 3
+        if call is not None and call.new_per_row is not None and output.dim() == 3 and output.shape[0] == len(call.new_per_row):
+            tokens = sum(min(n, output.shape[1]) for n in call.new_per_row)   # the last `kept` positions
+        elif (call is not None and call.new_mask is not None and output.dim() == 3
                 and output.shape[0] == call.new_mask.shape[0] and output.shape[1] <= call.new_mask.shape[1]):
             kept = output.shape[1]   # logits_to_keep: the head ran on the last `kept` positions
             tokens = int(call.new_mask[:, -kept:].sum())

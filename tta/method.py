@@ -9,6 +9,7 @@ differ only in how they spend compute.  A user's class plugs in with
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib
@@ -87,6 +88,12 @@ class AdapterMethod(Method):
     """A method whose `adapt` attaches a per-task adapter (kept in `self.adapter`); `reset`
     removes it, leaving the base weights as they were."""
     adapter = None
+
+    def merged(self):
+        """Run prediction inside `with self.merged():` -- the LoRA merged into the base weights
+        (fewer ops per decode step, charged as the base model), unmerged when the block ends."""
+        from tta.training.finetune import merged
+        return merged(self.adapter) if self.adapter is not None else contextlib.nullcontext()
 
     def reset(self) -> None:
         if self.adapter is not None:

@@ -198,4 +198,5 @@ class LESS(AdapterMethod):
                 "train_examples": len(data), "task_examples": own, **report.as_dict()}
 
     def predict(self, task, budget, seed):
-        return predict_with_views(self.lm, task, budget, self.config, seed)
+        with self.merged():
+            return predict_with_views(self.lm, task, budget, self.config, seed)

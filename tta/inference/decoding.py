@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tta.budget import TaskBudget
+from tta.budget import TaskBudget, known_rows
 from tta.model.batching import pad_batch
 from tta.model.encoding import CompactFormat, DIGIT0_ID, EOS_ID, NL_ID
 from tta.model.loading import CACHE_KW, LoadedModel, autocast, output_cache
@@ -72,6 +72,16 @@ class TokenSet:
         pass
 
 
+def _step_mask(mask2d: torch.Tensor, model) -> torch.Tensor:
+    """The attention mask of a decode step, already 4-D, so transformers uses it as it is instead
+    of checking the 2-D mask on the host (a sync per step): boolean for SDPA, additive otherwise."""
+    allowed = mask2d[:, None, None, :].bool()
+    if getattr(model.config, "_attn_implementation", "sdpa") == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device).masked_fill(
+        ~allowed, torch.finfo(torch.float32).min)
+
+
 def grammar_constraint(lm: LoadedModel, batch: int, vocab_size: int):
     if isinstance(lm.format, CompactFormat):
         return GridGrammar(batch, lm.device, vocab_size)
@@ -100,15 +110,21 @@ def _generate_batch(lm, prompts, budget, max_new_tokens, temperature, top_p, gen
     batch = len(prompts)
     vocab = model.config.vocab_size
     constraint = grammar_constraint(lm, batch, vocab)
-    lengths = torch.tensor([len(p) for p in prompts])
 
+    eos = EOS_ID if lm.format.eos_id is None else lm.format.eos_id
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     out_tokens = torch.zeros((batch, 0), dtype=torch.long, device=device)
     logprob = torch.zeros(batch, dtype=torch.float32, device=device)
     cache = DynamicCache()
+    # What the host knows without asking the device: each row's real length and whether it has
+    # finished.  One `tolist()` of the chosen tokens per step keeps them current -- the only
+    # host sync of a step (counted by tests/test_decoding.py).
+    real_length = [len(p) for p in prompts]
+    finished = [False] * batch
 
-    if budget and not budget.can_afford(budget.sequences_cost([int(n) for n in lengths], model)):
+    if budget and not budget.can_afford(budget.sequences_cost(real_length, model)):
         return [Generation([], False, 0.0) for _ in prompts]
+    known_rows(mask, real_length, [0] * batch)
     for step in range(max_new_tokens):
         with autocast(device):
             out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
@@ -118,23 +134,26 @@ def _generate_batch(lm, prompts, budget, max_new_tokens, temperature, top_p, gen
         logits = logits.masked_fill(~constraint.mask(), float("-inf"))
         logprobs = torch.log_softmax(logits, dim=-1)
         chosen = _choose(logprobs, temperature, top_p, generator)
-        chosen = torch.where(done, torch.full_like(chosen, EOS_ID if lm.format.eos_id is None else lm.format.eos_id), chosen)
+        chosen = torch.where(done, torch.full_like(chosen, eos), chosen)
         logprob += torch.where(done, torch.zeros_like(logprob), logprobs.gather(1, chosen[:, None]).squeeze(1))
         out_tokens = torch.cat([out_tokens, chosen[:, None]], dim=1)
         constraint.update(chosen)
-        done = done | (chosen == lm.format.eos_id)
-        if bool(done.all()):
+        done = done | (chosen == eos)
+        chosen_now = chosen.tolist()   # the step's one host sync
+        finished = [f or c == eos for f, c in zip(finished, chosen_now)]
+        if all(finished):
             break
         # Finished rows keep running (a rectangle is cheaper than reshaping the cache) but
         # their new positions are masked, so they are neither attended to nor charged.
-        active = (~done).long()
-        n_active = int(active.sum())
-        context = int(((mask.sum(dim=1) + 1) * active).sum())   # each active row attends to its past and itself
-        if budget and not budget.can_afford(budget.forward_cost(n_active, context, model)):
+        active = [0 if f else 1 for f in finished]
+        context = sum((n + 1) * a for n, a in zip(real_length, active))   # each active row attends to its past and itself
+        if budget and not budget.can_afford(budget.forward_cost(sum(active), context, model)):
             break
         ids = chosen[:, None]
-        mask = torch.cat([mask, active[:, None]], dim=1)
-        positions = torch.tensor([[t.feed(int(c))] for t, c in zip(trackers, chosen.tolist())], device=device)
+        mask2d = torch.cat([mask2d if step else mask, (~done).long()[:, None]], dim=1)
+        mask = known_rows(_step_mask(mask2d, model), active, real_length)
+        real_length = [n + a for n, a in zip(real_length, active)]
+        positions = torch.tensor([[t.feed(c)] for t, c in zip(trackers, chosen_now)], device=device)
     results = []
     for row in range(batch):
         tokens = out_tokens[row].tolist()
