@@ -11,6 +11,8 @@ import pytest
 
 from tta.method import Method, MethodError, get_method, make_config, register
 from tta.run.runner import RunError, RunSpec, read_results, run
+from click.testing import CliRunner
+from tta.cli import main
 from conftest import GOOD, write_task
 
 TTT_FAST = ["max_examples=6", "rank=4", "alpha=8", "epochs=1", 'transforms=["identity","rot90"]', "orders=1"]
@@ -166,4 +168,33 @@ def test_threads_follow_the_cores_this_process_may_use(monkeypatch):
         models.set_threads()
         assert models.usable_cpus() == 1 and torch.get_num_threads() == 1
     finally:
+        torch.set_num_threads(before)
+
+
+def test_threads_default_to_a_containers_cpu_quota_and_follow_the_flag(tmp_path, monkeypatch):
+    """Fails if a cgroup quota (v2 or v1) is ignored, if --threads does not reach torch, or if the
+    run does not record how many threads it used."""
+    import torch
+    from tta import threads
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: set(range(8)))
+    (tmp_path / "cpu.max").write_text("150000 100000\n")          # v2: 1.5 cores
+    assert threads.cpu_quota(tmp_path) == 1.5 and threads.default_threads(tmp_path) == 1
+    (tmp_path / "cpu.max").write_text("max 100000\n")             # v2: no quota
+    assert threads.cpu_quota(tmp_path) is None and threads.default_threads(tmp_path) == 8
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("300000")  # v1: 3 cores
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000")
+    assert threads.default_threads(tmp_path) == 3
+
+    before = torch.get_num_threads()
+    try:
+        out = tmp_path / "r"
+        result = CliRunner().invoke(main, ["run", "--method", "copy_input", "--dataset", "gen-eval", "--limit", "1",
+                                           "--threads", "1", "--out", str(out), "--quiet"])
+        assert result.exit_code == 0, result.output
+        assert torch.get_num_threads() == 1
+        assert json.loads((out / "manifest.json").read_text())["threads"] == 1
+    finally:
+        threads.choose_threads(None)
         torch.set_num_threads(before)

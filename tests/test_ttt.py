@@ -123,3 +123,50 @@ def test_a_merged_lora_runs_as_the_base_model_and_comes_back_unmerged(tiny):
         detach_lora(tiny, adapter)
     for k, v in tiny.model.state_dict().items():
         assert torch.allclose(v, base[k], atol=1e-6), k
+
+
+def test_causal_training_attention_gives_the_masked_batch_loss_and_gradients(tiny):
+    """Fails if the unmasked causal kernel used for right-padded training batches lets real
+    tokens see padding, or loses the grid position ids (the loss would differ from the one
+    transformers computes with the mask)."""
+    import numpy as np
+    import torch
+    from tta.data.datasets import load_dataset
+    from tta.training.examples import leave_one_out_examples
+    from tta.model.loading import autocast
+    from tta.training import step
+
+    task = load_dataset("gen-eval").tasks[3]
+    examples = [e.encoded for e in leave_one_out_examples(task, tiny.format, np.random.default_rng(0), 3)]
+    assert len({len(e) for e in examples}) > 1   # unequal lengths: the batch has padding
+    tensors = step.padded(tiny, examples)
+    params = [p for p in tiny.model.parameters()][:3]
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        def loss_and_grads(causal: bool):
+            for p in params:
+                p.grad = None
+            config = tiny.model.config
+            saved = config._attn_implementation
+            config._attn_implementation = "sdpa"
+            if causal:
+                loss = step.batch_loss(tiny.model, *tensors)
+            else:
+                ids, mask, positions, labels = tensors
+                with autocast(tiny.device):
+                    loss = tiny.model(input_ids=ids, attention_mask=mask, position_ids=positions, labels=labels).loss
+            loss.backward()
+            config._attn_implementation = saved
+            return float(loss.detach()), [p.grad.clone() for p in params]
+
+        masked_loss, masked_grads = loss_and_grads(causal=False)
+        causal_loss, causal_grads = loss_and_grads(causal=True)
+    finally:
+        for p in params:
+            p.requires_grad_(False)
+    # both under bf16 autocast: equal up to the kernels' rounding
+    assert abs(causal_loss - masked_loss) < 2e-3 * abs(masked_loss)
+    for a, b in zip(causal_grads, masked_grads):
+        assert torch.allclose(a, b, atol=2e-2 * b.abs().max().item() + 1e-6)
+    assert tiny.model.config._attn_implementation == "sdpa"

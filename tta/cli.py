@@ -9,7 +9,11 @@ from pathlib import Path
 
 import click
 
-from tta.budget import DEFAULT_FLOPS, Budget
+from tta.threads import choose_threads, passive_wait
+
+passive_wait()   # before torch loads OpenMP: waiting threads sleep instead of spinning (see tta.threads)
+
+from tta.budget import DEFAULT_FLOPS, Budget  # noqa: E402  (after passive_wait)
 
 # Errors that are the user's input, not our bug: shown as one line, exit code 2.
 def _user_errors():
@@ -83,6 +87,11 @@ def _plugin_option(f):
                         help="import a file or module first, so its @register(\"name\") methods run by name (repeatable)")(f)
 
 
+def _threads_option(f):
+    return click.option("--threads", type=click.IntRange(min=1),
+                        help="CPU threads for torch [default: the cores this process may use, within any container quota]")(f)
+
+
 def _command_line() -> str:
     return "tta " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
@@ -108,10 +117,12 @@ def _command_line() -> str:
 @click.option("--ray-address", help="address of a running Ray cluster (default: start a local one)")
 @click.option("--retry-failed", is_flag=True, help="rerun the tasks of this run directory that failed, replacing their records")
 @_plugin_option
+@_threads_option
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def run(method, dataset, limit, sample, task_ids, model, budget_flops, budget_seconds, seed, overrides, out, device,
-        force, shard, executor, ray_address, retry_failed, plugins, quiet):
+        force, shard, executor, ray_address, retry_failed, plugins, threads, quiet):
     """Run one method over an ARC task set into a run directory (resumable)."""
+    choose_threads(threads)
     from tta.run.runner import RunSpec, read_results, run as run_method
     from tta.scoring import aggregate
 
@@ -238,10 +249,12 @@ def report(run_dir, out):
               help="where the run directories go (runs/NAME/METHOD-BUDGET-SEED)")
 @click.option("--reports", type=click.Path(path_type=Path), default=Path("reports"), show_default=True)
 @_plugin_option
+@_threads_option
 @click.option("--quiet", is_flag=True, help="no progress bars")
-def experiment(file, runs, reports, plugins, quiet):
+def experiment(file, runs, reports, plugins, threads, quiet):
     """Run every cell of an experiment TOML (resuming finished ones), then write its report.
     A plan without `budgets` runs at the default cap; `budgets = ["none"]` is uncapped."""
+    choose_threads(threads)
     from tta.experiment import run_experiment
     path = run_experiment(file, runs, reports, progress=not quiet, log=lambda m: click.echo(m, err=True),
                           command=_command_line(), plugins=list(plugins))
@@ -302,9 +315,11 @@ def methods(plugins):
 @click.option("--checkpoint-minutes", type=float, default=5.0, show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), help="processes drawing batches [default: 0 on the CPU, up to 8 on a GPU]")
 @click.option("--device", default="auto", show_default=True)
+@_threads_option
 def pretrain(out, minutes, steps, size, positions, data, exclude, drop_overlap, lr, tokens_per_batch, max_len, seed,
-             checkpoint_minutes, workers, device):
+             checkpoint_minutes, workers, device, threads):
     """Train the embedded base model from scratch (resumable)."""
+    choose_threads(threads)
     from tta.training.pretrain import PretrainConfig, main_log, pretrain as run_pretrain
 
     if minutes is None and steps is None:

@@ -1,9 +1,22 @@
-"""How many CPU threads torch uses."""
+"""How many CPU threads torch uses, and how they wait.
+
+The default is the number of cores this process may run on (its CPU affinity), lowered to a
+container's CPU quota when there is one: `os.cpu_count()` can be the host's, and more OpenMP
+threads than cores makes every small op crawl.  `--threads N` (`tta run`, `tta experiment`,
+`tta pretrain`) or OMP_NUM_THREADS overrides it.
+
+Waiting: OpenMP threads spin between parallel regions by default, which on a machine shared with
+other jobs burns the cores those jobs need; `tta` asks them to sleep instead (OMP_WAIT_POLICY=
+PASSIVE, unless the user set a policy).  `benchmarks/threads.py` measures both policies, alone
+and with two runs side by side.
+"""
 from __future__ import annotations
 
+import math
 import os
+from pathlib import Path
 
-import torch
+_chosen: int | None = None   # set by --threads
 
 
 def usable_cpus() -> int:
@@ -12,7 +25,50 @@ def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def set_threads() -> None:
-    """Use every usable core for intra-op parallelism unless the user set a number."""
-    if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(usable_cpus())
+def cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """The container's CPU quota in cores (cgroup v2 `cpu.max`, or v1 `cpu.cfs_quota_us`), or None."""
+    try:
+        text = (root / "cpu.max").read_text().split()
+        if text and text[0] != "max":
+            return int(text[0]) / int(text[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        if quota > 0 and period > 0:
+            return quota / period
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def default_threads(root: Path = Path("/sys/fs/cgroup")) -> int:
+    quota = cpu_quota(root)
+    cores = usable_cpus()
+    return max(1, min(cores, math.floor(quota))) if quota else cores
+
+
+def choose_threads(n: int | None) -> None:
+    """`--threads N`: every later `set_threads()` in this process uses N."""
+    global _chosen
+    if n is not None and n < 1:
+        raise ValueError(f"--threads {n}: expected at least 1")
+    _chosen = n
+
+
+def passive_wait() -> None:
+    """Ask OpenMP threads to sleep, not spin, while they wait (unless the user chose a policy).
+    Only effective before torch loads its OpenMP runtime, so the command line calls it first."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def set_threads() -> int:
+    """Set torch's intra-op threads: --threads, else OMP_NUM_THREADS, else `default_threads()`."""
+    import torch
+
+    if _chosen is not None:
+        torch.set_num_threads(_chosen)
+    elif "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(default_threads())
+    return torch.get_num_threads()

@@ -48,6 +48,7 @@ def run(spec: RunSpec, progress: bool = True, executor: str = "local", ray_addre
         runner = TaskRunner(spec, cls, config, dataset)
         say(run_header(manifest, dataset, out, len(done), len(retried), runner.device, cls.needs_model))
         one_off, device = (runner.setup() if todo else None), runner.device
+        manifest["threads"] = runner.threads
         results = (runner.solve(task_id) for task_id in todo)
     else:
         raise RunError(f"unknown executor {executor!r} (local, ray)")

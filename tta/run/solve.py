@@ -229,7 +229,7 @@ class TaskRunner:
     with `--executor ray` every worker holds its own (see tta.run.ray_executor)."""
 
     def __init__(self, spec: RunSpec, cls, config, dataset: Dataset):
-        set_threads()
+        self.threads = set_threads()
         self.spec, self.name = spec, cls.name
         self.lm = load_model(spec.model, device=spec.device) if cls.needs_model else None
         if self.lm is not None:
