@@ -21,7 +21,7 @@ from common import benchmark_model  # noqa: E402
 
 from tta.inference.decoding import generate
 from tta.model.loading import autocast
-from tta.inference.predict import answer_room, build_views, predict_augmented  # noqa: E402
+from tta.inference.predict import ViewSettings, answer_room, build_views, predict_augmented  # noqa: E402
 from tta.data.augment import inference_transforms  # noqa: E402
 from tta.data.datasets import load_dataset
 
@@ -45,15 +45,19 @@ def main():
     parser.add_argument("--model")
     parser.add_argument("--dataset", default="gen-eval")
     parser.add_argument("--tasks", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=ViewSettings().decode_batch_size,
+                        help="views decoded together (default: the methods' decode_batch_size)")
     args = parser.parse_args()
     lm = benchmark_model(args.model)
     tasks = load_dataset(args.dataset).tasks[: args.tasks]
     predict_augmented(lm, tasks[0], None)   # warm-up
     start = time.perf_counter()
-    batched_tokens = 0
+    batched_tokens = prompt_tokens = 0
     for task in tasks:
         views = build_views(lm, task, inference_transforms(), 2, np.random.default_rng(0))
-        outs = generate(lm, [v.prompt for v in views], max_new_tokens=answer_room(lm.format, task))
+        prompt_tokens += sum(len(v.prompt) for v in views)
+        outs = generate(lm, [v.prompt for v in views], max_new_tokens=answer_room(lm.format, task),
+                        batch_size=args.batch_size)
         batched_tokens += sum(len(g.tokens) + g.finished for g in outs)
     batched = time.perf_counter() - start
     start = time.perf_counter()
@@ -65,7 +69,8 @@ def main():
     # The grid grammar keeps an answer going until it is a complete grid, while plain generate()
     # stops at the first end-of-sequence, so the two paths make different numbers of tokens:
     # tokens per second is the like-for-like figure, wall time per task the user-facing one.
-    print(f"model {lm.spec}: {len(tasks)} tasks, {n_views} views")
+    print(f"model {lm.spec}: {len(tasks)} tasks, {n_views} views, decoded {args.batch_size} at a time; "
+          f"{prompt_tokens} prompt tokens (both paths run every prompt once)")
     print(f"batched augmented inference: {batched:.2f} s, {batched_tokens} tokens, {batched_tokens / batched:,.0f} tokens/s")
     print(f"one generate() per view:     {sequential:.2f} s, {n_tokens} tokens, {n_tokens / sequential:,.0f} tokens/s")
     print(f"tokens/s speed-up:           {(batched_tokens / batched) / (n_tokens / sequential):.1f}x  (aim >= 5x)")
