@@ -6,7 +6,7 @@ import re
 import pytest
 from click.testing import CliRunner
 
-from tta.data import generate
+from tta.data import synthetic as generate
 from tta.cli import main
 from tta.method import REGISTRY, discover, make_config
 from tta.run.runner import read_results

@@ -16,7 +16,7 @@ from tta.budget import Meter, attention_context, model_shape, training_step_flop
 from tta.data.contamination import ContaminationError
 from tta.training.examples import leave_one_out_examples
 from tta.model.batching import pad_batch, pad_labels
-from tta.data.generate import make_task
+from tta.data.synthetic import make_task
 from tta.model.loading import autocast, load_model
 
 

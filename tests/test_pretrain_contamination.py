@@ -5,7 +5,7 @@ import pytest
 from click.testing import CliRunner
 
 from tta.data import contamination
-from tta.data import generate
+from tta.data import synthetic as generate
 from tta.cli import main
 from tta.model.loading import load_model
 from tta.training.pretrain import PretrainConfig, load_training_tasks, pretrain

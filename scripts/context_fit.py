@@ -1,0 +1,47 @@
+"""How many tasks of a dataset a model can attempt whole: the prompt with every demonstration,
+the test input and room for the answer, at one token per cell plus one per row (the embedded
+model's format), against context lengths; and how many demonstrations `fit_prompt` keeps at
+the embedded model's context when a task does not fit.
+
+    python scripts/context_fit.py [--dataset arc1-eval] [--contexts 2048 4096 8192]
+"""
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+
+from tta.data.datasets import load_dataset
+from tta.inference.predict import answer_room, fit_prompt
+from tta.model.loading import load_model
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dataset", default="arc1-eval")
+    parser.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096, 8192])
+    args = parser.parse_args()
+    lm = load_model("default", device="cpu")
+    tasks = load_dataset(args.dataset).tasks
+    whole, dropped = [], Counter()
+    for task in tasks:
+        room = answer_room(lm.format, task)
+        longest = max(len(lm.format.encode(list(task.train), pair.input)) for pair in task.test) + room
+        whole.append(longest)
+        prompt = fit_prompt(lm.format, list(task.train), task.test[0].input, lm.max_context - room)
+        kept = -1 if prompt is None else len(lm.format.encode(list(task.train), task.test[0].input)) == len(prompt)
+        if prompt is None:
+            dropped["cannot attempt (the query alone does not fit)"] += 1
+        elif not kept:
+            dropped["demonstrations dropped to fit"] += 1
+        else:
+            dropped["whole"] += 1
+    n = len(tasks)
+    print(f"{args.dataset}: {n} tasks; whole-task tokens (all demonstrations, test input, answer room)")
+    for context in args.contexts:
+        k = sum(t <= context for t in whole)
+        print(f"  fit {context:5d} tokens whole: {k:3d} / {n} = {k / n:.0%}")
+    print(f"at the embedded model's context ({lm.max_context}): " + ", ".join(f"{v} {k}" for k, v in dropped.items()))
+
+
+if __name__ == "__main__":
+    main()
