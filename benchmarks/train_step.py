@@ -24,25 +24,20 @@ from common import benchmark_model, timed  # noqa: E402
 from methods.ttt_lora import TTTConfig  # noqa: E402
 from tta.budget import Meter  # noqa: E402
 from tta.training.examples import leave_one_out_examples  # noqa: E402
-from tta.model.batching import pad_batch, pad_labels
-from tta.model.loading import autocast
 from tta.data.datasets import load_dataset
-from tta.training.finetune import PAD_MULTIPLE, attach_lora, batches, detach_lora, train  # noqa: E402
+from tta.training.finetune import attach_lora, batches, detach_lora, train  # noqa: E402
+from tta.training.step import padded, training_step  # noqa: E402
 
 
 def bare_steps(lm, plan):
+    """The same training step (`tta.training.step.training_step`) in a bare loop: no meter, no
+    budget checks, no schedule."""
     params = [p for p in lm.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     lm.model.train()
     start = time.perf_counter()
     for batch in plan:
-        ids, mask, pos = pad_batch([e.input_ids for e in batch], lm.format, lm.device, "right", PAD_MULTIPLE)
-        labels = pad_labels([e.labels for e in batch], lm.device, PAD_MULTIPLE)
-        with autocast(lm.device):
-            loss = lm.model(input_ids=ids, attention_mask=mask, position_ids=pos, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        training_step(lm.model, optimizer, padded(lm, batch))
     lm.model.eval()
     return time.perf_counter() - start
 
@@ -119,8 +114,8 @@ def main():
         meter.detach()
         detach_lora(lm, adapter)
     bare, harness = min(results["bare"]), min(results["harness"])
-    print(f"bare forward+backward+AdamW: {1000 * bare / len(plan):.1f} ms/step")
-    print(f"tta.training.finetune.train:          {1000 * harness / len(plan):.1f} ms/step")
+    print(f"bare training_step loop:     {1000 * bare / len(plan):.1f} ms/step")
+    print(f"tta.training.finetune.train: {1000 * harness / len(plan):.1f} ms/step")
     print(f"harness overhead ratio:      {harness / bare:.3f}  (aim <= 1.2)")
 
     peak = bf16_peak()
