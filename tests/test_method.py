@@ -91,3 +91,18 @@ def test_a_broken_entry_point_fails_only_when_named(tmp_path):
     assert broken.returncode != 0
     [line] = broken.stderr.strip().splitlines()
     assert "broken = mine_pkg.nowhere:Nothing" in line and "Traceback" not in broken.stderr
+
+
+def test_run_directories_name_a_module_or_file_method_without_a_colon():
+    """`tta run` and `tta experiment` name directories the same way; a colon breaks paths on
+    some filesystems and in shell globs."""
+    from pathlib import Path
+    from tta.budget import Budget
+    from tta.experiment import Cell
+    from tta.run.solve import default_out, method_label
+    assert method_label("icl") == "icl"
+    assert method_label("my_pkg.mod:Mine") == "my_pkg.mod.Mine"
+    assert method_label("plugins/last_output.py:LastOutput") == "last_output.LastOutput"
+    assert default_out("plugins/x.py:X", "arc1-eval") == Path("runs") / "x.X-arc1-eval"
+    cell = Cell(method="plugins/x.py:X", settings={}, budget=Budget(flops=1e12), seed=0)
+    assert cell.directory(Path("r")) == Path("r") / "x.X-f1e12-seed0"
