@@ -21,9 +21,11 @@ with `adapt=ttt`, training leaves a share of the budget (`ttt_share`) for everyt
 When the budget runs out at any point the method submits the best candidates it has (possibly
 none), never an error.
 
-How it spends a bigger budget: more samples.  With `samples=0` (the default) it samples,
-round-robin over the views, until the cap cannot pay for another batch, at most `max_samples`
-per view (the record says when it stopped there); DFS spends it on more views' searches.
+How it spends a bigger budget: more samples.  With `samples=0` (the default) it samples in
+rounds over the views (`prompt_copies` answers per view per round, drawn from one reading of the
+view's prompt: the prompt's KV cache is copied, not recomputed) until the cap cannot pay for
+another batch, at most `max_samples` per view (the record says when it stopped there); DFS
+spends it on more views' searches.
 
 The paper's recipe (DFS at 0.09 in 16 views, PoE over the same views, after TTT) is
 `--set search=dfs --set select=poe --set adapt=ttt` with more views; `--set select=vote` with
@@ -63,6 +65,7 @@ class SamplingConfig(LoRASettings):
     # tasks of the default experiment at 19% of that cap.
     samples: int = setting(0, "search=sample: samples per view; 0 = as many as the budget pays for, up to max_samples (self-consistency papers use 20-40 in all)")
     max_samples: int = setting(256, "search=sample with samples=0: samples per view at most (and without a FLOP budget)")
+    prompt_copies: int = setting(4, "search=sample: answers drawn from one reading of a view's prompt (its KV cache copied), per round over the views; 1 reads the prompt for every sample")
     temperature: float = setting(1.0, "search=sample: sampling temperature")
     top_p: float = setting(0.95, "search=sample: nucleus (top-p) cut-off")
     threshold: float = setting(0.09, "search=dfs: keep completions with probability above this (paper: 0.09)")
@@ -83,6 +86,8 @@ class SamplingConfig(LoRASettings):
                 raise MethodError(f"--set {key}={getattr(self, key)}: expected one of {', '.join(allowed)}")
         if self.samples < 0 or self.max_samples < 1:
             raise MethodError(f"--set samples={self.samples}, max_samples={self.max_samples}: expected samples >= 0 and max_samples >= 1")
+        if self.prompt_copies < 1:
+            raise MethodError(f"--set prompt_copies={self.prompt_copies}: expected at least 1")
         if not 0 < self.threshold < 1:
             raise MethodError(f"--set threshold={self.threshold}: expected a probability between 0 and 1")
         try:
@@ -183,30 +188,45 @@ class Sampling(AdapterMethod):
 
     def sample(self, views, room, budget, seed):
         """`samples` answers per view (0: until the budget is spent, at most `max_samples`), drawn
-        round-robin over the views a batch at a time, so a budget that runs out part-way leaves
-        samples spread over all views."""
+        in rounds over the views -- `prompt_copies` answers per view per round, from one reading of
+        its prompt -- a batch at a time, so a budget that runs out part-way leaves samples spread
+        over all views."""
         c = self.config
+        per_view = c.samples or c.max_samples
 
-        def cost(chunk):   # the chunk's prompts and full-length answers
-            return budget.sequences_cost([len(v.prompt) + room for v in chunk])
+        def cost(chunk, copies):   # each prompt read once, `copies` full-length answers after it
+            prompts = budget.sequences_cost([len(v.prompt) for v in chunk])
+            whole = budget.sequences_cost([len(v.prompt) + room for v in chunk])
+            return prompts + copies * (whole - prompts)
 
         fill = c.samples == 0
-        owners = [v for _ in range(c.samples or c.max_samples) for v in views]
-        gens, start = [], 0
-        while start < len(owners) and budget.can_afford(0.0):
-            chunk = owners[start:start + c.decode_batch_size]
-            while len(chunk) > 1 and not budget.can_afford(cost(chunk)):
-                chunk = chunk[: len(chunk) // 2]   # a smaller batch when the budget is short
-            if fill and gens and not budget.can_afford(cost(chunk)):
-                break   # filling: stop before a sample the budget cannot finish
-            gens += generate(self.lm, [v.prompt for v in chunk], budget, max_new_tokens=room,
-                             temperature=c.temperature, top_p=c.top_p, seed=seed + start,
-                             batch_size=c.decode_batch_size)
-            start += len(chunk)
-            if not gens[-1].tokens:
-                break   # not even the prompts could be paid for
-        if fill and start >= len(owners):
-            budget.out_of_work(f"max_samples reached ({c.max_samples} per view)")
+        rounds = []   # (views, copies): every view, `copies` answers each
+        for drawn in range(0, per_view, c.prompt_copies):
+            rounds.append(min(c.prompt_copies, per_view - drawn))
+        owners, gens, stopped = [], [], False
+        for copies in rounds:
+            group = max(1, c.decode_batch_size // copies)   # views per batch
+            start = 0
+            while start < len(views) and budget.can_afford(0.0):
+                chunk = views[start:start + group]
+                while len(chunk) > 1 and not budget.can_afford(cost(chunk, copies)):
+                    chunk = chunk[: len(chunk) // 2]   # a smaller batch when the budget is short
+                if fill and gens and not budget.can_afford(cost(chunk, copies)):
+                    stopped = True   # filling: stop before samples the budget cannot finish
+                    break
+                gens += generate(self.lm, [v.prompt for v in chunk], budget, max_new_tokens=room,
+                                 temperature=c.temperature, top_p=c.top_p, seed=seed + len(gens),
+                                 batch_size=c.decode_batch_size, copies=copies)
+                owners += [v for v in chunk for _ in range(copies)]
+                start += len(chunk)
+                if not gens[-1].tokens:
+                    stopped = True   # not even the prompts could be paid for
+                    break
+            if stopped or start < len(views):
+                break
+        else:
+            if fill:
+                budget.out_of_work(f"max_samples reached ({c.max_samples} per view)")
         candidates = [self.to_candidate(v, g.tokens, g.logprob) for v, g in zip(owners, gens) if g.finished]
         tokens = sum(len(g.tokens) + g.finished for g in gens)
         return candidates, {"samples": len(gens), "finished": sum(g.finished for g in gens), "generated_tokens": tokens}

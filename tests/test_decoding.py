@@ -388,3 +388,28 @@ def test_the_sync_counter_sees_a_read(tiny, monkeypatch):
     finally:
         hook.remove()
     assert min(per_step) >= 2
+
+
+def test_copies_read_each_prompt_once_and_draw_independent_answers(tiny):
+    """Fails if the copies of a prompt do not continue its own cache (their greedy answers would
+    differ from the prompt decoded alone), if the prompt is charged once per copy, or if
+    samples of one prompt are all the same draw."""
+    from tta.budget import Budget, Meter
+    prompts = [[1] + [5] * 30, [1] + [6] * 12]
+    alone = generate(tiny, prompts, max_new_tokens=6)
+    greedy = generate(tiny, prompts, max_new_tokens=6, copies=3)
+    assert [g.tokens for g in greedy] == [alone[0].tokens] * 3 + [alone[1].tokens] * 3
+    assert all(abs(g.logprob - alone[i // 3].logprob) < 1e-4 for i, g in enumerate(greedy))
+
+    def prompt_flops(copies):
+        meter = Meter(Budget())
+        meter.attach(tiny.model)
+        try:
+            generate(tiny, prompts, budget=meter.handle(tiny.model), max_new_tokens=1, copies=copies)
+        finally:
+            meter.detach()
+        return meter.flops
+    assert prompt_flops(4) == prompt_flops(1)   # one token each: only the prompts are read, once
+
+    sampled = generate(tiny, [prompts[0]], max_new_tokens=8, temperature=1.5, seed=0, copies=8)
+    assert len(sampled) == 8 and len({tuple(g.tokens) for g in sampled}) > 1

@@ -10,6 +10,7 @@ positions for the embedded model, `tta.model.encoding.GridPositions`).  `benchma
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -101,7 +102,7 @@ def _choose(logprobs: torch.Tensor, temperature: float, top_p: float, generator)
 
 
 @torch.no_grad()
-def _generate_batch(lm, prompts, budget, max_new_tokens, temperature, top_p, generator) -> list[Generation]:
+def _generate_batch(lm, prompts, budget, max_new_tokens, temperature, top_p, generator, copies: int = 1) -> list[Generation]:
     from transformers import DynamicCache
 
     model, device = lm.model, lm.device
@@ -123,7 +124,7 @@ def _generate_batch(lm, prompts, budget, max_new_tokens, temperature, top_p, gen
     finished = [False] * batch
 
     if budget and not budget.can_afford(budget.sequences_cost(real_length, model)):
-        return [Generation([], False, 0.0) for _ in prompts]
+        return [Generation([], False, 0.0) for _ in range(batch * copies)]
     known_rows(mask, real_length, [0] * batch)
     for step in range(max_new_tokens):
         with autocast(device):
@@ -131,6 +132,20 @@ def _generate_batch(lm, prompts, budget, max_new_tokens, temperature, top_p, gen
                         logits_to_keep=1, **{CACHE_KW: cache})
         cache = output_cache(out)
         logits = out.logits[:, -1].float()
+        if step == 0 and copies > 1:
+            # Every prompt was read once; its answers are drawn `copies` times from the same
+            # cache, rows p0, p0, ..., p1, p1, ...
+            batch *= copies
+            logits = logits.repeat_interleave(copies, dim=0)
+            cache.batch_repeat_interleave(copies)
+            mask = mask.repeat_interleave(copies, dim=0)
+            trackers = [copy.deepcopy(t) for t in trackers for _ in range(copies)]
+            real_length = [n for n in real_length for _ in range(copies)]
+            finished = [False] * batch
+            constraint = grammar_constraint(lm, batch, vocab)
+            done = torch.zeros(batch, dtype=torch.bool, device=device)
+            out_tokens = torch.zeros((batch, 0), dtype=torch.long, device=device)
+            logprob = torch.zeros(batch, dtype=torch.float32, device=device)
         logits = logits.masked_fill(~constraint.mask(), float("-inf"))
         logprobs = torch.log_softmax(logits, dim=-1)
         chosen = _choose(logprobs, temperature, top_p, generator)
@@ -166,24 +181,27 @@ def _generate_batch(lm, prompts, budget, max_new_tokens, temperature, top_p, gen
 
 def generate(lm: LoadedModel, prompts: list[list[int]], budget: TaskBudget | None = None,
              max_new_tokens: int | None = None, temperature: float = 0.0, top_p: float = 1.0,
-             seed: int = 0, batch_size: int = 16) -> list[Generation]:
+             seed: int = 0, batch_size: int = 16, copies: int = 1) -> list[Generation]:
     """Decode an answer for every prompt, `batch_size` at a time, longest first (so batches
-    hold prompts of similar length and waste little on padding)."""
+    hold prompts of similar length and waste little on padding).  With `copies` > 1 (sampling),
+    each prompt is read once and `copies` answers are drawn from its cache -- the result holds
+    `copies` generations per prompt, in prompt order -- so a batch holds `batch_size` answers."""
     if not prompts:
         return []
     limit = max_new_tokens or lm.format.max_answer_tokens()
     generator = torch.Generator(device=lm.device).manual_seed(seed) if temperature > 0 else None
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    results: list[Generation | None] = [None] * len(prompts)
+    results: list[Generation | None] = [None] * (len(prompts) * copies)
+    per_batch = max(1, batch_size // copies)   # prompts per batch
     was_training = lm.model.training
     lm.model.eval()
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
+    for start in range(0, len(order), per_batch):
+        chunk = order[start:start + per_batch]
         room = lm.max_context - max(len(prompts[i]) for i in chunk)
         outs = _generate_batch(lm, [prompts[i] for i in chunk], budget, max(1, min(limit, room)),
-                               temperature, top_p, generator)
-        for i, g in zip(chunk, outs):
-            results[i] = g
+                               temperature, top_p, generator, copies)
+        for k, i in enumerate(chunk):
+            results[i * copies:(i + 1) * copies] = outs[k * copies:(k + 1) * copies]
     lm.model.train(was_training)
     return results
 
