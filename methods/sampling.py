@@ -208,16 +208,18 @@ class Sampling(AdapterMethod):
             group = max(1, c.decode_batch_size // copies)   # views per batch
             start = 0
             while start < len(views) and budget.can_afford(0.0):
-                chunk = views[start:start + group]
-                while len(chunk) > 1 and not budget.can_afford(cost(chunk, copies)):
+                chunk, k = views[start:start + group], copies
+                while len(chunk) > 1 and not budget.can_afford(cost(chunk, k)):
                     chunk = chunk[: len(chunk) // 2]   # a smaller batch when the budget is short
-                if fill and gens and not budget.can_afford(cost(chunk, copies)):
+                while k > 1 and not budget.can_afford(cost(chunk, k)):
+                    k //= 2                            # then fewer answers from the prompt
+                if fill and gens and not budget.can_afford(cost(chunk, k)):
                     stopped = True   # filling: stop before samples the budget cannot finish
                     break
                 gens += generate(self.lm, [v.prompt for v in chunk], budget, max_new_tokens=room,
                                  temperature=c.temperature, top_p=c.top_p, seed=seed + len(gens),
-                                 batch_size=c.decode_batch_size, copies=copies)
-                owners += [v for v in chunk for _ in range(copies)]
+                                 batch_size=c.decode_batch_size, copies=k)
+                owners += [v for v in chunk for _ in range(k)]
                 start += len(chunk)
                 if not gens[-1].tokens:
                     stopped = True   # not even the prompts could be paid for

@@ -320,7 +320,9 @@ def test_the_method_processes_no_more_tokens_than_the_budget_allows(search, k):
         assert info["generated_tokens"] <= sum(lm.model.fed)
     else:
         assert info["stopped_by_budget"]          # the whole search would take 92 tokens
-    assert sum(lm.model.fed) >= 0.5 * k          # it used the budget, not stopped at the first check
+    # it used the budget, not stopped at the first check -- or, sampling, it drew every sample asked
+    # for (reading each prompt once per round leaves budget over at the larger cap)
+    assert sum(lm.model.fed) >= 0.5 * k or (search == "sample" and info["samples"] == 2 * 8)
     assert len(attempts) == 1 and len(attempts[0]) == 2
 
 
