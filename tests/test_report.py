@@ -516,3 +516,16 @@ def test_a_budget_sweep_compares_spend_within_each_cap(tmp_path):
     head = "\n".join(write_report([small, big, ttt_big, starved], tmp_path / "r2.md",
                                   allow_mismatch=True).read_text().splitlines()[:5])
     assert "at 1e+11 FLOPs" in head and "differ by 10x" in head and "icl-big" not in head
+
+
+def test_plots_accept_an_interval_bound_a_rounding_error_past_the_estimate(tmp_path):
+    """A Wilson bound can land 1e-17 above an estimate of 0; matplotlib raised on the negative
+    error bar and the whole report failed (seen on a 100-task arc1-eval run)."""
+    import pandas as pd
+    from tta.reporting.report import AGGREGATIONS, plot_accuracy, plot_accuracy_vs_flops
+    row = {"method": "icl", "total_flops_mean": 5e11}
+    for col, _ in AGGREGATIONS:
+        row.update({col: 0.0, f"{col}_lo": 1e-17, f"{col}_hi": 0.04})
+    acc = pd.DataFrame([row], index=["icl"])
+    assert plot_accuracy(acc, tmp_path / "a.png").exists()
+    assert plot_accuracy_vs_flops(acc, tmp_path / "b.png").exists()

@@ -375,8 +375,7 @@ def plot_accuracy(acc: pd.DataFrame, out_png: str | Path) -> Path:
     x = np.arange(len(acc))
     for i, (col, label) in enumerate(AGGREGATIONS):
         y = acc[col].to_numpy(float)
-        err = np.nan_to_num([y - acc[f"{col}_lo"].to_numpy(float),
-                             acc[f"{col}_hi"].to_numpy(float) - y])
+        err = _error_bars(y, acc[f"{col}_lo"], acc[f"{col}_hi"])
         ax.errorbar(x + (i - 1) * 0.2, y, yerr=err, fmt="o", capsize=3, label=label)
     ax.set_xticks(x, [str(r) for r in acc.index], rotation=30, ha="right")
     ax.set_ylabel("accuracy (95% interval)")
@@ -384,6 +383,12 @@ def plot_accuracy(acc: pd.DataFrame, out_png: str | Path) -> Path:
     ax.legend(fontsize="small")
     fig.tight_layout()
     return _save(fig, out_png)
+
+
+def _error_bars(y, lo, hi) -> np.ndarray:
+    """Distances to an interval's ends, never negative: a Wilson bound at 0/n can come out a
+    rounding error above 0, which matplotlib refuses (seen on 1/100 with the bound at 1e-17)."""
+    return np.clip(np.nan_to_num([y - lo.to_numpy(float), hi.to_numpy(float) - y]), 0.0, None)
 
 
 def plot_accuracy_vs_flops(acc: pd.DataFrame, out_png: str | Path) -> Path | None:
@@ -404,7 +409,7 @@ def plot_accuracy_vs_flops(acc: pd.DataFrame, out_png: str | Path) -> Path | Non
     for method, g in ok.groupby("method", sort=False):
         g = g.sort_values("total_flops_mean")
         y = g["kaggle"].to_numpy(float)
-        err = np.nan_to_num([y - g["kaggle_lo"].to_numpy(float), g["kaggle_hi"].to_numpy(float) - y])
+        err = _error_bars(y, g["kaggle_lo"], g["kaggle_hi"])
         ax.errorbar(g["total_flops_mean"], y, yerr=err, fmt="o-", capsize=3, label=str(method))
     if ok["total_flops_mean"].max() > 10 * ok["total_flops_mean"].min():
         ax.set_xscale("log")
