@@ -148,25 +148,12 @@ def decode_speed(lm, n_tasks: int) -> dict:
             "speed_up": round((batched_tokens / batched) / (tokens / sequential), 2)}
 
 
-def bf16_peak(device, n: int) -> float:
-    """FLOP/s of a large bf16 matmul on `device`: the rate MFU is measured against."""
-    import torch
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    for _ in range(2):
-        a @ a
-    sync(device)
-    start, reps = time.perf_counter(), 10
-    for _ in range(reps):
-        a @ a
-    sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - start)
-
-
 def ttt_mfu(device_name: str, size: str, steps: int) -> dict:
     """One TTT run of `steps` steps on a random model of `size`: counted FLOP/s over the measured
     bf16 matmul rate of the same device."""
     import numpy as np
     import torch
+    from gpu_ttt import matmul_peak
     from methods.ttt_lora import TTTConfig
     from tta.budget import Meter
     from tta.data.datasets import load_dataset
@@ -178,7 +165,7 @@ def ttt_mfu(device_name: str, size: str, steps: int) -> dict:
     model, tokenizer = build_model(size)
     model.to(device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
     lm = LoadedModel(model.eval(), tokenizer, CompactFormat(tokenizer), f"random:{size}", device)
-    peak = bf16_peak(device, 8192 if device.type == "cuda" else 1024)
+    peak = matmul_peak(device, 8192 if device.type == "cuda" else 1024, torch.bfloat16)   # the rate MFU is against
     c = TTTConfig()
     task = load_dataset("gen-eval").tasks[0]
     examples = [e.encoded for e in leave_one_out_examples(task, lm.format, np.random.default_rng(0), steps * c.batch_size)]

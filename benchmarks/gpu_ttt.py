@@ -30,8 +30,9 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def matmul_peak(device, n: int) -> float:
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+def matmul_peak(device, n: int, dtype=None) -> float:
+    """FLOP/s of an n x n matmul on `device` (bf16 on CUDA and fp32 on the CPU unless `dtype` is given)."""
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     for _ in range(3):
         a @ b

@@ -47,6 +47,13 @@ def install_fake_package(site: Path, entry_points: str) -> None:
     (info / "entry_points.txt").write_text(entry_points)
 
 
+def one_task_dir(tmp_path: Path) -> Path:
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    write_task(tasks / "t.json", GOOD)
+    return tasks
+
+
 def tta(*args, cwd: Path, site: Path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)])}
     return subprocess.run([sys.executable, "-m", "tta.cli", *map(str, args)], cwd=cwd, env=env,
@@ -56,9 +63,7 @@ def tta(*args, cwd: Path, site: Path):
 def test_an_installed_package_method_is_listed_and_runs_by_name(tmp_path):
     site = tmp_path / "site"
     install_fake_package(site, "[tta.methods]\nmine = mine_pkg.methods:Mine\n")
-    tasks = tmp_path / "tasks"
-    tasks.mkdir()
-    write_task(tasks / "t.json", GOOD)
+    tasks = one_task_dir(tmp_path)
 
     listed = tta("methods", cwd=tmp_path, site=site)
     assert listed.returncode == 0, listed.stderr
@@ -82,9 +87,7 @@ def test_an_installed_package_method_is_listed_and_runs_by_name(tmp_path):
 def test_a_broken_entry_point_fails_only_when_named(tmp_path):
     site = tmp_path / "site"
     install_fake_package(site, "[tta.methods]\nbroken = mine_pkg.nowhere:Nothing\n")
-    tasks = tmp_path / "tasks"
-    tasks.mkdir()
-    write_task(tasks / "t.json", GOOD)
+    tasks = one_task_dir(tmp_path)
     fine = tta("run", "--method", "copy_input", "--dataset", tasks, "--out", "ok", "--quiet", cwd=tmp_path, site=site)
     assert fine.returncode == 0, fine.stderr
     broken = tta("run", "--method", "broken", "--dataset", tasks, "--out", "b", "--quiet", cwd=tmp_path, site=site)
