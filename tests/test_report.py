@@ -486,6 +486,18 @@ def test_default_experiment_runs_three_seeds():
     assert len({c.directory(Path("runs")) for c in grid}) == len(grid)  # one directory per cell
 
 
+def test_an_experiment_runs_every_method_at_the_cheapest_budget_first(tmp_path):
+    """So a grid stopped part way holds whole comparisons at the small budgets."""
+    from tta.experiment import cells, load_plan
+
+    path = tmp_path / "grid.toml"
+    path.write_text('budgets = [1e12, "none", 2e11]\nseeds = [0, 1]\n[methods.icl]\n[methods.copy_input]\n')
+    order = [(c.budget.flops, c.seed, c.method) for c in cells(load_plan(path), str(path))]
+    assert order == [(2e11, 0, "icl"), (2e11, 0, "copy_input"), (2e11, 1, "icl"), (2e11, 1, "copy_input"),
+                     (1e12, 0, "icl"), (1e12, 0, "copy_input"), (1e12, 1, "icl"), (1e12, 1, "copy_input"),
+                     (None, 0, "icl"), (None, 0, "copy_input"), (None, 1, "icl"), (None, 1, "copy_input")]
+
+
 def test_the_report_draws_the_tasks_the_methods_disagree_on(tmp_path):
     from conftest import write_task
     data = tmp_path / "data"

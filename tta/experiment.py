@@ -73,11 +73,20 @@ def load_plan(path: Path) -> dict:
     return plan
 
 
+def _cost(budget: Budget) -> float:
+    """Sort key: smaller caps first, uncapped last."""
+    cap = budget.flops if budget.flops is not None else budget.seconds
+    return float("inf") if cap is None else cap
+
+
 def cells(plan: dict, where: str) -> list[Cell]:
+    """Every (budget, seed, method) cell, the cheapest budget first: an experiment stopped part
+    way (a 4-hour grid on a laptop) then holds whole comparisons -- every method on the same tasks
+    -- at the small budgets, instead of one method at every budget and nothing to compare it to."""
     return [Cell(method, dict(settings), budget, seed)
-            for method, settings in plan["methods"].items()
-            for budget in _budgets(plan, where)
-            for seed in plan.get("seeds", [0])]
+            for budget in sorted(_budgets(plan, where), key=_cost)
+            for seed in plan.get("seeds", [0])
+            for method, settings in plan["methods"].items()]
 
 
 def validate(plan: dict, where: str) -> None:
