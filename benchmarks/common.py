@@ -10,9 +10,13 @@ from tta.model.loading import DEFAULT_MODEL_DIR, load_model
 from tta.threads import set_threads
 
 
-def benchmark_model(spec: str | None = None):
-    """The embedded model when it is installed, else an untrained model of the same size."""
-    set_threads()
+def benchmark_model(spec: str | None = None, threads: int | None = None):
+    """The embedded model when it is installed, else an untrained model of the same size; torch
+    uses `threads` threads (default: as `tta run` would)."""
+    if threads:
+        torch.set_num_threads(threads)
+    else:
+        set_threads()
     if spec:
         return load_model(spec, device="cpu")
     return load_model("default" if (DEFAULT_MODEL_DIR / "config.json").exists() else "random:default", device="cpu")

@@ -123,29 +123,15 @@ def syncs_per_decode_step(lm) -> list[int]:
 
 
 def decode_speed(lm, n_tasks: int) -> dict:
-    """Tokens/s of batched augmented decoding and of one transformers generate() per view."""
-    import numpy as np
-    from decoding import one_generate_per_view
-    from tta.data.augment import inference_transforms
+    """Batched augmented decoding against one transformers generate() per view, same work
+    (benchmarks/decoding.py)."""
+    from decoding import measure
     from tta.data.datasets import load_dataset
-    from tta.inference.decoding import generate
-    from tta.inference.predict import answer_room, build_views
-    tasks = load_dataset("gen-eval").tasks[:n_tasks]
-    sync(lm.device)
-    start, batched_tokens = time.perf_counter(), 0
-    for task in tasks:
-        views = build_views(lm, task, inference_transforms(), 2, np.random.default_rng(0))
-        outs = generate(lm, [v.prompt for v in views], max_new_tokens=answer_room(lm.format, task))
-        batched_tokens += sum(len(g.tokens) + g.finished for g in outs)
-    sync(lm.device)
-    batched = time.perf_counter() - start
-    start, tokens = time.perf_counter(), 0
-    for task in tasks:
-        tokens += one_generate_per_view(lm, task)[1]
-    sync(lm.device)
-    sequential = time.perf_counter() - start
-    return {"batched_tokens_per_s": round(batched_tokens / batched), "generate_tokens_per_s": round(tokens / sequential),
-            "speed_up": round((batched_tokens / batched) / (tokens / sequential), 2)}
+    from tta.inference.predict import ViewSettings
+    m = measure(lm, load_dataset("gen-eval").tasks[:n_tasks], ViewSettings().decode_batch_size, sync=lambda: sync(lm.device))
+    return {"batched_tokens_per_s": round(m["batched_tokens"] / m["batched_s"]),
+            "generate_same_work_s": round(m["same_work_s"], 3), "batched_s": round(m["batched_s"], 3),
+            "speed_up": round(m["speed_up"], 2), "tokens_per_s_speed_up": round(m["tokens_per_s_speed_up"], 2)}
 
 
 def ttt_mfu(device_name: str, size: str, steps: int) -> dict:

@@ -60,14 +60,27 @@ class Scripted(torch.nn.Module):
             assert cache.get_seq_length() == n_past, "the cache does not hold exactly the prefix"
         out = self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          logits_to_keep=logits_to_keep, **kw)
+        # Which of the fed positions are real tokens (padding may sit on either side of a prompt).
+        if attention_mask.dim() == 4:
+            last = attention_mask[:, 0, -1, -n_new:]
+            real = last if last.dtype == torch.bool else last == 0
+        else:
+            real = attention_mask[:, -n_new:].bool()
         if n_past == 0:
-            self.rows = [[] for _ in range(len(input_ids))]
-        self.rows = [row[:n_past] + ids for row, ids in zip(self.rows, input_ids.tolist())]
-        for row, fed in zip(self.rows, position_ids.tolist()):
-            assert fed == self.fmt.positions(row)[n_past:], "position ids differ from the whole sequence's"
-        keep = logits_to_keep or n_new
-        logits = torch.stack([torch.stack([self.next_logits(row[:len(row) - n_new + j + 1])
-                                           for j in range(n_new - keep, n_new)]) for row in self.rows])
+            self.padded = [[] for _ in range(len(input_ids))]
+        self.padded = [row[:n_past] + list(zip(ids, flags))
+                       for row, ids, flags in zip(self.padded, input_ids.tolist(), real.tolist())]
+        for row, fed, flags in zip(self.padded, position_ids.tolist(), real.tolist()):
+            tokens = [t for t, r in row if r]
+            whole = self.fmt.positions(tokens)
+            real_fed = [p for p, r in zip(fed, flags) if r]
+            assert real_fed == whole[len(whole) - len(real_fed):], "position ids differ from the whole sequence's"
+        if isinstance(logits_to_keep, torch.Tensor):
+            kept = [n_past + j for j in logits_to_keep.tolist()]
+        else:
+            kept = list(range(n_past + n_new - (logits_to_keep or n_new), n_past + n_new))
+        logits = torch.stack([torch.stack([self.next_logits([t for t, r in row[:j + 1] if r]) for j in kept])
+                              for row in self.padded])
         cache = output_cache(out)
         return SimpleNamespace(logits=logits, cache=cache, past_key_values=cache)
 

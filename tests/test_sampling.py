@@ -48,13 +48,15 @@ class StubDecoder(torch.nn.Module):
         return hidden
 
 
-def real_new_tokens(mask, n_new: int) -> int:
-    """Real tokens among the last `n_new` positions of a 2-D mask, or of a decode step's 4-D one
-    (boolean: True = attend; additive: 0 = attend)."""
+def real_positions(mask, input_ids) -> torch.Tensor:
+    """Which fed positions are real tokens (padding may sit on either side of a prompt), from a 2-D
+    mask or a decode step's 4-D one (boolean: True = attend; additive: 0 = attend)."""
+    if mask is None:
+        return torch.ones(input_ids.shape, dtype=torch.bool)
     if mask.dim() == 4:
-        last = mask[:, 0, -1, -n_new:]
-        return int((last if last.dtype == torch.bool else last == 0).sum())
-    return int(mask[:, -n_new:].sum())
+        last = mask[:, 0, -1, -input_ids.shape[1]:]
+        return last if last.dtype == torch.bool else last == 0
+    return mask[:, -input_ids.shape[1]:].bool()
 
 
 class StubLM(torch.nn.Module):
@@ -94,16 +96,22 @@ class StubLM(torch.nn.Module):
                 cache=None, past_key_values=None, **kwargs):
         cache = cache if cache is not None else past_key_values
         self.decoder(input_ids=input_ids, attention_mask=attention_mask)   # what the meter sees
-        self.fed.append(int(input_ids.shape[1]) if attention_mask is None else real_new_tokens(attention_mask, input_ids.shape[1]))
-        if cache is not None:   # the cache stores the token ids themselves, as keys
-            keys, _ = cache.update(input_ids[:, None, :, None].float(), input_ids[:, None, :, None].float(), 0)
-            history = keys[:, 0, :, 0].long()
+        self.fed.append(int(real_positions(attention_mask, input_ids).sum()))
+        new = input_ids.shape[1]
+        real = real_positions(attention_mask, input_ids)
+        if cache is not None:   # the cache stores the token ids and whether each is real, as keys
+            fed = torch.stack([input_ids.float(), real.float()], dim=-1)[:, None]
+            keys, _ = cache.update(fed, fed, 0)
+            history, real = keys[:, 0, :, 0].long(), keys[:, 0, :, 1].bool()
         else:
             history = input_ids
-        new = input_ids.shape[1]
         start = history.shape[1] - new
-        keep = range(start, history.shape[1]) if not logits_to_keep else range(history.shape[1] - logits_to_keep, history.shape[1])
-        logits = torch.stack([torch.stack([self.next_logprobs(row[: i + 1].tolist()) for i in keep]) for row in history])
+        if isinstance(logits_to_keep, torch.Tensor):
+            keep = [start + int(i) for i in logits_to_keep]
+        else:
+            keep = range(history.shape[1] - (logits_to_keep or new), history.shape[1])
+        logits = torch.stack([torch.stack([self.next_logprobs(row[: i + 1][flags[: i + 1]].tolist()) for i in keep])
+                              for row, flags in zip(history, real)])
         return types.SimpleNamespace(logits=logits, cache=cache, past_key_values=cache)
 
 

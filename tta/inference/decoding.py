@@ -16,9 +16,11 @@ from dataclasses import dataclass
 import torch
 
 from tta.budget import TaskBudget, known_rows
+from tta.model.attention import causal_attention, decode_attention, uses_sdpa
 from tta.model.batching import pad_batch
+from tta.model.cache import reserved_cache
 from tta.model.encoding import CompactFormat, DIGIT0_ID, EOS_ID, NL_ID
-from tta.model.loading import CACHE_KW, LoadedModel, autocast, output_cache
+from tta.model.loading import CACHE_KW, LoadedModel, autocast, autocast_weights, output_cache
 from tta.data.tasks import MAX_SIZE
 
 
@@ -73,11 +75,12 @@ class TokenSet:
         pass
 
 
-def _step_mask(mask2d: torch.Tensor, model) -> torch.Tensor:
+def _step_mask(mask2d: torch.Tensor, boolean: bool) -> torch.Tensor:
     """The attention mask of a decode step, already 4-D, so transformers uses it as it is instead
-    of checking the 2-D mask on the host (a sync per step): boolean for SDPA, additive otherwise."""
+    of checking the 2-D mask on the host (a sync per step): boolean for SDPA and the decode-step
+    kernel, additive otherwise."""
     allowed = mask2d[:, None, None, :].bool()
-    if getattr(model.config, "_attn_implementation", "sdpa") == "sdpa":
+    if boolean:
         return allowed
     return torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device).masked_fill(
         ~allowed, torch.finfo(torch.float32).min)
@@ -103,11 +106,14 @@ def _choose(logprobs: torch.Tensor, temperature: float, top_p: float, generator)
 
 @torch.no_grad()
 def _generate_batch(lm, prompts, budget, max_new_tokens, temperature, top_p, generator, copies: int = 1) -> list[Generation]:
-    from transformers import DynamicCache
-
     model, device = lm.model, lm.device
+    sdpa = uses_sdpa(model)
     trackers = [lm.format.position_tracker() for _ in prompts]   # numbering continues past each prompt
-    ids, mask, positions = pad_batch(prompts, lm.format, device, trackers=trackers)
+    # The prompts are right-padded and read with causal attention and no mask (see
+    # tta.model.attention): no slower than the masked left-padded batch.  Each row's
+    # next-token logits are then at its own last prompt position; the pads' cache entries stay
+    # masked out of every decode step.
+    ids, mask, positions = pad_batch(prompts, lm.format, device, side="right", trackers=trackers)
     batch = len(prompts)
     vocab = model.config.vocab_size
     constraint = grammar_constraint(lm, batch, vocab)
@@ -116,7 +122,7 @@ def _generate_batch(lm, prompts, budget, max_new_tokens, temperature, top_p, gen
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     out_tokens = torch.zeros((batch, 0), dtype=torch.long, device=device)
     logprob = torch.zeros(batch, dtype=torch.float32, device=device)
-    cache = DynamicCache()
+    cache = reserved_cache(ids.shape[1] + max_new_tokens)
     # What the host knows without asking the device: each row's real length and whether it has
     # finished.  One `tolist()` of the chosen tokens per step keeps them current -- the only
     # host sync of a step (counted by tests/test_decoding.py).
@@ -126,12 +132,21 @@ def _generate_batch(lm, prompts, budget, max_new_tokens, temperature, top_p, gen
     if budget and not budget.can_afford(budget.sequences_cost(real_length, model)):
         return [Generation([], False, 0.0) for _ in range(batch * copies)]
     known_rows(mask, real_length, [0] * batch)
+    last = [n - 1 for n in real_length]
+    kept = sorted(set(last))   # the distinct last prompt positions: the head runs on these only
     for step in range(max_new_tokens):
-        with autocast(device):
-            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                        logits_to_keep=1, **{CACHE_KW: cache})
+        if step == 0:
+            with autocast(device), causal_attention(model):
+                out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                            logits_to_keep=torch.tensor(kept, device=device), **{CACHE_KW: cache})
+            column = torch.tensor([kept.index(n) for n in last], device=device)
+            logits = out.logits[torch.arange(batch, device=device), column].float()
+        else:
+            with autocast(device), decode_attention(model):
+                out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                            logits_to_keep=1, **{CACHE_KW: cache})
+            logits = out.logits[:, -1].float()
         cache = output_cache(out)
-        logits = out.logits[:, -1].float()
         if step == 0 and copies > 1:
             # Every prompt was read once; its answers are drawn `copies` times from the same
             # cache, rows p0, p0, ..., p1, p1, ...
@@ -166,7 +181,7 @@ def _generate_batch(lm, prompts, budget, max_new_tokens, temperature, top_p, gen
             break
         ids = chosen[:, None]
         mask2d = torch.cat([mask2d if step else mask, (~done).long()[:, None]], dim=1)
-        mask = known_rows(_step_mask(mask2d, model), active, real_length)
+        mask = known_rows(_step_mask(mask2d, sdpa), active, real_length)
         real_length = [n + a for n, a in zip(real_length, active)]
         positions = torch.tensor([[t.feed(c)] for t, c in zip(trackers, chosen_now)], device=device)
     results = []
@@ -195,13 +210,14 @@ def generate(lm: LoadedModel, prompts: list[list[int]], budget: TaskBudget | Non
     per_batch = max(1, batch_size // copies)   # prompts per batch
     was_training = lm.model.training
     lm.model.eval()
-    for start in range(0, len(order), per_batch):
-        chunk = order[start:start + per_batch]
-        room = lm.max_context - max(len(prompts[i]) for i in chunk)
-        outs = _generate_batch(lm, [prompts[i] for i in chunk], budget, max(1, min(limit, room)),
-                               temperature, top_p, generator, copies)
-        for k, i in enumerate(chunk):
-            results[i * copies:(i + 1) * copies] = outs[k * copies:(k + 1) * copies]
+    with autocast_weights(lm.model, lm.device):
+        for start in range(0, len(order), per_batch):
+            chunk = order[start:start + per_batch]
+            room = lm.max_context - max(len(prompts[i]) for i in chunk)
+            outs = _generate_batch(lm, [prompts[i] for i in chunk], budget, max(1, min(limit, room)),
+                                   temperature, top_p, generator, copies)
+            for k, i in enumerate(chunk):
+                results[i * copies:(i + 1) * copies] = outs[k * copies:(k + 1) * copies]
     lm.model.train(was_training)
     return results
 

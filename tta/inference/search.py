@@ -22,6 +22,7 @@ next-token distribution is renormalised over the allowed tokens, as in
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass, field
@@ -31,7 +32,8 @@ import torch
 from tta.budget import attention_context
 from tta.inference.decoding import grammar_constraint
 from tta.model.encoding import positions_of
-from tta.model.loading import CACHE_KW, LoadedModel, autocast, output_cache
+from tta.model.attention import decode_attention
+from tta.model.loading import CACHE_KW, LoadedModel, autocast, autocast_weights, output_cache
 
 THRESHOLD = 0.09   # the paper's probability threshold
 
@@ -125,6 +127,12 @@ def dfs(lm: LoadedModel, prompt: list[int], budget=None, threshold: float = THRE
 
     was_training = model.training
     model.eval()
+    # One token per forward after the prompt: the decode-step attention kernel and the linear
+    # weights cast once, as in batched decoding (tta.inference.decoding).  Four views of a
+    # gen-eval task, ~190 forwards: 0.74 -> 0.48 s on one thread of this CPU.
+    speed_ups = contextlib.ExitStack()
+    speed_ups.enter_context(autocast_weights(model, device))
+    speed_ups.enter_context(decode_attention(model))
     try:
         from transformers import DynamicCache
         if not affordable(0, len(prompt)):
@@ -162,6 +170,7 @@ def dfs(lm: LoadedModel, prompt: list[int], budget=None, threshold: float = THRE
             _crop(cache, n_past)
             logits, cache = forward([node.tokens[-1]], [node.position], n_past, cache)
     finally:
+        speed_ups.close()
         model.train(was_training)
     result.completions.sort(key=lambda c: -c.logprob)
     return result

@@ -7,6 +7,7 @@ code runs only when the user asks for it.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,6 +99,31 @@ def autocast(device: torch.device, enabled: bool = True):
     """Matmuls in bf16: native on CUDA, and ~4x faster than fp32 on this project's CPUs (measured
     in benchmarks/cpu_bf16.py); weights and optimiser state stay in their own dtype."""
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled and device.type in ("cpu", "cuda"))
+
+
+@contextlib.contextmanager
+def autocast_weights(model, device: torch.device):
+    """For the duration, the fp32 weights of the model's linear layers are held in bf16: the cast
+    autocast would make at every forward, made once.  Inference only (no gradients flow to the
+    cast copies); the fp32 weights are put back after.  A weight shared with another kind of
+    module (tied input embeddings) is left alone, since autocast does not cast embeddings.
+    Decoding runs ~100 forwards per batch of views; the per-forward casts were a quarter of its
+    CPU time (benchmarks/decoding.py, profiled), and the answers are the same bit for bit."""
+    if device.type not in ("cpu", "cuda"):
+        yield
+        return
+    shared = {id(p) for m in model.modules() if not isinstance(m, torch.nn.Linear) for p in m.parameters(recurse=False)}
+    saved = []
+    try:
+        for module in model.modules():
+            weight = getattr(module, "weight", None) if isinstance(module, torch.nn.Linear) else None
+            if weight is not None and weight.dtype == torch.float32 and id(weight) not in shared:
+                saved.append((weight, weight.data))
+                weight.data = weight.data.to(torch.bfloat16)
+        yield
+    finally:
+        for weight, data in saved:
+            weight.data = data
 
 
 # ---------------------------------------------------------------- building and loading
