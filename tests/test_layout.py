@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LEVELS = [
     ("tta.settings", "tta.threads", "tta.budget", "tta.scoring"),   # no project imports
     ("tta.data",),                                                # tasks, datasets, generator, augment
-    ("tta.model",),                                               # encoding, loading, batching
+    ("tta.model",),                                               # encoding, loading, batching, attention, cache
     ("tta.inference",),                                           # decoding, search, views, vote
     ("tta.training",),                                            # examples, one step, adapters, pretraining
     ("tta.method",),                                              # the method contract and registry
