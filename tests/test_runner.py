@@ -139,6 +139,31 @@ def test_kill_mid_run_then_resume_gives_each_task_once(tmp_path):
     assert len(ids) == 4 and len(set(ids)) == 4
 
 
+def test_a_second_run_into_a_directory_in_use_stops_before_writing(tmp_path):
+    """Fails if two processes may append to one run directory (each task solved twice, duplicate
+    records), or if a finished run leaves its directory claimed."""
+    from tta.run.runner import LOCK_NAME, DirectoryClaim
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("a", "b"):
+        write_task(data / f"{name}.json", GOOD)
+    spec = RunSpec(method="copy_input", dataset=str(data), out=tmp_path / "r")
+    out = run(spec, progress=False)
+    assert not (out / LOCK_NAME).exists()
+    (out / "results.jsonl").write_text((out / "results.jsonl").read_text().splitlines()[0] + "\n")   # one task left
+    writer = DirectoryClaim(out)   # another process writing the run
+    writer.take()
+    try:
+        with pytest.raises(RunError, match=f"{out}: another tta run is writing to this directory \\(pid {os.getpid()}\\)"):
+            run(spec, progress=False)
+        assert len(read_results(out / "results.jsonl")) == 1
+    finally:
+        writer.release()
+    run(spec, progress=False)   # free again: the resume finishes the run
+    assert sorted(r["task_id"] for r in read_results(out / "results.jsonl")) == ["a", "b"]
+
+
 def test_floors_need_no_model_and_score_as_expected(tmp_path):
     d = tmp_path / "floors"
     d.mkdir()

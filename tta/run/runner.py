@@ -13,6 +13,7 @@ The run directory:
 from __future__ import annotations
 
 import json
+import os
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,13 +25,64 @@ from tta.run.solve import (IDENTITY_KEYS, RunError, RunSpec, TaskRunner, config_
                            package_versions, prepare)
 
 
+LOCK_NAME = ".tta.lock"
+
+
+class DirectoryClaim:
+    """One writer per run directory: an exclusive advisory lock on `<out>/.tta.lock`, held while
+    the run writes.  A second `tta run` (or experiment cell) pointed at a directory in use stops
+    with a one-line error instead of solving the same tasks twice and appending duplicate
+    records.  The operating system drops the lock if the process dies, so a killed run never
+    blocks its resume.  (No-op where `fcntl` is missing, i.e. Windows.)"""
+
+    def __init__(self, out: Path):
+        self.out, self.handle = out, None
+
+    def take(self) -> None:
+        if self.handle is not None or not self.out.is_dir():
+            return
+        try:
+            import fcntl
+        except ImportError:
+            return
+        handle = open(self.out / LOCK_NAME, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise RunError(f"{self.out}: another tta run is writing to this directory (pid {holder}); "
+                           "wait for it to finish, or choose another --out") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self.handle = handle
+
+    def release(self) -> None:
+        if self.handle is not None:
+            (self.out / LOCK_NAME).unlink(missing_ok=True)
+            self.handle.close()
+            self.handle = None
+
+
 def run(spec: RunSpec, progress: bool = True, executor: str = "local", ray_address: str | None = None,
         log=None) -> Path:
     """Run `spec` into its directory and return the directory.  `log` (a callable taking one line,
     e.g. printing to stderr) gets the run header before work starts and each task's error as it
-    happens."""
-    say = log or (lambda line: None)
+    happens.  One process writes a directory at a time (`DirectoryClaim`)."""
     cls, config, dataset, out, manifest = prepare(spec)
+    claim = DirectoryClaim(out)
+    claim.take()
+    try:
+        return _run(spec, progress, executor, ray_address, log, cls, config, dataset, out, manifest, claim)
+    finally:
+        claim.release()
+
+
+def _run(spec, progress, executor, ray_address, log, cls, config, dataset, out, manifest, claim) -> Path:
+    say = log or (lambda line: None)
     results_path = out / "results.jsonl"
     records = read_records(results_path, repair=True)
     retried = {r.task_id: r.error for r in records if r.failed} if spec.retry_failed else {}
@@ -56,6 +108,7 @@ def run(spec: RunSpec, progress: bool = True, executor: str = "local", ray_addre
     if one_off and "one_off" not in manifest:
         manifest["one_off"] = one_off
     out.mkdir(parents=True, exist_ok=True)   # only now: a run that cannot start leaves no empty directory
+    claim.take()   # a new directory: claimed as soon as it exists
     atomic_write_json(out / "manifest.json", manifest)
     if retried:   # the failed records go only now that the run has started; each comes back below
         records = [r for r in records if r.task_id not in retried]
