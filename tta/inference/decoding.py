@@ -110,9 +110,9 @@ def _generate_batch(lm, prompts, budget, max_new_tokens, temperature, top_p, gen
     sdpa = uses_sdpa(model)
     trackers = [lm.format.position_tracker() for _ in prompts]   # numbering continues past each prompt
     # The prompts are right-padded and read with causal attention and no mask (see
-    # tta.model.attention): no slower than the masked left-padded batch.  Each row's
-    # next-token logits are then at its own last prompt position; the pads' cache entries stay
-    # masked out of every decode step.
+    # tta.model.attention): the 36 prompts of benchmarks/decoding.py in 0.32 s instead of 0.38-0.41 s
+    # left-padded with a mask (2 threads).  Each row's next-token logits are then at its own last
+    # prompt position; the pads' cache entries stay masked out of every decode step.
     ids, mask, positions = pad_batch(prompts, lm.format, device, side="right", trackers=trackers)
     batch = len(prompts)
     vocab = model.config.vocab_size
