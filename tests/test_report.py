@@ -493,6 +493,11 @@ def test_an_experiment_runs_every_method_at_the_cheapest_budget_first(tmp_path):
     path = tmp_path / "grid.toml"
     path.write_text('budgets = [1e12, "none", 2e11]\nseeds = [0, 1]\n[methods.icl]\n[methods.copy_input]\n')
     order = [(c.budget.flops, c.seed, c.method) for c in cells(load_plan(path), str(path))]
+    names = {c.directory(Path("runs")).name for c in cells(load_plan(path), str(path))}
+    assert {"icl-f2e11-seed0", "icl-f1e12-seed1", "copy_input-uncapped-seed0"} <= names
+    path.write_text('budgets = [6e12, 6.4e12]\n[methods.icl]\n')   # distinct budgets, distinct directories
+    assert [c.directory(Path("runs")).name for c in cells(load_plan(path), str(path))] == [
+        "icl-f6e12-seed0", "icl-f6.4e12-seed0"]
     assert order == [(2e11, 0, "icl"), (2e11, 0, "copy_input"), (2e11, 1, "icl"), (2e11, 1, "copy_input"),
                      (1e12, 0, "icl"), (1e12, 0, "copy_input"), (1e12, 1, "icl"), (1e12, 1, "copy_input"),
                      (None, 0, "icl"), (None, 0, "copy_input"), (None, 1, "icl"), (None, 1, "copy_input")]

@@ -37,7 +37,9 @@ class Cell:
     seed: int
 
     def directory(self, root: Path) -> Path:
-        cap = ("f%.0e" % self.budget.flops).replace("+", "") if self.budget.flops else (
+        # "%g" keeps every digit a plan gives (6.4e12 -> f6.4e12; "%.0e" made it f6e12, the same
+        # name as a 6e12 cell); round budgets keep their names (2e11 -> f2e11).
+        cap = f"f{self.budget.flops:g}".replace("+", "") if self.budget.flops else (
             f"s{self.budget.seconds:g}" if self.budget.seconds else "uncapped")
         return root / f"{method_label(self.method)}-{cap}-seed{self.seed}"
 
