@@ -164,6 +164,31 @@ def test_a_second_run_into_a_directory_in_use_stops_before_writing(tmp_path):
     assert sorted(r["task_id"] for r in read_results(out / "results.jsonl")) == ["a", "b"]
 
 
+def test_a_resume_keeps_the_provenance_of_the_results_already_there(tmp_path):
+    """Fails if passing over a finished run (as an experiment does with its finished cells)
+    rewrites who produced it, or if a resume that does work replaces the first session's commit
+    and command instead of adding its own."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("a", "b"):
+        write_task(data / f"{name}.json", GOOD)
+    spec = RunSpec(method="copy_input", dataset=str(data), out=tmp_path / "r", command="tta run FIRST")
+    out = run(spec, progress=False)
+    manifest = out / "manifest.json"
+    first = manifest.read_text()
+    run(RunSpec(method="copy_input", dataset=str(data), out=out, command="tta experiment SECOND"), progress=False)
+    assert manifest.read_text() == first   # nothing to do: untouched
+
+    interrupted = json.loads(first) | {"finished": None, "git_commit": "abc123"}
+    manifest.write_text(json.dumps(interrupted))
+    (out / "results.jsonl").write_text((out / "results.jsonl").read_text().splitlines()[0] + "\n")
+    run(RunSpec(method="copy_input", dataset=str(data), out=out, command="tta run THIRD"), progress=False)
+    resumed = json.loads(manifest.read_text())
+    assert (resumed["git_commit"], resumed["command"]) == ("abc123", "tta run FIRST")
+    assert [(r["command"], r["tasks"]) for r in resumed["resumed"]] == [("tta run THIRD", 1)]
+    assert resumed["finished"] and len(read_results(out / "results.jsonl")) == 2
+
+
 def test_floors_need_no_model_and_score_as_expected(tmp_path):
     d = tmp_path / "floors"
     d.mkdir()

@@ -89,9 +89,19 @@ def _run(spec, progress, executor, ray_address, log, cls, config, dataset, out, 
     done = {r.task_id for r in records if r.task_id not in retried}
     todo = [task_id for task_id in dataset.ids if task_id not in done]
 
-    manifest.setdefault("started", datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    manifest.update({"versions": package_versions(), "git_commit": git_commit(), "executor": executor,
-                     "command": spec.command or manifest.get("command", ""), "finished": None})
+    if not todo and manifest.get("finished"):
+        # Nothing to do: the manifest keeps saying who produced the results (an experiment that
+        # passes over its finished cells used to stamp them with its own commit and command).
+        say(run_header(manifest, dataset, out, len(done), 0, "cpu", cls.needs_model))
+        return out
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    if "git_commit" in manifest:   # a resume: the first session's provenance stays, this one is added
+        manifest.setdefault("resumed", []).append({"started": now, "git_commit": git_commit(),
+                                                   "command": spec.command, "tasks": len(todo)})
+    else:
+        manifest.update({"started": now, "versions": package_versions(), "git_commit": git_commit(),
+                         "command": spec.command})
+    manifest.update({"executor": executor, "finished": None})
     if executor == "ray":
         say(run_header(manifest, dataset, out, len(done), len(retried), "ray", cls.needs_model))
         from tta.run.ray_executor import solve_on_ray
