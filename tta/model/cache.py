@@ -4,7 +4,7 @@ transformers' `DynamicCache` grows by concatenation: every decode step copies th
 every layer to append one position, so a step's cost grows with the context it has already read.
 For the batched decoder (12 views x ~1,000 positions) the copies were 2 ms of a 6 ms step on this
 CPU; writing into a reserved buffer made `benchmarks/decoding.py` 1.34 -> 1.10 s at one thread,
-with the same answers (tests/test_decoding.py compares the two caches).
+with the same answers (tests/test_attention_cache.py compares the two caches).
 
 The layer is transformers' own `DynamicLayer` with `update` replaced, so everything else a cache
 does (repeat rows for sampling, select rows, crop) keeps working: when something replaces the
