@@ -118,3 +118,40 @@ def test_gpu_benchmark_smoke_runs_on_the_cpu_at_tiny_size():
                          text=True, timeout=300, env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""})
     assert out.returncode == 0, out.stderr[-2000:]
     assert "MFU" in out.stdout and "TTT: 3 steps" in out.stdout
+
+
+def test_an_experiment_passes_over_a_cell_another_process_writes_and_takes_it_up_last(tmp_path):
+    """Fails if an experiment stops at (or writes into) a cell another process holds, if it does
+    not come back to that cell once the other process lets go, or if it then redoes the tasks the
+    other process wrote."""
+    import threading
+
+    from tta.budget import Budget
+    from tta.run.runner import DirectoryClaim
+
+    plan = tmp_path / "shared.toml"
+    plan.write_text('name = "shared"\ndataset = "gen-eval"\nlimit = 2\nbudgets = [1e9]\n'
+                    'baseline = "copy_input"\n[methods.copy_input]\n[methods.common_output]\n')
+    held = tmp_path / "runs" / "shared" / "copy_input-f1e09-seed0"
+    run(RunSpec(method="copy_input", dataset="gen-eval", limit=2, budget=Budget(flops=1e9), out=held, command="tta run OTHER"),
+        progress=False)   # the other process's work, finished
+    written = (held / "results.jsonl").read_text()
+    other = DirectoryClaim(held)
+    other.take()   # ... and it still holds the directory
+
+    lines = []
+
+    def log(line):
+        lines.append(line)
+        if "waiting for the other process" in line:
+            threading.Timer(0.3, other.release).start()
+
+    report = run_experiment(plan, tmp_path / "runs", tmp_path / "reports", progress=False, log=log)
+    headers = [line for line in lines if line.startswith("==")]
+    assert [h.split("/")[-1].split(" ")[0] for h in headers] == [
+        "copy_input-f1e09-seed0", "common_output-f1e09-seed0", "copy_input-f1e09-seed0"]
+    assert any("busy, coming back to it last" in line for line in lines)
+    assert (held / "results.jsonl").read_text() == written   # nothing redone or duplicated
+    manifest = json.loads((held / "manifest.json").read_text())
+    assert manifest["command"] == "tta run OTHER" and "resumed" not in manifest
+    assert "copy_input-f1e09-seed0" in report.read_text() and "common_output-f1e09-seed0" in report.read_text()

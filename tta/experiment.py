@@ -13,7 +13,9 @@
     max_examples = 64                # any setting of the method, as with --set
 
 Every cell is an ordinary run directory under `runs/<name>/` (so an interrupted experiment
-resumes finished cells and tasks), and the report is `tta compare` over all of them.  Every
+resumes finished cells and tasks), and the report is `tta compare` over all of them.  A cell that
+another process is writing (a second experiment, or `tta run --out` on that cell to share the
+grid between processes) is passed over and taken up last, once that process lets go.  Every
 method's settings are checked before the first cell runs, so a typo in the last method's table
 costs nothing.
 """
@@ -25,7 +27,7 @@ from pathlib import Path
 
 from tta.budget import DEFAULT_FLOPS, Budget
 from tta.method import MethodError, get_method, load_plugins, make_config
-from tta.run.runner import RunError, RunSpec, run
+from tta.run.runner import DirectoryBusy, RunError, RunSpec, run
 from tta.run.solve import method_label
 
 
@@ -110,16 +112,27 @@ def run_experiment(path: Path, runs_root: Path = Path("runs"), reports_root: Pat
     load_plugins(plugins)
     validate(plan, str(path))
     root = runs_root / plan["name"]
-    directories = []
-    for cell in cells(plan, str(path)):
-        out = cell.directory(root)
-        log(f"== {out}")
+    grid = cells(plan, str(path))
+
+    def run_cell(cell: Cell, wait: bool) -> None:
         run(RunSpec(method=cell.method, dataset=plan.get("dataset", "arc1-eval"), model=plan.get("model", "default"),
                     limit=plan.get("limit"), sample=plan.get("sample"), task_ids=plan.get("tasks"), budget=cell.budget, seed=cell.seed,
-                    overrides=cell.settings, out=out, command=command or f"tta experiment {path}",
+                    overrides=cell.settings, out=cell.directory(root), command=command or f"tta experiment {path}",
                     plugins=list(plugins or [])),
-            progress=progress, log=log)
-        directories.append(out)
+            progress=progress, log=log, wait_for_directory=wait)
+
+    busy = []
+    for cell in grid:
+        log(f"== {cell.directory(root)}")
+        try:
+            run_cell(cell, wait=False)
+        except DirectoryBusy as e:
+            log(f"   busy, coming back to it last: {e}")
+            busy.append(cell)
+    for cell in busy:   # whatever the other process left undone, once it lets go
+        log(f"== {cell.directory(root)} (waiting for the other process)")
+        run_cell(cell, wait=True)
+    directories = [cell.directory(root) for cell in grid]
     several_budgets = len(_budgets(plan, str(path))) > 1
     return write_report(directories, reports_root / f"{plan['name']}.md", baseline=plan.get("baseline", "icl"),
                         allow_mismatch=several_budgets, command=command or f"tta experiment {path}")

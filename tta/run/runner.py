@@ -28,6 +28,10 @@ from tta.run.solve import (IDENTITY_KEYS, RunError, RunSpec, TaskRunner, config_
 LOCK_NAME = ".tta.lock"
 
 
+class DirectoryBusy(RunError):
+    """Another live process holds the run directory (see `DirectoryClaim`)."""
+
+
 class DirectoryClaim:
     """One writer per run directory: an exclusive advisory lock on `<out>/.tta.lock`, held while
     the run writes.  A second `tta run` (or experiment cell) pointed at a directory in use stops
@@ -38,7 +42,9 @@ class DirectoryClaim:
     def __init__(self, out: Path):
         self.out, self.handle = out, None
 
-    def take(self) -> None:
+    def take(self, wait: bool = False) -> None:
+        """Claim the directory; if another process holds it, raise `DirectoryBusy`, or with
+        `wait` block until that process lets go."""
         if self.handle is not None or not self.out.is_dir():
             return
         try:
@@ -47,13 +53,13 @@ class DirectoryClaim:
             return
         handle = open(self.out / LOCK_NAME, "a+")
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "unknown"
             handle.close()
-            raise RunError(f"{self.out}: another tta run is writing to this directory (pid {holder}); "
-                           "wait for it to finish, or choose another --out") from None
+            raise DirectoryBusy(f"{self.out}: another tta run is writing to this directory (pid {holder}); "
+                                "wait for it to finish, or choose another --out") from None
         handle.seek(0)
         handle.truncate()
         handle.write(str(os.getpid()))
@@ -68,13 +74,21 @@ class DirectoryClaim:
 
 
 def run(spec: RunSpec, progress: bool = True, executor: str = "local", ray_address: str | None = None,
-        log=None) -> Path:
+        log=None, wait_for_directory: bool = False) -> Path:
     """Run `spec` into its directory and return the directory.  `log` (a callable taking one line,
     e.g. printing to stderr) gets the run header before work starts and each task's error as it
-    happens.  One process writes a directory at a time (`DirectoryClaim`)."""
+    happens.  One process writes a directory at a time (`DirectoryClaim`): a directory in use
+    raises `DirectoryBusy`, or with `wait_for_directory` the run waits for it (and then reads
+    what the other process wrote, so it redoes nothing)."""
     cls, config, dataset, out, manifest = prepare(spec)
     claim = DirectoryClaim(out)
-    claim.take()
+    try:
+        claim.take()
+    except DirectoryBusy:
+        if not wait_for_directory:
+            raise
+        claim.take(wait=True)
+        cls, config, dataset, out, manifest = prepare(spec)   # what the other process wrote meanwhile
     try:
         return _run(spec, progress, executor, ray_address, log, cls, config, dataset, out, manifest, claim)
     finally:
