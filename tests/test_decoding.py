@@ -154,11 +154,25 @@ def test_scores_match_a_direct_forward(tiny):
 
 
 def record_positions(model):
-    """The position ids of every forward of `model`, row by row."""
+    """The position ids of every forward of `model`, row by row, and of every fast decode step
+    (`tta.model.fast_decode`, which does not run the forward).  `.remove()` the handle after."""
+    from tta.model.fast_decode import FastDecoder
     seen = []
     hook = model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["position_ids"].tolist()),
                                            with_kwargs=True)
-    return seen, hook
+    fast_step = FastDecoder.step
+
+    def recorded_step(self, ids, positions, allowed):
+        seen.append(positions.reshape(-1, 1).tolist())
+        return fast_step(self, ids, positions, allowed)
+
+    class Handle:
+        def remove(self):
+            hook.remove()
+            FastDecoder.step = fast_step
+
+    FastDecoder.step = recorded_step
+    return seen, Handle()
 
 
 def test_decoding_numbers_tokens_as_the_whole_sequence_would_be(tiny):
@@ -365,7 +379,7 @@ def test_a_bigger_budget_buys_more_views_and_leave_one_out_prompts_add_views(tin
 VALUE_READS = ["item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy"]
 
 
-def syncs_per_decode_step(lm, monkeypatch, prompts, steps=8):
+def syncs_per_decode_step(lm, monkeypatch, prompts, steps=8, fast_steps=True):
     """Reads of a tensor's values back to the host between consecutive forwards of a decode (on a
     GPU each one stalls the stream), with the budget meter attached as in a run."""
     from tta.budget import Budget, Meter
@@ -377,8 +391,11 @@ def syncs_per_decode_step(lm, monkeypatch, prompts, steps=8):
     meter.attach(lm.model)
     marks = []
     hook = lm.model.register_forward_pre_hook(lambda module, args: marks.append(len(reads)))
+    from tta.model.fast_decode import FastDecoder   # the decode steps that bypass the forward
+    fast_step = FastDecoder.step
+    monkeypatch.setattr(FastDecoder, "step", lambda self, *a: (marks.append(len(reads)), fast_step(self, *a))[1])
     try:
-        generate(lm, prompts, budget=meter.handle(lm.model), max_new_tokens=steps)
+        generate(lm, prompts, budget=meter.handle(lm.model), max_new_tokens=steps, fast_steps=fast_steps)
     finally:
         hook.remove()
         meter.detach()
@@ -386,21 +403,27 @@ def syncs_per_decode_step(lm, monkeypatch, prompts, steps=8):
     return [b - a for a, b in zip(marks[1:], marks[2:])]   # from the first decode step on
 
 
-def test_a_decode_step_reads_the_device_at_most_once(tiny, monkeypatch):
+@pytest.mark.parametrize("fast_steps", [True, False])   # the fast step, and the model's forward
+def test_a_decode_step_reads_the_device_at_most_once(tiny, monkeypatch, fast_steps):
     """Fails if the meter reads the attention mask, the loop reads done/active/lengths separately,
     or transformers is left to check a 2-D mask on the host -- each a sync per step on a GPU."""
-    per_step = syncs_per_decode_step(tiny, monkeypatch, [[1] + [5] * 30, [1] + [6] * 20, [1] + [7] * 9])
+    per_step = syncs_per_decode_step(tiny, monkeypatch, [[1] + [5] * 30, [1] + [6] * 20, [1] + [7] * 9],
+                                     fast_steps=fast_steps)
     assert per_step and max(per_step) <= 1, per_step
 
 
 def test_the_sync_counter_sees_a_read(tiny, monkeypatch):
-    # The counter itself: an extra .item() per step inside the model must show up.
+    # The counter itself: an extra .item() per step inside the model or the fast step must show up.
+    from tta.model.fast_decode import FastDecoder
+    step = FastDecoder.step
+    monkeypatch.setattr(FastDecoder, "step", lambda self, *a: (lambda out: [out.sum().item()] and out)(step(self, *a)))
     hook = tiny.model.register_forward_hook(lambda module, args, out: [out.logits.sum().item()] and None)
     try:
-        per_step = syncs_per_decode_step(tiny, monkeypatch, [[1] + [5] * 30])
+        fast = syncs_per_decode_step(tiny, monkeypatch, [[1] + [5] * 30])
+        through_forward = syncs_per_decode_step(tiny, monkeypatch, [[1] + [5] * 30], fast_steps=False)
     finally:
         hook.remove()
-    assert min(per_step) >= 2
+    assert min(fast) >= 2 and min(through_forward) >= 2
 
 
 def test_copies_read_each_prompt_once_and_draw_independent_answers(tiny):

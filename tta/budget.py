@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import resource
 import time
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -142,6 +143,19 @@ def known_rows(mask: torch.Tensor, new: list[int], past: list[int]) -> torch.Ten
     return mask
 
 
+# decoder module -> the meters hooked to it, for forwards computed outside its modules
+_METERS_OF: "weakref.WeakKeyDictionary[torch.nn.Module, list[Meter]]" = weakref.WeakKeyDictionary()
+
+
+def charge_forward(model: torch.nn.Module, n_tokens: int, context: int) -> None:
+    """Charge every meter attached to `model` for a forward of its weights that did not run
+    through its modules (the harness's fast decode step, `tta.model.fast_decode`), by the same
+    formula the hooks apply: `n_tokens` real tokens attending to `context` positions in all."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    for meter in _METERS_OF.get(decoder, []) if decoder is not None else []:
+        meter._charge(forward_flops(meter.shape(model), n_tokens, context))
+
+
 class Meter:
     """Counts FLOPs, seconds and peak memory for the task at hand.  Owned by the harness."""
 
@@ -158,6 +172,7 @@ class Meter:
         self._call: _Call | None = None        # the decoder call in progress
         self._last_call: _Call | None = None   # the one that finished last (for the output head)
         self._handles = []
+        self._decoders = []   # the decoders it is attached to (see `charge_forward`)
         self._shapes: dict[int, tuple[tuple, object]] = {}   # module id -> (parameter key, count)
 
     # ---- attaching to models
@@ -175,11 +190,18 @@ class Meter:
         head = model.get_output_embeddings()
         if head is not None:
             self._handles.append(head.register_forward_hook(self._on_head))
+        _METERS_OF.setdefault(decoder, []).append(self)
+        self._decoders.append(decoder)
 
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        for decoder in self._decoders:
+            meters = _METERS_OF.get(decoder, [])
+            if self in meters:
+                meters.remove(self)
+        self._decoders = []
 
     def _recounted(self, module: torch.nn.Module, count):
         """`count(module)`, recomputed only when the module's parameters change (an adapter

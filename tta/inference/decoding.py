@@ -7,6 +7,7 @@ rectangular grids (each row as wide as the first, at most 30x30) -- and
 (3) return each sequence's log-probability for voting and product-of-experts
 scoring, and (4) number each new token with the format's position ids (grid
 positions for the embedded model, `tta.model.encoding.GridPositions`).  `benchmarks/decoding.py` measures it against one `generate` per view.
+After the prompts, steps run through `tta.model.fast_decode` where the model allows.
 """
 from __future__ import annotations
 
@@ -15,11 +16,12 @@ from dataclasses import dataclass
 
 import torch
 
-from tta.budget import TaskBudget, known_rows
+from tta.budget import TaskBudget, charge_forward, known_rows
 from tta.model.attention import causal_attention, decode_attention, uses_sdpa
 from tta.model.batching import pad_batch
 from tta.model.cache import reserved_cache
 from tta.model.encoding import CompactFormat, DIGIT0_ID, EOS_ID, NL_ID
+from tta.model.fast_decode import FastDecoder
 from tta.model.loading import CACHE_KW, LoadedModel, autocast, autocast_weights, output_cache
 from tta.data.tasks import MAX_SIZE
 
@@ -105,9 +107,11 @@ def _choose(logprobs: torch.Tensor, temperature: float, top_p: float, generator)
 
 
 @torch.no_grad()
-def _generate_batch(lm, prompts, budget, max_new_tokens, temperature, top_p, generator, copies: int = 1) -> list[Generation]:
+def _generate_batch(lm, prompts, budget, max_new_tokens, temperature, top_p, generator, copies: int = 1,
+                    fast_steps: bool = True) -> list[Generation]:
     model, device = lm.model, lm.device
     sdpa = uses_sdpa(model)
+    use_fast = fast_steps and FastDecoder.unsupported(model) is None
     trackers = [lm.format.position_tracker() for _ in prompts]   # numbering continues past each prompt
     # The prompts are right-padded and read with causal attention and no mask (see
     # tta.model.attention): the 36 prompts of benchmarks/decoding.py in 0.32 s instead of 0.38-0.41 s
@@ -134,8 +138,12 @@ def _generate_batch(lm, prompts, budget, max_new_tokens, temperature, top_p, gen
     known_rows(mask, real_length, [0] * batch)
     last = [n - 1 for n in real_length]
     kept = sorted(set(last))   # the distinct last prompt positions: the head runs on these only
+    fast = None   # the decode steps after the prompt, where the model allows (tta.model.fast_decode)
     for step in range(max_new_tokens):
-        if step == 0:
+        if fast is not None:
+            logits = fast.step(ids, positions, mask2d)
+            charge_forward(model, *charged)   # the step ran outside the model's metered modules
+        elif step == 0:
             with autocast(device), causal_attention(model):
                 out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                             logits_to_keep=torch.tensor(kept, device=device), **{CACHE_KW: cache})
@@ -146,7 +154,8 @@ def _generate_batch(lm, prompts, budget, max_new_tokens, temperature, top_p, gen
                 out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                             logits_to_keep=1, **{CACHE_KW: cache})
             logits = out.logits[:, -1].float()
-        cache = output_cache(out)
+        if fast is None:
+            cache = output_cache(out)
         if step == 0 and copies > 1:
             # Every prompt was read once; its answers are drawn `copies` times from the same
             # cache, rows p0, p0, ..., p1, p1, ...
@@ -161,6 +170,8 @@ def _generate_batch(lm, prompts, budget, max_new_tokens, temperature, top_p, gen
             done = torch.zeros(batch, dtype=torch.bool, device=device)
             out_tokens = torch.zeros((batch, 0), dtype=torch.long, device=device)
             logprob = torch.zeros(batch, dtype=torch.float32, device=device)
+        if step == 0 and use_fast:
+            fast = FastDecoder(model, cache, ids.shape[1] + max_new_tokens)
         logits = logits.masked_fill(~constraint.mask(), float("-inf"))
         logprobs = torch.log_softmax(logits, dim=-1)
         chosen = _choose(logprobs, temperature, top_p, generator)
@@ -181,7 +192,9 @@ def _generate_batch(lm, prompts, budget, max_new_tokens, temperature, top_p, gen
             break
         ids = chosen[:, None]
         mask2d = torch.cat([mask2d if step else mask, (~done).long()[:, None]], dim=1)
-        mask = known_rows(_step_mask(mask2d, sdpa), active, real_length)
+        if fast is None:
+            mask = known_rows(_step_mask(mask2d, sdpa), active, real_length)
+        charged = (sum(active), context)
         real_length = [n + a for n, a in zip(real_length, active)]
         positions = torch.tensor([[t.feed(c)] for t, c in zip(trackers, chosen_now)], device=device)
     results = []
@@ -196,11 +209,13 @@ def _generate_batch(lm, prompts, budget, max_new_tokens, temperature, top_p, gen
 
 def generate(lm: LoadedModel, prompts: list[list[int]], budget: TaskBudget | None = None,
              max_new_tokens: int | None = None, temperature: float = 0.0, top_p: float = 1.0,
-             seed: int = 0, batch_size: int = 16, copies: int = 1) -> list[Generation]:
+             seed: int = 0, batch_size: int = 16, copies: int = 1, fast_steps: bool = True) -> list[Generation]:
     """Decode an answer for every prompt, `batch_size` at a time, longest first (so batches
     hold prompts of similar length and waste little on padding).  With `copies` > 1 (sampling),
     each prompt is read once and `copies` answers are drawn from its cache -- the result holds
-    `copies` generations per prompt, in prompt order -- so a batch holds `batch_size` answers."""
+    `copies` generations per prompt, in prompt order -- so a batch holds `batch_size` answers.
+    The steps after the prompt run through `tta.model.fast_decode` where the model allows;
+    `fast_steps=False` runs every step through the model's own forward (for comparisons)."""
     if not prompts:
         return []
     limit = max_new_tokens or lm.format.max_answer_tokens()
@@ -215,7 +230,7 @@ def generate(lm: LoadedModel, prompts: list[list[int]], budget: TaskBudget | Non
             chunk = order[start:start + per_batch]
             room = lm.max_context - max(len(prompts[i]) for i in chunk)
             outs = _generate_batch(lm, [prompts[i] for i in chunk], budget, max(1, min(limit, room)),
-                                   temperature, top_p, generator, copies)
+                                   temperature, top_p, generator, copies, fast_steps)
             for k, i in enumerate(chunk):
                 results[i * copies:(i + 1) * copies] = outs[k * copies:(k + 1) * copies]
     lm.model.train(was_training)

@@ -1,0 +1,136 @@
+"""The fast decode step (`tta.model.fast_decode`): it must compute what the model's own forward
+computes, be used only where it can, and be charged as the model's forward would be."""
+import numpy as np
+import pytest
+import torch
+
+from tta.budget import Budget, Meter
+from tta.inference.decoding import generate
+from tta.model.attention import causal_attention
+from tta.model.batching import pad_batch
+from tta.model.cache import reserved_cache
+from tta.model.fast_decode import FastDecoder
+from tta.model.loading import CACHE_KW, autocast, load_model, output_cache
+
+
+def _llama(kv_heads: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=16, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=256)
+    return LlamaForCausalLM(config).eval()
+
+
+def _steps_both_ways(model, prompts, steps=6):
+    """Next-token logits of `steps` decode steps after right-padded `prompts`: from the model's
+    forward (under autocast, as the decoder runs it) and from `FastDecoder`, fed the same tokens."""
+    rows, length = len(prompts), max(map(len, prompts))
+    ids = torch.zeros(rows, length, dtype=torch.long)
+    mask = torch.zeros(rows, length, dtype=torch.long)
+    for r, p in enumerate(prompts):
+        ids[r, :len(p)], mask[r, :len(p)] = torch.tensor(p), 1
+    positions = torch.arange(length).expand(rows, -1)
+    cache = reserved_cache(length + steps)
+    with torch.no_grad(), autocast(torch.device("cpu")), causal_attention(model):
+        out = model(input_ids=ids, position_ids=positions, use_cache=True, **{CACHE_KW: cache})
+    fast = FastDecoder(model, output_cache(out), length + 2)   # outgrown on the way: the buffers grow
+    lengths = mask.sum(1)
+    theirs, ours = [], []
+    for step in range(steps):
+        token = torch.tensor([(3 * step + r) % 16 for r in range(rows)])
+        position = lengths + step
+        mask = torch.cat([mask, torch.ones(rows, 1, dtype=torch.long)], dim=1)
+        with torch.no_grad(), autocast(torch.device("cpu")):
+            out = model(input_ids=token[:, None], position_ids=position[:, None], use_cache=True,
+                        attention_mask=mask[:, None, None, :].bool(), **{CACHE_KW: cache})
+        theirs.append(out.logits[:, -1].float())
+        ours.append(fast.step(token, position, mask))
+    return torch.stack(theirs), torch.stack(ours)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])   # plain and grouped-query attention
+def test_fast_steps_give_the_logits_of_the_model_forward(kv_heads):
+    """Fails on a wrong rotary position, a pad attended to, a mixed-up key/value head group, a
+    missing norm or residual, or a cache write at the wrong offset (the later steps would drift)."""
+    theirs, ours = _steps_both_ways(_llama(kv_heads), [[1, 2, 3, 4, 5, 6, 7], [1, 8, 9]])
+    # The forward computes attention in bf16, the fast step in fp32: rounding apart.
+    assert torch.allclose(ours, theirs, atol=3e-2), (ours - theirs).abs().max()
+    assert (ours.argmax(-1) == theirs.argmax(-1)).all()
+
+
+def test_the_fast_step_is_used_only_where_it_reproduces_the_model():
+    """Fails if a model it cannot reproduce (another architecture, an unmerged adapter, biases)
+    were decoded by it, or if a merged LoRA were refused."""
+    from peft import LoraConfig, get_peft_model
+    model = _llama(4)
+    assert FastDecoder.unsupported(model) is None
+    adapted = get_peft_model(_llama(4), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    assert "adapter" in FastDecoder.unsupported(adapted)
+    adapted.merge_adapter()
+    assert FastDecoder.unsupported(adapted) is None
+    model.config.hidden_act = "gelu"
+    assert "activation" in FastDecoder.unsupported(model)
+    from transformers import GPT2Config, GPT2LMHeadModel
+    assert "Llama only" in FastDecoder.unsupported(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2)))
+
+
+def test_a_merged_lora_decodes_as_its_model_does():
+    """Fails if the fast step reads a merged LoRA's base weight before the merge, or the adapter
+    twice."""
+    from peft import LoraConfig, get_peft_model
+    adapted = get_peft_model(_llama(4), LoraConfig(r=2, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                   init_lora_weights=False)).eval()
+    adapted.merge_adapter()
+    theirs, ours = _steps_both_ways(adapted, [[1, 2, 3, 4, 5], [6, 7]])
+    assert torch.allclose(ours, theirs, atol=3e-2)
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    torch.set_num_threads(2)
+    return load_model("default", device="cpu")
+
+
+def _views(lm, n_tasks=1):
+    from tta.data.augment import inference_transforms
+    from tta.data.datasets import load_dataset
+    from tta.inference.predict import answer_room, build_views
+    tasks = load_dataset("gen-eval").tasks[:n_tasks]
+    return [([v.prompt for v in build_views(lm, t, inference_transforms(), 2, np.random.default_rng(0))],
+             answer_room(lm.format, t)) for t in tasks]
+
+
+def test_batched_decoding_answers_and_charges_as_through_the_model_forward(embedded):
+    """The embedded model on a task's 12 views: the same answers, log-probabilities within
+    rounding, and the same FLOPs charged to a meter the decode was not given (compute must not
+    escape the meter because the steps bypass the model's hooks)."""
+    (views, room), = _views(embedded)
+    runs = {}
+    for fast in (False, True):
+        meter = Meter(Budget())
+        meter.attach(embedded.model)
+        try:
+            runs[fast] = generate(embedded, views, max_new_tokens=room, fast_steps=fast), meter.flops
+        finally:
+            meter.detach()
+    (slow, slow_flops), (quick, quick_flops) = runs[False], runs[True]
+    assert [g.tokens for g in quick] == [g.tokens for g in slow]
+    assert max(abs(a.logprob - b.logprob) for a, b in zip(quick, slow)) < 0.05
+    assert quick_flops == pytest.approx(slow_flops, rel=1e-9) and quick_flops > 0
+
+
+def test_a_budget_stops_fast_steps_where_it_stops_model_steps(embedded):
+    """Fails if the fast path asks the budget a different question than the model path, or
+    charges a step the cap could not pay for."""
+    (views, room), = _views(embedded)
+    spent = {}
+    for fast in (False, True):
+        meter = Meter(Budget(flops=1.5e9))   # the prompts (~1e9) and part of the answers
+        meter.attach(embedded.model)
+        try:
+            out = generate(embedded, views, budget=meter.handle(embedded.model), max_new_tokens=room, fast_steps=fast)
+        finally:
+            meter.detach()
+        assert meter.flops <= 1.5e9
+        spent[fast] = (meter.flops, [len(g.tokens) for g in out])
+    assert spent[True] == spent[False]
