@@ -100,25 +100,28 @@ VALUE_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"
 
 
 def syncs_per_decode_step(lm) -> list[int]:
-    """Reads of tensor values back to the host between consecutive decode forwards, meter attached."""
+    """Reads of tensor values back to the host between consecutive decode forwards (the prompts'
+    read, then each step, through the model's forward or the fast decoder), meter attached."""
     import torch
     from tta.budget import Budget, Meter
-    from tta.inference.decoding import generate
-    reads, saved = [], {}
+    from tta.inference import decoding
+    reads, saved, marks = [], {}, []
     for name in VALUE_READS:
-        original = saved[name] = getattr(torch.Tensor, name)
+        original = saved[(torch.Tensor, name)] = getattr(torch.Tensor, name)
         setattr(torch.Tensor, name, lambda self, *a, _o=original, **k: (reads.append(1), _o(self, *a, **k))[1])
+    for steps in (decoding.ForwardSteps, decoding.FastSteps):
+        for name in ("read_prompts", "step"):
+            original = saved[(steps, name)] = getattr(steps, name)
+            setattr(steps, name, lambda self, *a, _o=original: (marks.append(len(reads)), _o(self, *a))[1])
     meter = Meter(Budget(flops=1e18))
     meter.attach(lm.model)
-    marks = []
-    hook = lm.model.register_forward_pre_hook(lambda module, args: marks.append(len(reads)))
     try:
-        generate(lm, [[1] + [5] * 40, [1] + [6] * 25, [1] + [7] * 12], budget=meter.handle(lm.model), max_new_tokens=10)
+        decoding.generate(lm, [[1] + [5] * 40, [1] + [6] * 25, [1] + [7] * 12], budget=meter.handle(lm.model),
+                          max_new_tokens=10)
     finally:
-        hook.remove()
         meter.detach()
-        for name, original in saved.items():
-            setattr(torch.Tensor, name, original)
+        for (owner, name), original in saved.items():
+            setattr(owner, name, original)
     return [b - a for a, b in zip(marks[1:], marks[2:])]
 
 

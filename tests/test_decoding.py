@@ -160,7 +160,11 @@ def record_positions(model):
     seen = []
     hook = model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["position_ids"].tolist()),
                                            with_kwargs=True)
-    fast_step = FastDecoder.step
+    fast_read, fast_step = FastDecoder.read_prompts, FastDecoder.step
+
+    def recorded_read(self, ids, positions, *args):
+        seen.append(positions.tolist())
+        return fast_read(self, ids, positions, *args)
 
     def recorded_step(self, ids, positions, allowed):
         seen.append(positions.reshape(-1, 1).tolist())
@@ -169,9 +173,9 @@ def record_positions(model):
     class Handle:
         def remove(self):
             hook.remove()
-            FastDecoder.step = fast_step
+            FastDecoder.read_prompts, FastDecoder.step = fast_read, fast_step
 
-    FastDecoder.step = recorded_step
+    FastDecoder.read_prompts, FastDecoder.step = recorded_read, recorded_step
     return seen, Handle()
 
 
@@ -389,15 +393,14 @@ def syncs_per_decode_step(lm, monkeypatch, prompts, steps=8, fast_steps=True):
         monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=original, **k: (reads.append(1), _o(self, *a, **k))[1])
     meter = Meter(Budget(flops=1e15))
     meter.attach(lm.model)
-    marks = []
-    hook = lm.model.register_forward_pre_hook(lambda module, args: marks.append(len(reads)))
-    from tta.model.fast_decode import FastDecoder   # the decode steps that bypass the forward
-    fast_step = FastDecoder.step
-    monkeypatch.setattr(FastDecoder, "step", lambda self, *a: (marks.append(len(reads)), fast_step(self, *a))[1])
+    marks = []   # reads so far, at the prompts' read and at each step (either path)
+    from tta.inference import decoding
+    for path in (decoding.ForwardSteps, decoding.FastSteps):
+        for name in ("read_prompts", "step"):
+            monkeypatch.setattr(path, name, lambda self, *a, _o=getattr(path, name): (marks.append(len(reads)), _o(self, *a))[1])
     try:
         generate(lm, prompts, budget=meter.handle(lm.model), max_new_tokens=steps, fast_steps=fast_steps)
     finally:
-        hook.remove()
         meter.detach()
         monkeypatch.undo()
     return [b - a for a, b in zip(marks[1:], marks[2:])]   # from the first decode step on

@@ -147,13 +147,16 @@ def known_rows(mask: torch.Tensor, new: list[int], past: list[int]) -> torch.Ten
 _METERS_OF: "weakref.WeakKeyDictionary[torch.nn.Module, list[Meter]]" = weakref.WeakKeyDictionary()
 
 
-def charge_forward(model: torch.nn.Module, n_tokens: int, context: int) -> None:
+def charge_forward(model: torch.nn.Module, n_tokens: int, context: int, head_tokens: int | None = None) -> None:
     """Charge every meter attached to `model` for a forward of its weights that did not run
-    through its modules (the harness's fast decode step, `tta.model.fast_decode`), by the same
-    formula the hooks apply: `n_tokens` real tokens attending to `context` positions in all."""
+    through its modules (the harness's fast decoder, `tta.model.fast_decode`), by the formula
+    the hooks apply: `n_tokens` real tokens attending to `context` positions in all, the output
+    head run on `head_tokens` of them (default: all)."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    skipped = 0 if head_tokens is None or head is None else (n_tokens - head_tokens) * head.weight.numel()
     for meter in _METERS_OF.get(decoder, []) if decoder is not None else []:
-        meter._charge(forward_flops(meter.shape(model), n_tokens, context))
+        meter._charge(forward_flops(meter.shape(model), n_tokens, context) - 2.0 * skipped)
 
 
 class Meter:

@@ -7,7 +7,8 @@ rectangular grids (each row as wide as the first, at most 30x30) -- and
 (3) return each sequence's log-probability for voting and product-of-experts
 scoring, and (4) number each new token with the format's position ids (grid
 positions for the embedded model, `tta.model.encoding.GridPositions`).  `benchmarks/decoding.py` measures it against one `generate` per view.
-After the prompts, steps run through `tta.model.fast_decode` where the model allows.
+Llama models read their prompts and decode through `tta.model.fast_decode` (`FastSteps`), others
+through their own forward (`ForwardSteps`).
 """
 from __future__ import annotations
 
@@ -106,17 +107,72 @@ def _choose(logprobs: torch.Tensor, temperature: float, top_p: float, generator)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+class ForwardSteps:
+    """Prompts and decode steps through the model's own forward: any causal LM."""
+
+    def __init__(self, model, device):
+        self.model, self.device, self.sdpa = model, device, uses_sdpa(model)
+        self.cache = None
+
+    def read_prompts(self, ids, mask, positions, real_length, capacity) -> torch.Tensor:
+        # The prompts are right-padded and read with causal attention and no mask (see
+        # tta.model.attention): the 36 prompts of benchmarks/decoding.py in 0.32 s instead of
+        # 0.38-0.41 s left-padded with a mask (2 threads).  Each row's next-token logits are then
+        # at its own last prompt position; the pads' cache entries stay masked out of every step.
+        known_rows(mask, real_length, [0] * len(real_length))
+        last = [n - 1 for n in real_length]
+        kept = sorted(set(last))   # the distinct last prompt positions: the head runs on these only
+        with autocast(self.device), causal_attention(self.model):
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                             logits_to_keep=torch.tensor(kept, device=self.device),
+                             **{CACHE_KW: reserved_cache(capacity)})
+        self.cache = output_cache(out)
+        column = torch.tensor([kept.index(n) for n in last], device=self.device)
+        return out.logits[torch.arange(len(last), device=self.device), column].float()
+
+    def repeat_rows(self, copies: int) -> None:
+        self.cache.batch_repeat_interleave(copies)
+
+    def step(self, ids, positions, mask2d, active, past) -> torch.Tensor:
+        mask = known_rows(_step_mask(mask2d, self.sdpa), active, past)
+        with autocast(self.device), decode_attention(self.model):
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                             logits_to_keep=1, **{CACHE_KW: self.cache})
+        self.cache = output_cache(out)
+        return out.logits[:, -1].float()
+
+
+class FastSteps:
+    """The same through `tta.model.fast_decode` (Llama models), which runs outside the model's
+    metered modules: each call charges the model's meters what its forward would have cost."""
+
+    def __init__(self, model, device):
+        self.model, self.device = model, device
+        self.decoder = FastDecoder(model)
+
+    def read_prompts(self, ids, mask, positions, real_length, capacity) -> torch.Tensor:
+        last = torch.tensor([n - 1 for n in real_length], device=self.device)
+        logits = self.decoder.read_prompts(ids, positions, last, capacity)
+        charge_forward(self.model, sum(real_length), sum(n * (n + 1) // 2 for n in real_length),
+                       head_tokens=len(real_length))
+        return logits
+
+    def repeat_rows(self, copies: int) -> None:
+        self.decoder.repeat_rows(copies)
+
+    def step(self, ids, positions, mask2d, active, past) -> torch.Tensor:
+        logits = self.decoder.step(ids, positions, mask2d)
+        charge_forward(self.model, sum(active), sum((n + 1) * a for n, a in zip(past, active)))
+        return logits
+
+
 @torch.no_grad()
 def _generate_batch(lm, prompts, budget, max_new_tokens, temperature, top_p, generator, copies: int = 1,
                     fast_steps: bool = True) -> list[Generation]:
     model, device = lm.model, lm.device
-    sdpa = uses_sdpa(model)
-    use_fast = fast_steps and FastDecoder.unsupported(model) is None
+    fast = fast_steps and FastDecoder.unsupported(model) is None
+    steps = (FastSteps if fast else ForwardSteps)(model, device)
     trackers = [lm.format.position_tracker() for _ in prompts]   # numbering continues past each prompt
-    # The prompts are right-padded and read with causal attention and no mask (see
-    # tta.model.attention): the 36 prompts of benchmarks/decoding.py in 0.32 s instead of 0.38-0.41 s
-    # left-padded with a mask (2 threads).  Each row's next-token logits are then at its own last
-    # prompt position; the pads' cache entries stay masked out of every decode step.
     ids, mask, positions = pad_batch(prompts, lm.format, device, side="right", trackers=trackers)
     batch = len(prompts)
     vocab = model.config.vocab_size
@@ -126,7 +182,6 @@ def _generate_batch(lm, prompts, budget, max_new_tokens, temperature, top_p, gen
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     out_tokens = torch.zeros((batch, 0), dtype=torch.long, device=device)
     logprob = torch.zeros(batch, dtype=torch.float32, device=device)
-    cache = reserved_cache(ids.shape[1] + max_new_tokens)
     # What the host knows without asking the device: each row's real length and whether it has
     # finished.  One `tolist()` of the chosen tokens per step keeps them current -- the only
     # host sync of a step (counted by tests/test_decoding.py).
@@ -135,34 +190,19 @@ def _generate_batch(lm, prompts, budget, max_new_tokens, temperature, top_p, gen
 
     if budget and not budget.can_afford(budget.sequences_cost(real_length, model)):
         return [Generation([], False, 0.0) for _ in range(batch * copies)]
-    known_rows(mask, real_length, [0] * batch)
-    last = [n - 1 for n in real_length]
-    kept = sorted(set(last))   # the distinct last prompt positions: the head runs on these only
-    fast = None   # the decode steps after the prompt, where the model allows (tta.model.fast_decode)
+    mask2d = mask
     for step in range(max_new_tokens):
-        if fast is not None:
-            logits = fast.step(ids, positions, mask2d)
-            charge_forward(model, *charged)   # the step ran outside the model's metered modules
-        elif step == 0:
-            with autocast(device), causal_attention(model):
-                out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                            logits_to_keep=torch.tensor(kept, device=device), **{CACHE_KW: cache})
-            column = torch.tensor([kept.index(n) for n in last], device=device)
-            logits = out.logits[torch.arange(batch, device=device), column].float()
+        if step == 0:
+            logits = steps.read_prompts(ids, mask, positions, real_length, ids.shape[1] + max_new_tokens)
         else:
-            with autocast(device), decode_attention(model):
-                out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                            logits_to_keep=1, **{CACHE_KW: cache})
-            logits = out.logits[:, -1].float()
-        if fast is None:
-            cache = output_cache(out)
+            logits = steps.step(ids, positions, mask2d, active, past)
         if step == 0 and copies > 1:
             # Every prompt was read once; its answers are drawn `copies` times from the same
             # cache, rows p0, p0, ..., p1, p1, ...
             batch *= copies
             logits = logits.repeat_interleave(copies, dim=0)
-            cache.batch_repeat_interleave(copies)
-            mask = mask.repeat_interleave(copies, dim=0)
+            steps.repeat_rows(copies)
+            mask2d = mask.repeat_interleave(copies, dim=0)
             trackers = [copy.deepcopy(t) for t in trackers for _ in range(copies)]
             real_length = [n for n in real_length for _ in range(copies)]
             finished = [False] * batch
@@ -170,8 +210,6 @@ def _generate_batch(lm, prompts, budget, max_new_tokens, temperature, top_p, gen
             done = torch.zeros(batch, dtype=torch.bool, device=device)
             out_tokens = torch.zeros((batch, 0), dtype=torch.long, device=device)
             logprob = torch.zeros(batch, dtype=torch.float32, device=device)
-        if step == 0 and use_fast:
-            fast = FastDecoder(model, cache, ids.shape[1] + max_new_tokens)
         logits = logits.masked_fill(~constraint.mask(), float("-inf"))
         logprobs = torch.log_softmax(logits, dim=-1)
         chosen = _choose(logprobs, temperature, top_p, generator)
@@ -191,11 +229,8 @@ def _generate_batch(lm, prompts, budget, max_new_tokens, temperature, top_p, gen
         if budget and not budget.can_afford(budget.forward_cost(sum(active), context, model)):
             break
         ids = chosen[:, None]
-        mask2d = torch.cat([mask2d if step else mask, (~done).long()[:, None]], dim=1)
-        if fast is None:
-            mask = known_rows(_step_mask(mask2d, sdpa), active, real_length)
-        charged = (sum(active), context)
-        real_length = [n + a for n, a in zip(real_length, active)]
+        mask2d = torch.cat([mask2d, (~done).long()[:, None]], dim=1)
+        past, real_length = real_length, [n + a for n, a in zip(real_length, active)]
         positions = torch.tensor([[t.feed(c)] for t, c in zip(trackers, chosen_now)], device=device)
     results = []
     for row in range(batch):
@@ -214,8 +249,8 @@ def generate(lm: LoadedModel, prompts: list[list[int]], budget: TaskBudget | Non
     hold prompts of similar length and waste little on padding).  With `copies` > 1 (sampling),
     each prompt is read once and `copies` answers are drawn from its cache -- the result holds
     `copies` generations per prompt, in prompt order -- so a batch holds `batch_size` answers.
-    The steps after the prompt run through `tta.model.fast_decode` where the model allows;
-    `fast_steps=False` runs every step through the model's own forward (for comparisons)."""
+    Prompts and steps run through `tta.model.fast_decode` where the model allows;
+    `fast_steps=False` runs them through the model's own forward (for comparisons)."""
     if not prompts:
         return []
     limit = max_new_tokens or lm.format.max_answer_tokens()

@@ -1,16 +1,20 @@
-"""The decode step of a Llama-architecture model as a short sequence of tensor operations.
+"""Prompt reading and decode steps of a Llama-architecture model as short sequences of tensor
+operations, for batched decoding (`tta.inference.decoding.FastSteps`).
 
 A decode step reads one new token per row.  For the embedded 3.4M-parameter model its matmuls
 are tiny, and transformers' forward spends the step on ~420 small operations (casts, norms,
 rotary, cache bookkeeping, hooks) and on casting the whole fp32 key cache to bf16 for the
-attention matmul.  `FastDecoder` does the same arithmetic in ~200 operations (half of them views)
-over weights prepared once per decode (q/k/v fused into one bf16 matrix, gate and up into
-another) and a key/value cache of its own, written in place.  `benchmarks/decoding.py` (2
-threads, 36 views): batched decoding 0.80 -> 0.67 s, 4.8x one `generate()` per view.
+attention matmul.  `FastDecoder.step` does the same arithmetic in ~200 operations (half of them
+views) over weights prepared once per batch (q/k/v fused into one bf16 matrix, gate and up into
+another) and a key/value cache of its own, written in place.  `read_prompts` fills that cache
+and, in the last layer, carries only each row's last position past its keys and values.
+`benchmarks/decoding.py` (2 threads, 36 views): batched decoding 0.80 s through the forward,
+0.57-0.65 s here, 4.9-5.5x one `generate()` per view over three runs.
 
-The arithmetic is transformers' under autocast (bf16 linear layers, fp32 residual stream and
-norms) except attention over the cache, done in fp32 here (faster on the CPU, see `__init__`):
-logits differ in rounding only, and on the benchmark's 36 views 1 greedy answer differs.
+The arithmetic is transformers' under autocast (bf16 linear layers and prompt attention, fp32
+residual stream and norms) except one query per row against the cache -- every decode step and
+the prompts' last layer -- done in fp32 here (faster on the CPU, see `__init__`): logits differ
+in rounding only, and on the benchmark's 36 views 1 greedy answer differs.
 `tests/test_fast_decode.py` checks the logits against the model's forward, with grouped heads
 and a merged LoRA, and that the embedded model's answers and charges are the forward's.
 
@@ -18,9 +22,9 @@ Only models it can reproduce get it (`FastDecoder.unsupported` says why not): Ll
 SiLU, no biases, a rotary embedding with fixed frequencies, and linear layers that are plain or
 a LoRA merged into its base.  Everything else decodes through the model's forward.
 
-The harness meters a forward through hooks on the model's layers; this step does not run
-them, so the decoder charges each step by the same formula (`tta.budget.charge_forward`), to
-every meter attached to the model.
+The harness meters a forward through hooks on the model's layers; this code does not run them,
+so its caller charges each call by the same formula (`tta.budget.charge_forward`), to every
+meter attached to the model.
 """
 from __future__ import annotations
 
@@ -85,7 +89,7 @@ class FastDecoder:
             return "an adapted or biased output head"
         return None
 
-    def __init__(self, model, cache, capacity: int):
+    def __init__(self, model):
         base = _base(model)
         config = base.config
         self.heads = config.num_attention_heads
@@ -97,7 +101,7 @@ class FastDecoder:
         # vocabulary (16 x 256) the fp32 product takes 3 us, bf16 12 us.
         self.head = _weight(base.lm_head).to(BF16).float()
         rotary = base.model.rotary_emb
-        self.inv_freq, self.rope_scale = rotary.inv_freq.float(), float(rotary.attention_scaling)
+        self.inv_freq, self.rope_scale = rotary.inv_freq.detach().float(), float(rotary.attention_scaling)
         self.layers = []
         for layer in base.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
@@ -107,24 +111,92 @@ class FastDecoder:
                 out=_weight(attn.o_proj).to(BF16),
                 gate_up=torch.cat([_weight(mlp.gate_proj), _weight(mlp.up_proj)]).to(BF16),
                 down=_weight(mlp.down_proj).to(BF16)))
-        # The cache: the prompts' keys and values copied once into buffers with room for the
-        # answers, in fp32, keys transposed to (dim, position).  Attention over the cache is 12 x 4
+        # The cache, one (keys, values) pair of buffers per layer with room for the answers, in
+        # fp32 with keys transposed to (dim, position).  Attention over the cache is 12 x 4
         # matrix-vector products per layer, which the CPU does faster in fp32 than in bf16 (for 12
         # rows x 500 positions, q kᵀ and the weighted sum of values take 76 + 84 us in fp32, 168 +
         # 144 us in bf16), and a (position, dim) slice made the bf16 matmul copy it first (1.9 ms
-        # per layer at 1,000 positions).  So here attention is in fp32, where transformers' forward
-        # under autocast computes it in bf16: the logits differ in rounding only (see the tests).
-        self.keys, self.values = [], []
-        for layer in cache.layers:
-            rows, kv_heads, length, dim = layer.keys.shape
-            room = max(capacity, length)
-            keys = torch.empty((rows, kv_heads, dim, room), dtype=torch.float32, device=layer.keys.device)
-            values = torch.empty((rows, kv_heads, room, dim), dtype=torch.float32, device=layer.keys.device)
-            keys[..., :length] = layer.keys.transpose(-1, -2)
-            values[:, :, :length] = layer.values
-            self.keys.append(keys)
-            self.values.append(values)
-        self.length = length
+        # per layer at 1,000 positions).  So decode steps attend in fp32, where transformers'
+        # forward under autocast attends in bf16: the logits differ in rounding only (the tests).
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.length = 0
+
+    def _rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for `positions` (any shape), with a trailing head_dim axis, in fp32."""
+        freqs = positions[..., None].float() * self.inv_freq
+        angles = torch.cat((freqs, freqs), dim=-1)
+        return angles.cos() * self.rope_scale, angles.sin() * self.rope_scale
+
+    def _split_heads(self, qkv: torch.Tensor):
+        """(rows, [tokens,] q|k|v) -> q (rows, [tokens,] heads, dim), k and v (..., kv_heads, dim)."""
+        q, k, v = qkv.split([self.heads * self.head_dim, self.kv_heads * self.head_dim,
+                             self.kv_heads * self.head_dim], dim=-1)
+        lead = qkv.shape[:-1]
+        return (q.view(*lead, self.heads, self.head_dim), k.view(*lead, self.kv_heads, self.head_dim),
+                v.view(*lead, self.kv_heads, self.head_dim))
+
+    def _mlp(self, x: torch.Tensor, layer: dict) -> torch.Tensor:
+        gate, up = F.linear(_rms_norm(x, layer["norm2"]).to(BF16), layer["gate_up"]).chunk(2, dim=-1)
+        return x + F.linear(F.silu(gate) * up, layer["down"])
+
+    def _attend_cache(self, q: torch.Tensor, layer: dict, keys, values, length: int, masked) -> torch.Tensor:
+        """One query per row (rows, heads, dim, fp32) against the first `length` cached positions,
+        `masked` (rows, 1, 1, length) true where a row must not look.  Returns (rows, heads * dim)."""
+        rows = q.shape[0]
+        # Query heads grouped under the key/value head they share: (rows, kv_heads, groups, dim).
+        q = q.reshape(rows, self.kv_heads, self.heads // self.kv_heads, self.head_dim)
+        scores = torch.matmul(q, keys[..., :length]) * layer["scaling"]
+        weights = torch.softmax(scores.masked_fill(masked, float("-inf")), dim=-1)
+        return torch.matmul(weights, values[:, :, :length]).reshape(rows, -1)
+
+    @torch.no_grad()
+    def read_prompts(self, ids: torch.Tensor, positions: torch.Tensor, last: torch.Tensor, capacity: int) -> torch.Tensor:
+        """Read right-padded prompts (rows x tokens: `ids`, `positions`; `last` = each row's last
+        real position) into the cache, with room for `capacity` positions in all, and return the
+        next-token logits after each prompt (fp32, rows x vocabulary).
+
+        As transformers' forward under autocast with causal attention (a real token never sees
+        the pads after it), except the last layer: only the last position of each row goes on
+        past its keys and values (attention, output projection, MLP), since only its logits are
+        wanted; that layer's one query per row attends in fp32, as a decode step does."""
+        rows, tokens = ids.shape
+        room = max(capacity, tokens)
+        device = ids.device
+        self.keys = [torch.empty((rows, self.kv_heads, self.head_dim, room), device=device) for _ in self.layers]
+        self.values = [torch.empty((rows, self.kv_heads, room, self.head_dim), device=device) for _ in self.layers]
+        self.length = tokens
+        cos, sin = self._rotary(positions)                     # (rows, tokens, dim)
+        cos, sin = cos[:, None], sin[:, None]                  # (rows, 1, tokens, dim): every head
+        x = self.embed[ids]                                    # fp32 residual stream
+        row_index = torch.arange(rows, device=device)
+        for i, (layer, keys, values) in enumerate(zip(self.layers, self.keys, self.values)):
+            qkv = F.linear(_rms_norm(x, layer["norm1"]).to(BF16), layer["qkv"])
+            q, k, v = (t.transpose(1, 2) for t in self._split_heads(qkv))   # (rows, heads, tokens, dim)
+            k = k * cos + _rotate_half(k) * sin
+            keys[..., :tokens] = k.transpose(-1, -2)
+            values[:, :, :tokens] = v
+            if i + 1 < len(self.layers):
+                q = q * cos + _rotate_half(q) * sin
+                attended = F.scaled_dot_product_attention(q.to(BF16), k.to(BF16), v, is_causal=True,
+                                                          scale=layer["scaling"],
+                                                          enable_gqa=self.kv_heads != self.heads)
+                x = x + F.linear(attended.transpose(1, 2).reshape(rows, tokens, -1), layer["out"])
+                x = self._mlp(x, layer)
+            else:   # the last layer: each row's last position only
+                q = q[row_index, :, last]                      # (rows, heads, dim)
+                q = q * cos[row_index, 0, last][:, None] + _rotate_half(q) * sin[row_index, 0, last][:, None]
+                masked = (torch.arange(tokens, device=device)[None, :] > last[:, None])[:, None, None, :]
+                x = x[row_index, last] + F.linear(self._attend_cache(q, layer, keys, values, tokens, masked).to(BF16),
+                                                  layer["out"])
+                x = self._mlp(x, layer)
+        return F.linear(_rms_norm(x, self.final_norm), self.head)
+
+    def repeat_rows(self, copies: int) -> None:
+        """Each row's cache `copies` times in a row (rows p0, p0, ..., p1, p1, ...): sampling
+        draws several answers from one read of each prompt."""
+        self.keys = [k.repeat_interleave(copies, dim=0) for k in self.keys]
+        self.values = [v.repeat_interleave(copies, dim=0) for v in self.values]
 
     @torch.no_grad()
     def step(self, ids: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
@@ -135,29 +207,15 @@ class FastDecoder:
         rows, t = ids.shape[0], self.length
         if t >= self.values[0].shape[2]:
             self._grow()
-        freqs = positions[:, None].float() * self.inv_freq
-        angles = torch.cat((freqs, freqs), dim=-1)[:, None, :]   # (rows, 1, head_dim): every head
-        cos, sin = angles.cos() * self.rope_scale, angles.sin() * self.rope_scale
+        cos, sin = self._rotary(positions[:, None])   # (rows, 1, dim): every head
         masked = ~allowed[:, None, None, : t + 1].bool()
-        groups = self.heads // self.kv_heads
         x = self.embed[ids]   # fp32 residual stream, as under autocast
         for layer, keys, values in zip(self.layers, self.keys, self.values):
-            qkv = F.linear(_rms_norm(x, layer["norm1"]).to(BF16), layer["qkv"])
-            q, k, v = qkv.split([self.heads * self.head_dim, self.kv_heads * self.head_dim,
-                                 self.kv_heads * self.head_dim], dim=-1)
-            q = q.view(rows, self.heads, self.head_dim)
-            k = k.view(rows, self.kv_heads, self.head_dim)
-            q = q * cos + _rotate_half(q) * sin
+            q, k, v = self._split_heads(F.linear(_rms_norm(x, layer["norm1"]).to(BF16), layer["qkv"]))
             keys[..., t] = k * cos + _rotate_half(k) * sin
-            values[:, :, t] = v.view(rows, self.kv_heads, self.head_dim)
-            # Query heads grouped under the key/value head they share: (rows, kv_heads, groups, dim).
-            q = q.view(rows, self.kv_heads, groups, self.head_dim)
-            scores = torch.matmul(q, keys[..., : t + 1]) * layer["scaling"]
-            weights = torch.softmax(scores.masked_fill(masked, float("-inf")), dim=-1)
-            attended = torch.matmul(weights, values[:, :, : t + 1]).reshape(rows, -1)
-            x = x + F.linear(attended.to(BF16), layer["out"])
-            gate, up = F.linear(_rms_norm(x, layer["norm2"]).to(BF16), layer["gate_up"]).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, layer["down"])
+            values[:, :, t] = v
+            attended = self._attend_cache(q * cos + _rotate_half(q) * sin, layer, keys, values, t + 1, masked)
+            x = self._mlp(x + F.linear(attended.to(BF16), layer["out"]), layer)
         self.length = t + 1
         return F.linear(_rms_norm(x, self.final_norm), self.head)
 
