@@ -144,3 +144,24 @@ def test_a_budget_stops_fast_steps_where_it_stops_model_steps(embedded):
     (fast_flops, fast_lengths), (slow_flops, slow_lengths) = decode(cap, True), decode(cap, False)
     assert fast_lengths == slow_lengths and sum(fast_lengths) < sum(lengths)
     assert fast_flops <= cap and fast_flops == pytest.approx(slow_flops, rel=1e-4)
+
+
+def test_depth_first_search_through_the_fast_decoder_finds_what_the_forward_finds(embedded):
+    """Fails if backtracking leaves stale positions in the fast decoder's cache (a sibling would
+    see its brother's token), or if the search's forwards escape the meter."""
+    from tta.inference.search import dfs
+    (views, room), = _views(embedded)
+    found = {}
+    for fast in (False, True):
+        meter = Meter(Budget())
+        meter.attach(embedded.model)
+        try:
+            results = [dfs(embedded, view, max_new_tokens=room, threshold=0.01, fast=fast) for view in views[:4]]
+        finally:
+            meter.detach()
+        found[fast] = {(i, tuple(c.tokens)): c.logprob for i, r in enumerate(results) for c in r.completions
+                       if c.logprob > -3.5}, meter.flops
+    (slow, slow_flops), (quick, quick_flops) = found[False], found[True]
+    assert quick.keys() == slow.keys() and len(quick) >= 2   # well above the threshold (-4.6): the same answers
+    assert all(abs(quick[k] - slow[k]) < 0.06 for k in quick)
+    assert quick_flops > 0 and quick_flops == pytest.approx(slow_flops, rel=0.1)

@@ -107,6 +107,13 @@ def _choose(logprobs: torch.Tensor, temperature: float, top_p: float, generator)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def crop_cache(cache, keep: int) -> None:
+    """Keep the first `keep` positions of a transformers cache."""
+    extra = cache.get_seq_length() - keep
+    if extra > 0:
+        cache.crop(-extra)   # a negative argument removes that many tokens in every transformers version
+
+
 class ForwardSteps:
     """Prompts and decode steps through the model's own forward: any causal LM."""
 
@@ -132,6 +139,10 @@ class ForwardSteps:
 
     def repeat_rows(self, copies: int) -> None:
         self.cache.batch_repeat_interleave(copies)
+
+    def crop(self, length: int) -> None:
+        """Forget every cached position from `length` on (a search backtracking)."""
+        crop_cache(self.cache, length)
 
     def step(self, ids, positions, mask2d, active, past) -> torch.Tensor:
         mask = known_rows(_step_mask(mask2d, self.sdpa), active, past)
@@ -160,18 +171,26 @@ class FastSteps:
     def repeat_rows(self, copies: int) -> None:
         self.decoder.repeat_rows(copies)
 
+    def crop(self, length: int) -> None:
+        self.decoder.length = min(self.decoder.length, length)   # the next step writes over what follows
+
     def step(self, ids, positions, mask2d, active, past) -> torch.Tensor:
         logits = self.decoder.step(ids, positions, mask2d)
         charge_forward(self.model, sum(active), sum((n + 1) * a for n, a in zip(past, active)))
         return logits
 
 
+def decode_steps(model, device, fast: bool = True):
+    """The prompt reader and decode stepper for `model`: `FastSteps` where the model allows (and
+    `fast`), else `ForwardSteps`."""
+    return (FastSteps if fast and FastDecoder.unsupported(model) is None else ForwardSteps)(model, device)
+
+
 @torch.no_grad()
 def _generate_batch(lm, prompts, budget, max_new_tokens, temperature, top_p, generator, copies: int = 1,
                     fast_steps: bool = True) -> list[Generation]:
     model, device = lm.model, lm.device
-    fast = fast_steps and FastDecoder.unsupported(model) is None
-    steps = (FastSteps if fast else ForwardSteps)(model, device)
+    steps = decode_steps(model, device, fast_steps)
     trackers = [lm.format.position_tracker() for _ in prompts]   # numbering continues past each prompt
     ids, mask, positions = pad_batch(prompts, lm.format, device, side="right", trackers=trackers)
     batch = len(prompts)
@@ -190,7 +209,7 @@ def _generate_batch(lm, prompts, budget, max_new_tokens, temperature, top_p, gen
 
     if budget and not budget.can_afford(budget.sequences_cost(real_length, model)):
         return [Generation([], False, 0.0) for _ in range(batch * copies)]
-    mask2d = mask
+    mask2d, active, past = mask, None, None   # the next step's mask, active rows and past lengths
     for step in range(max_new_tokens):
         if step == 0:
             logits = steps.read_prompts(ids, mask, positions, real_length, ids.shape[1] + max_new_tokens)

@@ -11,7 +11,9 @@ Cost: the prompt is computed once; every node after that is *one* token fed
 through the model on top of the shared KV cache.  When the search backtracks,
 the cache is cropped to the branch point (depth-first order guarantees the
 cache then holds exactly the branch's prefix), so no prefix is ever recomputed.
-Every forward goes through the model, so the harness's meter charges it;
+The prompt and the nodes run through the batched decoder's stepper
+(`tta.inference.decoding.decode_steps`: the fast decoder for Llama models, which
+charges the meter as the model's forward would, else the forward itself);
 before each forward the search asks the task's budget whether it can pay and stops
 (returning what it has) when not.
 
@@ -30,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tta.budget import attention_context
-from tta.inference.decoding import grammar_constraint
+from tta.inference.decoding import crop_cache, decode_steps, grammar_constraint
 from tta.model.encoding import positions_of
 from tta.model.attention import decode_attention
 from tta.model.loading import CACHE_KW, LoadedModel, autocast, autocast_weights, output_cache
@@ -67,12 +69,6 @@ class _Node:
     position: int = 0     # the position id of the node's last token
 
 
-def _crop(cache, keep: int) -> None:
-    extra = cache.get_seq_length() - keep
-    if extra > 0:
-        cache.crop(-extra)   # a negative argument removes that many tokens in every transformers version
-
-
 def _advance(grammar, token: int, device):
     child = copy.copy(grammar)   # the grammar's update() rebinds its tensors, never writes in place
     child.update(torch.tensor([token], device=device))
@@ -97,14 +93,15 @@ def _forward(model, device, ids: list[int], positions: list[int], n_past: int, c
 @torch.no_grad()
 def dfs(lm: LoadedModel, prompt: list[int], budget=None, threshold: float = THRESHOLD,
         max_new_tokens: int | None = None, max_forwards: int | None = None,
-        keep_greedy: bool = False) -> SearchResult:
+        keep_greedy: bool = False, fast: bool = True) -> SearchResult:
     """Every completion of `prompt` with probability above `threshold`, most probable first.
 
     `max_new_tokens` bounds an answer's length (end-of-sequence included); completions cut by it,
     or by the model's context, are not returned.  `max_forwards` caps the nodes expanded (the
     prompt counts as one).  With `keep_greedy` the greedy completion is followed to its end and
     returned whatever its probability (the paper's `max_score_greedy` set to infinity).
-    `budget` is the task's `tta.budget.TaskBudget` (None: unlimited).
+    `budget` is the task's `tta.budget.TaskBudget` (None: unlimited).  `fast=False` runs every
+    forward through the model's own (for comparisons).
     """
     model, device, fmt = lm.model, lm.device, lm.format
     limit = min(max_new_tokens or fmt.max_answer_tokens(), lm.max_context - len(prompt))
@@ -119,26 +116,27 @@ def dfs(lm: LoadedModel, prompt: list[int], budget=None, threshold: float = THRE
         result.stopped_by_budget = True
         return False
 
-    def forward(ids: list[int], positions: list[int], n_past: int, cache):
-        out = _forward(model, device, ids, positions, n_past, cache, keep=1)
+    def forward(run, n_tokens: int) -> torch.Tensor:
+        """The next-token logits after `run()` fed `n_tokens` tokens, counted."""
         result.forwards += 1
-        result.tokens += len(ids)
-        return out.logits[0, -1].float(), output_cache(out)
+        result.tokens += n_tokens
+        return run()[0]
 
     was_training = model.training
     model.eval()
-    # One token per forward after the prompt: the decode-step attention kernel and the linear
-    # weights cast once, as in batched decoding (tta.inference.decoding).  Four views of a
-    # gen-eval task, ~190 forwards: 0.74 -> 0.48 s on one thread of this CPU.
+    steps = decode_steps(model, device, fast)
+    # Four views of gen-eval task 0, one thread of this CPU: 0.37-0.42 s through the model's
+    # forward (with the decode-step kernel and weights cast once), 0.25-0.27 s with the fast decoder.
     speed_ups = contextlib.ExitStack()
     speed_ups.enter_context(autocast_weights(model, device))
     speed_ups.enter_context(decode_attention(model))
     try:
-        from transformers import DynamicCache
         if not affordable(0, len(prompt)):
             return result
         tracker = fmt.position_tracker()
-        logits, cache = forward(prompt, positions_of(tracker, prompt), 0, DynamicCache())
+        logits = forward(lambda: steps.read_prompts(
+            torch.tensor([prompt], device=device), torch.ones((1, len(prompt)), dtype=torch.long, device=device),
+            torch.tensor([positions_of(tracker, prompt)], device=device), [len(prompt)], len(prompt) + limit), len(prompt))
         grammar = grammar_constraint(lm, 1, model.config.vocab_size)
         stack: list[_Node] = []
         node = _Node((), 0.0, grammar, True, tracker)
@@ -167,8 +165,10 @@ def dfs(lm: LoadedModel, prompt: list[int], budget=None, threshold: float = THRE
             n_past = len(prompt) + len(node.tokens) - 1   # the cache must hold exactly the parent's prefix
             if not affordable(n_past, 1):
                 break
-            _crop(cache, n_past)
-            logits, cache = forward([node.tokens[-1]], [node.position], n_past, cache)
+            steps.crop(n_past)
+            logits = forward(lambda: steps.step(
+                torch.tensor([[node.tokens[-1]]], device=device), torch.tensor([[node.position]], device=device),
+                torch.ones((1, n_past + 1), dtype=torch.long, device=device), [1], [n_past]), 1)
     finally:
         speed_ups.close()
         model.train(was_training)
@@ -216,7 +216,7 @@ class PromptCache:
     def nll(self, answer: list[int]) -> float:
         total = -float(self.first[answer[0]])
         if len(answer) > 1:
-            _crop(self.cache, self.n)
+            crop_cache(self.cache, self.n)
             positions = positions_of(copy.copy(self.positions), answer[:-1])
             logits, self.cache = self._forward(answer[:-1], positions, self.n, self.cache)
             logprobs = torch.log_softmax(logits, dim=-1)
