@@ -172,7 +172,7 @@ class FastSteps:
         self.decoder.repeat_rows(copies)
 
     def crop(self, length: int) -> None:
-        self.decoder.length = min(self.decoder.length, length)   # the next step writes over what follows
+        self.decoder.crop(length)   # the next step writes over what follows
 
     def step(self, ids, positions, mask2d, active, past) -> torch.Tensor:
         logits = self.decoder.step(ids, positions, mask2d)

@@ -115,16 +115,22 @@ class FastDecoder:
                 out=_weight(attn.o_proj).to(BF16),
                 gate_up=torch.cat([_weight(mlp.gate_proj), _weight(mlp.up_proj)]).to(BF16),
                 down=_weight(mlp.down_proj).to(BF16)))
-        # The cache, one (keys, values) pair of buffers per layer with room for the answers, in
-        # fp32 with keys transposed to (dim, position).  Attention over the cache is 12 x 4
-        # matrix-vector products per layer, which the CPU does faster in fp32 than in bf16 (for 12
-        # rows x 500 positions, q kᵀ and the weighted sum of values take 76 + 84 us in fp32, 168 +
-        # 144 us in bf16), and a (position, dim) slice made the bf16 matmul copy it first (1.9 ms
-        # per layer at 1,000 positions).  So decode steps attend in fp32, where transformers'
-        # forward under autocast attends in bf16: the logits differ in rounding only (the tests).
-        self.keys: list[torch.Tensor] = []
-        self.values: list[torch.Tensor] = []
-        self.length = 0
+        # The cache, in two parts per layer: the prompts' keys and values, one copy per prompt
+        # however many answers are drawn from it (sampling), and each row's own generated ones,
+        # in buffers with room for the answer.  fp32, keys transposed to (dim, position).
+        # Attention over the cache is matrix-vector products, which the CPU does faster in fp32
+        # than in bf16 (12 rows x 500 positions: q kᵀ and the weighted sum of values take 76 + 84 us
+        # in fp32, 168 + 144 us in bf16), and a (position, dim) slice made the bf16 matmul copy it
+        # first (1.9 ms per layer at 1,000 positions).  So decode steps attend in fp32, where
+        # transformers' forward under autocast attends in bf16: logits differ in rounding only.
+        # A step reads the whole cache (memory-bound: half the step); the copies of a prompt read
+        # its part once, as one matrix product (benchmarks/sampling.py: 4 copies per prompt).
+        self.prompt_keys: list[torch.Tensor] = []     # (prompts, kv_heads, dim, prompt tokens)
+        self.prompt_values: list[torch.Tensor] = []   # (prompts, kv_heads, prompt tokens, dim)
+        self.keys: list[torch.Tensor] = []            # (rows, kv_heads, dim, room): generated
+        self.values: list[torch.Tensor] = []          # (rows, kv_heads, room, dim)
+        self.prompts = self.copies = 0                # rows = prompts x copies (p0, p0, ..., p1, ...)
+        self.prompt_length = self.length = 0          # positions cached: the prompts', and in all
 
     def _rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin for `positions` (any shape), with a trailing head_dim axis, in fp32."""
@@ -144,15 +150,31 @@ class FastDecoder:
         gate, up = F.linear(_rms_norm(x, layer["norm2"]).to(BF16), layer["gate_up"]).chunk(2, dim=-1)
         return x + F.linear(F.silu(gate) * up, layer["down"])
 
-    def _attend_cache(self, q: torch.Tensor, layer: dict, keys, values, length: int, masked) -> torch.Tensor:
-        """One query per row (rows, heads, dim, fp32) against the first `length` cached positions,
-        `masked` (rows, 1, 1, length) true where a row must not look.  Returns (rows, heads * dim)."""
-        rows = q.shape[0]
-        # Query heads grouped under the key/value head they share: (rows, kv_heads, groups, dim).
-        q = q.reshape(rows, self.kv_heads, self.heads // self.kv_heads, self.head_dim)
-        scores = torch.matmul(q, keys[..., :length]) * layer["scaling"]
-        weights = torch.softmax(scores.masked_fill(masked, float("-inf")), dim=-1)
-        return torch.matmul(weights, values[:, :, :length]).reshape(rows, -1)
+    def _attend(self, q: torch.Tensor, i: int, masked: torch.Tensor) -> torch.Tensor:
+        """One query per row (rows, heads, dim; fp32) against layer `i`'s cache: the prompt's
+        positions and the row's own generated ones.  `masked` (prompts, 1, copies, 1, positions)
+        is true where a row must not look.  Returns (rows, heads * dim)."""
+        prompts, copies, kv_heads, dim = self.prompts, self.copies, self.kv_heads, self.head_dim
+        groups, tokens, own = self.heads // kv_heads, self.prompt_length, self.length - self.prompt_length
+        rows = prompts * copies
+        # Query heads grouped under the key/value head they share, and, for the prompt's part,
+        # the copies of a prompt as more rows of one product: (prompts, kv_heads, copies, groups, dim).
+        q_rows = q.view(rows, kv_heads, groups, dim)
+        q_prompts = q.view(prompts, copies, kv_heads, groups, dim).transpose(1, 2)
+        scores = torch.matmul(q_prompts.reshape(prompts, kv_heads, copies * groups, dim), self.prompt_keys[i])
+        scores = scores.view(prompts, kv_heads, copies, groups, tokens)
+        if own:
+            own_scores = torch.matmul(q_rows, self.keys[i][..., :own])   # (rows, kv_heads, groups, own)
+            own_scores = own_scores.view(prompts, copies, kv_heads, groups, own).transpose(1, 2)
+            scores = torch.cat([scores, own_scores], dim=-1)
+        weights = torch.softmax((scores * self.layers[i]["scaling"]).masked_fill(masked, float("-inf")), dim=-1)
+        out = torch.matmul(weights[..., :tokens].reshape(prompts, kv_heads, copies * groups, tokens),
+                           self.prompt_values[i]).view(prompts, kv_heads, copies, groups, dim)
+        if own:
+            own_weights = weights[..., tokens:].transpose(1, 2).reshape(rows, kv_heads, groups, own)
+            own_out = torch.matmul(own_weights, self.values[i][:, :, :own])
+            out = out + own_out.view(prompts, copies, kv_heads, groups, dim).transpose(1, 2)
+        return out.transpose(1, 2).reshape(rows, -1)
 
     @torch.no_grad()
     def read_prompts(self, ids: torch.Tensor, positions: torch.Tensor, last: torch.Tensor, capacity: int) -> torch.Tensor:
@@ -165,21 +187,21 @@ class FastDecoder:
         past its keys and values (attention, output projection, MLP), since only its logits are
         wanted; that layer's one query per row attends in fp32, as a decode step does."""
         rows, tokens = ids.shape
-        room = max(capacity, tokens)
         device = ids.device
-        self.keys = [torch.empty((rows, self.kv_heads, self.head_dim, room), device=device) for _ in self.layers]
-        self.values = [torch.empty((rows, self.kv_heads, room, self.head_dim), device=device) for _ in self.layers]
-        self.length = tokens
+        self.prompts, self.copies, self.prompt_length, self.length = rows, 1, tokens, tokens
+        self.prompt_keys = [torch.empty((rows, self.kv_heads, self.head_dim, tokens), device=device) for _ in self.layers]
+        self.prompt_values = [torch.empty((rows, self.kv_heads, tokens, self.head_dim), device=device) for _ in self.layers]
+        self._reserve(rows, max(1, capacity - tokens), device)
         cos, sin = self._rotary(positions)                     # (rows, tokens, dim)
         cos, sin = cos[:, None], sin[:, None]                  # (rows, 1, tokens, dim): every head
         x = self.embed[ids]                                    # fp32 residual stream
         row_index = torch.arange(rows, device=device)
-        for i, (layer, keys, values) in enumerate(zip(self.layers, self.keys, self.values)):
+        for i, layer in enumerate(self.layers):
             qkv = F.linear(_rms_norm(x, layer["norm1"]).to(BF16), layer["qkv"])
             q, k, v = (t.transpose(1, 2) for t in self._split_heads(qkv))   # (rows, heads, tokens, dim)
             k = k * cos + _rotate_half(k) * sin
-            keys[..., :tokens] = k.transpose(-1, -2)
-            values[:, :, :tokens] = v
+            self.prompt_keys[i].copy_(k.transpose(-1, -2))
+            self.prompt_values[i].copy_(v)
             if i + 1 < len(self.layers):
                 q = q * cos + _rotate_half(q) * sin
                 attended = F.scaled_dot_product_attention(q.to(BF16), k.to(BF16), v, is_causal=True,
@@ -190,17 +212,35 @@ class FastDecoder:
             else:   # the last layer: each row's last position only
                 q = q[row_index, :, last]                      # (rows, heads, dim)
                 q = q * cos[row_index, 0, last][:, None] + _rotate_half(q) * sin[row_index, 0, last][:, None]
-                masked = (torch.arange(tokens, device=device)[None, :] > last[:, None])[:, None, None, :]
-                x = x[row_index, last] + F.linear(self._attend_cache(q, layer, keys, values, tokens, masked).to(BF16),
-                                                  layer["out"])
+                masked = (torch.arange(tokens, device=device)[None, :] > last[:, None])[:, None, None, None, :]
+                x = x[row_index, last] + F.linear(self._attend(q, i, masked).to(BF16), layer["out"])
                 x = self._mlp(x, layer)
         return F.linear(_rms_norm(x, self.final_norm), self.head)
 
+    def _reserve(self, rows: int, room: int, device) -> None:
+        """Buffers for `room` generated positions per row, keeping those generated so far."""
+        own = self.length - self.prompt_length
+        keys = [torch.empty((rows, self.kv_heads, self.head_dim, room), device=device) for _ in self.layers]
+        values = [torch.empty((rows, self.kv_heads, room, self.head_dim), device=device) for _ in self.layers]
+        if own:
+            repeat = rows // self.keys[0].shape[0]
+            for new, old in zip(keys, self.keys):
+                new[..., :own] = old[..., :own].repeat_interleave(repeat, dim=0)
+            for new, old in zip(values, self.values):
+                new[:, :, :own] = old[:, :, :own].repeat_interleave(repeat, dim=0)
+        self.keys, self.values = keys, values
+
     def repeat_rows(self, copies: int) -> None:
-        """Each row's cache `copies` times in a row (rows p0, p0, ..., p1, p1, ...): sampling
-        draws several answers from one read of each prompt."""
-        self.keys = [k.repeat_interleave(copies, dim=0) for k in self.keys]
-        self.values = [v.repeat_interleave(copies, dim=0) for v in self.values]
+        """Each row `copies` times in a row (rows p0, p0, ..., p1, p1, ...): sampling draws several
+        answers from one read of each prompt.  The prompts' part of the cache stays one copy."""
+        self.copies *= copies
+        self._reserve(self.prompts * self.copies, self.values[0].shape[2], self.values[0].device)
+
+    def crop(self, length: int) -> None:
+        """Forget the generated positions from `length` on (a search backtracking)."""
+        if length < self.prompt_length:
+            raise ValueError(f"cannot crop into the prompt ({length} < {self.prompt_length} positions)")
+        self.length = min(self.length, length)
 
     @torch.no_grad()
     def step(self, ids: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
@@ -208,25 +248,17 @@ class FastDecoder:
         `positions` are (rows,) or (rows, 1); `allowed` (rows, cached + 1) says which cache
         positions (the new one last) each row attends to."""
         ids, positions = ids.reshape(-1), positions.reshape(-1)
-        t = self.length
-        if t >= self.values[0].shape[2]:
-            self._grow()
+        own = self.length - self.prompt_length   # the new token's place among the row's own
+        if own >= self.values[0].shape[2]:
+            self._reserve(self.prompts * self.copies, 2 * (own + 1), ids.device)
+        self.length += 1
         cos, sin = self._rotary(positions[:, None])   # (rows, 1, dim): every head
-        masked = ~allowed[:, None, None, : t + 1].bool()
+        masked = ~allowed[:, : self.length].bool().view(self.prompts, 1, self.copies, 1, self.length)
         x = self.embed[ids]   # fp32 residual stream, as under autocast
-        for layer, keys, values in zip(self.layers, self.keys, self.values):
+        for i, layer in enumerate(self.layers):
             q, k, v = self._split_heads(F.linear(_rms_norm(x, layer["norm1"]).to(BF16), layer["qkv"]))
-            keys[..., t] = k * cos + _rotate_half(k) * sin
-            values[:, :, t] = v
-            attended = self._attend_cache(q * cos + _rotate_half(q) * sin, layer, keys, values, t + 1, masked)
+            self.keys[i][..., own] = k * cos + _rotate_half(k) * sin
+            self.values[i][:, :, own] = v
+            attended = self._attend(q * cos + _rotate_half(q) * sin, i, masked)
             x = self._mlp(x + F.linear(attended.to(BF16), layer["out"]), layer)
-        self.length = t + 1
         return F.linear(_rms_norm(x, self.final_norm), self.head)
-
-    def _grow(self) -> None:
-        """More answer tokens than reserved: double the buffers."""
-        for i, (keys, values) in enumerate(zip(self.keys, self.values)):
-            self.keys[i] = keys.new_empty((*keys.shape[:3], 2 * keys.shape[3]))
-            self.keys[i][..., : self.length] = keys[..., : self.length]
-            self.values[i] = values.new_empty((*values.shape[:2], 2 * values.shape[2], values.shape[3]))
-            self.values[i][:, :, : self.length] = values[:, :, : self.length]
