@@ -175,3 +175,16 @@ def test_depth_first_search_through_the_fast_decoder_finds_what_the_forward_find
     assert quick.keys() == slow.keys() and len(quick) >= 2   # well above the threshold (-4.6): the same answers
     assert all(abs(quick[k] - slow[k]) < 0.06 for k in quick)
     assert quick_flops > 0 and quick_flops == pytest.approx(slow_flops, rel=0.1)
+
+
+def test_a_bf16_model_decodes_with_an_fp32_residual_stream():
+    """Fails if a model held in bf16 (as on a GPU) breaks the fast path's dtypes."""
+    model = _llama(2)
+    fast = FastDecoder(model.to(torch.bfloat16))
+    ids, positions = torch.tensor([[1, 2, 3, 4]]), torch.arange(4)[None]
+    first = fast.read_prompts(ids, positions, torch.tensor([3]), 8)
+    after = fast.step(torch.tensor([5]), torch.tensor([4]), torch.ones(1, 5))
+    assert first.dtype == after.dtype == torch.float32 and torch.isfinite(after).all()
+    with torch.no_grad():
+        reference = model.float()(input_ids=torch.tensor([[1, 2, 3, 4, 5]]), position_ids=torch.arange(5)[None]).logits[0, -1]
+    assert (after[0] - reference).abs().max() < 0.1 * reference.std()   # bf16 weights: rounding apart

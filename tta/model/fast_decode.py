@@ -57,8 +57,15 @@ def _weight(linear) -> torch.Tensor | None:
     return None
 
 
-def _rms_norm(x: torch.Tensor, norm) -> torch.Tensor:
-    return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
+class _Norm:
+    """An RMSNorm's scale in fp32 and its epsilon: the residual stream here is fp32 whatever the
+    model's dtype (as under autocast for an fp32 model; more precise for a bf16 one)."""
+
+    def __init__(self, norm):
+        self.weight, self.eps = norm.weight.detach().float(), norm.variance_epsilon
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -91,6 +98,8 @@ class FastDecoder:
                     return "an unmerged adapter or a biased linear layer"
         if _weight(base.lm_head) is None:
             return "an adapted or biased output head"
+        if type(base.model.embed_tokens) is not torch.nn.Embedding:
+            return f"input embedding {type(base.model.embed_tokens).__name__} (an adapter on it?)"
         return None
 
     def __init__(self, model):
@@ -100,7 +109,7 @@ class FastDecoder:
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.embed = base.model.embed_tokens.weight.detach()
-        self.final_norm = base.model.norm
+        self.final_norm = _Norm(base.model.norm)
         # The head's weights rounded to bf16 as under autocast, multiplied in fp32: for a small
         # vocabulary (16 x 256) the fp32 product takes 3 us, bf16 12 us.
         self.head = _weight(base.lm_head).to(BF16).float()
@@ -110,7 +119,7 @@ class FastDecoder:
         for layer in base.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
             self.layers.append(dict(
-                norm1=layer.input_layernorm, norm2=layer.post_attention_layernorm, scaling=attn.scaling,
+                norm1=_Norm(layer.input_layernorm), norm2=_Norm(layer.post_attention_layernorm), scaling=attn.scaling,
                 qkv=torch.cat([_weight(attn.q_proj), _weight(attn.k_proj), _weight(attn.v_proj)]).to(BF16),
                 out=_weight(attn.o_proj).to(BF16),
                 gate_up=torch.cat([_weight(mlp.gate_proj), _weight(mlp.up_proj)]).to(BF16),
@@ -147,7 +156,7 @@ class FastDecoder:
                 v.view(*lead, self.kv_heads, self.head_dim))
 
     def _mlp(self, x: torch.Tensor, layer: dict) -> torch.Tensor:
-        gate, up = F.linear(_rms_norm(x, layer["norm2"]).to(BF16), layer["gate_up"]).chunk(2, dim=-1)
+        gate, up = F.linear(layer["norm2"](x).to(BF16), layer["gate_up"]).chunk(2, dim=-1)
         return x + F.linear(F.silu(gate) * up, layer["down"])
 
     def _attend(self, q: torch.Tensor, i: int, masked: torch.Tensor) -> torch.Tensor:
@@ -194,10 +203,10 @@ class FastDecoder:
         self._reserve(rows, max(1, capacity - tokens), device)
         cos, sin = self._rotary(positions)                     # (rows, tokens, dim)
         cos, sin = cos[:, None], sin[:, None]                  # (rows, 1, tokens, dim): every head
-        x = self.embed[ids]                                    # fp32 residual stream
+        x = self.embed[ids].float()                            # fp32 residual stream
         row_index = torch.arange(rows, device=device)
         for i, layer in enumerate(self.layers):
-            qkv = F.linear(_rms_norm(x, layer["norm1"]).to(BF16), layer["qkv"])
+            qkv = F.linear(layer["norm1"](x).to(BF16), layer["qkv"])
             q, k, v = (t.transpose(1, 2) for t in self._split_heads(qkv))   # (rows, heads, tokens, dim)
             k = k * cos + _rotate_half(k) * sin
             self.prompt_keys[i].copy_(k.transpose(-1, -2))
@@ -215,7 +224,7 @@ class FastDecoder:
                 masked = (torch.arange(tokens, device=device)[None, :] > last[:, None])[:, None, None, None, :]
                 x = x[row_index, last] + F.linear(self._attend(q, i, masked).to(BF16), layer["out"])
                 x = self._mlp(x, layer)
-        return F.linear(_rms_norm(x, self.final_norm), self.head)
+        return F.linear(self.final_norm(x), self.head)
 
     def _reserve(self, rows: int, room: int, device) -> None:
         """Buffers for `room` generated positions per row, keeping those generated so far."""
@@ -254,11 +263,11 @@ class FastDecoder:
         self.length += 1
         cos, sin = self._rotary(positions[:, None])   # (rows, 1, dim): every head
         masked = ~allowed[:, : self.length].bool().view(self.prompts, 1, self.copies, 1, self.length)
-        x = self.embed[ids]   # fp32 residual stream, as under autocast
+        x = self.embed[ids].float()   # fp32 residual stream, as under autocast
         for i, layer in enumerate(self.layers):
-            q, k, v = self._split_heads(F.linear(_rms_norm(x, layer["norm1"]).to(BF16), layer["qkv"]))
+            q, k, v = self._split_heads(F.linear(layer["norm1"](x).to(BF16), layer["qkv"]))
             self.keys[i][..., own] = k * cos + _rotate_half(k) * sin
             self.values[i][:, :, own] = v
             attended = self._attend(q * cos + _rotate_half(q) * sin, i, masked)
             x = self._mlp(x + F.linear(attended.to(BF16), layer["out"]), layer)
-        return F.linear(_rms_norm(x, self.final_norm), self.head)
+        return F.linear(self.final_norm(x), self.head)
