@@ -9,7 +9,7 @@ a grid's end to the token limit (it has no grid grammar) and makes ~3x the token
 tokens/s line also shows.  `generate` numbers tokens 0, 1, 2, ..., not with the grid positions the
 embedded model was trained with, so its answers are worse: this compares speed only.
 
-    python benchmarks/decoding.py [--model SPEC] [--tasks 3] [--threads N]
+    python benchmarks/decoding.py [--model SPEC] [--tasks 3] [--threads N] [--repeats 3]
 """
 from __future__ import annotations
 
@@ -45,16 +45,21 @@ def one_generate_per_view(lm, prompts, most, least=None):
     return tokens
 
 
-def timed_run(fn, sync=lambda: None):
-    sync()
-    start = time.perf_counter()
-    result = fn()
-    sync()
-    return time.perf_counter() - start, result
+def timed_run(fn, sync=lambda: None, repeats: int = 1):
+    """(median seconds over `repeats` calls, the last call's result)."""
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        result = fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)), result
 
 
-def measure(lm, tasks, batch_size: int, sync=lambda: None) -> dict:
-    """Both paths over the augmented views of `tasks` (`sync` waits for the device, on a GPU)."""
+def measure(lm, tasks, batch_size: int, sync=lambda: None, repeats: int = 1) -> dict:
+    """Both paths over the augmented views of `tasks` (`sync` waits for the device, on a GPU),
+    each timed `repeats` times (the median counts: single runs on this CPU vary by ~10%)."""
     work = [([v.prompt for v in build_views(lm, task, inference_transforms(), 2, np.random.default_rng(0))],
              answer_room(lm.format, task)) for task in tasks]
     prompts = [p for views, _ in work for p in views]
@@ -64,8 +69,8 @@ def measure(lm, tasks, batch_size: int, sync=lambda: None) -> dict:
         outs = [g for views, room in work for g in generate(lm, views, max_new_tokens=room, batch_size=batch_size)]
         return [len(g.tokens) + g.finished for g in outs]   # the end-of-sequence token counts too
 
-    batched_s, lengths = timed_run(batched, sync)
-    same_s, same_tokens = timed_run(lambda: one_generate_per_view(lm, prompts, lengths, lengths), sync)
+    batched_s, lengths = timed_run(batched, sync, repeats)
+    same_s, same_tokens = timed_run(lambda: one_generate_per_view(lm, prompts, lengths, lengths), sync, repeats)
     rooms = [room for views, room in work for _ in views]
     free_s, free_tokens = timed_run(lambda: one_generate_per_view(lm, prompts, rooms), sync)
     return {"views": len(prompts), "prompt_tokens": sum(map(len, prompts)), "batched_s": batched_s,
@@ -80,14 +85,16 @@ def main():
     parser.add_argument("--dataset", default="gen-eval")
     parser.add_argument("--tasks", type=int, default=3)
     parser.add_argument("--threads", type=int, help="torch threads (default: the usable cores)")
+    parser.add_argument("--repeats", type=int, default=3, help="times each path is timed (the median counts)")
     parser.add_argument("--batch-size", type=int, default=ViewSettings().decode_batch_size,
                         help="views decoded together (default: the methods' decode_batch_size)")
     args = parser.parse_args()
     lm = benchmark_model(args.model, threads=args.threads)
     tasks = load_dataset(args.dataset).tasks[: args.tasks]
-    m = measure(lm, tasks, args.batch_size)
+    m = measure(lm, tasks, args.batch_size, repeats=args.repeats)
     print(f"model {lm.spec}: {len(tasks)} tasks, {m['views']} views, decoded {args.batch_size} at a time, "
-          f"{torch.get_num_threads()} threads; {m['prompt_tokens']} prompt tokens")
+          f"{torch.get_num_threads()} threads; {m['prompt_tokens']} prompt tokens; median of {args.repeats} runs "
+          "(free generate(): one run)")
     for label, key in (("batched augmented inference:       ", "batched"),
                        ("one generate() per view, same work:", "same_work"), ("one generate() per view, free:     ", "free")):
         seconds, tokens = m[f"{key}_s"], m[f"{key}_tokens"]
