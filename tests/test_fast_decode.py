@@ -7,7 +7,6 @@ import torch
 from tta.budget import Budget, Meter
 from tta.inference.decoding import generate
 from tta.model.attention import causal_attention
-from tta.model.batching import pad_batch
 from tta.model.cache import reserved_cache
 from tta.model.fast_decode import FastDecoder
 from tta.model.loading import CACHE_KW, autocast, load_model, output_cache
@@ -114,20 +113,25 @@ def _views(lm, n_tasks=1):
              answer_room(lm.format, t)) for t in tasks]
 
 
+def _metered(lm, run, cap=None):
+    """(what `run(meter)` returns, the FLOPs a meter attached to `lm.model` charged meanwhile),
+    the meter capped at `cap` FLOPs."""
+    meter = Meter(Budget(flops=cap))
+    meter.attach(lm.model)
+    try:
+        return run(meter), meter.flops
+    finally:
+        meter.detach()
+
+
 def test_batched_decoding_answers_and_charges_as_through_the_model_forward(embedded):
     """The embedded model on a task's 12 views: the same answers, log-probabilities within
     rounding, and the FLOPs charged to a meter the decode was not given (compute must not
     escape the meter because the steps bypass the model's hooks)."""
     (views, room), = _views(embedded)
-    runs = {}
-    for fast in (False, True):
-        meter = Meter(Budget())
-        meter.attach(embedded.model)
-        try:
-            runs[fast] = generate(embedded, views, max_new_tokens=room, fast_steps=fast), meter.flops
-        finally:
-            meter.detach()
-    (slow, slow_flops), (quick, quick_flops) = runs[False], runs[True]
+    (slow, slow_flops), (quick, quick_flops) = (
+        _metered(embedded, lambda meter: generate(embedded, views, max_new_tokens=room, fast_steps=fast))
+        for fast in (False, True))
     assert [g.tokens for g in quick] == [g.tokens for g in slow]
     assert max(abs(a.logprob - b.logprob) for a, b in zip(quick, slow)) < 0.05
     # Equal but for the output head after the prompts: the forward runs it on each distinct last
@@ -141,13 +145,9 @@ def test_a_budget_stops_fast_steps_where_it_stops_model_steps(embedded):
     (views, room), = _views(embedded)
 
     def decode(cap, fast):
-        meter = Meter(Budget(flops=cap))
-        meter.attach(embedded.model)
-        try:
-            out = generate(embedded, views, budget=meter.handle(embedded.model), max_new_tokens=room, fast_steps=fast)
-        finally:
-            meter.detach()
-        return meter.flops, [len(g.tokens) for g in out]
+        out, flops = _metered(embedded, lambda meter: generate(
+            embedded, views, budget=meter.handle(embedded.model), max_new_tokens=room, fast_steps=fast), cap)
+        return flops, [len(g.tokens) for g in out]
 
     whole, lengths = decode(None, True)
     cap = 0.98 * whole   # the prompts and most of the answers
@@ -161,17 +161,13 @@ def test_depth_first_search_through_the_fast_decoder_finds_what_the_forward_find
     see its brother's token), or if the search's forwards escape the meter."""
     from tta.inference.search import dfs
     (views, room), = _views(embedded)
-    found = {}
-    for fast in (False, True):
-        meter = Meter(Budget())
-        meter.attach(embedded.model)
-        try:
-            results = [dfs(embedded, view, max_new_tokens=room, threshold=0.01, fast=fast) for view in views[:4]]
-        finally:
-            meter.detach()
-        found[fast] = {(i, tuple(c.tokens)): c.logprob for i, r in enumerate(results) for c in r.completions
-                       if c.logprob > -3.5}, meter.flops
-    (slow, slow_flops), (quick, quick_flops) = found[False], found[True]
+
+    def search(fast):
+        results = [dfs(embedded, view, max_new_tokens=room, threshold=0.01, fast=fast) for view in views[:4]]
+        return {(i, tuple(c.tokens)): c.logprob for i, r in enumerate(results) for c in r.completions
+                if c.logprob > -3.5}
+
+    (slow, slow_flops), (quick, quick_flops) = (_metered(embedded, lambda meter: search(fast)) for fast in (False, True))
     assert quick.keys() == slow.keys() and len(quick) >= 2   # well above the threshold (-4.6): the same answers
     assert all(abs(quick[k] - slow[k]) < 0.06 for k in quick)
     assert quick_flops > 0 and quick_flops == pytest.approx(slow_flops, rel=0.1)

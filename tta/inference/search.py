@@ -34,7 +34,6 @@ import torch
 from tta.budget import attention_context
 from tta.inference.decoding import crop_cache, decode_steps, grammar_constraint
 from tta.model.encoding import positions_of
-from tta.model.attention import decode_attention
 from tta.model.loading import CACHE_KW, LoadedModel, autocast, autocast_weights, output_cache
 
 THRESHOLD = 0.09   # the paper's probability threshold
@@ -127,9 +126,9 @@ def dfs(lm: LoadedModel, prompt: list[int], budget=None, threshold: float = THRE
     steps = decode_steps(model, device, fast)
     # Four views of gen-eval task 0, one thread of this CPU: 0.37-0.42 s through the model's
     # forward (with the decode-step kernel and weights cast once), 0.25-0.27 s with the fast decoder.
+    # The steppers pick their own attention kernels; the weights are cast once for the search.
     speed_ups = contextlib.ExitStack()
     speed_ups.enter_context(autocast_weights(model, device))
-    speed_ups.enter_context(decode_attention(model))
     try:
         if not affordable(0, len(prompt)):
             return result
