@@ -57,7 +57,8 @@ def charged_rate(lm, examples, c, adapter: str) -> tuple[float, int]:
     meter.attach(lm.model)
     try:
         start = time.perf_counter()
-        report = train(lm, examples, meter.handle(lm.model), lr=settings.learning_rate, epochs=1, batch_size=c.batch_size)
+        report = train(lm, examples, meter.handle(lm.model), lr=settings.learning_rate, epochs=1, batch_size=c.batch_size,
+                       group_by_length=settings.group_by_length)
         seconds = time.perf_counter() - start
     finally:
         meter.detach()
@@ -97,7 +98,7 @@ def main():
     task = load_dataset(args.dataset).tasks[0]
     examples = [e.encoded for e in leave_one_out_examples(task, lm.format, np.random.default_rng(0),
                                                           args.steps * c.batch_size)]
-    plan = batches(examples, c.batch_size, 1, seed=0)
+    plan = batches(examples, c.batch_size, 1, seed=0, group_by_length=c.group_by_length)
     print(f"model {lm.spec}, task {task.id}: {len(plan)} steps of {c.batch_size} examples, "
           f"{sum(len(e) for e in examples) / len(examples):.0f} tokens each on average")
     results = {"bare": [], "harness": []}
@@ -109,7 +110,8 @@ def main():
         meter = Meter()
         meter.attach(lm.model)
         start = time.perf_counter()
-        train(lm, examples, meter.handle(lm.model), lr=c.lr, epochs=1, batch_size=c.batch_size)
+        train(lm, examples, meter.handle(lm.model), lr=c.lr, epochs=1, batch_size=c.batch_size,
+              group_by_length=c.group_by_length)
         results["harness"].append(time.perf_counter() - start)
         meter.detach()
         detach_lora(lm, adapter)

@@ -1,10 +1,11 @@
-"""The decoder's speed-ups below the model: the decode-step attention kernel, the reserved KV
-cache and the linear weights cast once per decode.  Each must compute what the library's own
-path computes."""
+"""The speed-ups below the model: the decode-step and blocked training attention kernels, the
+reserved KV cache and the linear weights cast once per decode.  Each must compute what the
+library's own path computes."""
 import pytest
 import torch
 
-from tta.model.attention import _decode_step, decode_attention
+from tta.model import attention
+from tta.model.attention import BlockCausalAttention, _decode_step, decode_attention
 from tta.model.cache import reserved_cache
 
 
@@ -23,6 +24,53 @@ def test_decode_step_attention_equals_sdpa_with_the_same_mask():
     assert torch.allclose(ours, expected.transpose(1, 2), atol=1e-5)
     additive = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
     assert torch.allclose(_decode_step(module, query, key, value, additive, scaling=0.3)[0], ours, atol=1e-5)
+
+
+@pytest.mark.parametrize("length,block", [(150, 64), (64, 64), (40, 256)])
+def test_blocked_training_attention_matches_float64_as_closely_as_the_flash_kernel(length, block):
+    """Fails if a block sees keys after its rows (causality), drops a block's share of the key
+    or value gradient, or gets the softmax backward wrong: errors would be of order one, not of
+    bf16 rounding.  Lengths that are not multiples of the block cover the last, short block."""
+    torch.manual_seed(0)
+    shape = (2, 3, length, 16)
+    inputs = [torch.randn(shape) for _ in range(3)]
+    grad_out = torch.randn(shape)
+    scale = 0.3
+
+    def run(kernel, dtype):
+        leaves = [x.to(dtype).requires_grad_() for x in inputs]
+        out = kernel(*leaves)
+        out.backward(grad_out.to(dtype))
+        return [out.double()] + [x.grad.double() for x in leaves]
+
+    def flash(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+
+    reference = run(flash, torch.float64)
+    ours = run(lambda q, k, v: BlockCausalAttention.apply(q, k, v, scale, block), torch.bfloat16)
+    theirs = run(flash, torch.bfloat16)
+    for name, mine, flash_value, exact in zip(("out", "dq", "dk", "dv"), ours, theirs, reference):
+        relative = lambda x: ((x - exact).abs().max() / exact.abs().max()).item()   # noqa: E731
+        assert relative(mine) < max(2 * relative(flash_value), 2e-2), name
+
+
+def test_training_batches_take_the_blocked_kernel_only_where_it_is_measured_faster(tiny, monkeypatch):
+    """Fails if training on the CPU under autocast stops reaching the blocked kernel (the rotary
+    embedding hands it fp32 queries), or if inference, fp32 without autocast or attention
+    dropout reach it."""
+    from tta.model.loading import autocast
+    calls = []
+    real_apply = BlockCausalAttention.apply
+    monkeypatch.setattr(BlockCausalAttention, "apply", lambda *a: calls.append(a[0].dtype) or real_apply(*a))
+    query = torch.randn(1, 2, 8, 4, requires_grad=True)
+    module = torch.nn.Module().train()
+    with autocast(torch.device("cpu")):
+        attention._causal_sdpa(module, query, query, query, None)
+        with torch.no_grad():
+            attention._causal_sdpa(module, query, query, query, None)
+        attention._causal_sdpa(module, query, query, query, None, dropout=0.1)
+    attention._causal_sdpa(module, query, query, query, None)
+    assert calls == [torch.bfloat16]
 
 
 def test_the_decode_kernel_is_swapped_in_only_while_decoding_and_only_for_sdpa(tiny):

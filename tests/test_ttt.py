@@ -170,3 +170,24 @@ def test_causal_training_attention_gives_the_masked_batch_loss_and_gradients(tin
     for a, b in zip(causal_grads, masked_grads):
         assert torch.allclose(a, b, atol=2e-2 * b.abs().max().item() + 1e-6)
     assert tiny.model.config._attn_implementation == "sdpa"
+
+
+def test_length_grouped_batches_pair_similar_lengths_in_random_order_and_see_every_example():
+    """Fails if grouping drops or repeats an example in an epoch, leaves batches padded as
+    random pairs are, or hands the batches over sorted by length (the schedule would meet the
+    short examples first and the long ones last)."""
+    from tta.training.finetune import batches
+    lengths = [int(x) for x in np.random.default_rng(0).integers(50, 900, size=41)]
+    examples = [list(range(n)) for n in lengths]
+    padded = lambda plan: sum(max(len(e) for e in batch) * len(batch) for batch in plan)   # noqa: E731
+    grouped = batches(examples, 2, epochs=3, seed=1, group_by_length=True)
+    assert len(grouped) == 3 * 21
+    for epoch in range(3):
+        seen = sorted(len(e) for batch in grouped[21 * epoch:21 * (epoch + 1)] for e in batch)
+        assert seen == sorted(lengths)
+    ordered = sorted(lengths)
+    tightest = 3 * sum(max(ordered[i:i + 2]) * len(ordered[i:i + 2]) for i in range(0, 41, 2))
+    assert padded(grouped) == tightest < padded(batches(examples, 2, epochs=3, seed=1))
+    longest = [max(len(e) for e in batch) for batch in grouped[:21]]
+    assert longest != sorted(longest) and longest != sorted(longest, reverse=True)
+    assert batches(examples, 2, 3, seed=1, group_by_length=True) == grouped

@@ -68,6 +68,12 @@ class LoRASettings:
     epochs: int = setting(2, "passes over the training examples at most; the steps are planned to what the budget pays for (paper: 2)")
     batch_size: int = setting(2, "training examples per step (paper: 2)")
     warmup_ratio: float = setting(0.1, "share of the planned steps with linear warm-up before the cosine decay (paper: 0.1)")
+    # A batch is padded to its longest example.  Random pairs of a task's leave-one-out examples
+    # (2 epochs, up to 250 examples) computed 1.31-1.35x the real tokens on 6 gen-eval tasks and
+    # 1.01-1.29x on 5 arc1-eval tasks (1.19x over all 11); pairs of similar length 1.000-1.002x:
+    # same examples, same steps, same FLOPs charged, less wall time.
+    group_by_length: bool = setting(True, "pair examples of similar length in each batch, the batches in random order "
+                                    "(1.3x fewer padded tokens on typical tasks); false: random pairs (paper)")
 
     def __post_init__(self):
         if self.adapter not in ADAPTERS:
@@ -127,7 +133,8 @@ def train_adapter(lm: LoadedModel, examples: list[Encoded], budget: TaskBudget, 
                   seed: int) -> "TrainReport":
     """`train` with a method's `LoRASettings`."""
     return train(lm, examples, budget, lr=lora.learning_rate, epochs=lora.epochs, batch_size=lora.batch_size,
-                 weight_decay=lora.weight_decay, warmup_ratio=lora.warmup_ratio, seed=seed)
+                 weight_decay=lora.weight_decay, warmup_ratio=lora.warmup_ratio, seed=seed,
+                 group_by_length=lora.group_by_length)
 
 
 @contextlib.contextmanager
@@ -161,14 +168,23 @@ def detach_lora(lm: LoadedModel, adapter) -> None:
         p.requires_grad_(False)
 
 
-def batches(examples: list[Encoded], batch_size: int, epochs: int, seed: int) -> list[list[Encoded]]:
-    """Shuffled batches for every epoch, planned up front so the schedule knows the step count."""
+def batches(examples: list[Encoded], batch_size: int, epochs: int, seed: int,
+            group_by_length: bool = False) -> list[list[Encoded]]:
+    """Shuffled batches for every epoch, planned up front so the schedule knows the step count.
+    With `group_by_length`, each epoch's shuffled examples are sorted by length (stably: equal
+    lengths stay in random order) before being cut into batches, and the batches are shuffled:
+    every example is still seen once per epoch, in a random step, but beside one of its length."""
     rng = random.Random(seed)
     plan = []
     for _ in range(epochs):
         order = list(range(len(examples)))
         rng.shuffle(order)
-        plan += [[examples[i] for i in order[s:s + batch_size]] for s in range(0, len(order), batch_size)]
+        if group_by_length:
+            order.sort(key=lambda i: len(examples[i]))
+        epoch = [[examples[i] for i in order[s:s + batch_size]] for s in range(0, len(order), batch_size)]
+        if group_by_length:
+            rng.shuffle(epoch)
+        plan += epoch
     return plan
 
 
@@ -188,7 +204,8 @@ def plan_to_budget(plan: list[list[Encoded]], budget: TaskBudget, model) -> list
 
 
 def train(lm: LoadedModel, examples: list[Encoded], budget: TaskBudget, lr: float, epochs: int, batch_size: int,
-          weight_decay: float = 0.01, warmup_ratio: float = 0.1, seed: int = 0) -> TrainReport:
+          weight_decay: float = 0.01, warmup_ratio: float = 0.1, seed: int = 0,
+          group_by_length: bool = False) -> TrainReport:
     """AdamW with a cosine schedule and linear warm-up over the trainable parameters of `lm.model`,
     for `epochs` passes over `examples` or as many steps of them as `budget` pays for (a phase
     that must leave room for prediction passes `budget.holding_back(...)`).  Under a seconds cap
@@ -197,7 +214,7 @@ def train(lm: LoadedModel, examples: list[Encoded], budget: TaskBudget, lr: floa
 
     model = lm.model
     params = [p for p in model.parameters() if p.requires_grad]
-    wanted = batches(examples, batch_size, epochs, seed)
+    wanted = batches(examples, batch_size, epochs, seed, group_by_length)
     plan = plan_to_budget(wanted, budget, model)
     report = TrainReport(planned_steps=len(plan), wanted_steps=len(wanted), stopped_by_budget=len(plan) < len(wanted))
     if not params or not plan:
