@@ -5,8 +5,9 @@ the duration of a call through transformers' attention registry.
   run plain causal SDPA without a mask.  A real token never sees a pad under the causal mask (the
   pads come after it), so the outputs at real positions are those of the masked batch; the kernel
   skips the upper triangle and the mask.
-  On the CPU, training (bf16 inputs that need gradients) goes through `BlockCausalAttention`
-  instead of the flash kernel: 1.7x faster forward+backward (below).
+  On the CPU, bf16 calls (or fp32 ones under bf16 autocast) go through blocks of query rows
+  instead of the flash kernel (`blocked_causal_attention`, and `BlockCausalAttention` where
+  gradients are needed): 1.7x faster forward+backward and ~2x faster forward (below).
 - `decode_attention(model)`: one new token per row against a KV cache (a decode step) runs as two
   small matmuls and a softmax.  The CPU flash kernel tiles the query dimension, which is 1 here:
   4.2 ms per call for 12 rows x 1,000 cached tokens, against 0.44 ms for the matmuls (one
@@ -32,36 +33,58 @@ def _shared_heads(query, key, value):
     return key, value
 
 
-class BlockCausalAttention(torch.autograd.Function):
-    """Causal attention in blocks of query rows, each block against the keys up to its end, with
-    a hand-written backward.  Why: the CPU flash kernel runs the embedded model's training shapes
-    (2 x 4 heads x 1,000 tokens x 64 dims, bf16, forward+backward) at 46 ms on one thread of this
-    CPU, 77 GFLOP/s (a sixth of its bf16 matmul rate), and it is ~55% of a TTT step; these blocks
-    run it in 27 ms (`benchmarks/train_step.py` shows the effect on the step).  The six matmuls
-    per block go to the CPU's bf16 GEMM, which the flash kernel's small tiles do not reach.
+def blocked_causal_attention(query, key, value, scale: float, block: int, keep: list | None = None,
+                             score_dtype: torch.dtype = torch.float32):
+    """softmax(q k^T * scale, causal) v, `block` query rows at a time, each block against the keys
+    up to its end (same-shaped query, key and value heads: expand grouped ones first).
 
-    The cost is memory: the softmax of every block is kept for the backward, in the inputs'
-    dtype (B x H x L x (L + block) / 2 values per layer; 16 MB at the shapes above), so
-    `_causal_sdpa` uses it only under `MAX_SAVED_BYTES`.  Rounding: scores, probabilities and the
-    backward's dS are rounded to bf16 like the matmul outputs they are (the flash kernel keeps
-    scores in fp32): against a float64 reference its gradients' largest error relative to the
-    largest gradient is 0.009 against flash's 0.008 (`tests/test_attention.py` holds it to
-    flash's within 2x)."""
-
-    @staticmethod
-    def forward(ctx, query, key, value, scale: float, block: int):
-        length = query.shape[2]
-        scaled_query = query * scale
-        out = torch.empty_like(query)
-        above_diagonal = torch.ones(block, block, dtype=torch.bool, device=query.device).triu_(1)
-        probabilities = []
+    Why not the flash kernel: on the CPU its small tiles do not reach the bf16 GEMM.  Here the
+    scores are a matmul in `score_dtype` (fp32: as accurate as flash, which accumulates them in
+    fp32; bf16 scores were 2x faster again but doubled the error against float64), the softmax
+    is fp32, and the weighted sum of values a matmul in the values' dtype.  Forward only, 12 prompts x 4 heads x
+    1,000 tokens x 64 dims, bf16, one thread of this CPU: flash 108 ms, blocks 84 ms, mean error
+    against float64 0.0046 and 0.0048 (2 x 500 tokens: 6.4 against 3.7 ms).  `keep` collects
+    each block's softmax, in the values' dtype (for a backward)."""
+    length = query.shape[2]
+    out = torch.empty(value.shape, dtype=value.dtype, device=value.device)
+    above_diagonal = torch.ones(block, block, dtype=torch.bool, device=query.device).triu_(1)
+    # The dtypes are chosen here: autocast would run the fp32 score matmul in bf16.
+    with torch.autocast(query.device.type, enabled=False):
+        scaled_query, key = (query * scale).to(score_dtype), key.to(score_dtype)
         for start in range(0, length, block):
             end = min(length, start + block)
             scores = torch.matmul(scaled_query[:, :, start:end], key[:, :, :end].transpose(-1, -2))
             scores[..., start:end].masked_fill_(above_diagonal[:end - start, :end - start], float("-inf"))
-            weights = torch.softmax(scores, dim=-1)    # fp32 inside, rounded to the input dtype
+            weights = torch.softmax(scores, dim=-1).to(value.dtype)   # fp32 inside either way
             out[:, :, start:end] = torch.matmul(weights, value[:, :, :end])
-            probabilities.append(weights)
+            if keep is not None:
+                keep.append(weights)
+    return out
+
+
+class BlockCausalAttention(torch.autograd.Function):
+    """`blocked_causal_attention` with a hand-written backward, its matmuls in the values' dtype
+    (bf16).  Why: the CPU flash kernel runs the embedded model's training shapes (2 x 4 heads x
+    1,000 tokens x 64 dims, bf16, forward+backward) at 46 ms on one thread of this CPU, 77
+    GFLOP/s (a sixth of its bf16 matmul rate), ~55% of a TTT step; these blocks run it in 30 ms
+    (`benchmarks/train_step.py` shows the effect on the step).
+
+    The cost is memory: the softmax of every block is kept for the backward, in bf16
+    (B x H x L x (L + block) / 2 values per layer; 16 MB at the shapes above), so `_causal_sdpa`
+    uses it only under `MAX_SAVED_BYTES`.
+
+    Rounding: every matmul here is bf16 in and out, the scores too (an fp32 score matmul was
+    a third of the forward's time in a TTT step: 41% -> 36% of the bf16 rate).  Against float64
+    the largest gradient error relative to the largest gradient is flash's within 2x
+    (`tests/test_attention_cache.py`); through the whole embedded model, the gradient of a LoRA
+    on one gen-eval example is 3.9% from an fp32 model's in norm, against 3.1% with flash (bf16
+    autocast itself is most of that).  Forward-only calls keep fp32 scores."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, scale: float, block: int):
+        probabilities = []
+        out = blocked_causal_attention(query, key, value, scale, block, keep=probabilities,
+                                       score_dtype=value.dtype)
         ctx.save_for_backward(query, key, value, out, *probabilities)
         ctx.scale, ctx.block = scale, block
         return out
@@ -69,14 +92,15 @@ class BlockCausalAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         query, key, value, out, *probabilities = ctx.saved_tensors
-        scale, block = ctx.scale, ctx.block
-        grad_out = grad_out.contiguous()
+        scale, block, dtype = ctx.scale, ctx.block, value.dtype
+        grad_out = grad_out.to(dtype).contiguous()
+        low_query, low_key = query.to(dtype), key.to(dtype)
         # delta_i = sum_j P_ij dP_ij = dO_i . O_i, the softmax backward's row term
-        delta = (grad_out.float() * out.float()).sum(-1, keepdim=True).to(query.dtype)
-        grad_query = torch.empty_like(query)
+        delta = (grad_out.float() * out.float()).sum(-1, keepdim=True).to(dtype)
+        grad_query = torch.empty(query.shape, dtype=dtype, device=query.device)
         # key and value gradients collect a term from every later block: accumulate in fp32
-        grad_key = torch.zeros(query.shape, dtype=torch.float32, device=query.device)
-        grad_value = torch.zeros(query.shape, dtype=torch.float32, device=query.device)
+        grad_key = torch.zeros(key.shape, dtype=torch.float32, device=key.device)
+        grad_value = torch.zeros(value.shape, dtype=torch.float32, device=value.device)
         for weights, start in zip(probabilities, range(0, query.shape[2], block)):
             end = start + weights.shape[2]
             block_grad = grad_out[:, :, start:end]
@@ -84,37 +108,39 @@ class BlockCausalAttention(torch.autograd.Function):
             # same-dtype elementwise ops: mixed bf16/fp32 ones take a slow unvectorised path (10x)
             grad_scores = torch.matmul(block_grad, value[:, :, :end].transpose(-1, -2))
             grad_scores = grad_scores.sub_(delta[:, :, start:end]).mul_(weights)
-            grad_query[:, :, start:end] = torch.matmul(grad_scores, key[:, :, :end])
-            grad_key[:, :, :end] += torch.matmul(grad_scores.transpose(-1, -2), query[:, :, start:end]).float()
-        return (grad_query.mul_(scale), grad_key.mul_(scale).to(key.dtype), grad_value.to(value.dtype),
-                None, None)
+            grad_query[:, :, start:end] = torch.matmul(grad_scores, low_key[:, :, :end])
+            grad_key[:, :, :end] += torch.matmul(grad_scores.transpose(-1, -2), low_query[:, :, start:end]).float()
+        return (grad_query.to(query.dtype).mul_(scale), grad_key.mul_(scale).to(key.dtype),
+                grad_value.to(value.dtype), None, None)
 
 
-BLOCK = 256                 # rows per block: 128-256 measured within 10% of each other
+BLOCK_TRAINING = 256        # rows per block with a backward (128 and 64 measured 7-11% slower)
+BLOCK = 128                 # rows per block, forward only (64 and 256 within 30%: 12 x 1,000 tokens)
 MAX_SAVED_BYTES = 2 ** 28   # the kept probabilities of one layer; above this, the flash kernel
 
 
-def _blocked_dtype(query) -> torch.dtype | None:
-    """The dtype `BlockCausalAttention` computes in: bf16/fp16 inputs as they are, and fp32 ones
-    under CPU autocast in its dtype (the rotary embedding returns Llama's queries and keys in
-    fp32 even under autocast)."""
-    if query.dtype in (torch.bfloat16, torch.float16):
-        return query.dtype
+def _blocked_dtype(value) -> torch.dtype | None:
+    """The dtype the blocks multiply values in: bf16/fp16 as they are, fp32 under CPU autocast in
+    its dtype (the rotary embedding returns Llama's queries and keys in fp32 even under autocast:
+    the blocks' scores take them as they come)."""
+    if value.dtype in (torch.bfloat16, torch.float16):
+        return value.dtype
     if torch.is_autocast_enabled("cpu"):
         return torch.get_autocast_dtype("cpu")
     return None
 
 
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def _blocked_fits(query, key, value, dropout: float) -> bool:
-    """Where `BlockCausalAttention` is measured faster: CPU, bf16 (or under bf16 autocast),
-    training with gradients, no attention dropout, and its saved probabilities under
-    MAX_SAVED_BYTES."""
+    """Where the blocks are measured faster: CPU, bf16 (or under bf16 autocast), no attention
+    dropout, and with gradients, the saved probabilities under MAX_SAVED_BYTES."""
     batch, heads, length, _ = query.shape
-    saved = batch * heads * length * (length + BLOCK) // 2 * 2
-    return (query.device.type == "cpu" and _blocked_dtype(query) is not None
-            and torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-            and dropout == 0.0
-            and saved <= MAX_SAVED_BYTES)
+    saved = batch * heads * length * (length + BLOCK_TRAINING) // 2 * 2
+    return (query.device.type == "cpu" and _blocked_dtype(value) is not None and dropout == 0.0
+            and (saved <= MAX_SAVED_BYTES or not _needs_grad(query, key, value)))
 
 
 def _causal_sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -122,8 +148,11 @@ def _causal_sdpa(module, query, key, value, attention_mask, scaling=None, dropou
     dropout = dropout if module.training else 0.0
     if _blocked_fits(query, key, value, dropout):
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-        dtype = _blocked_dtype(query)
-        out = BlockCausalAttention.apply(query.to(dtype), key.to(dtype), value.to(dtype), scale, BLOCK)
+        value = value.to(_blocked_dtype(value))
+        if _needs_grad(query, key, value):
+            out = BlockCausalAttention.apply(query, key, value, scale, BLOCK_TRAINING)
+        else:
+            out = blocked_causal_attention(query, key, value, scale, BLOCK)
         return out.transpose(1, 2).contiguous(), None
     out = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
                                                            dropout_p=dropout)

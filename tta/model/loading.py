@@ -95,10 +95,15 @@ def pick_dtype(device: torch.device, name: str = "auto") -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def autocasts(device: torch.device) -> bool:
+    """Whether `autocast` turns bf16 autocast on for this device."""
+    return device.type in ("cpu", "cuda")
+
+
 def autocast(device: torch.device, enabled: bool = True):
     """Matmuls in bf16: native on CUDA, and ~4x faster than fp32 on this project's CPUs (measured
     in benchmarks/cpu_bf16.py); weights and optimiser state stay in their own dtype."""
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled and device.type in ("cpu", "cuda"))
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled and autocasts(device))
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ import torch
 from tta.model.attention import causal_attention
 from tta.model.batching import pad_batch, pad_labels
 from tta.model.encoding import Encoded
-from tta.model.loading import autocast
+from tta.model.loading import autocast, autocasts
 
 PAD_MULTIPLE = 64   # see pad_batch: repeated shapes keep the CPU kernels cached
 
@@ -26,8 +26,17 @@ def batch_loss(model, ids, mask, positions, labels) -> torch.Tensor:
     charges real tokens only; attention is causal without a mask (`tta.model.attention`: a TTT step
     of the embedded model 310 -> 236 ms on this 2-core CPU, benchmarks/train_step.py; the same
     loss and gradients, tests/test_ttt.py)."""
-    with autocast(ids.device), causal_attention(model):
+    with autocast(ids.device), causal_attention(model), _lora_inputs_as_they_are(model, autocasts(ids.device)):
         return model(input_ids=ids, attention_mask=mask, position_ids=positions, labels=labels).loss
+
+
+def _lora_inputs_as_they_are(model, under_autocast: bool):
+    """peft casts each LoRA layer's input to the adapter's dtype (fp32) before the adapter's
+    matmuls, which autocast then casts back to bf16: an exact round trip, but a copy of every
+    adapted layer's input and its gradient (6% of a TTT step of the embedded model in a profile,
+    one thread).  Under autocast it is skipped; elsewhere the adapter needs it."""
+    from peft.helpers import disable_input_dtype_casting
+    return disable_input_dtype_casting(model, active=under_autocast)
 
 
 def training_step(model, optimizer, tensors, schedule=None, clip_norm: float | None = None) -> torch.Tensor:
