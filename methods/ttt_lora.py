@@ -2,7 +2,9 @@
 
 For each task:
 1. data   -- augmented leave-one-out copies of its demonstrations (cap 250);
-2. adapt  -- a fresh LoRA adapter (peft) trained on them, loss on outputs only;
+2. adapt  -- a fresh LoRA adapter (peft) trained on them, loss on outputs only
+   (`select_on_demo`, not in the paper: one demonstration is kept out of the data, and the
+   weights kept are those that predict its output best at one of a few checks);
 3. predict-- augmented inference under 6 views x 2 orders, hierarchical vote;
 4. reset  -- the adapter is removed; the next task starts from the base model.
 
@@ -21,10 +23,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tta.training.examples import leave_one_out_examples
+from tta.training.examples import held_out_demonstration, leave_one_out_examples
 from tta.method import AdapterMethod, register, setting
 from tta.inference.predict import ViewSettings, configured_views_cost, predict_with_views
-from tta.training.finetune import LoRASettings, new_adapter, train_adapter
+from tta.training.finetune import HeldOutCheck, LoRASettings, new_adapter, train_adapter
 
 
 @dataclass
@@ -40,12 +42,21 @@ class TTTLoRA(AdapterMethod):
     def adapt(self, task, budget, seed):
         c = self.config
         rng = np.random.default_rng(seed)
-        examples = leave_one_out_examples(task, self.lm.format, rng, c.max_examples, max_len=self.lm.max_context)
+        trained_on, held_out = task, None
+        if c.select_on_demo:
+            split = held_out_demonstration(task, rng, self.lm.format, self.lm.max_context)
+            if split:
+                trained_on, prompts, answers = split
+                held_out = HeldOutCheck(prompts, answers, c.checks)
+        examples = leave_one_out_examples(trained_on, self.lm.format, rng, c.max_examples, max_len=self.lm.max_context)
         self.adapter = new_adapter(self.lm, c, seed)
         # Priced with the adapter attached: prediction runs through it.
         training = budget.holding_back(configured_views_cost(self.lm, task, budget, c))
-        report = train_adapter(self.lm, [e.encoded for e in examples], training, c, seed)
-        return {"train_examples": len(examples), **report.as_dict()}
+        report = train_adapter(self.lm, [e.encoded for e in examples], training, c, seed, held_out)
+        info = {"train_examples": len(examples), **report.as_dict()}
+        if c.select_on_demo:
+            info["held_out_demo"] = held_out is not None
+        return info
 
     def predict(self, task, budget, seed):
         with self.merged():

@@ -1,3 +1,4 @@
+import pytest
 import numpy as np
 import torch
 
@@ -191,3 +192,88 @@ def test_length_grouped_batches_pair_similar_lengths_in_random_order_and_see_eve
     longest = [max(len(e) for e in batch) for batch in grouped[:21]]
     assert longest != sorted(longest) and longest != sorted(longest, reverse=True)
     assert batches(examples, 2, 3, seed=1, group_by_length=True) == grouped
+
+
+def test_a_held_out_demonstration_is_kept_out_of_training_and_scored_under_each_view():
+    """Fails if the held-out demonstration stays in the training task, if its scoring prompt
+    leaks its own output, or if a task too small to spare one is split."""
+    from tta.data.augment import IDENTITY, TRANSPOSE
+    from tta.training.examples import held_out_demonstration
+    lm = load_model("random:tiny", device="cpu")
+    task = flip_task(n_train=4)
+    rest, prompts, answers = held_out_demonstration(task, np.random.default_rng(3), lm.format)
+    held = [p for p in task.train if not any(np.array_equal(p.input, q.input) for q in rest.train)]
+    assert len(rest.train) == 3 and len(held) == 1 and rest.test == task.test
+    for view, prompt, answer in zip((IDENTITY, TRANSPOSE), prompts, answers):
+        assert answer == lm.format.answer_ids(view.forward(held[0].output))
+        assert prompt == lm.format.encode([type(p)(view.forward(p.input), view.forward(p.output)) for p in rest.train],
+                                          view.forward(held[0].input)).input_ids
+    assert held_out_demonstration(flip_task(n_train=2), np.random.default_rng(3), lm.format) is None
+
+
+def test_training_with_a_held_out_check_keeps_the_weights_that_scored_best():
+    """Fails if the weights left after training are not the ones of the best scoring (the final
+    ones, or a stale copy), if the scorings are not where the plan puts them, or if they escape
+    the budget (the meter must charge each as a forward)."""
+    from tta.training.examples import held_out_demonstration
+    from tta.training.finetune import HeldOutCheck, attach_lora, detach_lora, train
+    lm = load_model("random:tiny", device="cpu")
+    task = flip_task(n_train=4)
+    rest, prompts, answers = held_out_demonstration(task, np.random.default_rng(0), lm.format)
+    examples = [e.encoded for e in leave_one_out_examples(rest, lm.format, np.random.default_rng(0), 16)]
+
+    class Scripted(HeldOutCheck):
+        """Real scorings (they are charged), but the scores a test chooses; the weights seen at each."""
+        def __init__(self, scores):
+            super().__init__(prompts, answers, checks=4)
+            self.scores, self.seen = list(scores), []
+
+        def nll(self, lm):
+            super().nll(lm)
+            self.seen.append({n: p.detach().clone() for n, p in lm.model.named_parameters() if p.requires_grad})
+            return self.scores.pop(0)
+
+    for scores, best in (([2.0, 1.5, 1.0, 1.2, 1.3], 2), ([1.0, 2.0, 3.0, 4.0, 5.0], 0), ([3.0, 2.0, 1.0, 0.9, 0.5], 4)):
+        adapter = attach_lora(lm, 4, 8, ["q_proj", "v_proj"])
+        meter = Meter(Budget(flops=1e12))
+        meter.attach(lm.model)
+        budget = meter.handle(lm.model)
+        held_out = Scripted(scores)
+        report = train(lm, examples, budget, lr=3e-3, epochs=2, batch_size=2, held_out=held_out)
+        spent = meter.flops
+        meter.detach()
+        try:
+            assert [step for step, _ in report.checked] == [0, 4, 8, 12, 16] and report.steps == 16
+            assert report.kept_step == 4 * best
+            now = {n: p for n, p in lm.model.named_parameters() if p.requires_grad}
+            assert all(torch.equal(now[n], held_out.seen[best][n]) for n in now)
+            assert not all(torch.equal(held_out.seen[-1][n], held_out.seen[0][n]) for n in now)   # training moved them
+            training = 2 * sum(budget.training_cost([len(e) for e in batch], lm.model)
+                               for batch in [examples[i:i + 2] for i in range(0, 16, 2)])
+            assert spent == pytest.approx(training + held_out.cost(budget), rel=0.02)
+        finally:
+            detach_lora(lm, adapter)
+
+
+def test_select_on_demo_pays_its_scorings_and_still_decodes_the_configured_views():
+    """Fails if the method forgets to keep the scorings' cost back (training planned to the whole
+    budget would leave prediction unpaid or overspend the cap), or trains on the held-out
+    demonstration."""
+    lm = load_model("random:tiny", device="cpu")
+    task = flip_task(n_train=4)
+    cap = 4e8
+    method = TTTLoRA(TTTConfig(max_examples=24, rank=4, alpha=8, max_views=64, select_on_demo=True, checks=3), lm)
+    meter = Meter(Budget(flops=cap))
+    meter.attach(lm.model)
+    budget = meter.handle(lm.model)
+    record = method.adapt(task, budget, seed=0)
+    attempts, info = method.predict(task, budget, seed=0)
+    method.reset()
+    meter.detach()
+    assert record["held_out_demo"] and 0 < record["planned_steps"] < record["wanted_steps"]
+    assert [step for step, _ in record["held_out_nll"]][-1] == record["steps"] == record["planned_steps"]
+    assert record["kept_step"] in [step for step, _ in record["held_out_nll"]]
+    # 3 of the 4 demonstrations, each the query of its leave-one-out copies: 3 x 8 transforms at most
+    assert record["train_examples"] <= 24
+    assert info["views"] >= info["configured_views"] == 12
+    assert meter.flops <= cap

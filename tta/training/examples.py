@@ -15,7 +15,7 @@ from itertools import combinations
 
 import numpy as np
 
-from tta.data.augment import IDENTITY, random_augmentation, training_transforms
+from tta.data.augment import IDENTITY, TRANSPOSE, random_augmentation, training_transforms
 from tta.model.encoding import Encoded
 from tta.data.tasks import Pair, Task, grid_key
 
@@ -78,3 +78,27 @@ def leave_one_out_examples(task: Task, fmt, rng: np.random.Generator, max_exampl
             continue
         examples.append(Example(encoded, task.id, left_out, aug.name))
     return examples
+
+
+def held_out_demonstration(task: Task, rng: np.random.Generator, fmt, max_len: int = 4096,
+                           views: tuple = (IDENTITY, TRANSPOSE)) -> tuple[Task, list[list[int]], list[list[int]]] | None:
+    """(the task without one of its demonstrations, chosen by `rng`; prompts and answers that
+    score that demonstration: its output after the other demonstrations, under each of `views`),
+    for model selection during test-time training.  None when the task has fewer than 3
+    demonstrations (training needs two, one in context and one to learn) or no view fits."""
+    if len(task.train) < 3:
+        return None
+    index = int(rng.integers(len(task.train)))
+    rest = tuple(p for i, p in enumerate(task.train) if i != index)
+    held = task.train[index]
+    prompts, answers = [], []
+    for view in views:
+        demos = [Pair(view.forward(p.input), view.forward(p.output)) for p in rest]
+        prompt = fmt.encode(demos, view.forward(held.input)).input_ids
+        answer = fmt.answer_ids(view.forward(held.output))
+        if len(prompt) + len(answer) <= max_len:
+            prompts.append(prompt)
+            answers.append(answer)
+    if not prompts:
+        return None
+    return Task(task.id, rest, task.test), prompts, answers

@@ -34,12 +34,46 @@ class TrainReport:
     wanted_steps: int = 0      # the steps `epochs` passes would take
     stopped_by_budget: bool = False
     losses: list[float] = field(default_factory=list)
+    checked: list[tuple[int, float]] = field(default_factory=list)   # (steps done, held-out NLL per token)
+    kept_step: int | None = None   # the steps of the weights kept (a HeldOutCheck's choice)
 
     def as_dict(self) -> dict:
-        return {"steps": self.steps, "planned_steps": self.planned_steps, "wanted_steps": self.wanted_steps,
-                "stopped_by_budget": self.stopped_by_budget,
-                "first_loss": self.losses[0] if self.losses else None,
-                "last_loss": self.losses[-1] if self.losses else None}
+        out = {"steps": self.steps, "planned_steps": self.planned_steps, "wanted_steps": self.wanted_steps,
+               "stopped_by_budget": self.stopped_by_budget,
+               "first_loss": self.losses[0] if self.losses else None,
+               "last_loss": self.losses[-1] if self.losses else None}
+        if self.checked:
+            out.update(held_out_nll=[[step, round(nll, 4)] for step, nll in self.checked], kept_step=self.kept_step)
+        return out
+
+
+@dataclass
+class HeldOutCheck:
+    """Model selection on a demonstration kept out of the training data: its output, teacher-forced
+    after the other demonstrations (a few views of them), is scored before the first step and
+    `checks` times spread over the planned steps; `train` ends with the weights of the lowest
+    score.  Each scoring is a forward the budget pays for (`cost`)."""
+    prompts: list[list[int]]
+    answers: list[list[int]]
+    checks: int
+
+    def scorings(self) -> int:
+        return self.checks + 1
+
+    def scoring_cost(self, budget: TaskBudget, model=None) -> float:
+        return budget.sequences_cost([len(p) + len(a) for p, a in zip(self.prompts, self.answers)], model)
+
+    def cost(self, budget: TaskBudget, model=None) -> float:
+        return self.scorings() * self.scoring_cost(budget, model)
+
+    def check_steps(self, planned: int) -> set[int]:
+        return {0, *(math.ceil(k * planned / self.checks) for k in range(1, self.checks + 1))}
+
+    def nll(self, lm: LoadedModel) -> float:
+        from tta.inference.decoding import score_answers
+        with torch.no_grad():
+            scores = score_answers(lm, self.prompts, self.answers)
+        return sum(s.nll for s in scores) / sum(s.n_tokens for s in scores)
 
 
 # ---------------------------------------------------------------- adapters
@@ -72,6 +106,10 @@ class LoRASettings:
     # (2 epochs, up to 250 examples) computed 1.31-1.35x the real tokens on 6 gen-eval tasks and
     # 1.01-1.29x on 5 arc1-eval tasks (1.19x over all 11); pairs of similar length 1.000-1.002x:
     # same examples, same steps, same FLOPs charged, less wall time.
+    select_on_demo: bool = setting(False, "keep one demonstration out of the training data, score its output "
+                                   "(after the others, 2 views) before training and `checks` times during it, "
+                                   "and keep the weights that scored best (not in the paper)")
+    checks: int = setting(8, "held-out scorings spread over the planned steps when select_on_demo")
     group_by_length: bool = setting(True, "pair examples of similar length in each batch, the batches in random order "
                                     "(1.3x fewer padded tokens on typical tasks); false: random pairs (paper)")
 
@@ -130,11 +168,11 @@ def new_adapter(lm: LoadedModel, settings: LoRASettings, seed: int):
 
 
 def train_adapter(lm: LoadedModel, examples: list[Encoded], budget: TaskBudget, lora: LoRASettings,
-                  seed: int) -> "TrainReport":
+                  seed: int, held_out: "HeldOutCheck | None" = None) -> "TrainReport":
     """`train` with a method's `LoRASettings`."""
     return train(lm, examples, budget, lr=lora.learning_rate, epochs=lora.epochs, batch_size=lora.batch_size,
                  weight_decay=lora.weight_decay, warmup_ratio=lora.warmup_ratio, seed=seed,
-                 group_by_length=lora.group_by_length)
+                 group_by_length=lora.group_by_length, held_out=held_out)
 
 
 @contextlib.contextmanager
@@ -188,6 +226,36 @@ def batches(examples: list[Encoded], batch_size: int, epochs: int, seed: int,
     return plan
 
 
+class _Selection:
+    """The held-out scorings during one `train` call and the best weights so far (a copy of the
+    trainable parameters: a few MB for the embedded model even with every weight trained)."""
+
+    def __init__(self, lm: LoadedModel, params: list, held_out: HeldOutCheck, planned: int):
+        self.lm, self.params, self.held_out = lm, params, held_out
+        self.at = held_out.check_steps(planned)
+        self.checked: list[tuple[int, float]] = []
+        self.best: tuple[float, int, list] | None = None
+
+    def check(self, steps: int, last: bool = False) -> None:
+        if steps not in self.at and not last or any(done == steps for done, _ in self.checked):
+            return
+        nll = self.held_out.nll(self.lm)   # scored in eval mode; the training mode comes back
+        self.checked.append((steps, nll))
+        if self.best is None or nll < self.best[0]:
+            self.best = (nll, steps, [p.detach().clone() for p in self.params])
+
+    def cost_left(self, steps: int, budget: TaskBudget) -> float:
+        """What the scorings after `steps` steps will cost (the last one included)."""
+        return sum(1 for at in self.at if at > steps) * self.held_out.scoring_cost(budget, self.lm.model)
+
+    def restore_best(self) -> int:
+        _, steps, weights = self.best
+        with torch.no_grad():
+            for p, w in zip(self.params, weights):
+                p.copy_(w)
+        return steps
+
+
 def plan_to_budget(plan: list[list[Encoded]], budget: TaskBudget, model) -> list[list[Encoded]]:
     """The longest prefix of `plan` the budget can pay for (all of it when it fits), so the
     learning-rate schedule is laid over the steps that will run instead of being cut off."""
@@ -205,17 +273,19 @@ def plan_to_budget(plan: list[list[Encoded]], budget: TaskBudget, model) -> list
 
 def train(lm: LoadedModel, examples: list[Encoded], budget: TaskBudget, lr: float, epochs: int, batch_size: int,
           weight_decay: float = 0.01, warmup_ratio: float = 0.1, seed: int = 0,
-          group_by_length: bool = False) -> TrainReport:
+          group_by_length: bool = False, held_out: HeldOutCheck | None = None) -> TrainReport:
     """AdamW with a cosine schedule and linear warm-up over the trainable parameters of `lm.model`,
     for `epochs` passes over `examples` or as many steps of them as `budget` pays for (a phase
     that must leave room for prediction passes `budget.holding_back(...)`).  Under a seconds cap
-    the steps cannot be planned: every step checks the clock and training stops there."""
+    the steps cannot be planned: every step checks the clock and training stops there.  With
+    `held_out`, the steps are planned to what its scorings leave, and the weights kept are those
+    its scorings liked best."""
     from transformers import get_cosine_schedule_with_warmup
 
     model = lm.model
     params = [p for p in model.parameters() if p.requires_grad]
     wanted = batches(examples, batch_size, epochs, seed, group_by_length)
-    plan = plan_to_budget(wanted, budget, model)
+    plan = plan_to_budget(wanted, budget.holding_back(held_out.cost(budget, model)) if held_out else budget, model)
     report = TrainReport(planned_steps=len(plan), wanted_steps=len(wanted), stopped_by_budget=len(plan) < len(wanted))
     if not params or not plan:
         return report
@@ -223,13 +293,20 @@ def train(lm: LoadedModel, examples: list[Encoded], budget: TaskBudget, lr: floa
     schedule = get_cosine_schedule_with_warmup(optimizer, math.ceil(warmup_ratio * len(plan)), len(plan))
     model.train()
     losses = []
+    selection = _Selection(lm, params, held_out, len(plan)) if held_out else None
     for batch in plan:
-        if not budget.can_afford(budget.training_cost([len(e) for e in batch], model)):
+        if selection:
+            selection.check(report.steps)
+        scorings_left = selection.cost_left(report.steps, budget) if selection else 0.0
+        if not budget.can_afford(budget.training_cost([len(e) for e in batch], model) + scorings_left):
             report.stopped_by_budget = True
             break
         loss = training_step(model, optimizer, padded(lm, batch), schedule)
         losses.append(loss)   # kept on the device: no host sync inside the loop
         report.steps += 1
+    if selection:
+        selection.check(report.steps, last=True)
+        report.checked, report.kept_step = selection.checked, selection.restore_best()
     model.eval()
     report.losses = [float(x) for x in losses]
     if any(not math.isfinite(x) for x in report.losses):
