@@ -75,8 +75,8 @@ def test_blocked_attention_scores_are_as_accurate_as_the_flash_kernels(query_dty
 def test_causal_calls_take_the_blocks_only_where_they_are_measured_faster(monkeypatch):
     """Fails if training on the CPU under autocast stops reaching the blocks with a backward
     (the rotary embedding hands them fp32 queries), or their values in fp32, if inference keeps
-    probabilities it does not need, or if fp32 without autocast or attention dropout reach the
-    blocks."""
+    probabilities it does not need, or if fp32 without autocast, fp16, attention dropout or inputs
+    too long for the blocks' memory reach them."""
     from tta.model.loading import autocast
     calls = []
     real_apply, real_forward = BlockCausalAttention.apply, attention.blocked_causal_attention
@@ -94,6 +94,12 @@ def test_causal_calls_take_the_blocks_only_where_they_are_measured_faster(monkey
     attention._causal_sdpa(module, query, query, query, None)
     attention._causal_sdpa(module.eval(), query.detach().bfloat16(), query.detach().bfloat16(), query.detach().bfloat16(), None)
     assert calls == [("backward", torch.bfloat16), ("forward", torch.bfloat16), ("forward", torch.bfloat16)]
+    half = query.detach().half()
+    attention._causal_sdpa(module, half, half, half, None)               # fp16: not measured, flash
+    monkeypatch.setattr(attention, "MAX_SAVED_BYTES", 2 * 8 * 8 * 4 - 1)   # one block's scores too big
+    low = query.detach().bfloat16()
+    attention._causal_sdpa(module, low, low, low, None)
+    assert len(calls) == 3
 
 
 def test_the_decode_kernel_is_swapped_in_only_while_decoding_and_only_for_sdpa(tiny):

@@ -116,17 +116,18 @@ class BlockCausalAttention(torch.autograd.Function):
 
 BLOCK_TRAINING = 256        # rows per block with a backward (128 and 64 measured 7-11% slower)
 BLOCK = 128                 # rows per block, forward only (64 and 256 within 30%: 12 x 1,000 tokens)
-MAX_SAVED_BYTES = 2 ** 28   # the kept probabilities of one layer; above this, the flash kernel
+MAX_SAVED_BYTES = 2 ** 28   # the blocks' extra memory per call (`blocks_fit_memory`); above it, flash
 
 
 def _blocked_dtype(value) -> torch.dtype | None:
-    """The dtype the blocks multiply values in: bf16/fp16 as they are, fp32 under CPU autocast in
-    its dtype (the rotary embedding returns Llama's queries and keys in fp32 even under autocast:
-    the blocks' scores take them as they come)."""
-    if value.dtype in (torch.bfloat16, torch.float16):
+    """The dtype the blocks multiply values in: bf16 as it is, fp32 under bf16 CPU autocast (the
+    rotary embedding returns Llama's queries and keys in fp32 even under autocast: the blocks'
+    scores take them as they come).  Others (fp16, plain fp32) are not measured: None."""
+    if value.dtype == torch.bfloat16:
         return value.dtype
-    if torch.is_autocast_enabled("cpu"):
-        return torch.get_autocast_dtype("cpu")
+    if value.dtype == torch.float32 and torch.is_autocast_enabled("cpu") \
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16:
+        return torch.bfloat16
     return None
 
 
@@ -134,13 +135,21 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+def blocks_fit_memory(batch: int, heads: int, length: int, training: bool) -> bool:
+    """Whether the blocks' extra memory stays under MAX_SAVED_BYTES: with a backward, every
+    block's bf16 softmax (B x H x L x (L + block) / 2 values); forward only, one block's fp32
+    scores (B x H x block x L).  The flash kernel needs neither, so longer inputs go to it."""
+    if training:
+        return batch * heads * length * (length + BLOCK_TRAINING) // 2 * 2 <= MAX_SAVED_BYTES
+    return batch * heads * min(BLOCK, length) * length * 4 <= MAX_SAVED_BYTES
+
+
 def _blocked_fits(query, key, value, dropout: float) -> bool:
     """Where the blocks are measured faster: CPU, bf16 (or under bf16 autocast), no attention
-    dropout, and with gradients, the saved probabilities under MAX_SAVED_BYTES."""
+    dropout, and their memory under MAX_SAVED_BYTES."""
     batch, heads, length, _ = query.shape
-    saved = batch * heads * length * (length + BLOCK_TRAINING) // 2 * 2
     return (query.device.type == "cpu" and _blocked_dtype(value) is not None and dropout == 0.0
-            and (saved <= MAX_SAVED_BYTES or not _needs_grad(query, key, value)))
+            and blocks_fit_memory(batch, heads, length, _needs_grad(query, key, value)))
 
 
 def _causal_sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

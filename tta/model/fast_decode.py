@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tta.model.attention import BLOCK, blocked_causal_attention
+from tta.model.attention import BLOCK, blocked_causal_attention, blocks_fit_memory
 
 BF16 = torch.bfloat16
 
@@ -227,9 +227,11 @@ class FastDecoder:
         return F.linear(self.final_norm(x), self.head)
 
     def _causal_attention(self, q, k, v, scale: float) -> torch.Tensor:
-        """The prompts' causal self-attention: in blocks on the CPU (~2x the flash kernel there,
-        `tta.model.attention.blocked_causal_attention`), SDPA elsewhere."""
-        if q.device.type != "cpu":
+        """The prompts' causal self-attention: in blocks on the CPU (faster than the flash kernel
+        there, `tta.model.attention.blocked_causal_attention`), SDPA elsewhere and for prompts
+        too long for the blocks' memory."""
+        rows, heads, tokens, _ = q.shape
+        if q.device.type != "cpu" or not blocks_fit_memory(rows, heads, tokens, training=False):
             return F.scaled_dot_product_attention(q.to(BF16), k.to(BF16), v, is_causal=True, scale=scale,
                                                   enable_gqa=self.kv_heads != self.heads)
         if self.kv_heads != self.heads:
