@@ -47,6 +47,22 @@ def test_ttt_lowers_the_true_answer_nll_and_reset_restores_the_base():
     assert not any(p.requires_grad for p in lm.model.parameters())
 
 
+def _adapt_and_predict(method, task, cap: float):
+    """(adapt's record, predict's info, the meter, FLOPs spent when adapt returned) of one task
+    under a meter capped at `cap` FLOPs."""
+    meter = Meter(Budget(flops=cap))
+    meter.attach(method.lm.model)
+    budget = meter.handle(method.lm.model)
+    try:
+        record = method.adapt(task, budget, seed=0)
+        after_training = meter.flops
+        _, info = method.predict(task, budget, seed=0)
+        method.reset()
+    finally:
+        meter.detach()
+    return record, info, meter, after_training
+
+
 def test_ttt_plans_its_schedule_to_the_budget_and_keeps_prediction_paid():
     """A cap too small for the epochs asked: the schedule is laid over the steps the budget pays
     for (all of them run, none cut off), the configured views are still decoded, and the task
@@ -55,14 +71,7 @@ def test_ttt_plans_its_schedule_to_the_budget_and_keeps_prediction_paid():
     task = flip_task()
     method = TTTLoRA(TTTConfig(max_examples=24, rank=4, alpha=8, max_views=64), lm)
     cap = 3e8   # the 12 configured views cost ~0.9e8 here, a training step ~0.5e8
-    meter = Meter(Budget(flops=cap))
-    meter.attach(lm.model)
-    budget = meter.handle(lm.model)
-    record = method.adapt(task, budget, seed=0)
-    after_training = meter.flops
-    attempts, info = method.predict(task, budget, seed=0)
-    method.reset()
-    meter.detach()
+    record, info, meter, after_training = _adapt_and_predict(method, task, cap)
     assert 0 < record["planned_steps"] < record["wanted_steps"]
     assert record["steps"] == record["planned_steps"] and record["stopped_by_budget"]
     assert info["views"] >= info["configured_views"] == 12
@@ -77,13 +86,7 @@ def test_a_bigger_budget_buys_more_training_then_more_views():
     spent = {}
     for cap in (2e8, 3e9):   # 3e9 pays for every wanted step (~1.1e9) and views besides
         method = TTTLoRA(TTTConfig(max_examples=24, rank=4, alpha=8, max_views=64), lm)
-        meter = Meter(Budget(flops=cap))
-        meter.attach(lm.model)
-        budget = meter.handle(lm.model)
-        record = method.adapt(task, budget, seed=0)
-        _, info = method.predict(task, budget, seed=0)
-        method.reset()
-        meter.detach()
+        record, info, meter, _ = _adapt_and_predict(method, task, cap)
         spent[cap] = (record["steps"], info["views"], meter.flops)
         reasons = meter.out_of_work
     (small_steps, small_views, small_flops), (big_steps, big_views, big_flops) = spent[2e8], spent[3e9]
@@ -263,13 +266,7 @@ def test_select_on_demo_pays_its_scorings_and_still_decodes_the_configured_views
     task = flip_task(n_train=4)
     cap = 4e8
     method = TTTLoRA(TTTConfig(max_examples=24, rank=4, alpha=8, max_views=64, select_on_demo=True, checks=3), lm)
-    meter = Meter(Budget(flops=cap))
-    meter.attach(lm.model)
-    budget = meter.handle(lm.model)
-    record = method.adapt(task, budget, seed=0)
-    attempts, info = method.predict(task, budget, seed=0)
-    method.reset()
-    meter.detach()
+    record, info, meter, _ = _adapt_and_predict(method, task, cap)
     assert record["held_out_demo"] and 0 < record["planned_steps"] < record["wanted_steps"]
     assert [step for step, _ in record["held_out_nll"]][-1] == record["steps"] == record["planned_steps"]
     assert record["kept_step"] in [step for step, _ in record["held_out_nll"]]
