@@ -5,9 +5,9 @@ the duration of a call through transformers' attention registry.
   run plain causal SDPA without a mask.  A real token never sees a pad under the causal mask (the
   pads come after it), so the outputs at real positions are those of the masked batch; the kernel
   skips the upper triangle and the mask.
-  On the CPU, bf16 calls (or fp32 ones under bf16 autocast) go through blocks of query rows
-  instead of the flash kernel (`blocked_causal_attention`, and `BlockCausalAttention` where
-  gradients are needed): 1.7x faster forward+backward and ~2x faster forward (below).
+  On the CPU, training calls (bf16, or fp32 under bf16 autocast, with gradients) go through
+  `BlockCausalAttention`, blocks of query rows with a hand-written backward, instead of the
+  flash kernel: 1.5x faster forward+backward (below).  Forward-only calls stay with flash.
 - `decode_attention(model)`: one new token per row against a KV cache (a decode step) runs as two
   small matmuls and a softmax.  The CPU flash kernel tiles the query dimension, which is 1 here:
   4.2 ms per call for 12 rows x 1,000 cached tokens, against 0.44 ms for the matmuls (one
@@ -33,58 +33,49 @@ def _shared_heads(query, key, value):
     return key, value
 
 
-def blocked_causal_attention(query, key, value, scale: float, block: int, keep: list | None = None,
-                             score_dtype: torch.dtype = torch.float32):
+def _blocks_forward(query, key, value, scale: float, block: int, keep: list):
     """softmax(q k^T * scale, causal) v, `block` query rows at a time, each block against the keys
-    up to its end (same-shaped query, key and value heads: expand grouped ones first).
-
-    Why not the flash kernel: on the CPU its small tiles do not reach the bf16 GEMM.  Here the
-    scores are a matmul in `score_dtype` (fp32: as accurate as flash, which accumulates them in
-    fp32; bf16 scores were 2x faster again but doubled the error against float64), the softmax
-    is fp32, and the weighted sum of values a matmul in the values' dtype.  Forward only, 12 prompts x 4 heads x
-    1,000 tokens x 64 dims, bf16, one thread of this CPU: flash 108 ms, blocks 84 ms, mean error
-    against float64 0.0046 and 0.0048 (2 x 500 tokens: 6.4 against 3.7 ms).  `keep` collects
-    each block's softmax, in the values' dtype (for a backward)."""
-    length = query.shape[2]
-    out = torch.empty(value.shape, dtype=value.dtype, device=value.device)
+    up to its end, every matmul in the values' dtype (bf16); each block's softmax goes to `keep`."""
+    length, dtype = query.shape[2], value.dtype
+    out = torch.empty(value.shape, dtype=dtype, device=value.device)
     above_diagonal = torch.ones(block, block, dtype=torch.bool, device=query.device).triu_(1)
-    # The dtypes are chosen here: autocast would run the fp32 score matmul in bf16.
-    with torch.autocast(query.device.type, enabled=False):
-        scaled_query, key = (query * scale).to(score_dtype), key.to(score_dtype)
+    with torch.autocast(query.device.type, enabled=False):   # the dtypes are chosen here
+        scaled_query, key = (query * scale).to(dtype), key.to(dtype)
         for start in range(0, length, block):
             end = min(length, start + block)
             scores = torch.matmul(scaled_query[:, :, start:end], key[:, :, :end].transpose(-1, -2))
             scores[..., start:end].masked_fill_(above_diagonal[:end - start, :end - start], float("-inf"))
-            weights = torch.softmax(scores, dim=-1).to(value.dtype)   # fp32 inside either way
+            weights = torch.softmax(scores, dim=-1)   # fp32 inside, rounded to bf16
             out[:, :, start:end] = torch.matmul(weights, value[:, :, :end])
-            if keep is not None:
-                keep.append(weights)
+            keep.append(weights)
     return out
 
 
 class BlockCausalAttention(torch.autograd.Function):
-    """`blocked_causal_attention` with a hand-written backward, its matmuls in the values' dtype
-    (bf16).  Why: the CPU flash kernel runs the embedded model's training shapes (2 x 4 heads x
-    1,000 tokens x 64 dims, bf16, forward+backward) at 46 ms on one thread of this CPU, 77
-    GFLOP/s (a sixth of its bf16 matmul rate), ~55% of a TTT step; these blocks run it in 30 ms
-    (`benchmarks/train_step.py` shows the effect on the step).
+    """Causal attention in blocks of query rows (each against the keys up to its end) with a
+    hand-written backward, every matmul in bf16.  Why: the CPU flash kernel's small tiles do not
+    reach the bf16 GEMM.  The embedded model's training shapes (2 x 4 heads x 1,000 tokens x 64
+    dims, forward+backward), medians on this CPU: flash 46 ms at one thread and 24.5 ms at two,
+    blocks 30 and 17 ms (1,700 tokens: 105 / 57 against 68 / 40 ms); flash was ~55% of a TTT
+    step (`benchmarks/train_step.py` shows the effect on the step).
 
-    The cost is memory: the softmax of every block is kept for the backward, in bf16
+    The cost is memory: every block's softmax is kept for the backward, in bf16
     (B x H x L x (L + block) / 2 values per layer; 16 MB at the shapes above), so `_causal_sdpa`
     uses it only under `MAX_SAVED_BYTES`.
 
-    Rounding: every matmul here is bf16 in and out, the scores too (an fp32 score matmul was
-    a third of the forward's time in a TTT step: 41% -> 36% of the bf16 rate).  Against float64
-    the largest gradient error relative to the largest gradient is flash's within 2x
-    (`tests/test_attention_cache.py`); through the whole embedded model, the gradient of a LoRA
-    on one gen-eval example is 3.9% from an fp32 model's in norm, against 3.1% with flash (bf16
-    autocast itself is most of that).  Forward-only calls keep fp32 scores."""
+    Rounding: the scores are a bf16 matmul's output (flash accumulates them in fp32).  Against
+    float64 the largest errors of the output and gradients are flash's within 2x
+    (`tests/test_attention_cache.py`).  Through the whole embedded model, a LoRA's gradient on
+    one gen-eval example is 3.9% from an fp32 model's in norm, against 3.1% with flash; bf16
+    autocast itself is most of that.  fp32 scores cost a third of the forward's time in a TTT
+    step (39% -> 36% of the bf16 rate).  Forward-only calls do not come here: with fp32
+    scores the blocks measured 0.73-1.47x flash's speed (two threads, 12 x 1,000 tokens: 0.73x),
+    and bf16 scores doubled the error of the answers' log-probabilities."""
 
     @staticmethod
     def forward(ctx, query, key, value, scale: float, block: int):
         probabilities = []
-        out = blocked_causal_attention(query, key, value, scale, block, keep=probabilities,
-                                       score_dtype=value.dtype)
+        out = _blocks_forward(query, key, value, scale, block, keep=probabilities)
         ctx.save_for_backward(query, key, value, out, *probabilities)
         ctx.scale, ctx.block = scale, block
         return out
@@ -114,9 +105,8 @@ class BlockCausalAttention(torch.autograd.Function):
                 grad_value.to(value.dtype), None, None)
 
 
-BLOCK_TRAINING = 256        # rows per block with a backward (128 and 64 measured 7-11% slower)
-BLOCK = 128                 # rows per block, forward only (64 and 256 within 30%: 12 x 1,000 tokens)
-MAX_SAVED_BYTES = 2 ** 28   # the blocks' extra memory per call (`blocks_fit_memory`); above it, flash
+BLOCK = 256                 # query rows per block (128 and 64 measured 7-11% slower)
+MAX_SAVED_BYTES = 2 ** 28   # the softmax kept for one layer's backward; above it, flash
 
 
 def _blocked_dtype(value) -> torch.dtype | None:
@@ -135,33 +125,21 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def blocks_fit_memory(batch: int, heads: int, length: int, training: bool) -> bool:
-    """Whether the blocks' extra memory stays under MAX_SAVED_BYTES: with a backward, every
-    block's bf16 softmax (B x H x L x (L + block) / 2 values); forward only, one block's fp32
-    scores (B x H x block x L).  The flash kernel needs neither, so longer inputs go to it."""
-    if training:
-        return batch * heads * length * (length + BLOCK_TRAINING) // 2 * 2 <= MAX_SAVED_BYTES
-    return batch * heads * min(BLOCK, length) * length * 4 <= MAX_SAVED_BYTES
-
-
-def _blocked_fits(query, key, value, dropout: float) -> bool:
-    """Where the blocks are measured faster: CPU, bf16 (or under bf16 autocast), no attention
-    dropout, and their memory under MAX_SAVED_BYTES."""
+def _blocks_fit(query, key, value, dropout: float) -> bool:
+    """Where the blocks are measured faster: CPU, bf16 (or under bf16 autocast), training with
+    gradients, no attention dropout, and the kept softmax under MAX_SAVED_BYTES."""
     batch, heads, length, _ = query.shape
+    kept = batch * heads * length * (length + BLOCK) // 2 * 2
     return (query.device.type == "cpu" and _blocked_dtype(value) is not None and dropout == 0.0
-            and blocks_fit_memory(batch, heads, length, _needs_grad(query, key, value)))
+            and _needs_grad(query, key, value) and kept <= MAX_SAVED_BYTES)
 
 
 def _causal_sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     key, value = _shared_heads(query, key, value)
     dropout = dropout if module.training else 0.0
-    if _blocked_fits(query, key, value, dropout):
+    if _blocks_fit(query, key, value, dropout):
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-        value = value.to(_blocked_dtype(value))
-        if _needs_grad(query, key, value):
-            out = BlockCausalAttention.apply(query, key, value, scale, BLOCK_TRAINING)
-        else:
-            out = blocked_causal_attention(query, key, value, scale, BLOCK)
+        out = BlockCausalAttention.apply(query, key, value.to(_blocked_dtype(value)), scale, BLOCK)
         return out.transpose(1, 2).contiguous(), None
     out = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
                                                            dropout_p=dropout)

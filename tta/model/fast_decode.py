@@ -35,8 +35,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tta.model.attention import BLOCK, blocked_causal_attention, blocks_fit_memory
-
 BF16 = torch.bfloat16
 
 
@@ -215,7 +213,9 @@ class FastDecoder:
             self.prompt_values[i].copy_(v)
             if i + 1 < len(self.layers):
                 q = q * cos + _rotate_half(q) * sin
-                attended = self._causal_attention(q, k, v, layer["scaling"])
+                attended = F.scaled_dot_product_attention(q.to(BF16), k.to(BF16), v, is_causal=True,
+                                                          scale=layer["scaling"],
+                                                          enable_gqa=self.kv_heads != self.heads)
                 x = x + F.linear(attended.transpose(1, 2).reshape(rows, tokens, -1), layer["out"])
                 x = self._mlp(x, layer)
             else:   # the last layer: each row's last position only
@@ -225,19 +225,6 @@ class FastDecoder:
                 x = x[row_index, last] + F.linear(self._attend(q, i, masked).to(BF16), layer["out"])
                 x = self._mlp(x, layer)
         return F.linear(self.final_norm(x), self.head)
-
-    def _causal_attention(self, q, k, v, scale: float) -> torch.Tensor:
-        """The prompts' causal self-attention: in blocks on the CPU (faster than the flash kernel
-        there, `tta.model.attention.blocked_causal_attention`), SDPA elsewhere and for prompts
-        too long for the blocks' memory."""
-        rows, heads, tokens, _ = q.shape
-        if q.device.type != "cpu" or not blocks_fit_memory(rows, heads, tokens, training=False):
-            return F.scaled_dot_product_attention(q.to(BF16), k.to(BF16), v, is_causal=True, scale=scale,
-                                                  enable_gqa=self.kv_heads != self.heads)
-        if self.kv_heads != self.heads:
-            k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
-            v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
-        return blocked_causal_attention(q, k, v, scale, BLOCK)
 
     def _reserve(self, rows: int, room: int, device) -> None:
         """Buffers for `room` generated positions per row, keeping those generated so far."""
