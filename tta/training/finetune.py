@@ -102,10 +102,6 @@ class LoRASettings:
     epochs: int = setting(2, "passes over the training examples at most; the steps are planned to what the budget pays for (paper: 2)")
     batch_size: int = setting(2, "training examples per step (paper: 2)")
     warmup_ratio: float = setting(0.1, "share of the planned steps with linear warm-up before the cosine decay (paper: 0.1)")
-    # A batch is padded to its longest example.  Random pairs of a task's leave-one-out examples
-    # (2 epochs, up to 250 examples) computed 1.31-1.35x the real tokens on 6 gen-eval tasks and
-    # 1.01-1.29x on 5 arc1-eval tasks (1.19x over all 11); pairs of similar length 1.000-1.002x:
-    # same examples, same steps, same FLOPs charged, less wall time.
     # Measured on the development split (20 arc1-heldout tasks, ttt_full, 6.4e12 FLOPs): 3/20
     # solved against 5/20 without, true-answer NLL 0.254 against 0.201.  The held-out scores do
     # turn up (the best weights came at a median half of the steps, 14 of 18 tasks before the
@@ -116,6 +112,10 @@ class LoRASettings:
                                    "and keep the weights that scored best (not in the paper; off: on the "
                                    "development split it solved 3/20 against 5/20, the held-out demo's data lost)")
     checks: int = setting(8, "held-out scorings spread over the planned steps when select_on_demo")
+    # A batch is padded to its longest example.  Random pairs of a task's leave-one-out examples
+    # (2 epochs, up to 250 examples) computed 1.31-1.35x the real tokens on 6 gen-eval tasks and
+    # 1.01-1.29x on 5 arc1-eval tasks (1.19x over all 11); pairs of similar length 1.000-1.002x:
+    # same examples, same steps, same FLOPs charged, less wall time.
     group_by_length: bool = setting(True, "pair examples of similar length in each batch, the batches in random order "
                                     "(1.3x fewer padded tokens on typical tasks); false: random pairs (paper)")
 
@@ -236,23 +236,25 @@ class _Selection:
     """The held-out scorings during one `train` call and the best weights so far (a copy of the
     trainable parameters: a few MB for the embedded model even with every weight trained)."""
 
-    def __init__(self, lm: LoadedModel, params: list, held_out: HeldOutCheck, planned: int):
+    def __init__(self, lm: LoadedModel, params: list, held_out: HeldOutCheck, planned: int, budget: TaskBudget):
         self.lm, self.params, self.held_out = lm, params, held_out
         self.at = held_out.check_steps(planned)
+        self.scoring_flops = held_out.scoring_cost(budget, lm.model)
         self.checked: list[tuple[int, float]] = []
         self.best: tuple[float, int, list] | None = None
 
     def check(self, steps: int, last: bool = False) -> None:
-        if steps not in self.at and not last or any(done == steps for done, _ in self.checked):
+        already = bool(self.checked) and self.checked[-1][0] == steps
+        if already or (steps not in self.at and not last):
             return
         nll = self.held_out.nll(self.lm)   # scored in eval mode; the training mode comes back
         self.checked.append((steps, nll))
         if self.best is None or nll < self.best[0]:
             self.best = (nll, steps, [p.detach().clone() for p in self.params])
 
-    def cost_left(self, steps: int, budget: TaskBudget) -> float:
+    def cost_left(self, steps: int) -> float:
         """What the scorings after `steps` steps will cost (the last one included)."""
-        return sum(1 for at in self.at if at > steps) * self.held_out.scoring_cost(budget, self.lm.model)
+        return sum(1 for at in self.at if at > steps) * self.scoring_flops
 
     def restore_best(self) -> int:
         _, steps, weights = self.best
@@ -299,11 +301,11 @@ def train(lm: LoadedModel, examples: list[Encoded], budget: TaskBudget, lr: floa
     schedule = get_cosine_schedule_with_warmup(optimizer, math.ceil(warmup_ratio * len(plan)), len(plan))
     model.train()
     losses = []
-    selection = _Selection(lm, params, held_out, len(plan)) if held_out else None
+    selection = _Selection(lm, params, held_out, len(plan), budget) if held_out else None
     for batch in plan:
         if selection:
             selection.check(report.steps)
-        scorings_left = selection.cost_left(report.steps, budget) if selection else 0.0
+        scorings_left = selection.cost_left(report.steps) if selection else 0.0
         if not budget.can_afford(budget.training_cost([len(e) for e in batch], model) + scorings_left):
             report.stopped_by_budget = True
             break
