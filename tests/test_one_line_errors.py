@@ -191,3 +191,11 @@ def test_report_on_an_unfinished_run_lists_tasks_not_run_and_prints_no_warning(t
     failed_section = out.split("## Failed tasks")[1]
     assert "| r | broken |" in failed_section and "| r | b |" not in failed_section
     assert "2 task(s) not run" in failed_section and "b, c" in failed_section
+
+
+def test_select_on_demo_without_checks_is_one_line(tasks_dir):
+    """Fails if checks=0 reaches training, where spreading no scorings over the steps divides by
+    zero in the middle of a run (every task would fail with a Python error instead)."""
+    result = invoke("run", "--method", "ttt_full", "--set", "select_on_demo=true", "--set", "checks=0",
+                    "--dataset", tasks_dir, "--quiet")
+    assert_one_line(result, "checks=0", "at least 1")

@@ -122,6 +122,8 @@ class LoRASettings:
     def __post_init__(self):
         if self.adapter not in ADAPTERS:
             raise ValueError(f"adapter={self.adapter!r}: expected one of {', '.join(ADAPTERS)}")
+        if self.checks < 1:
+            raise ValueError(f"checks={self.checks}: expected at least 1 held-out scoring during training")
         parent = getattr(super(), "__post_init__", None)   # configs compose several settings pieces
         if parent:
             parent()
