@@ -46,7 +46,7 @@ from tta.training.examples import leave_one_out_examples
 from tta.inference.decoding import generate
 from tta.method import AdapterMethod, MethodError, register, setting
 from tta.inference.predict import answer_room, build_views, vote
-from tta.inference.search import PromptCache, dfs
+from tta.inference.search import PromptCache, dfs_many
 from tta.data.tasks import MAX_SIZE, grid_key
 from tta.training.finetune import LoRASettings, new_adapter, train_adapter
 
@@ -150,7 +150,7 @@ def most_probable_first(candidates: list[Candidate]) -> list[np.ndarray]:
 @register("sampling")
 class Sampling(AdapterMethod):
     Config = SamplingConfig
-    spends = "more samples per view (samples=0), up to max_samples; with search=dfs, more views searched"
+    spends = "more samples per view (samples=0), up to max_samples; with search=dfs, deeper searches, the views searched side by side (decode_batch_size at a time)"
 
     # ---------------------------------------------------------------- 1. adapt
 
@@ -235,17 +235,12 @@ class Sampling(AdapterMethod):
 
     def search(self, views, room, budget):
         c = self.config
-        candidates, info = [], {"forwards": 0, "stopped_by_limit": 0, "stopped_by_budget": False}
-        for v in views:
-            found = dfs(self.lm, v.prompt, budget, threshold=c.threshold, max_new_tokens=room,
-                        max_forwards=c.max_forwards, keep_greedy=c.keep_greedy)
-            candidates += [self.to_candidate(v, x.tokens, x.logprob) for x in found.completions]
-            info["forwards"] += found.forwards
-            info["stopped_by_limit"] += found.stopped_by_limit
-            if found.stopped_by_budget:
-                info["stopped_by_budget"] = True
-                break
-        else:
+        found = dfs_many(self.lm, [v.prompt for v in views], budget, threshold=c.threshold, max_new_tokens=room,
+                         max_forwards=c.max_forwards, keep_greedy=c.keep_greedy, batch_size=c.decode_batch_size)
+        candidates = [self.to_candidate(v, x.tokens, x.logprob) for v, r in zip(views, found) for x in r.completions]
+        info = {"forwards": sum(r.forwards for r in found), "stopped_by_limit": sum(r.stopped_by_limit for r in found),
+                "stopped_by_budget": any(r.stopped_by_budget for r in found)}
+        if not info["stopped_by_budget"]:
             budget.out_of_work("every view searched")
         return candidates, info
 

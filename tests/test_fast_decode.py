@@ -71,6 +71,48 @@ def test_fast_steps_give_the_logits_of_the_model_forward(kv_heads, copies):
     assert clear.float().mean() >= 0.25 and (ours.argmax(-1) == theirs.argmax(-1))[clear].all()
 
 
+def _forward_last_logits(model, sequence: list[int]) -> torch.Tensor:
+    with torch.no_grad(), autocast(torch.device("cpu")):
+        return model(input_ids=torch.tensor([sequence]), position_ids=torch.arange(len(sequence))[None]).logits[0, -1].float()
+
+
+def test_rows_at_their_own_depths_get_the_logits_of_their_own_prefix():
+    """`step_at`, as a depth-first search drives it: rows of different prompt lengths, at
+    different depths, backtracking (a slot written again) and rows dropped on the way.  Fails if
+    a row attends to a slot of an abandoned branch or beyond its depth, to another row's slots,
+    to the pads after its prompt, or if dropping rows mixes up the survivors' caches."""
+    model = _llama(2)
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [1, 8, 9], [4, 4, 2, 7, 1]]
+    rows, length = len(prompts), max(map(len, prompts))
+    ids = torch.zeros(rows, length, dtype=torch.long)
+    for r, p in enumerate(prompts):
+        ids[r, :len(p)] = torch.tensor(p)
+    fast = FastDecoder(model)
+    fast.read_prompts(ids, torch.arange(length).expand(rows, -1), torch.tensor([len(p) - 1 for p in prompts]), length + 2)
+    paths = [[] for _ in prompts]   # each row's answer tokens so far, as the cache should hold them
+    # (row, slot, token) per step: row 0 goes deep and backtracks to slot 1; row 1 backtracks to
+    # slot 0 twice; row 2 is dropped after the third step.  Slot 4 outgrows the buffers.
+    schedule = [[(0, 0, 3), (1, 0, 5), (2, 0, 9)],
+                [(0, 1, 11), (1, 1, 6), (2, 1, 2)],
+                [(0, 2, 7), (1, 0, 12), (2, 2, 13)],
+                [(0, 1, 14), (1, 1, 10)],
+                [(0, 2, 15), (1, 0, 1)],
+                [(0, 3, 2), (1, 1, 8)],
+                [(0, 4, 3), (1, 2, 9)]]
+    alive = [0, 1, 2]
+    for moves in schedule:
+        if [r for r, _, _ in moves] != alive:
+            fast.keep_rows([alive.index(r) for r, _, _ in moves])
+            alive = [r for r, _, _ in moves]
+        for r, slot, token in moves:
+            paths[r] = paths[r][:slot] + [token]
+        ours = fast.step_at(torch.tensor([t for _, _, t in moves]),
+                            torch.tensor([len(prompts[r]) + slot for r, slot, _ in moves]), [slot for _, slot, _ in moves])
+        for row, (r, _, _) in enumerate(moves):
+            theirs = _forward_last_logits(model, prompts[r] + paths[r])
+            assert (ours[row] - theirs).abs().max() < 0.05 * theirs.std(), (moves, r)
+
+
 def test_the_fast_step_is_used_only_where_it_reproduces_the_model():
     """Fails if a model it cannot reproduce (another architecture, an unmerged adapter, biases)
     were decoded by it, or if a merged LoRA were refused."""
@@ -171,6 +213,55 @@ def test_depth_first_search_through_the_fast_decoder_finds_what_the_forward_find
     assert quick.keys() == slow.keys() and len(quick) >= 2   # well above the threshold (-4.6): the same answers
     assert all(abs(quick[k] - slow[k]) < 0.06 for k in quick)
     assert quick_flops > 0 and quick_flops == pytest.approx(slow_flops, rel=0.1)
+
+
+def test_searches_side_by_side_find_and_charge_what_searches_one_at_a_time_do(embedded):
+    """`dfs_many` over 6 views in batches of 4 (the second batch of 2; searches ending at
+    different times drop out of their batch).  Fails if a row's search sees another row's
+    nodes or a stale branch (different answers or probabilities), if dropping finished rows
+    mixes up the others, or if a batched step charges other than the nodes it computed."""
+    from tta.inference.search import dfs, dfs_many
+    (views, room), = _views(embedded)
+    views = views[:6]
+
+    def completions(results):   # well above the threshold (-4.6), where rounding cannot move them across
+        return [{tuple(c.tokens): c.logprob for c in r.completions if c.logprob > -4.0} for r in results]
+
+    alone, alone_flops = _metered(embedded, lambda meter: [dfs(embedded, v, max_new_tokens=room, threshold=0.01)
+                                                           for v in views])
+    together, together_flops = _metered(embedded, lambda meter: dfs_many(embedded, views, max_new_tokens=room,
+                                                                         threshold=0.01, batch_size=4))
+    assert len({r.forwards for r in alone}) > 1   # the searches do end at different times
+    for one, many in zip(completions(alone), completions(together)):
+        assert one.keys() == many.keys()
+        assert all(abs(one[k] - many[k]) < 0.02 for k in one)   # batched bf16 products: rounding apart
+    assert sum(map(len, completions(alone))) >= 4
+    # The same nodes, up to a node whose probability rounding moves across the threshold.
+    assert all(abs(a.forwards - b.forwards) <= 0.02 * a.forwards for a, b in zip(alone, together))
+    per_node = alone_flops / sum(r.forwards for r in alone)
+    assert abs(together_flops - alone_flops) <= per_node * sum(abs(a.forwards - b.forwards) for a, b in zip(alone, together)) + 1e-6 * alone_flops
+
+
+def test_under_a_cap_a_batch_of_searches_advances_together_and_gives_up_its_later_searches_first(embedded):
+    """Fails if a batched search overspends the cap, if the budget pays some searches' nodes
+    while earlier searches of the batch are cut, if a cut search returns an answer it would not
+    have found uncut, or if the views after a stopped batch are searched anyway."""
+    from tta.inference.search import dfs_many
+    (views, room), = _views(embedded)
+    views = views[:6]
+    search = lambda meter, batch: dfs_many(embedded, views, meter.handle(embedded.model), max_new_tokens=room,
+                                           threshold=0.01, batch_size=batch)
+    full, whole = _metered(embedded, lambda meter: search(meter, 6))
+    cut, spent = _metered(embedded, lambda meter: search(meter, 6), 0.8 * whole)
+    assert spent <= 0.8 * whole and all(r.stopped_by_budget for r in cut)
+    forwards = [r.forwards for r in cut]
+    assert forwards == sorted(forwards, reverse=True) and forwards[0] - forwards[-1] <= 1   # in step, later first
+    assert all(r.forwards < f.forwards for r, f in zip(cut, full))
+    for r, f in zip(cut, full):
+        assert {tuple(c.tokens) for c in r.completions} <= {tuple(c.tokens) for c in f.completions}
+    grouped, spent = _metered(embedded, lambda meter: search(meter, 2), 0.3 * whole)
+    assert spent <= 0.3 * whole and all(r.stopped_by_budget for r in grouped)
+    assert grouped[0].forwards > 0 and [r.forwards for r in grouped[2:]] == [0, 0, 0, 0]
 
 
 def test_a_bf16_model_decodes_with_an_fp32_residual_stream():

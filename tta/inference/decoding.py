@@ -133,16 +133,12 @@ class ForwardSteps:
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                              logits_to_keep=torch.tensor(kept, device=self.device),
                              **{CACHE_KW: reserved_cache(capacity)})
-        self.cache = output_cache(out)
+        self.cache, self.prompt_length = output_cache(out), real_length[0]
         column = torch.tensor([kept.index(n) for n in last], device=self.device)
         return out.logits[torch.arange(len(last), device=self.device), column].float()
 
     def repeat_rows(self, copies: int) -> None:
         self.cache.batch_repeat_interleave(copies)
-
-    def crop(self, length: int) -> None:
-        """Forget every cached position from `length` on (a search backtracking)."""
-        crop_cache(self.cache, length)
 
     def step(self, ids, positions, mask2d, active, past) -> torch.Tensor:
         mask = known_rows(_step_mask(mask2d, self.sdpa), active, past)
@@ -151,6 +147,18 @@ class ForwardSteps:
                              logits_to_keep=1, **{CACHE_KW: self.cache})
         self.cache = output_cache(out)
         return out.logits[:, -1].float()
+
+    # A depth-first search's rows sit at different depths, which one transformers cache cannot
+    # hold: through the forward, a search runs one prompt at a time.
+    rows_at_own_depths = False
+
+    def step_at(self, ids, positions, slots: list[int]) -> torch.Tensor:
+        """One new token after the first `slots[0]` answer tokens of the one prompt read (a
+        search's node: the cache is cropped back to that prefix first)."""
+        (slot,) = slots
+        past = self.prompt_length + slot
+        crop_cache(self.cache, past)
+        return self.step(ids, positions, torch.ones((1, past + 1), dtype=torch.long, device=self.device), [1], [past])
 
 
 class FastSteps:
@@ -164,6 +172,7 @@ class FastSteps:
     def read_prompts(self, ids, mask, positions, real_length, capacity) -> torch.Tensor:
         last = torch.tensor([n - 1 for n in real_length], device=self.device)
         logits = self.decoder.read_prompts(ids, positions, last, capacity)
+        self.prompt_lengths = list(real_length)
         charge_forward(self.model, sum(real_length), sum(n * (n + 1) // 2 for n in real_length),
                        head_tokens=len(real_length))
         return logits
@@ -171,13 +180,23 @@ class FastSteps:
     def repeat_rows(self, copies: int) -> None:
         self.decoder.repeat_rows(copies)
 
-    def crop(self, length: int) -> None:
-        self.decoder.crop(length)   # the next step writes over what follows
-
     def step(self, ids, positions, mask2d, active, past) -> torch.Tensor:
         logits = self.decoder.step(ids, positions, mask2d)
         charge_forward(self.model, sum(active), sum((n + 1) * a for n, a in zip(past, active)))
         return logits
+
+    rows_at_own_depths = True
+
+    def step_at(self, ids, positions, slots: list[int]) -> torch.Tensor:
+        """One new token per row after the first `slots[r]` answer tokens of its prompt (a
+        depth-first search's nodes, each row at its own depth)."""
+        logits = self.decoder.step_at(ids, positions, slots)
+        charge_forward(self.model, len(slots), sum(n + s + 1 for n, s in zip(self.prompt_lengths, slots)))
+        return logits
+
+    def keep_rows(self, rows: list[int]) -> None:
+        self.decoder.keep_rows(rows)
+        self.prompt_lengths = [self.prompt_lengths[r] for r in rows]
 
 
 def decode_steps(model, device, fast: bool = True):

@@ -8,14 +8,18 @@ can pass, and at most that many prefixes of any one length, so the search
 visits at most ~(1/threshold) x (answer length) nodes.
 
 Cost: the prompt is computed once; every node after that is *one* token fed
-through the model on top of the shared KV cache.  When the search backtracks,
-the cache is cropped to the branch point (depth-first order guarantees the
-cache then holds exactly the branch's prefix), so no prefix is ever recomputed.
-The prompt and the nodes run through the batched decoder's stepper
+through the model on top of the shared KV cache.  When the search backtracks, the
+node's token is written at its depth and attends only to the positions before it
+(depth-first order guarantees the cache then holds exactly the branch's prefix
+there), so no prefix is ever recomputed.  `dfs_many` searches several prompts (a
+task's augmented views) side by side: one model call expands the next node of
+every search, each at its own depth (`FastDecoder.step_at`).  For the embedded
+model and 4 views of a task that halves the search's time (`benchmarks/search.py`).
+The prompts and the nodes run through the batched decoder's stepper
 (`tta.inference.decoding.decode_steps`: the fast decoder for Llama models, which
-charges the meter as the model's forward would, else the forward itself);
-before each forward the search asks the task's budget whether it can pay and stops
-(returning what it has) when not.
+charges the meter as the model's forward would, else the forward itself, one
+prompt at a time); before each call the search asks the task's budget whether
+it can pay and stops (returning what it has) when not.
 
 Tokens follow the output grammar of the model's format (for the compact format:
 rectangular grids, at most 30x30; see `tta.inference.decoding.GridGrammar`) and the
@@ -24,7 +28,6 @@ next-token distribution is renormalised over the allowed tokens, as in
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 from dataclasses import dataclass, field
@@ -33,6 +36,7 @@ import torch
 
 from tta.budget import attention_context
 from tta.inference.decoding import crop_cache, decode_steps, grammar_constraint
+from tta.model.batching import pad_batch
 from tta.model.encoding import positions_of
 from tta.model.loading import CACHE_KW, LoadedModel, autocast, autocast_weights, output_cache
 
@@ -89,7 +93,6 @@ def _forward(model, device, ids: list[int], positions: list[int], n_past: int, c
                      use_cache=True, logits_to_keep=keep, **{CACHE_KW: cache})
 
 
-@torch.no_grad()
 def dfs(lm: LoadedModel, prompt: list[int], budget=None, threshold: float = THRESHOLD,
         max_new_tokens: int | None = None, max_forwards: int | None = None,
         keep_greedy: bool = False, fast: bool = True) -> SearchResult:
@@ -102,77 +105,148 @@ def dfs(lm: LoadedModel, prompt: list[int], budget=None, threshold: float = THRE
     `budget` is the task's `tta.budget.TaskBudget` (None: unlimited).  `fast=False` runs every
     forward through the model's own (for comparisons).
     """
+    return dfs_many(lm, [prompt], budget, threshold, max_new_tokens, max_forwards, keep_greedy, fast)[0]
+
+
+@dataclass
+class _Search:
+    """One prompt's search in progress."""
+    prompt: list[int]
+    limit: int                 # answer tokens at most, end-of-sequence included
+    result: SearchResult
+    node: _Node | None = None  # the node whose next-token logits the last forward computed
+    stack: list[_Node] = field(default_factory=list)
+
+
+@torch.no_grad()
+def dfs_many(lm: LoadedModel, prompts: list[list[int]], budget=None, threshold: float = THRESHOLD,
+             max_new_tokens: int | None = None, max_forwards: int | None = None, keep_greedy: bool = False,
+             fast: bool = True, batch_size: int = 16) -> list[SearchResult]:
+    """`dfs` of every prompt (arguments as there), up to `batch_size` searches side by side: each
+    model call expands the next node of every search in the batch, each at its own depth, so a
+    call costs little more than one search's (the fast decoder's `step_at`; through the model's
+    forward, one prompt at a time).  Each search visits exactly the nodes it would alone.
+
+    Under a cap the searches of a batch advance together, so a cut shares the budget among the
+    batch's prompts (a depth-first search finds its greedy answer first) instead of finishing the
+    first ones: when the budget cannot pay for every search's next node, the later searches stop
+    first, and the prompts after the batch are not searched (empty results, `stopped_by_budget`)."""
     model, device, fmt = lm.model, lm.device, lm.format
-    limit = min(max_new_tokens or fmt.max_answer_tokens(), lm.max_context - len(prompt))
-    max_nll = -math.log(threshold)
-    result = SearchResult()
-    if limit <= 0:
-        return result
-
-    def affordable(n_past: int, n_new: int) -> bool:
-        if budget is None or budget.can_afford(budget.forward_cost(n_new, attention_context(n_past, n_new), model)):
-            return True
-        result.stopped_by_budget = True
-        return False
-
-    def forward(run, n_tokens: int) -> torch.Tensor:
-        """The next-token logits after `run()` fed `n_tokens` tokens, counted."""
-        result.forwards += 1
-        result.tokens += n_tokens
-        return run()[0]
-
+    results = [SearchResult() for _ in prompts]
     was_training = model.training
     model.eval()
     steps = decode_steps(model, device, fast)
-    # Four views of gen-eval task 0, one thread of this CPU: 0.37-0.42 s through the model's
-    # forward (with the decode-step kernel and weights cast once), 0.25-0.27 s with the fast decoder.
-    # The steppers pick their own attention kernels; the weights are cast once for the search.
-    speed_ups = contextlib.ExitStack()
-    speed_ups.enter_context(autocast_weights(model, device))
+    per_batch = max(1, batch_size) if steps.rows_at_own_depths else 1
     try:
-        if not affordable(0, len(prompt)):
-            return result
-        tracker = fmt.position_tracker()
-        logits = forward(lambda: steps.read_prompts(
-            torch.tensor([prompt], device=device), torch.ones((1, len(prompt)), dtype=torch.long, device=device),
-            torch.tensor([positions_of(tracker, prompt)], device=device), [len(prompt)], len(prompt) + limit), len(prompt))
-        grammar = grammar_constraint(lm, 1, model.config.vocab_size)
-        stack: list[_Node] = []
-        node = _Node((), 0.0, grammar, True, tracker)
-        while True:
-            # Expand `node`, whose next-token logits are in `logits`: push the children that stay
-            # above the threshold, least probable first, so the most probable is explored next.
-            logprobs = torch.log_softmax(logits.masked_fill(~node.grammar.mask()[0], float("-inf")), dim=-1)
-            nll = -logprobs
-            keep = torch.nonzero(node.nll + nll < max_nll).flatten().tolist()
-            best = int(nll.argmin())
-            if keep_greedy and node.on_greedy and best not in keep:
-                keep.append(best)
-            for token in sorted(keep, key=lambda t: -float(nll[t])):
-                child_nll = node.nll + float(nll[token])
-                if token == fmt.eos_id:
-                    result.completions.append(Completion(list(node.tokens), -child_nll))
-                elif len(node.tokens) + 1 < limit:   # room left for at least the end-of-sequence
-                    stack.append(_Node(node.tokens + (token,), child_nll, _advance(node.grammar, token, device),
-                                       node.on_greedy and token == best, *_number(node.positions, token)))
-            if not stack:
-                break
+        # The weights are cast once for all the searches; the steppers pick their own kernels.
+        with autocast_weights(model, device):
+            for start in range(0, len(prompts), per_batch):
+                searches = []
+                for prompt, result in zip(prompts[start:start + per_batch], results[start:start + per_batch]):
+                    limit = min(max_new_tokens or fmt.max_answer_tokens(), lm.max_context - len(prompt))
+                    if limit > 0:   # else nothing fits: an empty result
+                        searches.append(_Search(prompt, limit, result))
+                if searches and not _search_batch(lm, steps, searches, budget, -math.log(threshold),
+                                                  max_forwards, keep_greedy):
+                    for result in results[start + per_batch:]:
+                        result.stopped_by_budget = True
+                    break
+    finally:
+        model.train(was_training)
+    for result in results:
+        result.completions.sort(key=lambda c: -c.logprob)
+    return results
+
+
+def _affordable(budget, searches: list[_Search], costs: list[float]) -> list[_Search]:
+    """The longest run of `searches`, from the first, whose `costs` the budget can pay together;
+    the others are marked stopped by the budget."""
+    if budget is None:
+        return searches
+    total, kept = 0.0, 0
+    for cost in costs:
+        if not budget.can_afford(total + cost):
+            break
+        total, kept = total + cost, kept + 1
+    for search in searches[kept:]:
+        search.result.stopped_by_budget = True
+    return searches[:kept]
+
+
+def _search_batch(lm, steps, searches: list[_Search], budget, max_nll: float, max_forwards, keep_greedy) -> bool:
+    """Run `searches` to their ends, side by side.  False when the budget stopped any of them."""
+    model, device, fmt = lm.model, lm.device, lm.format
+    asked = len(searches)
+    searches = _affordable(budget, searches, [budget.forward_cost(len(s.prompt), attention_context(0, len(s.prompt)), model)
+                                              for s in searches] if budget else [])
+    if not searches:
+        return False
+    trackers = [fmt.position_tracker() for _ in searches]
+    ids, mask, positions = pad_batch([s.prompt for s in searches], fmt, device, side="right", trackers=trackers)
+    lengths = [len(s.prompt) for s in searches]
+    logits = steps.read_prompts(ids, mask, positions, lengths, ids.shape[1] + max(s.limit for s in searches))
+    for search, tracker in zip(searches, trackers):
+        search.node = _Node((), 0.0, grammar_constraint(lm, 1, model.config.vocab_size), True, tracker)
+        search.result.forwards, search.result.tokens = 1, len(search.prompt)
+    stopped = len(searches) < asked
+    while searches:
+        _expand(searches, logits, fmt.eos_id, max_nll, keep_greedy)
+        going = []
+        for search in searches:
+            result = search.result
+            if not search.stack:
+                continue
             if max_forwards is not None and result.forwards >= max_forwards:
                 result.stopped_by_limit = True
-                break
-            node = stack.pop()
-            n_past = len(prompt) + len(node.tokens) - 1   # the cache must hold exactly the parent's prefix
-            if not affordable(n_past, 1):
-                break
-            steps.crop(n_past)
-            logits = forward(lambda: steps.step(
-                torch.tensor([[node.tokens[-1]]], device=device), torch.tensor([[node.position]], device=device),
-                torch.ones((1, n_past + 1), dtype=torch.long, device=device), [1], [n_past]), 1)
-    finally:
-        speed_ups.close()
-        model.train(was_training)
-    result.completions.sort(key=lambda c: -c.logprob)
-    return result
+                continue
+            search.node = search.stack.pop()
+            going.append(search)
+        costs = [budget.forward_cost(1, attention_context(len(s.prompt) + len(s.node.tokens) - 1, 1), model)
+                 for s in going] if budget else []
+        paid = _affordable(budget, going, costs)
+        stopped = stopped or len(paid) < len(going)
+        if not paid:
+            break
+        if len(paid) < len(searches):   # some searches ended: compute only for the others from now on
+            row = {id(s): i for i, s in enumerate(searches)}
+            steps.keep_rows([row[id(s)] for s in paid])
+            searches = paid
+        for search in searches:
+            search.result.forwards += 1
+            search.result.tokens += 1
+        logits = steps.step_at(torch.tensor([[s.node.tokens[-1]] for s in searches], device=device),
+                               torch.tensor([[s.node.position] for s in searches], device=device),
+                               [len(s.node.tokens) - 1 for s in searches])
+    return not stopped
+
+
+def _expand(searches: list[_Search], logits: torch.Tensor, eos_id: int, max_nll: float, keep_greedy: bool) -> None:
+    """Expand each search's node, whose next-token logits are row i of `logits`: record the
+    completions it ends and push the children that stay above the threshold, least probable
+    first, so that the most probable is explored next."""
+    allowed = torch.cat([s.node.grammar.mask() for s in searches])
+    nll = -torch.log_softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
+    node_nll = torch.tensor([s.node.nll for s in searches], device=nll.device)
+    best = nll.argmin(dim=-1)
+    # One trip to the host for every row: the tokens kept, and each row's best token.
+    rows, tokens = torch.nonzero(node_nll[:, None] + nll < max_nll, as_tuple=True)
+    kept = list(zip(rows.tolist(), tokens.tolist(), nll[rows, tokens].tolist()))
+    best_nll = nll.gather(1, best[:, None]).squeeze(1).tolist()
+    best = best.tolist()
+    children: list[list[tuple[int, float]]] = [[] for _ in searches]
+    for row, token, value in kept:
+        children[row].append((token, value))
+    for row, search in enumerate(searches):
+        node, mine = search.node, children[row]
+        if keep_greedy and node.on_greedy and all(t != best[row] for t, _ in mine):
+            mine.append((best[row], best_nll[row]))
+        for token, value in sorted(mine, key=lambda c: -c[1]):
+            child_nll = node.nll + value
+            if token == eos_id:
+                search.result.completions.append(Completion(list(node.tokens), -child_nll))
+            elif len(node.tokens) + 1 < search.limit:   # room left for at least the end-of-sequence
+                search.stack.append(_Node(node.tokens + (token,), child_nll, _advance(node.grammar, token, node_nll.device),
+                                          node.on_greedy and token == best[row], *_number(node.positions, token)))
 
 
 # ---------------------------------------------------------------- scoring after a shared prompt

@@ -159,12 +159,12 @@ class FastDecoder:
         gate, up = F.linear(layer["norm2"](x).to(BF16), layer["gate_up"]).chunk(2, dim=-1)
         return x + F.linear(F.silu(gate) * up, layer["down"])
 
-    def _attend(self, q: torch.Tensor, i: int, masked: torch.Tensor) -> torch.Tensor:
+    def _attend(self, q: torch.Tensor, i: int, masked: torch.Tensor, own: int) -> torch.Tensor:
         """One query per row (rows, heads, dim; fp32) against layer `i`'s cache: the prompt's
-        positions and the row's own generated ones.  `masked` (prompts, 1, copies, 1, positions)
-        is true where a row must not look.  Returns (rows, heads * dim)."""
+        positions and the first `own` generated slots of each row.  `masked` (prompts, 1, copies,
+        1, positions) is true where a row must not look.  Returns (rows, heads * dim)."""
         prompts, copies, kv_heads, dim = self.prompts, self.copies, self.kv_heads, self.head_dim
-        groups, tokens, own = self.heads // kv_heads, self.prompt_length, self.length - self.prompt_length
+        groups, tokens = self.heads // kv_heads, self.prompt_length
         rows = prompts * copies
         # Query heads grouped under the key/value head they share, and, for the prompt's part,
         # the copies of a prompt as more rows of one product: (prompts, kv_heads, copies, groups, dim).
@@ -198,6 +198,7 @@ class FastDecoder:
         rows, tokens = ids.shape
         device = ids.device
         self.prompts, self.copies, self.prompt_length, self.length = rows, 1, tokens, tokens
+        self.last = last   # each row's last real prompt position: the pads after it stay masked
         self.prompt_keys = [torch.empty((rows, self.kv_heads, self.head_dim, tokens), device=device) for _ in self.layers]
         self.prompt_values = [torch.empty((rows, self.kv_heads, tokens, self.head_dim), device=device) for _ in self.layers]
         self._reserve(rows, max(1, capacity - tokens), device)
@@ -222,7 +223,7 @@ class FastDecoder:
                 q = q[row_index, :, last]                      # (rows, heads, dim)
                 q = q * cos[row_index, 0, last][:, None] + _rotate_half(q) * sin[row_index, 0, last][:, None]
                 masked = (torch.arange(tokens, device=device)[None, :] > last[:, None])[:, None, None, None, :]
-                x = x[row_index, last] + F.linear(self._attend(q, i, masked).to(BF16), layer["out"])
+                x = x[row_index, last] + F.linear(self._attend(q, i, masked, 0).to(BF16), layer["out"])
                 x = self._mlp(x, layer)
         return F.linear(self.final_norm(x), self.head)
 
@@ -245,11 +246,15 @@ class FastDecoder:
         self.copies *= copies
         self._reserve(self.prompts * self.copies, self.values[0].shape[2], self.values[0].device)
 
-    def crop(self, length: int) -> None:
-        """Forget the generated positions from `length` on (a search backtracking)."""
-        if length < self.prompt_length:
-            raise ValueError(f"cannot crop into the prompt ({length} < {self.prompt_length} positions)")
-        self.length = min(self.length, length)
+    def keep_rows(self, rows: list[int]) -> None:
+        """Keep only these rows, in this order (a search whose other rows have finished): later
+        steps compute and read the cache for these alone."""
+        if self.copies != 1:
+            raise ValueError("keep_rows needs one row per prompt")
+        index = torch.tensor(rows, device=self.last.device)
+        for parts in (self.prompt_keys, self.prompt_values, self.keys, self.values):
+            parts[:] = [part.index_select(0, index) for part in parts]
+        self.last, self.prompts = self.last.index_select(0, index), len(rows)
 
     @torch.no_grad()
     def step(self, ids: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
@@ -268,6 +273,35 @@ class FastDecoder:
             q, k, v = self._split_heads(F.linear(layer["norm1"](x).to(BF16), layer["qkv"]))
             self.keys[i][..., own] = k * cos + _rotate_half(k) * sin
             self.values[i][:, :, own] = v
-            attended = self._attend(q * cos + _rotate_half(q) * sin, i, masked)
+            attended = self._attend(q * cos + _rotate_half(q) * sin, i, masked, own + 1)
+            x = self._mlp(x + F.linear(attended.to(BF16), layer["out"]), layer)
+        return F.linear(self.final_norm(x), self.head)
+
+    @torch.no_grad()
+    def step_at(self, ids: torch.Tensor, positions: torch.Tensor, slots: list[int]) -> torch.Tensor:
+        """Next-token logits for one new token per row, each row at its own depth: row r's token
+        goes to its generated slot `slots[r]` (0 = the first after the prompt) and attends to its
+        prompt and its slots before that one.  What a slot held from an abandoned branch is
+        overwritten or masked, so a depth-first search backtracks by naming a lower slot.
+        For one row per prompt (no `repeat_rows`)."""
+        if self.copies != 1:
+            raise ValueError("step_at needs one row per prompt")
+        ids, positions = ids.reshape(-1), positions.reshape(-1)
+        own = max(slots) + 1
+        if own > self.values[0].shape[2]:
+            self._reserve(self.prompts, 2 * own, ids.device)
+        self.length = self.prompt_length + own
+        rows = torch.arange(len(slots), device=ids.device)
+        slot = torch.tensor(slots, device=ids.device)
+        masked = torch.cat([torch.arange(self.prompt_length, device=ids.device)[None, :] > self.last[:, None],
+                            torch.arange(own, device=ids.device)[None, :] > slot[:, None]], dim=1)
+        masked = masked.view(self.prompts, 1, 1, 1, -1)
+        cos, sin = self._rotary(positions[:, None])
+        x = self.embed[ids].float()
+        for i, layer in enumerate(self.layers):
+            q, k, v = self._split_heads(F.linear(layer["norm1"](x).to(BF16), layer["qkv"]))
+            self.keys[i][rows, :, :, slot] = k * cos + _rotate_half(k) * sin
+            self.values[i][rows, :, slot] = v.float()   # an indexed write does not cast as a slice does
+            attended = self._attend(q * cos + _rotate_half(q) * sin, i, masked, own)
             x = self._mlp(x + F.linear(attended.to(BF16), layer["out"]), layer)
         return F.linear(self.final_norm(x), self.head)
