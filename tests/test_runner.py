@@ -9,7 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dataclasses import dataclass
+
 from tta.method import Method, MethodError, get_method, make_config, register
+from tta.settings import setting
 from tta.run.runner import RunError, RunSpec, read_results, run
 from click.testing import CliRunner
 from tta.cli import main
@@ -187,6 +190,42 @@ def test_a_resume_keeps_the_provenance_of_the_results_already_there(tmp_path):
     assert (resumed["git_commit"], resumed["command"]) == ("abc123", "tta run FIRST")
     assert [(r["command"], r["tasks"]) for r in resumed["resumed"]] == [("tta run THIRD", 1)]
     assert resumed["finished"] and len(read_results(out / "results.jsonl")) == 2
+
+
+@dataclass
+class _GrownConfig:
+    tries: int = setting(1, "an old setting")
+    extra: bool = setting(False, "a setting added later, off by default: the old behaviour", before=False)
+    changed: bool = setting(True, "a setting added later whose default changes what the method does", before=False)
+
+
+@register("test_grown")
+class GrownMethod(EchoInput):
+    """A method that gained settings after a run of it was recorded."""
+    Config = _GrownConfig
+
+
+def test_a_run_resumes_after_the_method_gains_a_setting_only_at_its_old_behaviour(tmp_path):
+    """Fails if a setting added since a run was recorded blocks its resume even at the value
+    that reproduces the run's behaviour, or lets it resume at a value that changes it (the
+    finished tasks and the rest would then come from different methods)."""
+    data = task_dir(tmp_path)
+    out = run(RunSpec(method="test_grown", dataset=str(data), out=tmp_path / "r", overrides=["changed=false"]),
+              progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["config"]["extra"], manifest["config"]["changed"]   # as recorded before both existed
+    manifest["finished"] = None
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    (out / "results.jsonl").write_text((out / "results.jsonl").read_text().splitlines()[0] + "\n")
+    with pytest.raises(RunError, match=r"different config \(changed\)"):
+        run(RunSpec(method="test_grown", dataset=str(data), out=out), progress=False)   # changed=true: not the old method
+    run(RunSpec(method="test_grown", dataset=str(data), out=out, overrides=["changed=false"]), progress=False)
+    resumed = json.loads((out / "manifest.json").read_text())
+    assert resumed["finished"] and len(read_results(out / "results.jsonl")) == 3
+    assert resumed["resumed"][-1]["settings_added"] == {"extra": False, "changed": False}
+    with pytest.raises(RunError, match=r"different config \(extra\)"):
+        run(RunSpec(method="test_grown", dataset=str(data), out=out, overrides=["changed=false", "extra=true"]),
+            progress=False)
 
 
 def test_floors_need_no_model_and_score_as_expected(tmp_path):

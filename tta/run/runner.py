@@ -12,6 +12,7 @@ The run directory:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -110,8 +111,11 @@ def _run(spec, progress, executor, ray_address, log, cls, config, dataset, out, 
         return out
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     if "git_commit" in manifest:   # a resume: the first session's provenance stays, this one is added
-        manifest.setdefault("resumed", []).append({"started": now, "git_commit": git_commit(),
-                                                   "command": spec.command, "tasks": len(todo)})
+        resume = {"started": now, "git_commit": git_commit(), "command": spec.command, "tasks": len(todo)}
+        added = {k: v for k, v in dataclasses.asdict(config).items() if k not in manifest.get("config", {})}
+        if added:   # settings the method gained since, at the values that reproduce the run's (`before`)
+            resume["settings_added"] = added
+        manifest.setdefault("resumed", []).append(resume)
     else:
         manifest.update({"started": now, "versions": package_versions(), "git_commit": git_commit(),
                          "command": spec.command})

@@ -22,6 +22,7 @@ from tta.budget import Budget, Meter, reset_peak_memory
 from tta.inference.decoding import score_answers
 from tta.method import Method, get_method, load_plugins, make_config
 from tta.model.loading import LoadedModel, check_device, load_model, weights_sha256
+from tta.settings import as_recorded_now
 from tta.threads import set_threads
 from tta.inference.predict import fit_prompt
 from tta.data.tasks import Task, grid_to_list, without_answers
@@ -86,7 +87,12 @@ def config_hash(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(identity(manifest), sort_keys=True).encode()).hexdigest()[:12]
 
 
-def check_resumable(existing: dict, new: dict, out: Path) -> None:
+def check_resumable(existing: dict, new: dict, out: Path, config_cls=None) -> None:
+    """Refuse to resume a run directory whose identity differs from the new run's.  A setting
+    added to the method since the run was recorded counts as unchanged when the new run uses
+    the value that reproduces the old behaviour (its `before`, `tta.settings.setting`)."""
+    if config_cls is not None and isinstance(existing.get("config"), dict):
+        existing = {**existing, "config": as_recorded_now(config_cls, existing["config"])}
     for key in IDENTITY_KEYS:
         if existing.get(key) != new[key]:
             detail = key
@@ -219,7 +225,7 @@ def prepare(spec: RunSpec):
             existing = json.loads(manifest_path.read_text())
         except json.JSONDecodeError:
             raise RunError(f"{manifest_path}: not valid JSON; use another --out") from None
-        check_resumable(existing, manifest, out)
+        check_resumable(existing, manifest, out, type(config))
         manifest = existing
     return cls, config, dataset, out, manifest
 

@@ -110,14 +110,16 @@ class LoRASettings:
     select_on_demo: bool = setting(False, "keep one demonstration out of the training data, score its output "
                                    "(after the others, 2 views) before training and `checks` times during it, "
                                    "and keep the weights that scored best (not in the paper; off: on the "
-                                   "development split it solved 3/20 against 5/20, the held-out demo's data lost)")
-    checks: int = setting(8, "held-out scorings spread over the planned steps when select_on_demo")
+                                   "development split it solved 3/20 against 5/20, the held-out demo's data lost)",
+                                   before=False)
+    checks: int = setting(8, "held-out scorings spread over the planned steps when select_on_demo", before=8)
     # A batch is padded to its longest example.  Random pairs of a task's leave-one-out examples
     # (2 epochs, up to 250 examples) computed 1.31-1.35x the real tokens on 6 gen-eval tasks and
     # 1.01-1.29x on 5 arc1-eval tasks (1.19x over all 11); pairs of similar length 1.000-1.002x:
     # same examples, same steps, same FLOPs charged, less wall time.
     group_by_length: bool = setting(True, "pair examples of similar length in each batch, the batches in random order "
-                                    "(1.3x fewer padded tokens on typical tasks); false: random pairs (paper)")
+                                    "(1.3x fewer padded tokens on typical tasks); false: random pairs (paper)",
+                                    before=False)
 
     def __post_init__(self):
         if self.adapter not in ADAPTERS:
