@@ -24,8 +24,11 @@ none), never an error.
 How it spends a bigger budget: more samples.  With `samples=0` (the default) it samples in
 rounds over the views (`prompt_copies` answers per view per round, drawn from one reading of the
 view's prompt: the prompt's KV cache is copied, not recomputed) until the cap cannot pay for
-another batch, at most `max_samples` per view (the record says when it stopped there); DFS
-spends it on more views' searches.
+another batch, at most `max_samples` per view (the record says when it stopped there).  DFS
+searches the configured views, then (`fill_views`) more views -- the 8 dihedral transforms in
+turn, each with a fresh colour permutation and demonstration order -- until the budget stops a
+search or `max_views` per test input are searched; candidates are scored (`select=poe`) under the
+configured views.
 
 The paper's recipe (DFS at 0.09 in 16 views, PoE over the same views, after TTT) is
 `--set search=dfs --set select=poe --set adapt=ttt` with more views; `--set select=vote` with
@@ -45,7 +48,7 @@ from tta.data.augment import transforms_from_names
 from tta.training.examples import leave_one_out_examples
 from tta.inference.decoding import generate
 from tta.method import AdapterMethod, MethodError, register, setting
-from tta.inference.predict import answer_room, build_views, vote
+from tta.inference.predict import MoreViews, answer_room, build_views, is_capped, vote
 from tta.inference.search import PromptCache, dfs_many
 from tta.data.tasks import MAX_SIZE, grid_key
 from tta.training.finetune import LoRASettings, new_adapter, train_adapter
@@ -70,6 +73,10 @@ class SamplingConfig(LoRASettings):
     top_p: float = setting(0.95, "search=sample: nucleus (top-p) cut-off")
     threshold: float = setting(0.09, "search=dfs: keep completions with probability above this (paper: 0.09)")
     max_forwards: int = setting(600, "search=dfs: model calls per view at most (the search stops there)")
+    fill_views: bool = setting(True, "search=dfs, under a cap: after the configured views, search more (8 dihedral transforms x colour "
+                                     "permutations x demonstration orders, as the paper draws its views) while the budget pays",
+                               before=False)
+    max_views: int = setting(64, "search=dfs with fill_views: views searched per test input at most", before=64)
     keep_greedy: bool = setting(True, "search=dfs: also keep each view's greedy answer when below the threshold")
     vote: str = setting("majority", "select=vote: majority (self-consistency) | hierarchical (ttt_lora's vote)")
     top_per_group: int = setting(3, "vote=hierarchical: answers kept per transform category")
@@ -150,7 +157,7 @@ def most_probable_first(candidates: list[Candidate]) -> list[np.ndarray]:
 @register("sampling")
 class Sampling(AdapterMethod):
     Config = SamplingConfig
-    spends = "more samples per view (samples=0), up to max_samples; with search=dfs, deeper searches, the views searched side by side (decode_batch_size at a time)"
+    spends = "more samples per view (samples=0), up to max_samples; with search=dfs, more views searched (fill_views), up to max_views"
 
     # ---------------------------------------------------------------- 1. adapt
 
@@ -233,15 +240,32 @@ class Sampling(AdapterMethod):
         tokens = sum(len(g.tokens) + g.finished for g in gens)
         return candidates, {"samples": len(gens), "finished": sum(g.finished for g in gens), "generated_tokens": tokens}
 
-    def search(self, views, room, budget):
+    def search(self, task, views, room, budget, seed):
+        """Every view's depth-first search, `decode_batch_size` views side by side; then, with
+        `fill_views`, more views a batch at a time until the budget stops a search."""
         c = self.config
-        found = dfs_many(self.lm, [v.prompt for v in views], budget, threshold=c.threshold, max_new_tokens=room,
-                         max_forwards=c.max_forwards, keep_greedy=c.keep_greedy, batch_size=c.decode_batch_size)
-        candidates = [self.to_candidate(v, x.tokens, x.logprob) for v, r in zip(views, found) for x in r.completions]
-        info = {"forwards": sum(r.forwards for r in found), "stopped_by_limit": sum(r.stopped_by_limit for r in found),
-                "stopped_by_budget": any(r.stopped_by_budget for r in found)}
-        if not info["stopped_by_budget"]:
-            budget.out_of_work("every view searched")
+        candidates, info = [], {"forwards": 0, "stopped_by_limit": 0, "stopped_by_budget": False, "searched_views": 0}
+
+        def search_views(batch) -> bool:   # True when the budget stopped a search
+            found = dfs_many(self.lm, [v.prompt for v in batch], budget, threshold=c.threshold, max_new_tokens=room,
+                             max_forwards=c.max_forwards, keep_greedy=c.keep_greedy, batch_size=c.decode_batch_size)
+            candidates.extend(self.to_candidate(v, x.tokens, x.logprob) for v, r in zip(batch, found) for x in r.completions)
+            info["forwards"] += sum(r.forwards for r in found)
+            info["stopped_by_limit"] += sum(r.stopped_by_limit for r in found)
+            info["searched_views"] += sum(r.forwards > 0 for r in found)
+            info["stopped_by_budget"] = any(r.stopped_by_budget for r in found)
+            return info["stopped_by_budget"]
+
+        stopped = search_views(views)
+        if not (c.fill_views and is_capped(budget)):
+            if not stopped:
+                budget.out_of_work("every view searched" if is_capped(budget) or not c.fill_views
+                                   else "no cap: the configured views only")
+            return candidates, info
+        more = MoreViews(self.lm, task, np.random.default_rng([seed, 1]), c.max_views, len(views))
+        while not stopped and (batch := more.next_batch(c.decode_batch_size, budget)):
+            stopped = search_views(batch)
+            more.used(len(batch))
         return candidates, info
 
     # ---------------------------------------------------------------- 3. select
@@ -267,7 +291,7 @@ class Sampling(AdapterMethod):
         if c.search == "sample":
             candidates, info = self.sample(views, room, generation, seed)
         else:
-            candidates, info = self.search(views, room, generation)
+            candidates, info = self.search(task, views, room, generation, seed)
         candidates = [x for x in candidates if x is not None and max(x.grid.shape) <= MAX_SIZE]
         info.update({"views": len(views), "candidates": len(candidates), "distinct": [], "poe_nll": []})
 

@@ -373,6 +373,24 @@ def test_dfs_method_finds_the_answer_and_votes_across_views():
     assert info["candidates"] == 6 and info["distinct"] == [4]
 
 
+def test_dfs_searches_more_views_until_the_cap_is_spent_or_max_views():
+    """Fails if search=dfs leaves most of a cap unspent after its configured views (the equal-
+    compute promise), overspends it, searches past max_views, or fills without a cap."""
+    lm = stub_lm({answer(["11", "11"]): 0.5, answer(["12", "34"]): 0.45})
+    settings = dict(search="dfs", select="vote", transforms=["identity", "rot90"])
+    _, info, meter = run_method(lm, small_task(), Budget(), **settings)
+    configured = meter.flops
+    assert info["searched_views"] == 2 and meter.out_of_work == "no cap: the configured views only"
+    cap = 12 * configured
+    _, alone, meter = run_method(lm, small_task(), Budget(flops=cap), fill_views=False, **settings)
+    assert alone["searched_views"] == 2 and meter.flops < 0.2 * cap
+    _, info, meter = run_method(lm, small_task(), Budget(flops=cap), **settings)
+    assert 12 <= info["searched_views"] <= 24 and 0.8 * cap <= meter.flops <= cap
+    assert info["stopped_by_budget"] and info["candidates"] > 2 * 2   # the extra views' answers count too
+    _, info, meter = run_method(lm, small_task(), Budget(flops=cap), max_views=5, **settings)
+    assert info["searched_views"] == 5 and meter.out_of_work.startswith("max_views reached")
+
+
 def test_bad_settings_are_one_line_errors():
     from tta.method import MethodError
 

@@ -156,7 +156,7 @@ def predict_augmented(lm: LoadedModel, task: Task, budget: TaskBudget | None, tr
     room = answer_room(lm.format, task)
     views = build_views(lm, task, transforms, orders, rng, leave_one_out)
     decoded = decode_views(lm, views, budget, room, batch_size)
-    capped = budget is not None and (budget.cap.flops is not None or budget.cap.seconds is not None)
+    capped = is_capped(budget)
     if fill and capped and not budget.exhausted():
         decoded += fill_views(lm, task, budget, room, batch_size, len(views), max_views, rng)
     elif budget is not None and not capped:
@@ -170,29 +170,52 @@ def predict_augmented(lm: LoadedModel, task: Task, budget: TaskBudget | None, tr
     return attempts, info
 
 
-def fill_views(lm, task, budget: TaskBudget, room: int, batch_size: int, done: int, max_views: int,
-               rng: np.random.Generator) -> list[tuple[View, np.ndarray | None]]:
-    """More views while the budget pays for them (see predict_augmented)."""
-    per_test = max(1, len(task.test))
-    source = more_augmentations(task, rng)
-    decoded, misses = [], 0
-    while True:
-        room_left = max_views * per_test - done - len(decoded)
-        if room_left <= 0:
-            budget.out_of_work(f"max_views reached ({max_views} views per test input)")
-            break
-        augs = [next(source) for _ in range(max(1, min(batch_size, room_left) // per_test))]
-        views = views_for(lm, task, augs)[:room_left]
-        if not views:
+def is_capped(budget: TaskBudget | None) -> bool:
+    """Whether the budget has a cap to fill (without one, methods decode their configured views only)."""
+    return budget is not None and (budget.cap.flops is not None or budget.cap.seconds is not None)
+
+
+class MoreViews:
+    """Views past the configured ones (see `more_augmentations`), a batch at a time, at most
+    `max_views` per test input in all (`done` of them already used)."""
+
+    def __init__(self, lm: LoadedModel, task: Task, rng: np.random.Generator, max_views: int, done: int):
+        self.lm, self.task, self.max_views, self.done = lm, task, max_views, done
+        self.per_test = max(1, len(task.test))
+        self.source = more_augmentations(task, rng)
+
+    def next_batch(self, size: int, budget: TaskBudget) -> list[View]:
+        """About `size` more views ([] when there are none: the reason goes to `budget.out_of_work`)."""
+        misses = 0
+        while True:
+            room_left = self.max_views * self.per_test - self.done
+            if room_left <= 0:
+                budget.out_of_work(f"max_views reached ({self.max_views} views per test input)")
+                return []
+            augs = [next(self.source) for _ in range(max(1, min(size, room_left) // self.per_test))]
+            views = views_for(self.lm, self.task, augs)[:room_left]
+            if views:
+                return views
             misses += 1
             if misses > 8:
                 budget.out_of_work("no further view fits the context")
-                break
-            continue
+                return []
+
+    def used(self, n: int) -> None:
+        self.done += n
+
+
+def fill_views(lm, task, budget: TaskBudget, room: int, batch_size: int, done: int, max_views: int,
+               rng: np.random.Generator) -> list[tuple[View, np.ndarray | None]]:
+    """More views while the budget pays for them (see predict_augmented)."""
+    more = MoreViews(lm, task, rng, max_views, done)
+    decoded = []
+    while views := more.next_batch(batch_size, budget):
         views = affordable_prefix(views, budget, room)
         if not views:
             break   # the budget cannot pay for one more view (recorded as a stop by the cap)
         decoded += decode_views(lm, views, budget, room, batch_size)
+        more.used(len(views))
     return decoded
 
 
