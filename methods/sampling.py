@@ -76,7 +76,7 @@ class SamplingConfig(LoRASettings):
     fill_views: bool = setting(True, "search=dfs, under a cap: after the configured views, search more (8 dihedral transforms x colour "
                                      "permutations x demonstration orders, as the paper draws its views) while the budget pays",
                                before=False)
-    max_views: int = setting(64, "search=dfs with fill_views: views searched per test input at most", before=64)
+    max_views: int = setting(512, "search=dfs with fill_views: views searched per test input at most", before=512)
     keep_greedy: bool = setting(True, "search=dfs: also keep each view's greedy answer when below the threshold")
     vote: str = setting("majority", "select=vote: majority (self-consistency) | hierarchical (ttt_lora's vote)")
     top_per_group: int = setting(3, "vote=hierarchical: answers kept per transform category")
