@@ -59,31 +59,31 @@ class SamplingConfig(LoRASettings):
     search: str = setting("sample", "how candidates are made: sample (temperature sampling) | dfs (all above threshold)")
     select: str = setting("poe", "how the 2 attempts are chosen: vote | poe (product of experts, Franzen et al.)")
     adapt: str = setting("none", "none | ttt (first train a per-task LoRA as ttt_lora does, with the LoRA settings here)")
-    max_examples: int = setting(250, "adapt=ttt: augmented leave-one-out examples per task (paper: 250)")
+    max_examples: int = setting(250, "adapt=ttt: augmented leave-one-out examples per task (paper: 250)", at_least=1)
     transforms: list = setting(["identity", "rot90", "transpose", "flip_h"],
                                "views of the task (paper: 16 augmented views for DFS and scoring)")
-    orders: int = setting(1, "demonstration orders per view")
+    orders: int = setting(1, "demonstration orders per view", at_least=1)
     # 0 by default: a method compared on equal compute should be able to spend it.  A fixed 2 per
     # view spent ~2% of a 2e12-FLOP cap on gen-eval, and a ceiling of 32 per view stopped all 40
     # tasks of the default experiment at 19% of that cap.
-    samples: int = setting(0, "search=sample: samples per view; 0 = as many as the budget pays for, up to max_samples (self-consistency papers use 20-40 in all)")
-    max_samples: int = setting(256, "search=sample with samples=0: samples per view at most (and without a FLOP budget)")
-    prompt_copies: int = setting(4, "search=sample: answers drawn from one reading of a view's prompt (its KV cache copied), per round over the views; 1 reads the prompt for every sample")
-    temperature: float = setting(1.0, "search=sample: sampling temperature")
-    top_p: float = setting(0.95, "search=sample: nucleus (top-p) cut-off")
+    samples: int = setting(0, "search=sample: samples per view; 0 = as many as the budget pays for, up to max_samples (self-consistency papers use 20-40 in all)", at_least=0)
+    max_samples: int = setting(256, "search=sample with samples=0: samples per view at most (and without a FLOP budget)", at_least=1)
+    prompt_copies: int = setting(4, "search=sample: answers drawn from one reading of a view's prompt (its KV cache copied), per round over the views; 1 reads the prompt for every sample", at_least=1)
+    temperature: float = setting(1.0, "search=sample: sampling temperature", at_least=0)
+    top_p: float = setting(0.95, "search=sample: nucleus (top-p) cut-off", at_least=0, at_most=1)
     threshold: float = setting(0.09, "search=dfs: keep completions with probability above this (paper: 0.09)")
-    max_forwards: int = setting(600, "search=dfs: model calls per view at most (the search stops there)")
+    max_forwards: int = setting(600, "search=dfs: model calls per view at most (the search stops there)", at_least=1)
     fill_views: bool = setting(True, "search=dfs, under a cap: after the configured views, search more (8 dihedral transforms x colour "
                                      "permutations x demonstration orders, as the paper draws its views) while the budget pays",
                                before=False)
-    max_views: int = setting(512, "search=dfs with fill_views: views searched per test input at most", before=512)
+    max_views: int = setting(512, "search=dfs with fill_views: views searched per test input at most", before=512, at_least=1)
     keep_greedy: bool = setting(True, "search=dfs: also keep each view's greedy answer when below the threshold")
     vote: str = setting("majority", "select=vote: majority (self-consistency) | hierarchical (ttt_lora's vote)")
-    top_per_group: int = setting(3, "vote=hierarchical: answers kept per transform category")
-    max_scored: int = setting(8, "select=poe: distinct candidates scored per test input, the most probable under the view that produced them first")
-    reserve_scored: int = setting(2, "select=poe: generation stops early enough to score this many candidates in every view")
-    ttt_share: float = setting(0.5, "adapt=ttt: share of the task's budget held back from training")
-    decode_batch_size: int = setting(16, "sequences decoded or scored together")
+    top_per_group: int = setting(3, "vote=hierarchical: answers kept per transform category", at_least=1)
+    max_scored: int = setting(8, "select=poe: distinct candidates scored per test input, the most probable under the view that produced them first", at_least=1)
+    reserve_scored: int = setting(2, "select=poe: generation stops early enough to score this many candidates in every view", at_least=0)
+    ttt_share: float = setting(0.5, "adapt=ttt: share of the task's budget held back from training", at_least=0, at_most=1)
+    decode_batch_size: int = setting(16, "sequences decoded or scored together", at_least=1)
 
     def __post_init__(self):
         super().__post_init__()
@@ -91,10 +91,6 @@ class SamplingConfig(LoRASettings):
                              ("adapt", ("none", "ttt")), ("vote", ("majority", "hierarchical"))):
             if getattr(self, key) not in allowed:
                 raise MethodError(f"--set {key}={getattr(self, key)}: expected one of {', '.join(allowed)}")
-        if self.samples < 0 or self.max_samples < 1:
-            raise MethodError(f"--set samples={self.samples}, max_samples={self.max_samples}: expected samples >= 0 and max_samples >= 1")
-        if self.prompt_copies < 1:
-            raise MethodError(f"--set prompt_copies={self.prompt_copies}: expected at least 1")
         if not 0 < self.threshold < 1:
             raise MethodError(f"--set threshold={self.threshold}: expected a probability between 0 and 1")
         try:

@@ -31,7 +31,7 @@ from tta.training.finetune import HeldOutCheck, LoRASettings, new_adapter, train
 
 @dataclass
 class TTTConfig(LoRASettings, ViewSettings):
-    max_examples: int = setting(250, "augmented leave-one-out examples per task (paper: 250)")
+    max_examples: int = setting(250, "augmented leave-one-out examples per task (paper: 250)", at_least=1)
 
 
 @register("ttt_lora")

@@ -199,3 +199,34 @@ def test_select_on_demo_without_checks_is_one_line(tasks_dir):
     result = invoke("run", "--method", "ttt_full", "--set", "select_on_demo=true", "--set", "checks=0",
                     "--dataset", tasks_dir, "--quiet")
     assert_one_line(result, "checks=0", "at least 1")
+
+
+@pytest.mark.parametrize("method, bad", [("icl", "max_views=0"), ("ttt_lora", "warmup_ratio=1.5"),
+                                         ("sampling", "top_p=2"), ("sampling", "max_forwards=0"),
+                                         ("ttt_full", "epochs=0"), ("less", "proj_dim=0")])
+def test_a_setting_outside_its_range_is_one_line_before_any_work(method, bad):
+    """Fails if a value a setting cannot take (no views, a share above 1, no steps) reaches the
+    run, where it used to run silently or fail inside every task."""
+    with pytest.raises(MethodError) as error:
+        make_config(get_method(method), [bad])
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(f"--set {bad.split('=')[0]}=") and "expected" in message
+
+
+def test_a_plugin_setting_declares_its_own_range():
+    """Fails if the range check only knows the built-in methods' settings."""
+    from dataclasses import dataclass
+    from tta.method import Method, register, setting
+
+    @dataclass
+    class RangedConfig:
+        tries: int = setting(3, "attempts", at_least=1, at_most=5)
+
+    @register("test_ranged")
+    class Ranged(Method):
+        Config = RangedConfig
+        needs_model = False
+
+    assert make_config(Ranged, ["tries=5"]).tries == 5
+    with pytest.raises(MethodError, match=r"tries=6: expected between 1 and 5"):
+        make_config(Ranged, {"tries": 6})   # an experiment file's table

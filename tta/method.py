@@ -25,7 +25,7 @@ import numpy as np
 
 from tta.budget import TaskBudget
 from tta.model.loading import LoadedModel
-from tta.settings import setting  # noqa: F401  (re-exported: methods import it from here)
+from tta.settings import out_of_range, setting  # noqa: F401  (setting re-exported: methods import it from here)
 from tta.data.tasks import Task
 
 REGISTRY: dict[str, type["Method"]] = {}
@@ -295,9 +295,13 @@ def make_config(cls: type[Method], overrides: list[str] | dict | None = None):
         except (ValueError, json.JSONDecodeError) as e:
             raise MethodError(f"{flag}{key}={value}: {e}") from None
     try:
-        return cls.Config(**values)
+        config = cls.Config(**values)
     except ValueError as e:   # a config's own check (e.g. an unknown transform name)
         raise MethodError(f"{cls.name}: {e}") from None
+    problem = out_of_range(config) if dataclasses.is_dataclass(config) else None
+    if problem:
+        raise MethodError(f"{flag}{problem}")
+    return config
 
 
 def describe(cls: type[Method]) -> list[tuple[str, str, object, str]]:

@@ -27,13 +27,13 @@ class ViewSettings:
     """Augmented inference settings, shared by every method that predicts this way."""
     transforms: list = setting(["identity", "rot90", "rot180", "flip_h", "flip_v", "transpose"],
                                "configured views (paper: identity, rot90/180, three flips)")
-    orders: int = setting(2, "demonstration orders per configured view (paper: 2)")
+    orders: int = setting(2, "demonstration orders per configured view (paper: 2)", at_least=1)
     leave_one_out_prompts: bool = setting(False, "also prompt every configured view with each demonstration left out (the reference code's inference does)")
     vote: str = setting("hierarchical", "hierarchical: the reference code's vote (a candidate scores one point per transform whose top answers it is among, plus one for the all-views top) | majority: plain self-consistency")
-    top_per_group: int = setting(3, "answers kept per transform category in the hierarchical vote (paper: 3)")
+    top_per_group: int = setting(3, "answers kept per transform category in the hierarchical vote (paper: 3)", at_least=1)
     fill_views: bool = setting(True, "under a cap, spend what is left on more views (8 dihedral transforms x colour permutations x demonstration orders) until it runs out")
-    max_views: int = setting(512, "views per test input at most when filling (the method records when it stops here)")
-    decode_batch_size: int = setting(16, "prompts decoded together")
+    max_views: int = setting(512, "views per test input at most when filling (the method records when it stops here)", at_least=1)
+    decode_batch_size: int = setting(16, "prompts decoded together", at_least=1)
 
     def __post_init__(self) -> None:
         if self.vote not in ("hierarchical", "majority"):
