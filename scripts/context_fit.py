@@ -15,6 +15,16 @@ from tta.inference.predict import answer_room, fit_prompt
 from tta.model.loading import load_model
 
 
+def kept_smallest_first(fmt, demos: list, query, max_len: int) -> int:
+    """Demonstrations that fit when the largest are dropped first (the others in their order)."""
+    bare = len(fmt.encode([], query))
+    by_size = sorted(range(len(demos)), key=lambda i: len(fmt.encode([demos[i]], query)) - bare)
+    for keep in range(len(demos), -1, -1):
+        if len(fmt.encode([demos[i] for i in sorted(by_size[:keep])], query)) <= max_len:
+            return keep
+    return 0
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--dataset", default="arc1-eval")
@@ -23,6 +33,7 @@ def main():
     lm = load_model("default", device="cpu")
     tasks = load_dataset(args.dataset).tasks
     whole, dropped = [], Counter()
+    demos_of_long = kept_from_end = kept_if_smallest = 0   # over the tasks that do not fit whole
     for task in tasks:
         room = answer_room(lm.format, task)
         longest = max(len(lm.format.encode(list(task.train), pair.input)) for pair in task.test) + room
@@ -33,6 +44,10 @@ def main():
             dropped["cannot attempt (the query alone does not fit)"] += 1
         elif not kept:
             dropped["demonstrations dropped to fit"] += 1
+            demos_of_long += len(task.train)
+            kept_from_end += sum(1 for k in range(1, len(task.train) + 1)   # prefixes that fit
+                                 if len(lm.format.encode(list(task.train)[:k], task.test[0].input)) <= lm.max_context - room)
+            kept_if_smallest += kept_smallest_first(lm.format, list(task.train), task.test[0].input, lm.max_context - room)
         else:
             dropped["whole"] += 1
     n = len(tasks)
@@ -41,6 +56,9 @@ def main():
         k = sum(t <= context for t in whole)
         print(f"  fit {context:5d} tokens whole: {k:3d} / {n} = {k / n:.0%}")
     print(f"at the embedded model's context ({lm.max_context}): " + ", ".join(f"{v} {k}" for k, v in dropped.items()))
+    if demos_of_long:
+        print(f"demonstrations kept in the tasks that do not fit (first test input): {kept_from_end} of "
+              f"{demos_of_long} dropping from the end (fit_prompt), {kept_if_smallest} dropping the largest first")
 
 
 if __name__ == "__main__":
