@@ -125,7 +125,8 @@ def dfs_many(lm: LoadedModel, prompts: list[list[int]], budget=None, threshold: 
     """`dfs` of every prompt (arguments as there), up to `batch_size` searches side by side: each
     model call expands the next node of every search in the batch, each at its own depth, so a
     call costs little more than one search's (the fast decoder's `step_at`; through the model's
-    forward, one prompt at a time).  Each search visits exactly the nodes it would alone.
+    forward, one prompt at a time).  Each search visits the nodes it would alone (up to a node
+    whose probability the batched products' rounding moves across the threshold).
 
     Under a cap the searches of a batch advance together, so a cut shares the budget among the
     batch's prompts (a depth-first search finds its greedy answer first) instead of finishing the
@@ -228,7 +229,8 @@ def _expand(searches: list[_Search], logits: torch.Tensor, eos_id: int, max_nll:
     nll = -torch.log_softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
     node_nll = torch.tensor([s.node.nll for s in searches], device=nll.device)
     best = nll.argmin(dim=-1)
-    # One trip to the host for every row: the tokens kept, and each row's best token.
+    # Read back for all rows at once (a few host reads a step, not a few per row): the tokens
+    # kept, their NLLs, and each row's best token.
     rows, tokens = torch.nonzero(node_nll[:, None] + nll < max_nll, as_tuple=True)
     kept = list(zip(rows.tolist(), tokens.tolist(), nll[rows, tokens].tolist()))
     best_nll = nll.gather(1, best[:, None]).squeeze(1).tolist()
