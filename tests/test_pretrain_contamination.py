@@ -1,14 +1,16 @@
 import json
+import math
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from tta.data import contamination
 from tta.data import synthetic as generate
 from tta.cli import main
 from tta.model.loading import load_model
-from tta.training.pretrain import PretrainConfig, load_training_tasks, pretrain
+from tta.training.pretrain import PretrainConfig, learning_rate, load_training_tasks, pretrain
 from tta.data.tasks import TaskError
 from tta.data.datasets import load_dataset, select
 
@@ -112,3 +114,34 @@ def test_gen_train_large_has_more_seeds_of_the_same_rules_and_none_of_the_eval_s
     assert generate.size("gen-train-large") == len(large) == 41_000 and set(small) < set(large)
     assert {name for name, _ in large} == {name for name, _ in small}
     assert max(seed for _, seed in large) < generate.EVAL_SEED_START
+
+
+def test_a_loss_gone_nan_rolls_back_to_the_last_good_weights_with_half_the_learning_rate(tmp_path, monkeypatch):
+    """Fails if a diverging step ends the run (a one-shot GPU run would keep only its last
+    checkpoint), if the weights it broke survive the rollback, or if the run goes on at the
+    learning rate that diverged."""
+    import tta.training.pretrain as pretraining
+    real_step, calls = pretraining.training_step, []
+
+    def diverging_step(model, optimizer, batch, clip_norm):
+        calls.append(1)
+        loss = real_step(model, optimizer, batch, clip_norm=clip_norm)
+        if len(calls) == 7:   # inside the second logged window: the weights go bad as in a real blow-up
+            with torch.no_grad():
+                next(model.parameters()).fill_(float("nan"))
+            return torch.tensor(float("nan"))
+        return loss
+
+    monkeypatch.setattr(pretraining, "training_step", diverging_step)
+    config = PretrainConfig(data=["gen-train"], exclude=["gen-eval"], size="tiny", steps=12, lr=5e-3,
+                            tokens_per_batch=2048, max_len=512, log_every=4, checkpoint_minutes=100)
+    logs = []
+    state = pretrain(config, tmp_path / "model", device="cpu", log=logs.append)
+    assert state["step"] == 12 and len(calls) == 12 + 4   # steps 5-8 ran twice
+    assert state["rollbacks"] == [{"loss": "nan", "at_step": 8, "back_to_step": 4, "lr_scale": 0.5}]
+    assert all(math.isfinite(p["loss"]) for p in state["curve"]) and [p["step"] for p in state["curve"]] == [4, 8, 12]
+    after = state["curve"][1]   # logged at step 8 on the second try, at half the schedule's rate
+    assert after["lr"] == pytest.approx(0.5 * learning_rate(config, 7 / 12))
+    model = load_model(str(tmp_path / "model"), device="cpu").model
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert any("back to step 4" in line for line in logs)
