@@ -5,9 +5,8 @@ long tasks (teacher-forced, mean NLL per answer token) twice: with the demonstra
 2,048 tokens (dropped from the end, as `fit_prompt` does) and with those that fit `--context`.
 
 Tasks: the development tasks that need more than 2,048 tokens and keep more demonstrations at
-the longer context.  They are drawn from ARC-AGI-2 training tasks the embedded model never saw:
-those that share no task with its pretraining data (`training_data.json`: ARC-AGI-1 training,
-generated tasks) and none with an evaluation set (arc1-eval, arc2-eval, arc1-heldout).
+the longer context, from `arc2-new`: ARC-AGI-2 training tasks in no ARC-AGI-1 set and not in
+ARC-AGI-2 evaluation, none of them in the embedded model's pretraining data.
 
     python scripts/longer_context.py --context 4096 --out reports/runs/levers/longer-context-4096.json
 """
@@ -32,11 +31,11 @@ TRAINED_CONTEXT = 2048
 
 
 def unseen_arc2_training_tasks():
-    tasks = load_dataset("arc2-train").tasks
-    evaluated = [t for name in ("arc1-eval", "arc2-eval", "arc1-heldout") for t in load_dataset(name).tasks]
-    in_evaluation = contamination.to_drop(tasks, evaluated)
+    """arc2-new (ARC-AGI-2 training tasks in no ARC-AGI-1 set and not in ARC-AGI-2 evaluation),
+    checked against what the embedded model was trained on."""
+    tasks = load_dataset("arc2-new").tasks
     seen = set(contamination.overlap(contamination.read_training_data(DEFAULT_MODEL_DIR / "training_data.json"), tasks))
-    return [t for t in tasks if t.id not in in_evaluation and t.id not in seen]
+    return [t for t in tasks if t.id not in seen]
 
 
 def main():

