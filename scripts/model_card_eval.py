@@ -1,5 +1,6 @@
 """Writes the Evaluation section of the embedded model's card (tta/default_model/README.md)
 from run directories made by scripts/reproduce_reports.sh; every number comes from those runs."""
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -28,6 +29,17 @@ RUNS = [  # (what, run directory)
 ]
 
 
+def method_label(manifest: dict) -> str:
+    """The method, with the settings where the run differs from the method's defaults today
+    (a default changed since the run, e.g. ttt_lora's learning rate): its command alone would
+    no longer reproduce it."""
+    from tta.method import discover, get_method, make_config
+    discover()
+    defaults = dataclasses.asdict(make_config(get_method(manifest["method"]), []))
+    changed = {k: v for k, v in manifest["config"].items() if k in defaults and defaults[k] != v}
+    return manifest["method"] + "".join(f" (`{k}={v}`)" for k, v in sorted(changed.items()))
+
+
 def fmt(x, digits=3):
     return "-" if x != x else f"{x:.{digits}f}"
 
@@ -44,7 +56,7 @@ def main():
         manifest = json.loads(Path(path, "manifest.json").read_text())
         acc = accuracy_table(load_runs([path])).iloc[0]
         budget = manifest["budget"]["flops"]
-        rows.append(f"| {what} | {manifest['method']} | {'%.0e' % budget if budget else 'none'} | {acc['n_tasks']} | "
+        rows.append(f"| {what} | {method_label(manifest)} | {'%.0e' % budget if budget else 'none'} | {acc['n_tasks']} | "
                     f"{acc['n_solved_tasks']}/{acc['n_tasks']} [{100 * acc['all_outputs_lo']:.1f}%, {100 * acc['all_outputs_hi']:.1f}%] | "
                     f"{fmt(acc['shape_ok'], 2)} | {fmt(acc['cell_acc'])} | {fmt(acc['nll'])} | {fmt(acc['token_acc'])} | "
                     f"{acc['flops_mean']:.2e} | {acc['seconds_mean']:.1f} | `{manifest['command']}` |")
@@ -53,7 +65,8 @@ def main():
     text = ("Measured on a 2-core CPU; each row is one run directory, made by the command shown "
             "(all of them: `scripts/reproduce_reports.sh`; two jobs side by side, each pinned to one core with one thread, so seconds are one core's). Exact = every test output right in "
             "one of two attempts; graded metrics as in `tta compare` (cell accuracy is 0 for a wrong shape; "
-            "NLL and token accuracy are the true answer's, teacher-forced, per token).\n\n" + "\n".join(rows) + "\n")
+            "NLL and token accuracy are the true answer's, teacher-forced, per token). A method shown with "
+            "settings ran with those values where today's defaults differ (add them as `--set` to its command).\n\n" + "\n".join(rows) + "\n")
     if headline is not None:
         met = 0.10 <= headline["all_outputs"] <= 0.60
         text += (f"\nIn-context exact accuracy on gen-eval: {headline['n_solved_tasks']}/{headline['n_tasks']} = "
