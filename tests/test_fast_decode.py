@@ -76,20 +76,19 @@ def _forward_last_logits(model, sequence: list[int]) -> torch.Tensor:
         return model(input_ids=torch.tensor([sequence]), position_ids=torch.arange(len(sequence))[None]).logits[0, -1].float()
 
 
-def test_rows_at_their_own_depths_get_the_logits_of_their_own_prefix():
+def test_rows_at_their_own_depths_get_the_logits_of_their_own_prefix(monkeypatch):
     """`step_at`, as a depth-first search drives it: rows of different prompt lengths, at
     different depths, backtracking (a slot written again) and rows dropped on the way.  Fails if
     a row attends to a slot of an abandoned branch or beyond its depth, to another row's slots,
-    to the pads after its prompt, or if dropping rows mixes up the survivors' caches."""
+    to the pads after its prompt, if dropping rows mixes up the survivors' caches, or if a slot
+    no row wrote yet (row 1 at slot 0 while row 0 is at slot 2) leaks what the allocator left
+    there: uninitialised memory is NaN here, as it can be."""
     model = _llama(2)
     prompts = [[1, 2, 3, 4, 5, 6, 7], [1, 8, 9], [4, 4, 2, 7, 1]]
     rows, length = len(prompts), max(map(len, prompts))
     ids = torch.zeros(rows, length, dtype=torch.long)
     for r, p in enumerate(prompts):
         ids[r, :len(p)] = torch.tensor(p)
-    fast = FastDecoder(model)
-    fast.read_prompts(ids, torch.arange(length).expand(rows, -1), torch.tensor([len(p) - 1 for p in prompts]), length + 2)
-    paths = [[] for _ in prompts]   # each row's answer tokens so far, as the cache should hold them
     # (row, slot, token) per step: row 0 goes deep and backtracks to slot 1; row 1 backtracks to
     # slot 0 twice; row 2 is dropped after the third step.  Slot 4 outgrows the buffers.
     schedule = [[(0, 0, 3), (1, 0, 5), (2, 0, 9)],
@@ -99,17 +98,25 @@ def test_rows_at_their_own_depths_get_the_logits_of_their_own_prefix():
                 [(0, 2, 15), (1, 0, 1)],
                 [(0, 3, 2), (1, 1, 8)],
                 [(0, 4, 3), (1, 2, 9)]]
-    alive = [0, 1, 2]
-    for moves in schedule:
-        if [r for r, _, _ in moves] != alive:
-            fast.keep_rows([alive.index(r) for r, _, _ in moves])
-            alive = [r for r, _, _ in moves]
-        for r, slot, token in moves:
-            paths[r] = paths[r][:slot] + [token]
-        ours = fast.step_at(torch.tensor([t for _, _, t in moves]),
-                            torch.tensor([len(prompts[r]) + slot for r, slot, _ in moves]), [slot for _, slot, _ in moves])
-        for row, (r, _, _) in enumerate(moves):
-            theirs = _forward_last_logits(model, prompts[r] + paths[r])
+    empty = torch.empty
+    with monkeypatch.context() as patched:
+        patched.setattr(torch, "empty", lambda *shape, **kw: empty(*shape, **kw).fill_(float("nan")))
+        fast = FastDecoder(model)
+        fast.read_prompts(ids, torch.arange(length).expand(rows, -1), torch.tensor([len(p) - 1 for p in prompts]), length + 2)
+        paths = [[] for _ in prompts]   # each row's answer tokens so far, as the cache should hold them
+        alive, steps = [0, 1, 2], []
+        for moves in schedule:
+            if [r for r, _, _ in moves] != alive:
+                fast.keep_rows([alive.index(r) for r, _, _ in moves])
+                alive = [r for r, _, _ in moves]
+            for r, slot, token in moves:
+                paths[r] = paths[r][:slot] + [token]
+            ours = fast.step_at(torch.tensor([t for _, _, t in moves]),
+                                torch.tensor([len(prompts[r]) + slot for r, slot, _ in moves]), [slot for _, slot, _ in moves])
+            steps.append((moves, ours, [list(paths[r]) for r, _, _ in moves]))
+    for moves, ours, row_paths in steps:
+        for row, ((r, _, _), path) in enumerate(zip(moves, row_paths)):
+            theirs = _forward_last_logits(model, prompts[r] + path)
             assert (ours[row] - theirs).abs().max() < 0.05 * theirs.std(), (moves, r)
 
 

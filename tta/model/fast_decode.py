@@ -230,8 +230,11 @@ class FastDecoder:
     def _reserve(self, rows: int, room: int, device) -> None:
         """Buffers for `room` generated positions per row, keeping those generated so far."""
         own = self.length - self.prompt_length
-        keys = [torch.empty((rows, self.kv_heads, self.head_dim, room), device=device) for _ in self.layers]
-        values = [torch.empty((rows, self.kv_heads, room, self.head_dim), device=device) for _ in self.layers]
+        # Zeros, not uninitialised memory: `step_at` reads every row's slots up to the deepest row's,
+        # and a masked slot still enters the weighted sum of values with weight 0 -- 0 x NaN left
+        # there by the allocator is NaN (it made searches lose nodes at random).
+        keys = [torch.zeros((rows, self.kv_heads, self.head_dim, room), device=device) for _ in self.layers]
+        values = [torch.zeros((rows, self.kv_heads, room, self.head_dim), device=device) for _ in self.layers]
         if own:
             repeat = rows // self.keys[0].shape[0]
             for new, old in zip(keys, self.keys):
@@ -266,14 +269,24 @@ class FastDecoder:
         if own >= self.values[0].shape[2]:
             self._reserve(self.prompts * self.copies, 2 * (own + 1), ids.device)
         self.length += 1
-        cos, sin = self._rotary(positions[:, None])   # (rows, 1, dim): every head
         masked = ~allowed[:, : self.length].bool().view(self.prompts, 1, self.copies, 1, self.length)
+
+        def write(i: int, k: torch.Tensor, v: torch.Tensor) -> None:   # every row at the same slot
+            self.keys[i][..., own] = k
+            self.values[i][:, :, own] = v
+
+        return self._decode(ids, positions, masked, own + 1, write)
+
+    def _decode(self, ids: torch.Tensor, positions: torch.Tensor, masked: torch.Tensor, own: int, write) -> torch.Tensor:
+        """One new token per row through every layer: `write(i, keys, values)` puts the token's
+        rotated key and its value into layer i's cache, then the query attends to the first `own`
+        generated slots and the prompt, except where `masked`.  Next-token logits, fp32."""
+        cos, sin = self._rotary(positions[:, None])   # (rows, 1, dim): every head
         x = self.embed[ids].float()   # fp32 residual stream, as under autocast
         for i, layer in enumerate(self.layers):
             q, k, v = self._split_heads(F.linear(layer["norm1"](x).to(BF16), layer["qkv"]))
-            self.keys[i][..., own] = k * cos + _rotate_half(k) * sin
-            self.values[i][:, :, own] = v
-            attended = self._attend(q * cos + _rotate_half(q) * sin, i, masked, own + 1)
+            write(i, k * cos + _rotate_half(k) * sin, v)
+            attended = self._attend(q * cos + _rotate_half(q) * sin, i, masked, own)
             x = self._mlp(x + F.linear(attended.to(BF16), layer["out"]), layer)
         return F.linear(self.final_norm(x), self.head)
 
@@ -296,12 +309,9 @@ class FastDecoder:
         masked = torch.cat([torch.arange(self.prompt_length, device=ids.device)[None, :] > self.last[:, None],
                             torch.arange(own, device=ids.device)[None, :] > slot[:, None]], dim=1)
         masked = masked.view(self.prompts, 1, 1, 1, -1)
-        cos, sin = self._rotary(positions[:, None])
-        x = self.embed[ids].float()
-        for i, layer in enumerate(self.layers):
-            q, k, v = self._split_heads(F.linear(layer["norm1"](x).to(BF16), layer["qkv"]))
-            self.keys[i][rows, :, :, slot] = k * cos + _rotate_half(k) * sin
+
+        def write(i: int, k: torch.Tensor, v: torch.Tensor) -> None:   # each row at its own slot
+            self.keys[i][rows, :, :, slot] = k
             self.values[i][rows, :, slot] = v.float()   # an indexed write does not cast as a slice does
-            attended = self._attend(q * cos + _rotate_half(q) * sin, i, masked, own)
-            x = self._mlp(x + F.linear(attended.to(BF16), layer["out"]), layer)
-        return F.linear(self.final_norm(x), self.head)
+
+        return self._decode(ids, positions, masked, own, write)
