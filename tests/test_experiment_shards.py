@@ -22,6 +22,16 @@ def test_experiment_runs_every_cell_resumes_and_reports(tmp_path):
     assert (tmp_path / "runs" / "tiny" / "copy_input-uncapped-seed0" / "results.jsonl").read_text() == first
 
 
+def test_experiment_over_cells_of_another_plan_names_the_runs_option(tmp_path):
+    plan = tmp_path / "tiny.toml"
+    plan.write_text('name = "tiny"\ndataset = "gen-eval"\nlimit = 3\n[methods.copy_input]\n')
+    run_experiment(plan, tmp_path / "runs", tmp_path / "reports", progress=False, log=lambda _: None)
+    plan.write_text('name = "tiny"\ndataset = "gen-eval"\nlimit = 4\n[methods.copy_input]\n')
+    with pytest.raises(RunError, match=r"copy_input-f5e11-seed0: holds a run with a different task_ids; "
+                                       r"run the experiment with another --runs"):
+        run_experiment(plan, tmp_path / "runs", tmp_path / "reports", progress=False, log=lambda _: None)
+
+
 def test_bad_experiment_files(tmp_path):
     (tmp_path / "a.toml").write_text("name = [")
     with pytest.raises(RunError, match="not valid TOML"):

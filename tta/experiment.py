@@ -28,7 +28,7 @@ from pathlib import Path
 from tta.budget import DEFAULT_FLOPS, Budget
 from tta.method import MethodError, get_method, load_plugins, make_config
 from tta.run.runner import DirectoryBusy, RunError, RunSpec, run
-from tta.run.solve import method_label
+from tta.run.solve import DifferentRun, method_label
 
 
 @dataclass
@@ -126,6 +126,11 @@ def run_experiment(path: Path, runs_root: Path = Path("runs"), reports_root: Pat
         log(f"== {cell.directory(root)}")
         try:
             run_cell(cell, wait=False)
+        except DifferentRun as e:
+            # A cell made before a default changed: the user picks the runs root, not the cell's
+            # directory, so say so in the experiment's terms.
+            raise DifferentRun(e.out, e.detail, "run the experiment with another --runs "
+                               "(the cells already there stay as they are)") from None
         except DirectoryBusy as e:
             log(f"   busy, coming back to it last: {e}")
             busy.append(cell)

@@ -34,6 +34,15 @@ class RunError(ValueError):
     """A run that cannot start or resume; the message is one line."""
 
 
+class DifferentRun(RunError):
+    """The run directory holds a run whose identity (method, config, data, model, budget, seed)
+    differs from the one asked for, so resuming it would mix two runs."""
+
+    def __init__(self, out: Path, detail: str, advice: str = "use another --out to start a new run"):
+        self.out, self.detail = out, detail
+        super().__init__(f"{out}: holds a run with a different {detail}; {advice}")
+
+
 @dataclass
 class RunSpec:
     method: str
@@ -100,7 +109,7 @@ def check_resumable(existing: dict, new: dict, out: Path, config_cls=None) -> No
                 changed = sorted(k for k in set(existing["config"]) | set(new["config"])
                                  if existing["config"].get(k) != new["config"].get(k))
                 detail = f"config ({', '.join(changed)})"
-            raise RunError(f"{out}: holds a run with a different {detail}; use another --out to start a new run")
+            raise DifferentRun(out, detail)
 
 
 # ---------------------------------------------------------------- one task
