@@ -24,6 +24,24 @@ def test_leave_one_out_data_is_distinct_capped_and_holds_out_the_query():
     assert 0 < len(small) < 1000   # leave-two-out added, still finite and distinct
 
 
+def test_shorten_to_fit_trains_a_task_too_long_for_leave_one_out_on_shorter_contexts():
+    from tta.model.encoding import CompactFormat, make_grid_tokenizer
+    fmt = CompactFormat(make_grid_tokenizer())
+    task = flip_task(n_train=4, size=6)
+    pair_alone = len(fmt.encode([], task.train[0].input, task.train[0].output))
+    two_pairs = len(fmt.encode([task.train[1]], task.train[0].input, task.train[0].output))
+    max_len = (pair_alone + two_pairs) // 2        # one pair fits, no pair with a demonstration before it
+    assert leave_one_out_examples(task, fmt, np.random.default_rng(0), 50, max_len=max_len) == []
+    shortened = leave_one_out_examples(task, fmt, np.random.default_rng(0), 50, max_len=max_len, shorten_to_fit=True)
+    assert shortened and all(len(e.encoded) <= max_len for e in shortened)
+    assert {len(e.held_out) for e in shortened} == {4}                 # every demonstration out: the pair alone
+    assert len({e.held_out[0] for e in shortened}) == 4                # each demonstration is a query
+    # Where leave-one-out fits, the setting changes nothing (same draws, same sequences).
+    fits = [e.encoded.input_ids for e in leave_one_out_examples(task, fmt, np.random.default_rng(1), 20)]
+    same = [e.encoded.input_ids for e in leave_one_out_examples(task, fmt, np.random.default_rng(1), 20, shorten_to_fit=True)]
+    assert fits == same
+
+
 def test_ttt_lowers_the_true_answer_nll_and_reset_restores_the_base():
     lm = load_model("random:tiny", device="cpu")
     base = {k: v.clone() for k, v in lm.model.state_dict().items()}

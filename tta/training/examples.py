@@ -29,12 +29,14 @@ class Example:
     augmentation: str
 
 
-def leave_out_splits(task: Task, max_left_out: int = 2) -> list[tuple[tuple[int, ...], list[Pair], Pair]]:
-    """(left-out indices, context demonstrations, query pair): leave-one-out first, then leave-two-out."""
+def leave_out_splits(task: Task, max_left_out: int = 2, min_context: int = 1
+                     ) -> list[tuple[tuple[int, ...], list[Pair], Pair]]:
+    """(left-out indices, context demonstrations, query pair): leave-one-out first, then leave-two-out,
+    and so on up to `max_left_out`, keeping at least `min_context` demonstrations in the context."""
     n = len(task.train)
     splits = []
     for k in range(1, max_left_out + 1):
-        if n - k < 1:
+        if n - k < min_context:
             break
         for left_out in combinations(range(n), k):
             for query in left_out:   # each left-out demonstration may be the query
@@ -50,12 +52,28 @@ def _content_key(task: Task) -> tuple:
 def leave_one_out_examples(task: Task, fmt, rng: np.random.Generator, max_examples: int = 250,
                            max_len: int = 4096, transforms: list | None = None,
                            permute_colours: bool = True, shuffle_demos: bool = True,
-                           learn_demo_outputs: bool = True) -> list[Example]:
-    """Up to `max_examples` distinct augmented leave-one-out sequences of `task`."""
+                           learn_demo_outputs: bool = True, shorten_to_fit: bool = False) -> list[Example]:
+    """Up to `max_examples` distinct augmented leave-one-out sequences of `task`.
+
+    With `shorten_to_fit`, a task none of whose leave-one- or leave-two-out sequences fits
+    `max_len` (big grids) is trained on sequences with fewer demonstrations in the context, down
+    to a demonstration pair alone, instead of on nothing."""
     transforms = [IDENTITY] + (training_transforms() if transforms is None else list(transforms))
     splits = leave_out_splits(task, max_left_out=1)
     if len(splits) * len(transforms) < max_examples:
         splits = leave_out_splits(task, max_left_out=2)
+    examples = _augmented(task, fmt, rng, splits, transforms, max_examples, max_len, permute_colours,
+                          shuffle_demos, learn_demo_outputs)
+    if not examples and shorten_to_fit:
+        tried = {left_out for left_out, _, _ in splits}
+        shorter = [s for s in leave_out_splits(task, max_left_out=len(task.train), min_context=0) if s[0] not in tried]
+        examples = _augmented(task, fmt, rng, shorter, transforms, max_examples, max_len, permute_colours,
+                              shuffle_demos, learn_demo_outputs)
+    return examples
+
+
+def _augmented(task: Task, fmt, rng: np.random.Generator, splits: list, transforms: list, max_examples: int,
+               max_len: int, permute_colours: bool, shuffle_demos: bool, learn_demo_outputs: bool) -> list[Example]:
     examples, seen = [], set()
     # Every (split, transform) once, in a seeded order, each with fresh colours and demo order.
     candidates = [(s, t) for s in splits for t in transforms]
