@@ -26,6 +26,7 @@ from methods.sampling import poe_rank  # noqa: E402
 from tta.budget import Budget, Meter  # noqa: E402
 from tta.data.augment import transforms_from_names  # noqa: E402
 from tta.data.datasets import load_dataset  # noqa: E402
+from tta.data.tasks import TaskError  # noqa: E402
 from tta.data.tasks import grid_key  # noqa: E402
 from tta.inference.predict import decode_augmented  # noqa: E402
 from tta.inference.voting import hierarchical_vote  # noqa: E402
@@ -56,13 +57,17 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
+    try:
+        tasks = load_dataset(args.dataset).tasks[: args.limit]
+    except TaskError as e:
+        parser.error(str(e))
     torch.set_num_threads(1)
     discover()
     cls = get_method(args.method)
     lm = load_model("default", device="cpu")
     method = cls(make_config(cls, []), lm, args.seed)
     rows = []
-    for task in load_dataset(args.dataset).tasks[: args.limit]:
+    for task in tasks:
         seed = task_seed(args.seed, task.id)
         seed_everything(seed)
         meter = Meter(Budget(flops=args.budget_flops))

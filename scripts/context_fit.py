@@ -16,6 +16,7 @@ from collections import Counter
 import numpy as np
 
 from tta.data.datasets import load_dataset, select
+from tta.data.tasks import TaskError
 from tta.inference.predict import answer_room, fit_prompt
 from tta.model.loading import load_model
 from tta.training.examples import leave_one_out_examples
@@ -31,16 +32,25 @@ def kept_smallest_first(fmt, demos: list, query, max_len: int) -> int:
     return 0
 
 
+def positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return int(text)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--dataset", default="arc1-eval")
-    parser.add_argument("--sample", type=int, help="N tasks spread over the ids, as `tta run --sample`")
+    parser.add_argument("--sample", type=positive, help="N tasks spread over the ids, as `tta run --sample`")
     parser.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096, 8192])
     parser.add_argument("--training-examples", action="store_true",
                         help="count the leave-one-out training sequences (up to 250, seed 0) that fit")
     args = parser.parse_args()
     lm = load_model("default", device="cpu")
-    tasks = select(load_dataset(args.dataset), sample=args.sample).tasks
+    try:
+        tasks = select(load_dataset(args.dataset), sample=args.sample).tasks
+    except TaskError as e:
+        parser.error(str(e))
     whole, dropped = [], Counter()
     demos_of_long = kept_from_end = kept_if_smallest = 0   # over the tasks that do not fit whole
     for task in tasks:
