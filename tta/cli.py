@@ -92,6 +92,13 @@ def _threads_option(f):
                         help="CPU threads for torch [default: the cores this process may use, within any container quota]")(f)
 
 
+def _workers_option(f):
+    return click.option("--workers", type=click.IntRange(min=1),
+                        help="tasks solved side by side: N worker processes, each loading the model once, with "
+                             "--threads each [default: the cores shared out]; with --executor ray, N actors. "
+                             "On a CPU, one thread per task keeps more cores busy than many threads on one task")(f)
+
+
 def _command_line() -> str:
     return "tta " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
@@ -118,9 +125,10 @@ def _command_line() -> str:
 @click.option("--retry-failed", is_flag=True, help="rerun the tasks of this run directory that failed, replacing their records")
 @_plugin_option
 @_threads_option
+@_workers_option
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def run(method, dataset, limit, sample, task_ids, model, budget_flops, budget_seconds, seed, overrides, out, device,
-        force, shard, executor, ray_address, retry_failed, plugins, threads, quiet):
+        force, shard, executor, ray_address, retry_failed, plugins, threads, workers, quiet):
     """Run one method over an ARC task set into a run directory (resumable)."""
     choose_threads(threads)
     from tta.run.runner import RunSpec, read_results, run as run_method
@@ -132,7 +140,7 @@ def run(method, dataset, limit, sample, task_ids, model, budget_flops, budget_se
                    out=out, device=device, command=_command_line(), force=force, plugins=list(plugins),
                    retry_failed=retry_failed)
     out_dir = run_method(spec, progress=not quiet, executor=executor, ray_address=ray_address,
-                         log=lambda line: click.echo(line, err=True))
+                         log=lambda line: click.echo(line, err=True), workers=workers)
     records = read_results(out_dir / "results.jsonl")
     click.echo(_task_table(records, json.loads((out_dir / "manifest.json").read_text())["task_ids"]))
     click.echo(_summary_line(records, aggregate))
@@ -250,14 +258,15 @@ def report(run_dir, out):
 @click.option("--reports", type=click.Path(path_type=Path), default=Path("reports"), show_default=True)
 @_plugin_option
 @_threads_option
+@_workers_option
 @click.option("--quiet", is_flag=True, help="no progress bars")
-def experiment(file, runs, reports, plugins, threads, quiet):
+def experiment(file, runs, reports, plugins, threads, workers, quiet):
     """Run every cell of an experiment TOML (resuming finished ones), then write its report.
     A plan without `budgets` runs at the default cap; `budgets = ["none"]` is uncapped."""
     choose_threads(threads)
     from tta.experiment import run_experiment
     path = run_experiment(file, runs, reports, progress=not quiet, log=lambda m: click.echo(m, err=True),
-                          command=_command_line(), plugins=list(plugins))
+                          command=_command_line(), plugins=list(plugins), workers=workers)
     click.echo(f"report written to {path}")
 
 

@@ -105,7 +105,8 @@ def validate(plan: dict, where: str) -> None:
 
 
 def run_experiment(path: Path, runs_root: Path = Path("runs"), reports_root: Path = Path("reports"),
-                   progress: bool = True, log=print, command: str = "", plugins: list[str] | None = None) -> Path:
+                   progress: bool = True, log=print, command: str = "", plugins: list[str] | None = None,
+                   workers: int | None = None) -> Path:
     from tta.reporting.report import write_report
 
     plan = load_plan(path)
@@ -119,7 +120,7 @@ def run_experiment(path: Path, runs_root: Path = Path("runs"), reports_root: Pat
                     limit=plan.get("limit"), sample=plan.get("sample"), task_ids=plan.get("tasks"), budget=cell.budget, seed=cell.seed,
                     overrides=cell.settings, out=cell.directory(root), command=command or f"tta experiment {path}",
                     plugins=list(plugins or [])),
-            progress=progress, log=log, wait_for_directory=wait)
+            progress=progress, log=log, wait_for_directory=wait, workers=workers)
 
     busy = []
     for cell in grid:

@@ -57,6 +57,16 @@ def choose_threads(n: int | None) -> None:
     _chosen = n
 
 
+def threads_per_worker(workers: int) -> int:
+    """Torch threads for each of `workers` processes solving tasks side by side (`--workers`):
+    --threads or OMP_NUM_THREADS when given, else this process's cores shared out (at least 1)."""
+    if _chosen is not None:
+        return _chosen
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    return max(1, default_threads() // workers)
+
+
 def passive_wait() -> None:
     """Ask OpenMP threads to sleep, not spin, while they wait (unless the user chose a policy).
     Only effective before torch loads its OpenMP runtime, so the command line calls it first."""

@@ -75,8 +75,10 @@ class DirectoryClaim:
 
 
 def run(spec: RunSpec, progress: bool = True, executor: str = "local", ray_address: str | None = None,
-        log=None, wait_for_directory: bool = False) -> Path:
-    """Run `spec` into its directory and return the directory.  `log` (a callable taking one line,
+        log=None, wait_for_directory: bool = False, workers: int | None = None) -> Path:
+    """Run `spec` into its directory and return the directory.  `workers`: with the local
+    executor, that many processes solve tasks side by side (`tta.run.worker_processes`; default
+    one, this process); with Ray, that many actors (default one per GPU, else per CPU).  `log` (a callable taking one line,
     e.g. printing to stderr) gets the run header before work starts and each task's error as it
     happens.  One process writes a directory at a time (`DirectoryClaim`): a directory in use
     raises `DirectoryBusy`, or with `wait_for_directory` the run waits for it (and then reads
@@ -91,12 +93,12 @@ def run(spec: RunSpec, progress: bool = True, executor: str = "local", ray_addre
         claim.take(wait=True)
         cls, config, dataset, out, manifest = prepare(spec)   # what the other process wrote meanwhile
     try:
-        return _run(spec, progress, executor, ray_address, log, cls, config, dataset, out, manifest, claim)
+        return _run(spec, progress, executor, ray_address, log, cls, config, dataset, out, manifest, claim, workers)
     finally:
         claim.release()
 
 
-def _run(spec, progress, executor, ray_address, log, cls, config, dataset, out, manifest, claim) -> Path:
+def _run(spec, progress, executor, ray_address, log, cls, config, dataset, out, manifest, claim, workers) -> Path:
     say = log or (lambda line: None)
     results_path = out / "results.jsonl"
     records = read_records(results_path, repair=True)
@@ -119,11 +121,22 @@ def _run(spec, progress, executor, ray_address, log, cls, config, dataset, out, 
     else:
         manifest.update({"started": now, "versions": package_versions(), "git_commit": git_commit(),
                          "command": spec.command})
+    if workers is not None and workers < 1:
+        raise RunError(f"--workers {workers}: expected at least 1")
     manifest.update({"executor": executor, "finished": None})
+    manifest.pop("workers", None)
     if executor == "ray":
         say(run_header(manifest, dataset, out, len(done), len(retried), "ray", cls.needs_model))
         from tta.run.ray_executor import solve_on_ray
-        results, one_off, device = solve_on_ray(spec, todo, ray_address)
+        results, one_off, device = solve_on_ray(spec, todo, ray_address, workers)
+    elif executor == "local" and (workers or 1) > 1 and todo:
+        from tta.run.worker_processes import solve_in_processes
+        from tta.threads import threads_per_worker
+        workers = min(workers, len(todo))
+        results, one_off, device, manifest["threads"] = solve_in_processes(spec, todo, workers, threads_per_worker(workers))
+        device = f"{device} ({workers} worker processes)"
+        manifest["workers"] = workers
+        say(run_header(manifest, dataset, out, len(done), len(retried), device, cls.needs_model))
     elif executor == "local":
         runner = TaskRunner(spec, cls, config, dataset)
         say(run_header(manifest, dataset, out, len(done), len(retried), runner.device, cls.needs_model))
@@ -143,7 +156,7 @@ def _run(spec, progress, executor, ray_address, log, cls, config, dataset, out, 
         rewrite_records(results_path, records)
 
     bar = _progress(len(dataset.ids), len(done), progress, cls.name)
-    if executor == "local" and progress:
+    if executor == "local" and not manifest.get("workers") and progress:
         # Every method spends (nearly) its cap, so the share spent is the task's progress.
         runner.on_progress = lambda share: bar.set_postfix_str(
             f"task {len(records) + 1}/{len(dataset.ids)}: {share:.0%} of its cap", refresh=True)

@@ -1,0 +1,80 @@
+"""`--workers N`: tasks solved side by side by local worker processes give the one-process
+results, one record per task; a worker killed mid-task loses only that task; a worker that
+cannot start stops the run with the one-line error a one-process run gives."""
+import json
+
+from click.testing import CliRunner
+
+from tta.cli import main
+from tta.data.datasets import load_dataset
+from tta.run.runner import RunSpec, read_results, run
+
+IDS = load_dataset("gen-eval").ids[:4]
+TINY_ICL = dict(method="icl", dataset="gen-eval", limit=4, model="random:tiny", seed=3,
+                overrides=['transforms=["identity","rot90"]', "orders=1"])
+
+
+def outcome(out):
+    return sorted((r["task_id"], r["attempts"], r["correct"], r["metrics"].get("nll"))
+                  for r in read_results(out / "results.jsonl"))
+
+
+def test_two_workers_give_the_one_process_results(tmp_path):
+    one = run(RunSpec(**TINY_ICL, out=tmp_path / "one"), progress=False)
+    two = run(RunSpec(**TINY_ICL, out=tmp_path / "two"), progress=False, workers=2)
+    assert len(outcome(one)) == 4 and outcome(two) == outcome(one)
+    manifest = json.loads((two / "manifest.json").read_text())
+    assert manifest["workers"] == 2 and manifest["threads"] >= 1 and "2 worker processes" in manifest["device"]
+    # Nothing left to do: a rerun with workers resumes without redoing or duplicating a task.
+    run(RunSpec(**TINY_ICL, out=tmp_path / "two"), progress=False, workers=2)
+    assert sorted(r["task_id"] for r in read_results(two / "results.jsonl")) == sorted(IDS)
+
+
+def test_a_worker_killed_mid_task_loses_only_that_task(tmp_path, monkeypatch):
+    # tests/ is on sys.path here, and spawned workers start with the parent's sys.path.
+    marker = tmp_path / "died"
+    monkeypatch.setenv("TTA_TEST_DIE_ON", IDS[1])
+    monkeypatch.setenv("TTA_TEST_MARKER", str(marker))
+    out = run(RunSpec(method="ray_helpers:DieOnce", dataset="gen-eval", limit=4, out=tmp_path / "die"),
+              progress=False, workers=2)
+    records = read_results(out / "results.jsonl")
+    assert marker.exists()                                        # a worker really died on IDS[1]
+    assert sorted(r["task_id"] for r in records) == sorted(IDS)   # every task is there, once
+    assert all(r["error"] is None for r in records)               # the killed one was retried
+
+
+def test_a_worker_that_cannot_start_gives_the_one_line_error(tmp_path):
+    # The embedded model was trained on ARC-AGI-1 training tasks: the contamination guard, which
+    # runs where the model loads (in the worker), refuses them.
+    result = CliRunner().invoke(main, ["run", "--method", "icl", "--dataset", "arc1-train", "--limit", "2",
+                                       "--workers", "2", "--quiet", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2
+    assert result.output.startswith("error: ") and "Traceback" not in result.output
+    assert "training data of model default" in result.output
+    assert not (tmp_path / "r" / "results.jsonl").exists()
+
+
+def test_experiment_passes_workers_to_every_cell(tmp_path):
+    plan = tmp_path / "two.toml"
+    plan.write_text('name = "two"\ndataset = "gen-eval"\nlimit = 3\nbudgets = [1e10]\nbaseline = "copy_input"\n'
+                    '[methods.copy_input]\n[methods.common_output]\n')
+    result = CliRunner().invoke(main, ["experiment", str(plan), "--runs", str(tmp_path / "runs"), "--reports",
+                                       str(tmp_path / "reports"), "--workers", "2", "--quiet"])
+    assert result.exit_code == 0, result.output
+    for cell in (tmp_path / "runs" / "two").iterdir():
+        assert json.loads((cell / "manifest.json").read_text())["workers"] == 2
+        assert len(read_results(cell / "results.jsonl")) == 3
+
+
+def test_workers_share_the_cores_unless_threads_are_given(monkeypatch):
+    from tta import threads
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "default_threads", lambda: 8)
+    assert [threads.threads_per_worker(n) for n in (1, 2, 3, 16)] == [8, 4, 2, 1]
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert threads.threads_per_worker(2) == 3
+    try:
+        threads.choose_threads(2)
+        assert threads.threads_per_worker(4) == 2      # --threads is per worker
+    finally:
+        threads.choose_threads(None)

@@ -1,0 +1,125 @@
+"""`--workers N` on one machine: tasks solved side by side by N worker processes.
+
+Why: on a CPU, one task does not use many cores well.  The embedded model's matrices are small
+(width 256), so a second thread buys little: `ttt_full` at 6.4e12 FLOPs on 6 arc2-new tasks took
+80 s per task with `--threads 2` on 2 cores, and 10.5 minutes of CPU time over 8.1 minutes of wall
+time (1.3x).  Two tasks at once, one thread each, keep both cores busy; until now that took
+`--shard` and `tta merge` by hand.
+
+How: the standard library's process pool (`concurrent.futures`), started with `spawn` (a
+forked copy of a process that has run torch can hang in OpenMP).  Each worker loads the model
+and the method once, as the Ray workers do, with `threads` torch threads, and runs the method's
+one-off setup itself.  This process keeps the run directory: it hands out one task per idle
+worker and appends each record as it comes back, so resume, `--retry-failed`, reports and the
+Kaggle submission work as with one process.  A task's result does not depend on which worker
+solves it (its seed comes from the task id), only on the thread count, which the manifest
+records.  A worker that dies (killed, out of memory) breaks the pool: the tasks it held are
+retried once in a fresh pool, then recorded as failed.
+"""
+from __future__ import annotations
+
+import multiprocessing
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+
+from tta.method import get_method
+from tta.run.record import TaskRecord
+from tta.run.solve import RunSpec, TaskRunner, prepare
+
+MAX_RETRIES = 1
+
+# ---------------------------------------------------------------- inside a worker process
+
+_runner: TaskRunner | None = None
+_one_off: dict | None = None
+_startup_error: BaseException | None = None
+
+
+def _start_worker(spec: RunSpec, threads: int) -> None:
+    """Load the model and the method once.  An error (a model that cannot load, a contaminated
+    dataset) is kept and raised by the first call, so it reaches the user as the same one-line
+    error a one-process run gives, not as a pool that broke for no stated reason."""
+    global _runner, _one_off, _startup_error
+    from tta.threads import choose_threads
+    choose_threads(threads)
+    try:
+        cls, config, dataset, _, _ = prepare(spec)
+        _runner = TaskRunner(spec, cls, config, dataset)
+        _one_off = _runner.setup()
+    except BaseException as e:  # noqa: BLE001  (given back to the parent by _solve)
+        _startup_error = e
+
+
+def _started():
+    if _startup_error is not None:
+        raise _startup_error
+    return _runner
+
+
+def _describe() -> tuple[dict | None, str, int]:
+    runner = _started()
+    return _one_off, runner.device, runner.threads
+
+
+def _solve(task_id: str) -> TaskRecord:
+    return _started().solve(task_id)
+
+
+# ---------------------------------------------------------------- in the run's process
+
+def _pool(spec: RunSpec, workers: int, threads: int) -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_start_worker, initargs=(spec, threads))
+
+
+def solve_in_processes(spec: RunSpec, todo: list[str], workers: int, threads: int):
+    """(records as they finish, the one-off cost of one worker's setup, device, threads per
+    worker).  Errors a worker meets while starting are raised here, before any task runs."""
+    workers = max(1, min(workers, len(todo)))
+    pool = _pool(spec, workers, threads)
+    try:
+        one_off, device, threads = pool.submit(_describe).result()
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    method_name = get_method(spec.method).name
+    return _gather(pool, spec, workers, threads, todo, method_name), one_off, device, threads
+
+
+def _gather(pool, spec, workers, threads, todo, method_name):
+    queue = list(todo)
+    attempts = dict.fromkeys(todo, 0)
+    running = {}   # future -> task id; at most one task per worker, so a dead worker takes few along
+
+    def fill():
+        while queue and len(running) < workers:
+            task_id = queue.pop(0)
+            attempts[task_id] += 1
+            running[pool.submit(_solve, task_id)] = task_id
+
+    try:
+        fill()
+        while running:
+            finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            broken = []
+            for future in finished:
+                task_id = running.pop(future)
+                try:
+                    yield future.result()
+                except BrokenProcessPool:
+                    broken.append(task_id)
+            if broken:
+                # Every task in flight fails with the pool, not only the one that killed it:
+                # each gets one more try in a fresh pool.
+                broken += list(running.values())
+                running.clear()
+                pool.shutdown(wait=False, cancel_futures=True)
+                pool = _pool(spec, workers, threads)
+                for task_id in reversed(broken):
+                    if attempts[task_id] <= MAX_RETRIES:
+                        queue.insert(0, task_id)
+                    else:
+                        yield TaskRecord.failed_task(task_id, method_name, "worker process died twice on this task")
+            fill()
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
