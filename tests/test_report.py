@@ -197,6 +197,33 @@ def test_paired_table_known_answers(three_runs):
     assert paired_table(load_runs(three_runs), baseline="sampling")["baseline"].tolist() == ["icl", "icl"]
 
 
+def test_a_run_as_baseline_compares_two_settings_of_one_method(tmp_path):
+    """Fails if `--baseline RUN` is read as a method name (then two runs of one method have
+    nothing to compare), or if the paired NLL difference is missing or has the wrong sign."""
+    def with_nll(records, nll):
+        for r in records:
+            r["metrics"]["nll"] = [nll(r["task_id"])]
+        return records
+    small = make_run(tmp_path, "ttt-2e12", "ttt_full", with_nll(solving(TASKS[:2], cell_acc=0.5), lambda t: 0.4))
+    large = make_run(tmp_path, "ttt-4e12", "ttt_full", with_nll(solving(TASKS[:5], cell_acc=0.6),
+                                                                 lambda t: 0.3 if t < "t10" else 0.2))
+    icl = make_run(tmp_path, "icl", "icl", solving(TASKS[:1], cell_acc=0.4))
+    df = load_runs([small, large, icl])
+    by_method = paired_table(df, baseline="ttt_full")   # a method: the other ttt_full run is no comparison
+    assert list(by_method.index) == ["icl"]
+    for baseline in ("ttt-2e12", str(small)):   # the run's name or its directory
+        paired = paired_table(df, baseline=baseline)
+        assert list(paired.index) == ["ttt-4e12", "icl"] and set(paired["baseline"]) == {"ttt-2e12"}
+        large_row = paired.loc["ttt-4e12"]
+        assert (large_row["won"], large_row["lost"], large_row["n_paired"]) == (3, 0, 20)
+        assert large_row["nll_diff"] == pytest.approx(-0.15) and large_row["nll_n"] == 20
+        assert large_row["nll_diff_lo"] < -0.15 < large_row["nll_diff_hi"] < 0
+        assert large_row["cell_acc_diff"] == pytest.approx(0.1)
+        assert paired.loc["icl", "nll_n"] == 0   # icl recorded no NLL here
+    text = write_report([small, large, icl], tmp_path / "r.md", baseline=str(small)).read_text()
+    assert "baseline: run `ttt-2e12`" in text and "Δ true-answer NLL" in text and "-0.150 [" in text
+
+
 def test_per_task_table_sorted_by_solvers(three_runs):
     table = per_task_table(load_runs(three_runs))
     assert list(table.columns) == ["icl", "ttt", "less", "solved_by"]

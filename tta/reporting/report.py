@@ -183,31 +183,53 @@ def baseline_method(df: pd.DataFrame, baseline: str = "icl") -> str:
     return baseline if baseline in methods else df["method"].iloc[0]
 
 
+def baseline_run(df: pd.DataFrame, baseline: str) -> str | None:
+    """The run ``baseline`` names, by its name in the report (the directory's name) or its path;
+    None when it names no run (it is then a method)."""
+    runs = list(df["run"].unique())
+    if baseline in runs:
+        return baseline
+    by_path = {Path(p).resolve(): run for run, p in df.drop_duplicates("run")[["run", "path"]].itertuples(index=False)}
+    return by_path.get(Path(baseline).resolve())
+
+
+def baseline_label(df: pd.DataFrame, baseline: str) -> str:
+    """What the report calls the baseline: the run's name, or the method's."""
+    return baseline_run(df, baseline) or baseline_method(df, baseline)
+
+
 PAIRED_COLUMNS = ["run", "method", "baseline", "n_paired", "score_diff", "score_diff_lo",
                   "score_diff_hi", "won", "lost", "tied", "mcnemar_p", "holm_p", "mdd",
-                  "cell_acc_diff", "cell_acc_diff_lo", "cell_acc_diff_hi", "cell_acc_n"]
+                  "cell_acc_diff", "cell_acc_diff_lo", "cell_acc_diff_hi", "cell_acc_n",
+                  "nll_diff", "nll_diff_lo", "nll_diff_hi", "nll_n"]
 
 
 def paired_table(df: pd.DataFrame, baseline: str = "icl") -> pd.DataFrame:
     """Every run of another method against the baseline, paired by task.
 
-    The baseline is the first run whose method is ``baseline`` (or the first
-    run, if no run has that method); when several baseline runs exist, each
-    run is paired with the one of the same budget and seed if there is one,
-    so a budget sweep or a multi-seed comparison pairs like with like.
+    ``baseline`` names a method or one run.  A method: the first run whose method is
+    ``baseline`` (or the first run, if no run has that method); when several baseline runs
+    exist, each run is paired with the one of the same budget and seed if there is one,
+    so a budget sweep or a multi-seed comparison pairs like with like.  A run (its name in
+    the report or its directory): every other run against it, runs of the same method
+    included -- two settings or two budgets of one method.
     Columns: method, baseline (run), n_paired (tasks in both), score_diff
     (mean task score of run minus baseline) with a paired bootstrap interval,
     won/lost/tied on all outputs solved, exact McNemar p on the same, Holm
     adjusted p across all rows, mdd (the smallest difference in that solve
     rate the comparison could detect, :func:`tta.reporting.stats.min_detectable_difference`
-    at alpha 0.05 and 80% power), and cell_acc_diff (with interval and n) when
-    both runs recorded cell accuracy.
+    at alpha 0.05 and 80% power), and cell_acc_diff and nll_diff (the true answer's
+    NLL; each with interval and n) on the tasks where both runs recorded them.
     """
-    base = baseline_method(df, baseline)
     meta = _run_meta(df)
-    base_runs = meta[meta["method"] == base]
-    rows = [_paired_row(df, run, _matching_baseline(meta.loc[run], base_runs))
-            for run in meta.index if meta.loc[run, "method"] != base]
+    run = baseline_run(df, baseline)
+    if run is not None:
+        rows = [_paired_row(df, other, run) for other in meta.index if other != run]
+    else:
+        base = baseline_method(df, baseline)
+        base_runs = meta[meta["method"] == base]
+        rows = [_paired_row(df, other, _matching_baseline(meta.loc[other], base_runs))
+                for other in meta.index if meta.loc[other, "method"] != base]
     table = pd.DataFrame(rows, columns=PAIRED_COLUMNS).set_index("run")
     table["holm_p"] = stats.holm(table["mcnemar_p"].tolist())
     return table
@@ -232,17 +254,18 @@ def _paired_row(df: pd.DataFrame, run: str, base_run: str) -> dict:
     a, b = a.loc[common], b.loc[common]
     diff = stats.paired_bootstrap_diff(a["score"], b["score"], n_boot=N_BOOT, seed=BOOT_SEED)
     won, lost, p = stats.mcnemar_exact(b["all_solved"], a["all_solved"])
-    both = a["cell_acc"].notna() & b["cell_acc"].notna()
-    cell = stats.paired_bootstrap_diff(a.loc[both, "cell_acc"], b.loc[both, "cell_acc"],
-                                       n_boot=N_BOOT, seed=BOOT_SEED)
+    graded = {}
+    for metric in ("cell_acc", "nll"):
+        both = a[metric].notna() & b[metric].notna()
+        d = stats.paired_bootstrap_diff(a.loc[both, metric], b.loc[both, metric], n_boot=N_BOOT, seed=BOOT_SEED)
+        graded.update({f"{metric}_diff": d.value, f"{metric}_diff_lo": d.lo, f"{metric}_diff_hi": d.hi,
+                       f"{metric}_n": int(both.sum())})
     method = df.loc[df["run"] == run, "method"].iloc[0]
     return {"run": run, "method": method, "baseline": base_run, "n_paired": len(common),
             "score_diff": diff.value, "score_diff_lo": diff.lo, "score_diff_hi": diff.hi,
             "won": won, "lost": lost, "tied": len(common) - won - lost,
             "mcnemar_p": p if common else math.nan, "holm_p": math.nan,
-            "mdd": stats.min_detectable_difference(len(common), won + lost),
-            "cell_acc_diff": cell.value, "cell_acc_diff_lo": cell.lo,
-            "cell_acc_diff_hi": cell.hi, "cell_acc_n": int(both.sum())}
+            "mdd": stats.min_detectable_difference(len(common), won + lost), **graded}
 
 
 def per_task_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -640,6 +663,11 @@ def _paired_markdown(paired: pd.DataFrame) -> str:
         table["Δ cell_acc"] = [
             f"{_diff_cell(r.cell_acc_diff, r.cell_acc_diff_lo, r.cell_acc_diff_hi)} (n={r.cell_acc_n})"
             if r.cell_acc_n else "not recorded" for r in paired.itertuples()]
+    if paired["nll_n"].sum() > 0:   # lower is better; not in pp: a per-token log-likelihood
+        table["Δ true-answer NLL"] = [
+            (f"{r.nll_diff:+.3f} [{r.nll_diff_lo:+.3f}, {r.nll_diff_hi:+.3f}] (n={r.nll_n})"
+             if r.nll_diff_lo == r.nll_diff_lo else f"{r.nll_diff:+.3f} (n={r.nll_n})")
+            if r.nll_n else "not recorded" for r in paired.itertuples()]
     return markdown_table(table)
 
 
@@ -812,8 +840,8 @@ def write_report(paths, out_md: str | Path, baseline: str = "icl",
     acc_png = plot_accuracy(acc, files_dir / "accuracy.png")
     cost_png = plot_accuracy_vs_flops(acc, files_dir / "accuracy_vs_flops.png")
 
-    base = baseline_method(df, baseline)
-    base_note = (f"method `{base}`" if base == baseline else
+    base = baseline_label(df, baseline)
+    base_note = (f"run `{base}`" if baseline_run(df, baseline) else f"method `{base}`" if base == baseline else
                  f"method `{base}` (the first run; no run has method `{baseline}`)")
     s = ["# Test-time adaptation comparison\n", _significance_sentence(paired, base) + "\n"]
     spend_warning = _spend_warning(acc)
@@ -859,7 +887,8 @@ def write_report(paths, out_md: str | Path, baseline: str = "icl",
 
     s.append("## Paired comparison with the baseline\n")
     if paired.empty:
-        s.append("No run of another method to compare.\n")
+        s.append("No run of another method to compare (`--baseline RUN` compares every run with one run, "
+                 "runs of the same method included).\n")
     else:
         s.append("Matched by task. Δ is the difference in mean task score with a paired "
                  "bootstrap interval; won/lost/tied count tasks with all outputs solved by "

@@ -121,5 +121,7 @@ def _gather(pool, spec, workers, threads, todo, method_name):
                     else:
                         yield TaskRecord.failed_task(task_id, method_name, "worker process died twice on this task")
             fill()
-    finally:
+    except BaseException:   # interrupted, or the caller stopped reading: leave without waiting
         pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)   # every worker idle: they exit at once
