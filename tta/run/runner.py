@@ -131,8 +131,11 @@ def _run(spec, progress, executor, ray_address, log, cls, config, dataset, out, 
         results, one_off, device = solve_on_ray(spec, todo, ray_address, workers)
     elif executor == "local" and (workers or 1) > 1 and todo:
         from tta.run.worker_processes import solve_in_processes
-        from tta.threads import threads_per_worker
+        from tta.threads import default_threads, threads_per_worker
         workers = min(workers, len(todo))
+        if workers * threads_per_worker(workers) > default_threads():
+            say(f"note: {workers} workers x {threads_per_worker(workers)} threads on {default_threads()} cores: tasks "
+                "share cores, so seconds per task (and --budget-seconds caps) are not those of a task alone")
         results, one_off, device, manifest["threads"] = solve_in_processes(spec, todo, workers, threads_per_worker(workers))
         device = f"{device} ({workers} worker processes)"
         manifest["workers"] = workers
