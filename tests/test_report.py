@@ -211,6 +211,13 @@ def test_a_run_as_baseline_compares_two_settings_of_one_method(tmp_path):
     df = load_runs([small, large, icl])
     by_method = paired_table(df, baseline="ttt_full")   # a method: the other ttt_full run is no comparison
     assert list(by_method.index) == ["icl"]
+    # A run directory named like a method: the name means the method (a second icl run is then
+    # a baseline run, not a comparison), the path means the run (the other icl run is compared).
+    icl_seed1 = make_run(tmp_path, "icl-seed1", "icl", solving(TASKS[:3], cell_acc=0.4), seed=1)
+    two_icl = load_runs([small, large, icl, icl_seed1])
+    assert list(paired_table(two_icl, baseline="icl").index) == ["ttt-2e12", "ttt-4e12"]
+    by_path = paired_table(two_icl, baseline=str(icl))
+    assert list(by_path.index) == ["ttt-2e12", "ttt-4e12", "icl-seed1"] and set(by_path["baseline"]) == {"icl"}
     for baseline in ("ttt-2e12", str(small)):   # the run's name or its directory
         paired = paired_table(df, baseline=baseline)
         assert list(paired.index) == ["ttt-4e12", "icl"] and set(paired["baseline"]) == {"ttt-2e12"}
@@ -222,6 +229,7 @@ def test_a_run_as_baseline_compares_two_settings_of_one_method(tmp_path):
         assert paired.loc["icl", "nll_n"] == 0   # icl recorded no NLL here
     text = write_report([small, large, icl], tmp_path / "r.md", baseline=str(small)).read_text()
     assert "baseline: run `ttt-2e12`" in text and "Δ true-answer NLL" in text and "-0.150 [" in text
+    assert "No run differs significantly from the baseline `ttt-2e12`" in text
 
 
 def test_per_task_table_sorted_by_solvers(three_runs):

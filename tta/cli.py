@@ -210,8 +210,8 @@ def _summary_line(records, aggregate) -> str:
 @main.command()
 @click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--baseline", default="icl", show_default=True,
-              help="method the others are compared with, or one run (its directory or name): every other run, "
-                   "of any method, is compared with it")
+              help="method the others are compared with, or one run (its directory, or its name when that is no "
+                   "method's): every other run, of any method, is compared with it")
 @click.option("--out", type=click.Path(path_type=Path), help="report path (default reports/compare-RUNS.md)")
 @click.option("--allow-mismatch", is_flag=True, help="compare runs over different tasks/models/budgets, saying so")
 def compare(runs, baseline, out, allow_mismatch):

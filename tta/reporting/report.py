@@ -185,7 +185,10 @@ def baseline_method(df: pd.DataFrame, baseline: str = "icl") -> str:
 
 def baseline_run(df: pd.DataFrame, baseline: str) -> str | None:
     """The run ``baseline`` names, by its name in the report (the directory's name) or its path;
-    None when it names no run (it is then a method)."""
+    None when it names no run, or names a method of these runs: `--baseline icl` keeps meaning
+    the method when a run directory is also called `icl` (pass its path to mean the run)."""
+    if baseline in set(df["method"]):
+        return None
     runs = list(df["run"].unique())
     if baseline in runs:
         return baseline
@@ -600,9 +603,11 @@ def _spend_warning(acc: pd.DataFrame, factor: float = 2.0) -> str | None:
     return text
 
 
-def _significance_sentence(paired: pd.DataFrame, base: str) -> str:
+def _significance_sentence(paired: pd.DataFrame, base: str, compared: str = "method") -> str:
     """Which runs beat the baseline after Holm correction (p < 0.05, more tasks won than
-    lost, the direction the McNemar test is about); significantly worse runs are named too."""
+    lost, the direction the McNemar test is about); significantly worse runs are named too.
+    `compared`: what the other runs are called -- "method", or "run" when the baseline is one
+    run and runs of its own method are compared too."""
     if paired.empty:
         return f"No run of another method to compare with the baseline `{base}`."
     lo, hi = paired["n_paired"].min(), paired["n_paired"].max()
@@ -611,7 +616,7 @@ def _significance_sentence(paired: pd.DataFrame, base: str) -> str:
     better = significant[significant["won"] > significant["lost"]]
     worse = significant[significant["won"] < significant["lost"]]
     if better.empty and worse.empty:
-        return f"No method differs significantly from the baseline `{base}` after Holm correction ({n})."
+        return f"No {compared} differs significantly from the baseline `{base}` after Holm correction ({n})."
 
     def named(rows):   # one entry per method, however many of its runs (seeds, budgets) qualify
         parts = []
@@ -626,7 +631,7 @@ def _significance_sentence(paired: pd.DataFrame, base: str) -> str:
 
     text = (f"After Holm correction ({n}), better than the baseline `{base}` (p < 0.05): "
             f"{named(better)}." if not better.empty else
-            f"No method beats the baseline `{base}` after Holm correction ({n}).")
+            f"No {compared} beats the baseline `{base}` after Holm correction ({n}).")
     return text + (f" Significantly worse: {named(worse)}." if not worse.empty else "")
 
 
@@ -843,7 +848,8 @@ def write_report(paths, out_md: str | Path, baseline: str = "icl",
     base = baseline_label(df, baseline)
     base_note = (f"run `{base}`" if baseline_run(df, baseline) else f"method `{base}`" if base == baseline else
                  f"method `{base}` (the first run; no run has method `{baseline}`)")
-    s = ["# Test-time adaptation comparison\n", _significance_sentence(paired, base) + "\n"]
+    compared = "run" if baseline_run(df, baseline) else "method"
+    s = ["# Test-time adaptation comparison\n", _significance_sentence(paired, base, compared) + "\n"]
     spend_warning = _spend_warning(acc)
     if spend_warning:
         s.append(spend_warning + "\n")
