@@ -133,12 +133,13 @@ def _run(spec, progress, executor, ray_address, log, cls, config, dataset, out, 
         from tta.run.worker_processes import solve_in_processes
         from tta.threads import default_threads, threads_per_worker
         workers = min(workers, len(todo))
-        if workers * threads_per_worker(workers) > default_threads():
-            say(f"note: {workers} workers x {threads_per_worker(workers)} threads on {default_threads()} cores: tasks "
-                "share cores, so seconds per task (and --budget-seconds caps) are not those of a task alone")
-        results, one_off, device, manifest["threads"] = solve_in_processes(spec, todo, workers, threads_per_worker(workers))
+        threads, cores = threads_per_worker(workers), default_threads()
+        if workers * threads > cores:
+            say(f"note: {workers} workers x {threads} threads on {cores} cores: tasks share cores, so seconds "
+                "per task (and --budget-seconds caps) are not those of a task alone")
+        results, one_off, device = solve_in_processes(spec, todo, workers, threads)
         device = f"{device} ({workers} worker processes)"
-        manifest["workers"] = workers
+        manifest.update(threads=threads, workers=workers)
         say(run_header(manifest, dataset, out, len(done), len(retried), device, cls.needs_model))
     elif executor == "local":
         runner = TaskRunner(spec, cls, config, dataset)

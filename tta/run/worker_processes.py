@@ -56,9 +56,8 @@ def _started():
     return _runner
 
 
-def _describe() -> tuple[dict | None, str, int]:
-    runner = _started()
-    return _one_off, runner.device, runner.threads
+def _describe() -> tuple[dict | None, str]:
+    return _one_off, _started().device
 
 
 def _solve(task_id: str) -> TaskRecord:
@@ -73,17 +72,17 @@ def _pool(spec: RunSpec, workers: int, threads: int) -> ProcessPoolExecutor:
 
 
 def solve_in_processes(spec: RunSpec, todo: list[str], workers: int, threads: int):
-    """(records as they finish, the one-off cost of one worker's setup, device, threads per
-    worker).  Errors a worker meets while starting are raised here, before any task runs."""
-    workers = max(1, min(workers, len(todo)))
+    """(records as they finish, the one-off cost of one worker's setup, device), from `workers`
+    processes (at most one per task in `todo`) of `threads` torch threads each.  Errors a worker
+    meets while starting are raised here, before any task runs."""
     pool = _pool(spec, workers, threads)
     try:
-        one_off, device, threads = pool.submit(_describe).result()
+        one_off, device = pool.submit(_describe).result()
     except BaseException:
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     method_name = get_method(spec.method).name
-    return _gather(pool, spec, workers, threads, todo, method_name), one_off, device, threads
+    return _gather(pool, spec, workers, threads, todo, method_name), one_off, device
 
 
 def _gather(pool, spec, workers, threads, todo, method_name):
