@@ -145,3 +145,36 @@ def test_a_loss_gone_nan_rolls_back_to_the_last_good_weights_with_half_the_learn
     model = load_model(str(tmp_path / "model"), device="cpu").model
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert any("back to step 4" in line for line in logs)
+
+
+def test_init_continues_from_a_models_weights_and_remembers_what_both_runs_saw(tmp_path):
+    """Fails if --init starts from random weights, or if the continued model forgets the init
+    model's training tasks (then `tta run` would let it be evaluated on them)."""
+    first = tmp_path / "first"
+    pretrain(PretrainConfig(data=["gen-train"], exclude=["gen-eval"], size="tiny", steps=24, lr=5e-3,
+                            tokens_per_batch=2048, max_len=512, log_every=4), first, device="cpu", log=lambda _: None)
+    # lr 0: the continued model must be the init model, weight for weight
+    still = tmp_path / "still"
+    pretrain(PretrainConfig(data=["arc1-train"], exclude=[], init=str(first), steps=2, lr=0.0,
+                            tokens_per_batch=2048, max_len=512, log_every=1), still, device="cpu", log=lambda _: None)
+    before, after = load_model(str(first), device="cpu").model, load_model(str(still), device="cpu").model
+    assert all(torch.equal(a, b) for a, b in zip(before.state_dict().values(), after.state_dict().values()))
+    # a trained continuation starts where the init model ended, far below a random model's loss
+    onward = tmp_path / "onward"
+    config = PretrainConfig(data=["gen-train"], exclude=["gen-eval"], init=str(first), steps=4, lr=1e-3,
+                            tokens_per_batch=2048, max_len=512, log_every=4, seed=1)
+    scratch = PretrainConfig(**{**config.__dict__, "init": None, "size": "tiny"})
+    continued = pretrain(config, onward, device="cpu", log=lambda _: None)["curve"][0]["loss"]
+    from_random = pretrain(scratch, tmp_path / "scratch", device="cpu", log=lambda _: None)["curve"][0]["loss"]
+    assert continued < from_random - 0.5
+    # the record of what it saw is both runs': the init's gen-train tasks are still refused
+    lm = load_model(str(still), device="cpu")
+    with pytest.raises(contamination.ContaminationError, match="--force"):
+        contamination.check_model_data(lm, str(still), select(load_dataset("gen-train"), limit=3))
+    with pytest.raises(contamination.ContaminationError, match="--force"):
+        contamination.check_model_data(lm, str(still), select(load_dataset("arc1-train"), limit=3))
+    card = (still / "README.md").read_text()
+    assert f"--init {first}" in card and "10,170" not in card
+    result = CliRunner().invoke(main, ["pretrain", "--steps", "1", "--init", str(tmp_path / "nothing"),
+                                       "--out", str(tmp_path / "m")])
+    assert result.exit_code != 0 and "--init" in result.output and "Traceback" not in result.output

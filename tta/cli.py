@@ -312,6 +312,9 @@ def methods(plugins):
 @click.option("--minutes", type=click.FloatRange(min=0, min_open=True), help="wall-clock length of the run")
 @click.option("--steps", type=click.IntRange(min=1), help="optimiser steps")
 @click.option("--size", default="default", show_default=True, help="model size (tiny, small, default, medium)")
+@click.option("--init", "init", metavar="MODEL",
+              help="start from this model's weights ('default' or a model directory) instead of random ones: "
+                   "continued pretraining on new data, with a fresh optimiser and schedule (--size is ignored)")
 @click.option("--positions", type=click.Choice(["grid", "sequential"]), default="grid", show_default=True,
               help="position ids: grid geometry (tta.model.encoding.GridPositions) or plain 0, 1, 2, ...")
 @click.option("--data", default="arc1-train,arc2-train,gen-train", show_default=True,
@@ -327,16 +330,16 @@ def methods(plugins):
 @click.option("--workers", type=click.IntRange(min=0), help="processes drawing batches [default: 0 on the CPU, up to 8 on a GPU]")
 @click.option("--device", default="auto", show_default=True)
 @_threads_option
-def pretrain(out, minutes, steps, size, positions, data, exclude, drop_overlap, lr, tokens_per_batch, max_len, seed,
+def pretrain(out, minutes, steps, size, init, positions, data, exclude, drop_overlap, lr, tokens_per_batch, max_len, seed,
              checkpoint_minutes, workers, device, threads):
-    """Train the embedded base model from scratch (resumable)."""
+    """Train the embedded base model, from scratch or onward from --init (resumable)."""
     choose_threads(threads)
     from tta.training.pretrain import PretrainConfig, main_log, pretrain as run_pretrain
 
     if minutes is None and steps is None:
         raise click.UsageError("give --minutes or --steps")
     split = lambda text: [x.strip() for x in text.split(",") if x.strip()]
-    config = PretrainConfig(data=split(data), exclude=split(exclude), drop_overlap=drop_overlap, size=size, positions=positions, minutes=minutes, steps=steps,
+    config = PretrainConfig(data=split(data), exclude=split(exclude), drop_overlap=drop_overlap, size=size, init=init, positions=positions, minutes=minutes, steps=steps,
                             tokens_per_batch=tokens_per_batch, max_len=max_len, lr=lr, seed=seed,
                             checkpoint_minutes=checkpoint_minutes, workers=workers)
     state = run_pretrain(config, out, device=device, command=_command_line(), log=main_log)

@@ -1,4 +1,5 @@
-"""`tta pretrain`: train the embedded base model from scratch on augmented leave-one-out tasks.
+"""`tta pretrain`: train the embedded base model on augmented leave-one-out tasks, from scratch or,
+with `init`, onward from another model's weights (continued pretraining on new data).
 
 The recipe is the test-time training recipe at scale: every step draws fresh
 augmented leave-one-out sequences from the training tasks (real ARC training
@@ -17,6 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,7 +32,8 @@ from tta.training.examples import leave_one_out_examples
 from tta.model.batching import pad_batch, pad_labels
 from tta.model.encoding import GRID_STRIDE, POSITIONS_KEY, ROW_STRIDE, format_for
 from tta.training.step import PAD_MULTIPLE, training_step
-from tta.model.loading import build_model, pick_device, quiet_transformers, save_model
+from tta.model.loading import (DEFAULT_MODEL_DIR, ModelError, build_model, load_model, pick_device,
+                                quiet_transformers, save_model, weights_sha256)
 from tta.threads import set_threads, usable_cpus
 from tta.data.tasks import TaskError
 from tta.data.datasets import load_dataset
@@ -56,6 +59,10 @@ class PretrainConfig:
     checkpoint_minutes: float = 5.0
     log_every: int = 20
     workers: int | None = None     # processes drawing batches; None: none on the CPU, up to 8 on a GPU
+    # A model directory (or "default", the embedded model) whose weights this run starts from, with
+    # a fresh optimiser and schedule: `size` is then the init model's.  Its training_data.json is
+    # carried into the new model's, so `tta run` still refuses what either run trained on.
+    init: str | None = None
 
 
 def learning_rate(c: PretrainConfig, progress: float) -> float:
@@ -146,6 +153,40 @@ def batches_from(stream: BatchStream, first_step: int, dev: torch.device, worker
         yield (t.to(dev, non_blocking=True) for t in (ids, mask, positions, labels))
 
 
+# ---------------------------------------------------------------- the starting weights
+
+def init_directory(spec: str) -> Path:
+    folder = DEFAULT_MODEL_DIR if spec == "default" else Path(spec)
+    if not (folder / "config.json").exists():
+        raise ModelError(f"--init {spec}: not a model directory (needs config.json and *.safetensors weights)")
+    return folder
+
+
+def initial_model(c: PretrainConfig, out: Path):
+    """A fresh model of `c.size`, or the weights of `c.init` (in float32, as the loop trains).  A
+    continued run keeps the init model's size and position ids; its context becomes `c.max_len`
+    (RoPE has no position table, so a longer context needs no new weights, only training)."""
+    if not c.init:
+        return build_model(c.size, seed=c.seed, max_context=c.max_len, positions=c.positions)
+    folder = init_directory(c.init)
+    lm = load_model(str(folder), device="cpu", dtype="float32")
+    lm.model.config.max_position_embeddings = c.max_len
+    seen = folder / "training_data.json"
+    if seen.exists() and not (out / "training_data.json").exists():
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(seen, out / "training_data.json")   # merged with this run's data below
+    return lm.model, lm.tokenizer
+
+
+def describe_init(spec: str) -> dict:
+    """Where a continued run's weights came from, for its trainer_state.json and model card."""
+    folder = init_directory(spec)
+    before = folder / "trainer_state.json"
+    earlier = json.loads(before.read_text()) if before.exists() else {}
+    return {"model": spec, "weights_sha256": weights_sha256(str(folder)),
+            "steps": earlier.get("step"), "tokens": earlier.get("tokens")}
+
+
 # ---------------------------------------------------------------- checkpoints
 
 def save_checkpoint(out: Path, model, tokenizer, optimizer, state: dict) -> None:
@@ -223,12 +264,15 @@ def pretrain(c: PretrainConfig, out: Path, device: str = "auto", command: str = 
     set_threads()
     quiet_transformers()   # no "Writing model shards" bar at every checkpoint
     dev = pick_device(device)
+    init = describe_init(c.init) if c.init else None   # a bad --init fails before the data loads
     tasks, fingerprint = load_training_tasks(c, log)
-    model, tokenizer = build_model(c.size, seed=c.seed, max_context=c.max_len, positions=c.positions)
+    model, tokenizer = initial_model(c, out)
     model.to(dev)
     fmt = format_for(tokenizer, model.config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay, betas=(0.9, 0.95))
     state = {"step": 0, "tokens": 0, "seconds": 0.0, "curve": [], "config": asdict(c)}
+    if init:
+        state["init"] = init
     if (out / "trainer_state.json").exists():
         state = load_checkpoint(out, model, optimizer)
         log(f"resuming from {out} at step {state['step']} ({state['tokens']:,} tokens)")
@@ -315,12 +359,17 @@ def write_model_card(out: Path, state: dict, model, command: str, evaluation: st
                  "Use `tta.inference.decoding.generate` (or pass `position_ids` from `CompactFormat.positions`); "
                  "`model.generate` numbers tokens 0, 1, 2, ... and gets worse answers."
                  if getattr(model.config, POSITIONS_KEY, None) == "grid" else "0, 1, 2, ... (plain).")
+    init = state.get("init")
+    origin = ("trained from scratch by `tta pretrain`." if not init else
+              f"trained by `tta pretrain --init {init['model']}`: it starts from those weights "
+              f"(sha256 {init['weights_sha256']}, {init['steps'] or 0:,} steps and {init['tokens'] or 0:,} tokens "
+              "of earlier pretraining) with a fresh optimiser and schedule; the numbers below are this run's.")
     card = f"""# tta embedded base model
 
 A Llama-architecture causal LM over the compact grid vocabulary (16 tokens: one per colour,
-row end, input/output markers, bos/eos/pad), trained from scratch by `tta pretrain`.
+row end, input/output markers, bos/eos/pad), {origin}
 
-- Size: `{c['size']}` -- {n_params:,} parameters, {model.config.num_hidden_layers} layers,
+- Size: `{c['size'] if not init else 'as ' + init['model']}` -- {n_params:,} parameters, {model.config.num_hidden_layers} layers,
   width {model.config.hidden_size}, at most {model.config.max_position_embeddings} tokens per sequence.
 - Position ids: {positions}
 - Data: augmented leave-one-out sequences (rotations/flips/transpose/upscaling/reflections/
