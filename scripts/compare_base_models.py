@@ -29,13 +29,13 @@ from tta.model.loading import load_model  # noqa: E402
 from tta.reporting.stats import paired_bootstrap_diff  # noqa: E402
 
 
-def plain_prompt_scores(spec: str, tasks) -> list[dict]:
+def plain_prompt_scores(spec: str, dataset) -> list[dict]:
     """One row per test output the context can hold: NLL, token accuracy, greedy exact."""
     lm = load_model(spec, device="cpu")
-    contamination.check_model_data(lm, spec, tasks)   # never score a model on what it trained on
+    contamination.check_model_data(lm, spec, dataset)   # never score a model on what it trained on
     context = lm.max_context
     rows = []
-    for task in tasks:
+    for task in dataset.tasks:
         for i, pair in enumerate(task.test):
             answer = lm.format.answer_ids(pair.output)
             prompt = fit_prompt(lm.format, list(task.train), pair.input, context - len(answer))
@@ -56,8 +56,8 @@ def main():
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.set_num_threads(2)
-    tasks = load_dataset(args.dataset).tasks
-    a, b = plain_prompt_scores(args.a, tasks), plain_prompt_scores(args.b, tasks)
+    dataset = load_dataset(args.dataset)
+    a, b = plain_prompt_scores(args.a, dataset), plain_prompt_scores(args.b, dataset)
     both = {(r["task"], r["test"]) for r in a} & {(r["task"], r["test"]) for r in b}
     a = [r for r in a if (r["task"], r["test"]) in both]
     b = [r for r in b if (r["task"], r["test"]) in both]

@@ -227,6 +227,13 @@ def test_a_run_as_baseline_compares_two_settings_of_one_method(tmp_path):
         assert large_row["nll_diff_lo"] < -0.15 < large_row["nll_diff_hi"] < 0
         assert large_row["cell_acc_diff"] == pytest.approx(0.1)
         assert paired.loc["icl", "nll_n"] == 0   # icl recorded no NLL here
+    # Two directories of one name (the same setting with two models): the bare name is ambiguous,
+    # so it is refused with the paths to choose from, never read as some method's name.
+    other_model = make_run(tmp_path / "other", "ttt-2e12", "ttt_full", solving(TASKS[:3]), model="mine")
+    same_names = load_runs([small, other_model])
+    with pytest.raises(ReportError, match=r"--baseline ttt-2e12: 2 runs have that name .*give the path"):
+        paired_table(same_names, baseline="ttt-2e12")
+    assert set(paired_table(same_names, baseline=str(other_model))["baseline"]) == {str(other_model)}
     text = write_report([small, large, icl], tmp_path / "r.md", baseline=str(small)).read_text()
     assert "baseline: run `ttt-2e12`" in text and "Δ true-answer NLL" in text and "-0.150 [" in text
     assert "No run differs significantly from the baseline `ttt-2e12`" in text

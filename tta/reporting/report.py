@@ -192,8 +192,16 @@ def baseline_run(df: pd.DataFrame, baseline: str) -> str | None:
     runs = list(df["run"].unique())
     if baseline in runs:
         return baseline
-    by_path = {Path(p).resolve(): run for run, p in df.drop_duplicates("run")[["run", "path"]].itertuples(index=False)}
-    return by_path.get(Path(baseline).resolve())
+    named = df.drop_duplicates("run")[["run", "path"]]
+    by_path = {Path(p).resolve(): run for run, p in named.itertuples(index=False)}
+    if Path(baseline).resolve() in by_path:
+        return by_path[Path(baseline).resolve()]
+    # Runs whose directories share a name are labelled by their paths; the bare name is ambiguous.
+    same_name = [str(p) for p in named["path"] if Path(p).name == baseline]
+    if len(same_name) > 1:
+        raise ReportError(f"--baseline {baseline}: {len(same_name)} runs have that name "
+                          f"({', '.join(same_name)}); give the path of the one you mean")
+    return None
 
 
 def baseline_label(df: pd.DataFrame, baseline: str) -> str:
