@@ -174,7 +174,7 @@ def test_init_continues_from_a_models_weights_and_remembers_what_both_runs_saw(t
     with pytest.raises(contamination.ContaminationError, match="--force"):
         contamination.check_model_data(lm, str(still), select(load_dataset("arc1-train"), limit=3))
     card = (still / "README.md").read_text()
-    assert f"--init {first}" in card and "10,170" not in card
+    assert f"--init {first}" in card and "10,170" not in card and "from arc1-train, and before it, for the init model, gen-train " in card
     result = CliRunner().invoke(main, ["pretrain", "--steps", "1", "--init", str(tmp_path / "nothing"),
                                        "--out", str(tmp_path / "m")])
     assert result.exit_code != 0 and "--init" in result.output and "Traceback" not in result.output

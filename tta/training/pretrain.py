@@ -183,8 +183,10 @@ def describe_init(spec: str) -> dict:
     folder = init_directory(spec)
     before = folder / "trainer_state.json"
     earlier = json.loads(before.read_text()) if before.exists() else {}
+    seen = folder / "training_data.json"
     return {"model": spec, "weights_sha256": weights_sha256(str(folder)),
-            "steps": earlier.get("step"), "tokens": earlier.get("tokens")}
+            "steps": earlier.get("step"), "tokens": earlier.get("tokens"),
+            "datasets": json.loads(seen.read_text())["datasets"] if seen.exists() else []}
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -352,6 +354,10 @@ def write_model_card(out: Path, state: dict, model, command: str, evaluation: st
                        for p in state.get("phases", [])) or f"  - `{state.get('command') or command}`"
     seen = out / "training_data.json"
     datasets = json.loads(seen.read_text())["datasets"] if seen.exists() else c["data"]
+    init = state.get("init")
+    if init:   # training_data.json also lists what the init model saw; name that apart
+        earlier = ", ".join(init.get("datasets") or []) or "the data its own model card names"
+        datasets = list(c["data"]) + [f"and before it, for the init model, {earlier}"]
     eval_path = out / "evaluation.md"
     evaluation = evaluation or (eval_path.read_text() if eval_path.exists() else "Not evaluated yet.")
     positions = ("grid positions (`tta.model.encoding.GridPositions`): cell (r, c) of the g-th grid at "
@@ -359,7 +365,6 @@ def write_model_card(out: Path, state: dict, model, command: str, evaluation: st
                  "Use `tta.inference.decoding.generate` (or pass `position_ids` from `CompactFormat.positions`); "
                  "`model.generate` numbers tokens 0, 1, 2, ... and gets worse answers."
                  if getattr(model.config, POSITIONS_KEY, None) == "grid" else "0, 1, 2, ... (plain).")
-    init = state.get("init")
     origin = ("trained from scratch by `tta pretrain`." if not init else
               f"trained by `tta pretrain --init {init['model']}`: it starts from those weights "
               f"(sha256 {init['weights_sha256']}, {init['steps'] or 0:,} steps and {init['tokens'] or 0:,} tokens "
