@@ -9,6 +9,9 @@ the longer context, from `arc2-new`: ARC-AGI-2 training tasks in no ARC-AGI-1 se
 ARC-AGI-2 evaluation, none of them in the embedded model's pretraining data.
 
     python scripts/longer_context.py --context 4096 --out reports/runs/levers/longer-context-4096.json
+
+`--model DIR` asks the same of another model, such as one pretrained onward at 4,096 tokens
+(`tta pretrain --init default --max-len 4096`); the tasks are then those unseen by that model.
 """
 from __future__ import annotations
 
@@ -30,11 +33,12 @@ from tta.model.loading import DEFAULT_MODEL_DIR, load_model  # noqa: E402
 TRAINED_CONTEXT = 2048
 
 
-def unseen_arc2_training_tasks():
+def unseen_arc2_training_tasks(model: str = "default"):
     """arc2-new (ARC-AGI-2 training tasks in no ARC-AGI-1 set and not in ARC-AGI-2 evaluation),
-    checked against what the embedded model was trained on."""
+    checked against what the model was trained on."""
+    folder = DEFAULT_MODEL_DIR if model == "default" else Path(model)
     tasks = load_dataset("arc2-new").tasks
-    seen = set(contamination.overlap(contamination.read_training_data(DEFAULT_MODEL_DIR / "training_data.json"), tasks))
+    seen = set(contamination.overlap(contamination.read_training_data(folder / "training_data.json"), tasks))
     return [t for t in tasks if t.id not in seen]
 
 
@@ -42,11 +46,12 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--context", type=int, default=4096)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--model", default="default", help="'default' or a model directory")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    lm = load_model("default", device="cpu")
+    lm = load_model(args.model, device="cpu")
     fmt = lm.format
-    tasks = unseen_arc2_training_tasks()
+    tasks = unseen_arc2_training_tasks(args.model)
     rows = []
     for task in tasks:
         pair = task.test[0]
