@@ -23,8 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tta.data import contamination  # noqa: E402
 from tta.data.datasets import load_dataset  # noqa: E402
-from tta.inference.decoding import score_answers  # noqa: E402
-from tta.inference.predict import fit_prompt  # noqa: E402
+from tta.run.solve import true_answer_scores  # noqa: E402
 from tta.model.loading import load_model  # noqa: E402
 from tta.reporting.stats import paired_bootstrap_diff  # noqa: E402
 
@@ -33,18 +32,13 @@ def plain_prompt_scores(spec: str, dataset) -> list[dict]:
     """One row per test output the context can hold: NLL, token accuracy, greedy exact."""
     lm = load_model(spec, device="cpu")
     contamination.check_model_data(lm, spec, dataset)   # never score a model on what it trained on
-    context = lm.max_context
     rows = []
     for task in dataset.tasks:
-        for i, pair in enumerate(task.test):
-            answer = lm.format.answer_ids(pair.output)
-            prompt = fit_prompt(lm.format, list(task.train), pair.input, context - len(answer))
-            if prompt is None:
-                continue
-            score = score_answers(lm, [prompt], [answer], batch_size=1)[0]
-            rows.append({"task": task.id, "test": i, "nll": round(score.mean_nll, 4),
-                         "token_accuracy": round(score.token_accuracy, 4),
-                         "greedy_exact": score.n_correct == len(answer)})
+        for i, score in enumerate(true_answer_scores(lm, task)):
+            if score is not None:
+                rows.append({"task": task.id, "test": i, "nll": round(score.mean_nll, 4),
+                             "token_accuracy": round(score.token_accuracy, 4),
+                             "greedy_exact": score.n_correct == score.n_tokens})
     return rows
 
 

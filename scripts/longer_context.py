@@ -28,7 +28,7 @@ from tta.data import contamination  # noqa: E402
 from tta.data.datasets import load_dataset  # noqa: E402
 from tta.inference.decoding import score_answers  # noqa: E402
 from tta.inference.predict import fit_prompt  # noqa: E402
-from tta.model.loading import DEFAULT_MODEL_DIR, load_model  # noqa: E402
+from tta.model.loading import load_model, model_directory  # noqa: E402
 
 TRAINED_CONTEXT = 2048
 
@@ -36,9 +36,8 @@ TRAINED_CONTEXT = 2048
 def unseen_arc2_training_tasks(model: str = "default"):
     """arc2-new (ARC-AGI-2 training tasks in no ARC-AGI-1 set and not in ARC-AGI-2 evaluation),
     checked against what the model was trained on."""
-    folder = DEFAULT_MODEL_DIR if model == "default" else Path(model)
     tasks = load_dataset("arc2-new").tasks
-    seen = set(contamination.overlap(contamination.read_training_data(folder / "training_data.json"), tasks))
+    seen = set(contamination.overlap(contamination.read_training_data(model_directory(model) / "training_data.json"), tasks))
     return [t for t in tasks if t.id not in seen]
 
 

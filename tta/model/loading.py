@@ -231,12 +231,17 @@ def load_model(spec: str = "default", device: str = "auto", dtype: str = "auto",
     return LoadedModel(model, tokenizer, format_for(tokenizer, model.config), spec, dev)
 
 
+def model_directory(spec: str) -> Path:
+    """The folder a local spec names: the embedded model's for `default`, else the path itself."""
+    return DEFAULT_MODEL_DIR if spec == "default" else Path(spec)
+
+
 def weights_sha256(spec: str) -> str | None:
     """sha256 (first 16 hex digits) of the weights a local spec (`default` or a directory) loads,
     so a run records which weights it used and a rerun after the weights changed is refused;
     None for specs whose weights are fixed by the name (random:SIZE, smollm2-135m, hub ids)."""
     import hashlib
-    folder = DEFAULT_MODEL_DIR if spec == "default" else Path(spec)
+    folder = model_directory(spec)
     if spec.startswith("random:") or not folder.is_dir():
         return None
     digest = hashlib.sha256()

@@ -134,17 +134,27 @@ def graded_metrics(lm: LoadedModel | None, task: Task, attempts, meter: Meter) -
                "nll": [None] * len(truths), "token_acc": [None] * len(truths)}
     if lm is None:
         return metrics
+    with meter.uncharged():
+        for i, s in enumerate(true_answer_scores(lm, task)):
+            if s is not None:
+                metrics["nll"][i] = round(s.mean_nll, 5)
+                metrics["token_acc"][i] = round(s.token_accuracy, 5)
+    return metrics
+
+
+def true_answer_scores(lm: LoadedModel, task: Task) -> list:
+    """Per test output, the true answer's teacher-forced score after the plain prompt (every
+    demonstration that fits the context, dropped from the end); None where not even the query fits."""
     prompts, answers, where = [], [], []
     for i, pair in enumerate(task.test):
         answer = lm.format.answer_ids(pair.output)
         prompt = fit_prompt(lm.format, list(task.train), pair.input, lm.max_context - len(answer))
         if prompt is not None:
             prompts.append(prompt), answers.append(answer), where.append(i)
-    with meter.uncharged():
-        for i, s in zip(where, score_answers(lm, prompts, answers)):
-            metrics["nll"][i] = round(s.mean_nll, 5)
-            metrics["token_acc"][i] = round(s.token_accuracy, 5)
-    return metrics
+    scores = [None] * len(task.test)
+    for i, s in zip(where, score_answers(lm, prompts, answers)):
+        scores[i] = s
+    return scores
 
 
 def as_grids(attempts) -> list[list[np.ndarray | None]]:

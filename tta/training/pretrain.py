@@ -32,7 +32,7 @@ from tta.training.examples import leave_one_out_examples
 from tta.model.batching import pad_batch, pad_labels
 from tta.model.encoding import GRID_STRIDE, POSITIONS_KEY, ROW_STRIDE, format_for
 from tta.training.step import PAD_MULTIPLE, training_step
-from tta.model.loading import (DEFAULT_MODEL_DIR, ModelError, build_model, load_model, pick_device,
+from tta.model.loading import (ModelError, build_model, load_model, model_directory, pick_device,
                                 quiet_transformers, save_model, weights_sha256)
 from tta.threads import set_threads, usable_cpus
 from tta.data.tasks import TaskError
@@ -156,7 +156,7 @@ def batches_from(stream: BatchStream, first_step: int, dev: torch.device, worker
 # ---------------------------------------------------------------- the starting weights
 
 def init_directory(spec: str) -> Path:
-    folder = DEFAULT_MODEL_DIR if spec == "default" else Path(spec)
+    folder = model_directory(spec)
     if not (folder / "config.json").exists():
         raise ModelError(f"--init {spec}: not a model directory (needs config.json and *.safetensors weights)")
     return folder
