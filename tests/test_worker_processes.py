@@ -43,6 +43,20 @@ def test_a_worker_killed_mid_task_loses_only_that_task(tmp_path, monkeypatch):
     assert all(r["error"] is None for r in records)               # the killed one was retried
 
 
+def test_a_one_off_cache_is_built_by_one_worker_and_read_by_the_others(tmp_path, monkeypatch):
+    # LESS builds its gradient datastore in setup: with two workers it must be built once, and the
+    # manifest must say this run built it.
+    log = tmp_path / "setups.log"
+    monkeypatch.setenv("TTA_TEST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TTA_TEST_SETUP_LOG", str(log))
+    out = run(RunSpec(method="ray_helpers:CachedSetup", dataset="gen-eval", limit=4, out=tmp_path / "r"),
+              progress=False, workers=2)
+    setups = log.read_text().split()
+    assert setups.count("built") == 1 and len(setups) == 2      # both workers set up, one built
+    assert json.loads((out / "manifest.json").read_text())["one_off"]["cached"] is False
+    assert len(read_results(out / "results.jsonl")) == 4
+
+
 def test_a_worker_that_cannot_start_gives_the_one_line_error(tmp_path):
     # The embedded model was trained on ARC-AGI-1 training tasks: the contamination guard, which
     # runs where the model loads (in the worker), refuses them.
