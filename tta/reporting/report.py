@@ -194,8 +194,8 @@ def baseline_run(df: pd.DataFrame, baseline: str) -> str | None:
         return baseline
     named = df.drop_duplicates("run")[["run", "path"]]
     by_path = {Path(p).resolve(): run for run, p in named.itertuples(index=False)}
-    if Path(baseline).resolve() in by_path:
-        return by_path[Path(baseline).resolve()]
+    if (run := by_path.get(Path(baseline).resolve())) is not None:
+        return run
     # Runs whose directories share a name are labelled by their paths; the bare name is ambiguous.
     same_name = [str(p) for p in named["path"] if Path(p).name == baseline]
     if len(same_name) > 1:

@@ -12,9 +12,9 @@ and the method once, as the Ray workers do, with `threads` torch threads, and ru
 one-off setup itself.  The pool starts a worker only when a task finds none idle, and the first
 task handed out (`_describe`) waits for the first worker's setup: so a cache that setup builds
 (LESS's gradient datastore) is built once, by the first worker, and the later workers read it
-(tested in tests/test_worker_processes.py).  This process keeps the run directory: it hands out one task per idle
-worker and appends each record as it comes back, so resume, `--retry-failed`, reports and the
-Kaggle submission work as with one process.  A task's result does not depend on which worker
+(tested in tests/test_worker_processes.py).  This process keeps the run directory: it hands out
+one task per idle worker and appends each record as it comes back, so resume, `--retry-failed`,
+reports and the Kaggle submission work as with one process.  A task's result does not depend on which worker
 solves it (its seed comes from the task id), only on the thread count, which the manifest
 records.  A worker that dies (killed, out of memory) breaks the pool: the tasks it held are
 retried once in a fresh pool, then recorded as failed.
