@@ -114,6 +114,51 @@ def test_a_bigger_budget_buys_more_training_then_more_views():
     assert big_views == 64 and reasons.startswith("max_views reached")
 
 
+@pytest.mark.parametrize("adapter", ["lora", "full"])
+def test_members_train_from_the_base_model_on_equal_shares_and_vote_over_all_views(adapter, monkeypatch):
+    """Fails if a second member starts from the first one's weights instead of the base model, if a
+    member takes more than its share of the cap (the last one would be starved), if the vote sees
+    only one member's views, or if reset leaves a member's weights behind."""
+    import methods.ttt_lora as ttt
+    lm = load_model("random:tiny", device="cpu")
+    base = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    starts, voted_on = [], []
+
+    def base_weights_now():
+        # A LoRA wraps each target as `<name>.base_layer` (its own matrices start at B = 0), and
+        # merging it for prediction and unmerging leaves fp32 rounding in those weights.
+        now = {k.replace(".base_layer", ""): v for k, v in lm.model.state_dict().items() if "lora_" not in k}
+        same = torch.equal if adapter == "full" else lambda a, b: torch.allclose(a, b, rtol=0, atol=1e-6)
+        return all(same(now[k], base[k]) for k in base)
+
+    def train_adapter(lm_, examples, budget, settings, seed, held_out=None):
+        starts.append(base_weights_now())
+        return real_train(lm_, examples, budget, settings, seed, held_out)
+
+    def vote_per_test(per_test, how, top):
+        voted_on.append([len(preds) for preds in per_test])
+        return real_vote(per_test, how, top)
+
+    real_train, real_vote = ttt.train_adapter, ttt.vote_per_test
+    monkeypatch.setattr(ttt, "train_adapter", train_adapter)
+    monkeypatch.setattr(ttt, "vote_per_test", vote_per_test)
+    task = flip_task()
+    cap = 1.2e9
+    method = TTTLoRA(TTTConfig(adapter=adapter, max_examples=24, rank=4, alpha=8, max_views=64, members=2), lm)
+    record, info, meter, _ = _adapt_and_predict(method, task, cap)
+    first, second = record["members"]
+    assert starts == [True, True]
+    assert first["steps"] > 0 and second["steps"] > 0
+    assert 0.4 * cap <= first["flops"] <= 0.5 * cap and second["flops"] >= 0.4 * cap   # equal shares
+    assert info["members"] == 2 and info["configured_views"] == 2 * 12
+    assert voted_on == [[info["views"]]] and info["views"] > info["configured_views"]
+    assert 0.8 * cap <= meter.flops <= cap
+    single = TTTLoRA(TTTConfig(adapter=adapter, max_examples=24, rank=4, alpha=8, max_views=64), lm)
+    alone, _, _, _ = _adapt_and_predict(single, task, cap)
+    assert alone["steps"] > first["steps"] + 1   # one member alone trains on the whole cap
+    assert base_weights_now() and method.pooled is None
+
+
 def test_a_merged_lora_runs_as_the_base_model_and_comes_back_unmerged(tiny):
     """Fails if prediction inside `merged` gives other logits than the unmerged adapter, if the
     meter still charges the LoRA matrices while merged, or if unmerging leaves the base weights

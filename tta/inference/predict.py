@@ -51,6 +51,9 @@ class View:
     prompt: list[int]
 
 
+Predictions = list[list[tuple[str, "np.ndarray | None"]]]   # per test input: (transform name, grid) per view
+
+
 def fit_prompt(fmt, demos: list, query: np.ndarray, max_len: int):
     """The prompt with as many demonstrations as fit in `max_len` tokens (dropping from the end),
     or None when not even the query alone fits."""
@@ -151,16 +154,31 @@ def predict_augmented(lm: LoadedModel, task: Task, budget: TaskBudget | None, tr
     `more_augmentations`), a batch at a time, for as long as the budget pays for a whole view
     (prompt and full-length answer), at most `max_views` per test input: more budget buys more
     votes.  Without a cap only the configured views are decoded."""
+    per_test, info = view_predictions(lm, task, budget, transforms, orders, seed, batch_size, leave_one_out, fill,
+                                      max_views)
+    return vote_per_test(per_test, how, top_per_group), info
+
+
+def view_predictions(lm: LoadedModel, task: Task, budget: TaskBudget | None, transforms: list | None = None,
+                     orders: int = 2, seed: int = 0, batch_size: int = 16, leave_one_out: bool = False,
+                     fill: bool = True, max_views: int = 512) -> tuple[Predictions, dict]:
+    """`predict_augmented` before the vote: every view's answer, grouped by test input and named by
+    its transform (the vote's categories), and the record of the views.  Methods that pool views
+    from several sources (e.g. several independently trained adapters) vote once over them all."""
     transforms = inference_transforms() if transforms is None else transforms
     views, decoded = decode_augmented(lm, task, budget, transforms, orders, np.random.default_rng(seed),
                                       batch_size, leave_one_out, fill, max_views)
-    per_test: list[list[tuple[str, np.ndarray | None]]] = [[] for _ in task.test]
+    per_test: Predictions = [[] for _ in task.test]
     for view, grid in decoded:
         per_test[view.test_index].append((view.augmentation.transform.name, grid))
-    attempts = [vote(preds, how, top_per_group) for preds in per_test]
     info = {"views": len(decoded), "configured_views": len(views),
             "valid_predictions": sum(g is not None for preds in per_test for _, g in preds)}
-    return attempts, info
+    return per_test, info
+
+
+def vote_per_test(per_test: Predictions, how: str = "hierarchical", top_per_group: int = 3) -> list[list[np.ndarray | None]]:
+    """Two attempts for every test input from its views' answers."""
+    return [vote(preds, how, top_per_group) for preds in per_test]
 
 
 def decode_augmented(lm: LoadedModel, task: Task, budget: TaskBudget | None, transforms: list, orders: int,
@@ -231,10 +249,16 @@ def fill_views(lm, task, budget: TaskBudget, room: int, batch_size: int, done: i
 def predict_with_views(lm: LoadedModel, task: Task, budget: TaskBudget | None, views: ViewSettings,
                        seed: int) -> tuple[list[list[np.ndarray | None]], dict]:
     """`predict_augmented` with a method's `ViewSettings`."""
-    return predict_augmented(lm, task, budget, transforms_from_names(views.transforms), views.orders, seed=seed,
-                             batch_size=views.decode_batch_size, top_per_group=views.top_per_group, how=views.vote,
-                             leave_one_out=views.leave_one_out_prompts, fill=views.fill_views,
-                             max_views=views.max_views)
+    per_test, info = view_predictions_with(lm, task, budget, views, seed)
+    return vote_per_test(per_test, views.vote, views.top_per_group), info
+
+
+def view_predictions_with(lm: LoadedModel, task: Task, budget: TaskBudget | None, views: ViewSettings,
+                          seed: int) -> tuple[Predictions, dict]:
+    """`view_predictions` with a method's `ViewSettings`."""
+    return view_predictions(lm, task, budget, transforms_from_names(views.transforms), views.orders, seed=seed,
+                            batch_size=views.decode_batch_size, leave_one_out=views.leave_one_out_prompts,
+                            fill=views.fill_views, max_views=views.max_views)
 
 
 def configured_views_cost(lm: LoadedModel, task: Task, budget: TaskBudget, views: ViewSettings) -> float:
