@@ -187,14 +187,23 @@ def train_adapter(lm: LoadedModel, examples: list[Encoded], budget: TaskBudget, 
 def merged(adapter):
     """A LoRA merged into the base weights for the duration (prediction): a decode step then runs
     the base model's matmuls only -- 420 instead of 684 ops per forward of the embedded model, and
-    the meter charges the base model's weights.  Unmerged afterwards (fp32 weights come back within
-    rounding, checked by tests/test_ttt.py).  A `FullWeights` adapter has nothing to merge."""
+    the meter charges the base model's weights.  A `FullWeights` adapter has nothing to merge.
+
+    Afterwards the base weights are copied back from a snapshot rather than trusted to peft's
+    unmerge, which subtracts the product again: that left fp32 rounding (up to 3e-8, in 50,778 of
+    the embedded model's 3.4M weights after one merge; bf16 weights lose far more), so each task's
+    starting weights depended on the tasks its worker ran before, and a run with two workers was
+    reproducible only up to near-ties.  The snapshot is kept in host memory, not on the
+    accelerator: one copy of the targeted weights, as big as the model for an 8B LoRA on every
+    projection."""
     can_merge = hasattr(adapter, "merge_adapter")
     if not can_merge:
         yield
         return
     lora = [p for name, p in adapter.named_parameters() if "lora_" in name]
     was_trainable = [p.requires_grad for p in lora]
+    targeted = [m.get_base_layer().weight for m in adapter.modules() if hasattr(m, "lora_A")]
+    snapshot = [w.detach().to("cpu", copy=True) for w in targeted]
     adapter.merge_adapter()
     for p in lora:
         p.requires_grad_(False)   # the meter recounts its weights when the trainable set changes
@@ -203,7 +212,10 @@ def merged(adapter):
     finally:
         for p, trainable in zip(lora, was_trainable):
             p.requires_grad_(trainable)
-        adapter.unmerge_adapter()
+        adapter.unmerge_adapter()   # peft's bookkeeping of what is merged
+        with torch.no_grad():
+            for w, saved in zip(targeted, snapshot):
+                w.copy_(saved)
 
 
 def detach_lora(lm: LoadedModel, adapter) -> None:
