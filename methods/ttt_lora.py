@@ -54,7 +54,9 @@ class TTTConfig(LoRASettings, ViewSettings):
                               "development split for the 3.4M model: 7/20 against 4/20 at 8e-4, at 6.4e12 FLOPs)",
                         at_least=0)
     members: int = setting(1, "independent trainings per task, each from the base model under its own seed on 1/members "
-                              "of the budget, with one vote over all their views (not in the paper: 1)", at_least=1)
+                              "of the budget, with one vote over all their views (not in the paper: 1). Off: members=2 "
+                              "with ttt_full at 4e12 won 1 and lost 2 of 80 development tasks against one training, "
+                              "and took 1.3-1.5x the time", at_least=1)
 
 
 @register("ttt_lora")
