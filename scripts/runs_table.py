@@ -1,6 +1,8 @@
 """A markdown table of run directories on the tasks they share: tasks solved with a 95% Wilson
 interval, mean true-answer NLL, attempt-1 cell accuracy, training steps, seconds per task and
 share of the cap spent.  The levers report (reports/real-arc-levers.md) is built from it.
+"Solved" sums the ARC Prize task scores: a task with two test outputs and one of them right
+counts 0.5 (so 10.5/100 where 9 tasks have every output right).
 
     python scripts/runs_table.py RUN_DIR...
 """
@@ -21,6 +23,8 @@ def mean(values) -> float:
 def main(paths: list[str]):
     runs = {Path(p).name: {r.task_id: r for r in read_records(Path(p) / "results.jsonl")} for p in paths}
     shared = sorted(set.intersection(*(set(r) for r in runs.values())))
+    if not shared:
+        sys.exit(f"runs_table: {', '.join(paths)} share no task; give runs of the same tasks")
     print(f"{len(shared)} tasks shared by every run\n")
     print("| run | solved | 95% interval | true-answer NLL | cell accuracy | training steps | s/task | share of cap |")
     print("|---|---|---|---|---|---|---|---|")
