@@ -335,3 +335,21 @@ def test_select_on_demo_pays_its_scorings_and_still_decodes_the_configured_views
     assert record["train_examples"] <= 24
     assert info["views"] >= info["configured_views"] == 12
     assert meter.flops <= cap
+
+
+def test_augment_passes_tops_up_a_small_task_and_keeps_the_first_pass():
+    from tta.model.encoding import CompactFormat, make_grid_tokenizer
+    fmt = CompactFormat(make_grid_tokenizer())
+    task = flip_task(n_train=3, size=3)
+    one = leave_one_out_examples(task, fmt, np.random.default_rng(0), max_examples=1000)
+    two = leave_one_out_examples(task, fmt, np.random.default_rng(0), max_examples=1000, passes=2)
+    assert 0 < len(one) < len(two) <= 2 * len(one)        # the pairs ran out; a second pass adds copies
+    assert [e.encoded.input_ids for e in two[:len(one)]] == [e.encoded.input_ids for e in one]
+    assert len({tuple(e.encoded.input_ids) for e in two}) == len(two)     # copies are distinct sequences
+    assert {e.held_out for e in two[len(one):]} <= {e.held_out for e in one}   # the same splits again
+    # At the cap, later passes never run: the same sequences and the same random state after.
+    rng_one, rng_three = np.random.default_rng(5), np.random.default_rng(5)
+    capped = leave_one_out_examples(task, fmt, rng_one, max_examples=10)
+    same = leave_one_out_examples(task, fmt, rng_three, max_examples=10, passes=3)
+    assert [e.encoded.input_ids for e in capped] == [e.encoded.input_ids for e in same]
+    assert rng_one.integers(1 << 30) == rng_three.integers(1 << 30)

@@ -52,8 +52,15 @@ def _content_key(task: Task) -> tuple:
 def leave_one_out_examples(task: Task, fmt, rng: np.random.Generator, max_examples: int = 250,
                            max_len: int = 4096, transforms: list | None = None,
                            permute_colours: bool = True, shuffle_demos: bool = True,
-                           learn_demo_outputs: bool = True, shorten_to_fit: bool = False) -> list[Example]:
+                           learn_demo_outputs: bool = True, shorten_to_fit: bool = False,
+                           passes: int = 1) -> list[Example]:
     """Up to `max_examples` distinct augmented leave-one-out sequences of `task`.
+
+    Each (split, transform) pair is used once per pass, with a fresh colour permutation and
+    demonstration order.  A small task runs out of pairs before `max_examples` (a 3-demonstration
+    task has 6 leave-one- and leave-two-out splits x 21 transforms); `passes` > 1 tops it up with
+    more copies of the same pairs.  Later passes run only while the cap is not reached and draw
+    after the first, so the first pass's sequences are the same whatever `passes` is.
 
     With `shorten_to_fit`, a task none of whose leave-one- or leave-two-out sequences fits
     `max_len` (big grids) is trained on sequences with fewer demonstrations in the context, down
@@ -62,19 +69,28 @@ def leave_one_out_examples(task: Task, fmt, rng: np.random.Generator, max_exampl
     splits = leave_out_splits(task, max_left_out=1)
     if len(splits) * len(transforms) < max_examples:
         splits = leave_out_splits(task, max_left_out=2)
-    examples = _augmented(task, fmt, rng, splits, transforms, max_examples, max_len, permute_colours,
-                          shuffle_demos, learn_demo_outputs)
+    seen: set = set()
+
+    def one_pass(splits: list, cap: int) -> list[Example]:
+        return _augmented(task, fmt, rng, splits, transforms, cap, max_len, permute_colours, shuffle_demos,
+                          learn_demo_outputs, seen)
+
+    examples = one_pass(splits, max_examples)
     if not examples and shorten_to_fit:
         tried = {left_out for left_out, _, _ in splits}
-        shorter = [s for s in leave_out_splits(task, max_left_out=len(task.train), min_context=0) if s[0] not in tried]
-        examples = _augmented(task, fmt, rng, shorter, transforms, max_examples, max_len, permute_colours,
-                              shuffle_demos, learn_demo_outputs)
+        splits = [s for s in leave_out_splits(task, max_left_out=len(task.train), min_context=0) if s[0] not in tried]
+        examples = one_pass(splits, max_examples)
+    for _ in range(passes - 1):
+        if not examples or len(examples) >= max_examples:
+            break   # nothing fits, or the cap is reached
+        examples += one_pass(splits, max_examples - len(examples))
     return examples
 
 
 def _augmented(task: Task, fmt, rng: np.random.Generator, splits: list, transforms: list, max_examples: int,
-               max_len: int, permute_colours: bool, shuffle_demos: bool, learn_demo_outputs: bool) -> list[Example]:
-    examples, seen = [], set()
+               max_len: int, permute_colours: bool, shuffle_demos: bool, learn_demo_outputs: bool,
+               seen: set) -> list[Example]:
+    examples = []
     # Every (split, transform) once, in a seeded order, each with fresh colours and demo order.
     candidates = [(s, t) for s in splits for t in transforms]
     for index in rng.permutation(len(candidates)):
