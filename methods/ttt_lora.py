@@ -61,7 +61,7 @@ class TTTConfig(LoRASettings, ViewSettings):
     members: int = setting(1, "independent trainings per task, each from the base model under its own seed on 1/members "
                               "of the budget, with one vote over all their views (not in the paper: 1). Off: members=2 "
                               "with ttt_full at 4e12 won 1 and lost 2 of 80 development tasks against one training, "
-                              "and took 1.07x the time on 4 of them", at_least=1)
+                              "and took 1.07x the time on 4 of them", at_least=1, before=1)
 
 
 @register("ttt_lora")

@@ -287,3 +287,23 @@ def test_threads_default_to_a_containers_cpu_quota_and_follow_the_flag(tmp_path,
     finally:
         threads.choose_threads(None)
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("plan_runs", ["arc1_eval_4e12", "arc1_eval_4e12_seed1"])
+def test_the_committed_study_runs_still_resume_under_todays_defaults(plan_runs):
+    """Fails if a setting added to a method since the study ran lacks the `before` value that
+    reproduces the run: `tta experiment` on the study's plan would then refuse its own finished
+    cells as a different config instead of skipping them (as `members`, `adapter` and `lr_full`
+    did for the 4e12 study's ttt_full run until they declared it)."""
+    import dataclasses
+    from tta.method import discover, get_method, make_config
+    from tta.run.solve import check_resumable
+    discover()
+    root = Path(__file__).resolve().parent.parent / "reports" / "runs" / plan_runs
+    manifests = sorted(root.glob("*/manifest.json"))
+    assert manifests, f"no committed run directories under {root}"
+    for path in manifests:
+        recorded = json.loads(path.read_text())
+        cls = get_method(recorded["method"])
+        today = {**recorded, "config": dataclasses.asdict(make_config(cls, []))}   # the plans set nothing
+        check_resumable(recorded, today, path.parent, cls.Config)

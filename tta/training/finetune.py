@@ -83,7 +83,7 @@ class LoRASettings:
     """A per-task adapter and its training, shared by every method that trains one: a LoRA
     (the paper's choice) or, with `adapter=full`, every weight of the model."""
     adapter: str = setting("lora", "lora: a fresh LoRA per task (paper); full: fine-tune every weight of the model "
-                           "per task and restore them afterwards (cheap for a small model; uses `lr_full`)")
+                           "per task and restore them afterwards (cheap for a small model; uses `lr_full`)", before="lora")
     rank: int = setting(32, "LoRA rank (paper: 128 for 1B-8B models; 32 here, an eighth of the embedded model's width)", at_least=1)
     alpha: int = setting(4, "LoRA alpha; the update is scaled by alpha/rank, here 4/32 = 0.125 as in the paper (16/128)", at_least=1)
     targets: list = setting(["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"],
@@ -99,7 +99,8 @@ class LoRASettings:
     # (reports/real-arc-levers.md).  Checked again at 4e12 (about 100 steps) on 80 development
     # tasks: 1e-3 won 2 and lost 3 against 3e-4, with a higher true-answer NLL on arc1-heldout.
     lr_full: float = setting(3e-4, "AdamW learning rate when adapter=full (3e-4: best of 3e-5..1e-3 on the development "
-                                   "split at 1e12 FLOPs; at 4e12, 1e-3 won 2 and lost 3 of 80 development tasks)", at_least=0)
+                                   "split at 1e12 FLOPs; at 4e12, 1e-3 won 2 and lost 3 of 80 development tasks)", at_least=0,
+                             before=3e-4)   # runs from before it trained a LoRA, which lr_full does not touch
     weight_decay: float = setting(0.01, "AdamW weight decay (paper: 0.01)", at_least=0)
     epochs: int = setting(2, "passes over the training examples at most; the steps are planned to what the budget pays for (paper: 2)", at_least=1)
     batch_size: int = setting(2, "training examples per step (paper: 2)", at_least=1)
