@@ -182,7 +182,11 @@ def test_batched_decoding_answers_and_charges_as_through_the_model_forward(embed
         _metered(embedded, lambda meter: generate(embedded, views, max_new_tokens=room, fast_steps=fast))
         for fast in (False, True))
     assert [g.tokens for g in quick] == [g.tokens for g in slow]
-    assert max(abs(a.logprob - b.logprob) for a, b in zip(quick, slow)) < 0.05
+    # Per answer token: the two paths round bf16 differently, by an amount that depends on the
+    # host's kernels.  On 28-32-token answers: under 0.05 per answer (0.0018 per token) on the
+    # earlier hosts, up to 0.072 (0.0026 per token) on the 2026-12-01 host, which failed a flat
+    # 0.05.  A wrong cache or position costs far more, or changes the tokens above.
+    assert max(abs(a.logprob - b.logprob) / len(a.tokens) for a, b in zip(quick, slow)) < 0.005
     # Equal but for the output head after the prompts: the forward runs it on each distinct last
     # prompt position for every row, the fast path on each row's own (a 1e-5 difference here).
     assert quick_flops == pytest.approx(slow_flops, rel=1e-4) and quick_flops > 0
