@@ -1,7 +1,8 @@
 """Methods for the worker tests, importable by Ray's and the local pool's worker processes
 (tests/ is on their path): DieOnce kills its own worker process the first time it sees the task
 named in TTA_TEST_DIE_ON; CachedSetup builds a one-off cache in its setup, as LESS builds its
-datastore, and logs whether it built or found it."""
+datastore, and logs whether it built or found it; SleepForever writes its worker's pid into
+TTA_TEST_PIDS and then never finishes a task, to test that an interrupted run does not wait for it."""
 import os
 import time
 from pathlib import Path
@@ -34,4 +35,13 @@ class CachedSetup(Method):
         return {"what": "a test cache", "flops": 0.0, "cached": not built}
 
     def predict(self, task, meter, seed):
+        return [[p.input, None] for p in task.test], {}
+
+
+class SleepForever(Method):
+    needs_model = False
+
+    def predict(self, task, meter, seed):
+        (Path(os.environ["TTA_TEST_PIDS"]) / str(os.getpid())).write_text(task.id)
+        time.sleep(3600)
         return [[p.input, None] for p in task.test], {}

@@ -1,7 +1,14 @@
 """`--workers N`: tasks solved side by side by local worker processes give the one-process
 results, one record per task; a worker killed mid-task loses only that task; a worker that
-cannot start stops the run with the one-line error a one-process run gives."""
+cannot start stops the run with the one-line error a one-process run gives; an interrupted run
+ends its workers at once."""
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 from click.testing import CliRunner
 
@@ -41,6 +48,48 @@ def test_a_worker_killed_mid_task_loses_only_that_task(tmp_path, monkeypatch):
     assert marker.exists()                                        # a worker really died on IDS[1]
     assert sorted(r["task_id"] for r in records) == sorted(IDS)   # every task is there, once
     assert all(r["error"] is None for r in records)               # the killed one was retried
+
+
+def _alive(pid: int) -> bool:
+    status = Path(f"/proc/{pid}/status")
+    try:
+        return "\nState:\tZ" not in status.read_text()    # a zombie has ended; only its parent can reap it
+    except FileNotFoundError:
+        return False
+
+
+def test_an_interrupted_run_ends_its_workers_at_once(tmp_path):
+    # SIGINT to the run's process alone (as `kill -INT`, or a scheduler, sends it): the pool's own
+    # shutdown would wait for both workers to finish tasks that never end.
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    tests_dir = str(Path(__file__).parent)
+    env = dict(os.environ, TTA_TEST_PIDS=str(pids),
+               PYTHONPATH=os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")])))
+    command = [sys.executable, "-c", "from tta.cli import main; main()", "run", "--method",
+               "ray_helpers:SleepForever", "--dataset", "gen-eval", "--limit", "4", "--workers", "2",
+               "--quiet", "--out", str(tmp_path / "r")]
+    run_process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while len(list(pids.iterdir())) < 2:
+            assert run_process.poll() is None, run_process.communicate()
+            assert time.monotonic() < deadline, "the two workers never started their tasks"
+            time.sleep(0.2)
+        run_process.send_signal(signal.SIGINT)
+        _, stderr = run_process.communicate(timeout=30)
+    finally:   # a failing run must not leave its workers sleeping
+        run_process.kill()
+        for pid in [int(p.name) for p in pids.iterdir()]:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert run_process.returncode == 130 and "error: interrupted" in stderr and "Traceback" not in stderr
+    workers = [int(p.name) for p in pids.iterdir()]
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in workers)
+    assert not (tmp_path / "r" / "results.jsonl").exists() or not read_results(tmp_path / "r" / "results.jsonl")
 
 
 def test_a_one_off_cache_is_built_by_one_worker_and_read_by_the_others(tmp_path, monkeypatch):

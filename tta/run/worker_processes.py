@@ -17,7 +17,10 @@ one task per idle worker and appends each record as it comes back, so resume, `-
 reports and the Kaggle submission work as with one process.  A task's result does not depend on which worker
 solves it (its seed comes from the task id), only on the thread count, which the manifest
 records.  A worker that dies (killed, out of memory) breaks the pool: the tasks it held are
-retried once in a fresh pool, then recorded as failed.
+retried once in a fresh pool, then recorded as failed.  An interrupted run (Ctrl-C, or SIGINT
+to this process alone) ends its workers at once: the pool's own shutdown lets each finish the task
+it holds, which at 8e12 FLOPs kept a stopped `tta experiment` alive for minutes, computing results
+nobody would record.
 """
 from __future__ import annotations
 
@@ -74,6 +77,21 @@ def _pool(spec: RunSpec, workers: int, threads: int) -> ProcessPoolExecutor:
                                initializer=_start_worker, initargs=(spec, threads))
 
 
+def _stop_now(pool: ProcessPoolExecutor) -> None:
+    """Cancel the queued tasks and end the workers mid-task.  `shutdown(wait=False)` alone returns,
+    but the interpreter's exit then waits for every worker to finish its task.  Python 3.14 has
+    `terminate_workers()`; before it, the pool's process table (which `shutdown` drops, so it is
+    read first) is the only handle on them."""
+    if hasattr(pool, "terminate_workers"):
+        pool.terminate_workers()
+        return
+    workers = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in workers:
+        if process.is_alive():
+            process.terminate()
+
+
 def solve_in_processes(spec: RunSpec, todo: list[str], workers: int, threads: int):
     """(records as they finish, the one-off cost of one worker's setup, device), from `workers`
     processes (at most one per task in `todo`) of `threads` torch threads each.  Errors a worker
@@ -82,7 +100,7 @@ def solve_in_processes(spec: RunSpec, todo: list[str], workers: int, threads: in
     try:
         one_off, device = pool.submit(_describe).result()
     except BaseException:
-        pool.shutdown(wait=False, cancel_futures=True)
+        _stop_now(pool)
         raise
     method_name = get_method(spec.method).name
     return _gather(pool, spec, workers, threads, todo, method_name), one_off, device
@@ -124,6 +142,6 @@ def _gather(pool, spec, workers, threads, todo, method_name):
                         yield TaskRecord.failed_task(task_id, method_name, "worker process died twice on this task")
             fill()
     except BaseException:   # interrupted, or the caller stopped reading: leave without waiting
-        pool.shutdown(wait=False, cancel_futures=True)
+        _stop_now(pool)
         raise
     pool.shutdown(wait=True)   # every worker idle: they exit at once
