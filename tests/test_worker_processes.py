@@ -59,8 +59,9 @@ def _alive(pid: int) -> bool:
 
 
 def test_an_interrupted_run_ends_its_workers_at_once(tmp_path):
-    # SIGINT to the run's process alone (as `kill -INT`, or a scheduler, sends it): the pool's own
-    # shutdown would wait for both workers to finish tasks that never end.
+    # SIGTERM to the run's process alone (as `kill` or a batch scheduler sends it) stops it as
+    # Ctrl-C does (SIGINT takes the same path from KeyboardInterrupt on): the pool's own shutdown
+    # would wait for both workers to finish tasks that never end.
     pids = tmp_path / "pids"
     pids.mkdir()
     tests_dir = str(Path(__file__).parent)
@@ -76,7 +77,7 @@ def test_an_interrupted_run_ends_its_workers_at_once(tmp_path):
             assert run_process.poll() is None, run_process.communicate()
             assert time.monotonic() < deadline, "the two workers never started their tasks"
             time.sleep(0.2)
-        run_process.send_signal(signal.SIGINT)
+        run_process.send_signal(signal.SIGTERM)
         _, stderr = run_process.communicate(timeout=30)
     finally:   # a failing run must not leave its workers sleeping
         run_process.kill()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import shlex
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -27,10 +29,18 @@ def _user_errors():
     return (TaskError, ModelError, MethodError, RunError, ReportError, ContaminationError, ShowError)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 class Group(click.Group):
-    """Turns every expected error -- ours, and click's usage errors -- into one line on stderr."""
+    """Turns every expected error -- ours, and click's usage errors -- into one line on stderr.
+    SIGTERM (what `kill` and batch schedulers send) stops a run as Ctrl-C does: the task in flight
+    is dropped, worker processes end, every finished task is already on disk, exit code 130."""
 
     def main(self, args=None, prog_name=None, **kwargs):
+        if threading.current_thread() is threading.main_thread():   # only there can Python set handlers
+            signal.signal(signal.SIGTERM, _interrupt)
         try:
             rv = super().main(args, prog_name, standalone_mode=False, **kwargs)
         except click.exceptions.Abort:
