@@ -17,8 +17,8 @@ one task per idle worker and appends each record as it comes back, so resume, `-
 reports and the Kaggle submission work as with one process.  A task's result does not depend on which worker
 solves it (its seed comes from the task id), only on the thread count, which the manifest
 records.  A worker that dies (killed, out of memory) breaks the pool: the tasks it held are
-retried once in a fresh pool, then recorded as failed.  An interrupted run (Ctrl-C, or SIGINT
-to this process alone) ends its workers at once: the pool's own shutdown lets each finish the task
+retried once in a fresh pool, then recorded as failed.  An interrupted run (Ctrl-C, or SIGINT or
+SIGTERM to this process alone) ends its workers at once: the pool's own shutdown lets each finish the task
 it holds, which at 8e12 FLOPs kept a stopped `tta experiment` alive for minutes, computing results
 nobody would record.
 """
