@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tta.budget import Budget, Meter
-from tta.inference.decoding import generate
+from tta.inference.decoding import generate, score_answers
 from tta.model.attention import causal_attention
 from tta.model.cache import reserved_cache
 from tta.model.fast_decode import FastDecoder
@@ -63,7 +63,7 @@ def test_fast_steps_give_the_logits_of_the_model_forward(kv_heads, copies):
     a cache write at the wrong offset (the later steps would drift), or copies of a prompt
     mixed up with each other or with another prompt's."""
     theirs, ours = _steps_both_ways(_llama(kv_heads), [[1, 2, 3, 4, 5, 6, 7], [1, 8, 9]], copies=copies)
-    # The forward attends to the cache in bf16, the fast steps in fp32: rounding apart (2% of
+    # Both attend to a bf16 cache, with different kernels: rounding apart (2% of
     # the logits' spread when measured; a wrong position, mask or head is of the spread's order).
     assert (ours - theirs).abs().max() < 0.05 * theirs.std(), ((ours - theirs).abs().max(), theirs.std())
     top2 = theirs.topk(2, dim=-1).values
@@ -174,19 +174,28 @@ def _metered(lm, run, cap=None):
 
 
 def test_batched_decoding_answers_and_charges_as_through_the_model_forward(embedded):
-    """The embedded model on a task's 12 views: the same answers, log-probabilities within
-    rounding, and the FLOPs charged to a meter the decode was not given (compute must not
-    escape the meter because the steps bypass the model's hooks)."""
+    """The embedded model on a task's 12 views: the same answers but where a near tie went the
+    other way, log-probabilities within rounding, and the FLOPs charged to a meter the decode
+    was not given (compute must not escape the meter because the steps bypass the model's
+    hooks)."""
     (views, room), = _views(embedded)
     (slow, slow_flops), (quick, quick_flops) = (
         _metered(embedded, lambda meter: generate(embedded, views, max_new_tokens=room, fast_steps=fast))
         for fast in (False, True))
-    assert [g.tokens for g in quick] == [g.tokens for g in slow]
-    # Per answer token: the two paths round bf16 differently, by an amount that depends on the
-    # host's kernels.  On 28-32-token answers: under 0.05 per answer (0.0018 per token) on the
-    # earlier hosts, up to 0.072 (0.0026 per token) on the 2026-12-01 host, which failed a flat
-    # 0.05.  A wrong cache or position costs far more, or changes the tokens above.
-    assert max(abs(a.logprob - b.logprob) / len(a.tokens) for a, b in zip(quick, slow)) < 0.005
+    # Both paths attend in bf16, with different kernels, so a greedy choice between two tokens
+    # a rounding apart can differ: 2 of the 12 answers did when measured, each one the fp32
+    # model finds more likely than the forward's (-5.44 against -5.97, -5.13 against -6.02).
+    # A wrong cache, mask or position changes most answers, and for the worse.
+    same = [a.tokens == b.tokens for a, b in zip(quick, slow)]
+    assert sum(same) >= len(same) - 3, same
+    with_end = [g.tokens + [embedded.format.eos_id] * g.finished for g in quick + slow]
+    likelihood = [-s.nll for s in score_answers(embedded, views + views, with_end)]
+    for row in (r for r, equal in enumerate(same) if not equal):
+        assert likelihood[row] > likelihood[len(views) + row] - 0.5, (row, likelihood[row], likelihood[len(views) + row])
+    # Per answer token, where the answers agree: the two paths round bf16 differently, by an
+    # amount that depends on the host's kernels (up to 0.0026 per token measured; 0.0012 here).
+    # A wrong cache or position costs far more.
+    assert max(abs(a.logprob - b.logprob) / len(a.tokens) for a, b, equal in zip(quick, slow, same) if equal) < 0.005
     # Equal but for the output head after the prompts: the forward runs it on each distinct last
     # prompt position for every row, the fast path on each row's own (a 1e-5 difference here).
     assert quick_flops == pytest.approx(slow_flops, rel=1e-4) and quick_flops > 0

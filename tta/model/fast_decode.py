@@ -11,16 +11,23 @@ and, in the last layer, carries only each row's last position past its keys and 
 `benchmarks/decoding.py` (2 threads, 36 views): batched decoding 0.80 s through the forward,
 0.57-0.65 s here, 4.9-5.5x one `generate()` per view over three runs.
 
-The arithmetic is transformers' under autocast (bf16 linear layers and prompt attention, fp32
-residual stream and norms) except one query per row against the cache -- every decode step and
-the prompts' last layer -- done in fp32 here (faster on the CPU, see `__init__`): logits differ
-in rounding only, and on the benchmark's 36 views 1 greedy answer differs.  The rounding is
-the smaller one: on the best answers of 5 views of gen-eval task 0, the answer's log-likelihood
-is off the all-fp32 model's by 0.003-0.024 here and 0.007-0.045 through the forward under
-autocast.  (One of them, at probability 0.088 in fp32, passed a 0.09 search threshold through
-the forward and does not here.)
-`tests/test_fast_decode.py` checks the logits against the model's forward, with grouped heads
-and a merged LoRA, and that the embedded model's answers and charges are the forward's.
+On long prompts a step is mostly reading the cache, so the cache is bf16 and attended to by
+`scaled_dot_product_attention` (see `__init__`).  Measured on one host, one thread, against
+the fp32 cache and matmuls this replaced: arc1-eval task 5 (4 greedy views of ~550 tokens)
+4.68 -> 3.06 s; 92e50de0 (5,656 tokens, `ttt_full` at 1e12: 56 views, no training step) 88.6
+-> 65.6 s of task time, the same answers and charge; the 36 short gen-eval views of
+`benchmarks/decoding.py` 0.89 -> 0.86 s.  Sampling's copies read each other's answer slots,
+masked: 4 copies of 4 views, 9.3 -> 10.3 s on task 5 (0.53 -> 0.61 s on gen-eval tasks 0-1).
+
+The arithmetic is transformers' under autocast (bf16 linear layers and attention, fp32
+residual stream and norms); the kernels differ, so logits differ in rounding only.  On the
+12 views of gen-eval task 0, 2 greedy answers differ from the forward's, both more likely under
+the all-fp32 model than the forward's (log-likelihood -5.44 against -5.97, -5.13 against
+-6.02); on the 10 that agree, the answer's log-likelihood is off the all-fp32 model's by
+0.003-0.039 here and 0.003-0.053 through the forward.
+`tests/test_fast_decode.py` checks the logits against the model's forward, with grouped heads,
+copies and a merged LoRA, and that the embedded model's answers (but near ties) and charges are
+the forward's.
 
 Only models it can reproduce get it (`FastDecoder.unsupported` says why not): Llama layers with
 SiLU, no biases, a rotary embedding with fixed frequencies, and linear layers that are plain or
@@ -124,22 +131,21 @@ class FastDecoder:
                 out=_weight(attn.o_proj).to(BF16),
                 gate_up=torch.cat([_weight(mlp.gate_proj), _weight(mlp.up_proj)]).to(BF16),
                 down=_weight(mlp.down_proj).to(BF16)))
-        # The cache, in two parts per layer: the prompts' keys and values, one copy per prompt
-        # however many answers are drawn from it (sampling), and each row's own generated ones,
-        # in buffers with room for the answer.  fp32, keys transposed to (dim, position).
-        # Attention over the cache is matrix-vector products, which the CPU does faster in fp32
-        # than in bf16 (12 rows x 500 positions: q kᵀ and the weighted sum of values take 76 + 84 us
-        # in fp32, 168 + 144 us in bf16), and a (position, dim) slice made the bf16 matmul copy it
-        # first (1.9 ms per layer at 1,000 positions).  So decode steps attend in fp32, where
-        # transformers' forward under autocast attends in bf16: logits differ in rounding only.
-        # A step reads the whole cache (memory-bound: half the step); the copies of a prompt read
-        # its part once, as one matrix product (benchmarks/sampling.py: 4 copies per prompt).
-        self.prompt_keys: list[torch.Tensor] = []     # (prompts, kv_heads, dim, prompt tokens)
-        self.prompt_values: list[torch.Tensor] = []   # (prompts, kv_heads, prompt tokens, dim)
-        self.keys: list[torch.Tensor] = []            # (rows, kv_heads, dim, room): generated
-        self.values: list[torch.Tensor] = []          # (rows, kv_heads, room, dim)
-        self.prompts = self.copies = 0                # rows = prompts x copies (p0, p0, ..., p1, ...)
-        self.prompt_length = self.length = 0          # positions cached: the prompts', and in all
+        # The cache: per layer one bf16 buffer of keys and one of values, (prompts, kv_heads,
+        # slots, dim).  Slots 0 .. prompt_length-1 hold the prompts (right-padded); after them,
+        # the answer tokens, interleaved by copy: token j of copy c at prompt_length + j x copies
+        # + c.  So a step reads one contiguous prefix of each prompt's buffer, and the copies of
+        # a prompt (sampling) read its part once, as more query rows of one attention call
+        # (benchmarks/sampling.py: 4 copies per prompt).  A step reads the whole cache (memory-
+        # bound: on long prompts most of the step), so it is kept in bf16 and attended to by
+        # `scaled_dot_product_attention`, whose CPU kernel reads bf16 at full speed: 16 rows x 4
+        # heads over 1,800 positions, one thread, 1.4-1.5 ms per layer, against 2.8 ms for the fp32
+        # cache and plain matmuls this replaced (and 3.5 ms for bf16 through matmul).  bf16 keys
+        # and values are what transformers' forward attends to under autocast.
+        self.keys: list[torch.Tensor] = []     # (prompts, kv_heads, slots, dim), bf16
+        self.values: list[torch.Tensor] = []   # the same
+        self.prompts = self.copies = 0         # rows = prompts x copies (p0, p0, ..., p1, ...)
+        self.prompt_length = self.length = 0   # positions each row has cached: its prompt's, and in all
 
     def _rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin for `positions` (any shape), with a trailing head_dim axis, in fp32."""
@@ -159,31 +165,24 @@ class FastDecoder:
         gate, up = F.linear(layer["norm2"](x).to(BF16), layer["gate_up"]).chunk(2, dim=-1)
         return x + F.linear(F.silu(gate) * up, layer["down"])
 
-    def _attend(self, q: torch.Tensor, i: int, masked: torch.Tensor, own: int) -> torch.Tensor:
-        """One query per row (rows, heads, dim; fp32) against layer `i`'s cache: the prompt's
-        positions and the first `own` generated slots of each row.  `masked` (prompts, 1, copies,
-        1, positions) is true where a row must not look.  Returns (rows, heads * dim)."""
+    def _attend(self, q: torch.Tensor, i: int, allowed: torch.Tensor) -> torch.Tensor:
+        """One query per row (rows, heads, dim) against the first slots of layer `i`'s cache:
+        `allowed` (prompts, 1, copies x groups, slots) is true where a query may look.  The
+        copies of a prompt and the query heads sharing a key/value head are the query rows of
+        one attention over the prompt's buffer.  Returns (rows, heads * dim)."""
         prompts, copies, kv_heads, dim = self.prompts, self.copies, self.kv_heads, self.head_dim
-        groups, tokens = self.heads // kv_heads, self.prompt_length
-        rows = prompts * copies
-        # Query heads grouped under the key/value head they share, and, for the prompt's part,
-        # the copies of a prompt as more rows of one product: (prompts, kv_heads, copies, groups, dim).
-        q_rows = q.view(rows, kv_heads, groups, dim)
-        q_prompts = q.view(prompts, copies, kv_heads, groups, dim).transpose(1, 2)
-        scores = torch.matmul(q_prompts.reshape(prompts, kv_heads, copies * groups, dim), self.prompt_keys[i])
-        scores = scores.view(prompts, kv_heads, copies, groups, tokens)
-        if own:
-            own_scores = torch.matmul(q_rows, self.keys[i][..., :own])   # (rows, kv_heads, groups, own)
-            own_scores = own_scores.view(prompts, copies, kv_heads, groups, own).transpose(1, 2)
-            scores = torch.cat([scores, own_scores], dim=-1)
-        weights = torch.softmax((scores * self.layers[i]["scaling"]).masked_fill(masked, float("-inf")), dim=-1)
-        out = torch.matmul(weights[..., :tokens].reshape(prompts, kv_heads, copies * groups, tokens),
-                           self.prompt_values[i]).view(prompts, kv_heads, copies, groups, dim)
-        if own:
-            own_weights = weights[..., tokens:].transpose(1, 2).reshape(rows, kv_heads, groups, own)
-            own_out = torch.matmul(own_weights, self.values[i][:, :, :own])
-            out = out + own_out.view(prompts, copies, kv_heads, groups, dim).transpose(1, 2)
-        return out.transpose(1, 2).reshape(rows, -1)
+        groups, slots = self.heads // kv_heads, allowed.shape[-1]
+        q = q.view(prompts, copies, kv_heads, groups, dim).transpose(1, 2).reshape(prompts, kv_heads, copies * groups, dim)
+        out = F.scaled_dot_product_attention(q.to(BF16), self.keys[i][:, :, :slots], self.values[i][:, :, :slots],
+                                             attn_mask=allowed, scale=self.layers[i]["scaling"])
+        return out.view(prompts, kv_heads, copies, groups, dim).transpose(1, 2).reshape(prompts * copies, -1)
+
+    def _query_mask(self, allowed: torch.Tensor) -> torch.Tensor:
+        """(prompts, copies, slots) -> (prompts, 1, copies x groups, slots): every query head of
+        a row looks where the row may."""
+        groups = self.heads // self.kv_heads
+        prompts, copies, slots = allowed.shape
+        return allowed[:, :, None].expand(-1, -1, groups, -1).reshape(prompts, 1, copies * groups, slots)
 
     @torch.no_grad()
     def read_prompts(self, ids: torch.Tensor, positions: torch.Tensor, last: torch.Tensor, capacity: int) -> torch.Tensor:
@@ -194,14 +193,13 @@ class FastDecoder:
         As transformers' forward under autocast with causal attention (a real token never sees
         the pads after it), except the last layer: only the last position of each row goes on
         past its keys and values (attention, output projection, MLP), since only its logits are
-        wanted; that layer's one query per row attends in fp32, as a decode step does."""
+        wanted; that layer's one query per row attends as a decode step does."""
         rows, tokens = ids.shape
         device = ids.device
         self.prompts, self.copies, self.prompt_length, self.length = rows, 1, tokens, tokens
         self.last = last   # each row's last real prompt position: the pads after it stay masked
-        self.prompt_keys = [torch.empty((rows, self.kv_heads, self.head_dim, tokens), device=device) for _ in self.layers]
-        self.prompt_values = [torch.empty((rows, self.kv_heads, tokens, self.head_dim), device=device) for _ in self.layers]
-        self._reserve(rows, max(1, capacity - tokens), device)
+        self.keys, self.values = [], []
+        self._reserve(tokens + max(1, capacity - tokens), device)
         cos, sin = self._rotary(positions)                     # (rows, tokens, dim)
         cos, sin = cos[:, None], sin[:, None]                  # (rows, 1, tokens, dim): every head
         x = self.embed[ids].float()                            # fp32 residual stream
@@ -209,12 +207,12 @@ class FastDecoder:
         for i, layer in enumerate(self.layers):
             qkv = F.linear(layer["norm1"](x).to(BF16), layer["qkv"])
             q, k, v = (t.transpose(1, 2) for t in self._split_heads(qkv))   # (rows, heads, tokens, dim)
-            k = k * cos + _rotate_half(k) * sin
-            self.prompt_keys[i].copy_(k.transpose(-1, -2))
-            self.prompt_values[i].copy_(v)
+            k = (k * cos + _rotate_half(k) * sin).to(BF16)
+            self.keys[i][:, :, :tokens] = k
+            self.values[i][:, :, :tokens] = v
             if i + 1 < len(self.layers):
                 q = q * cos + _rotate_half(q) * sin
-                attended = F.scaled_dot_product_attention(q.to(BF16), k.to(BF16), v, is_causal=True,
+                attended = F.scaled_dot_product_attention(q.to(BF16), k, v, is_causal=True,
                                                           scale=layer["scaling"],
                                                           enable_gqa=self.kv_heads != self.heads)
                 x = x + F.linear(attended.transpose(1, 2).reshape(rows, tokens, -1), layer["out"])
@@ -222,32 +220,40 @@ class FastDecoder:
             else:   # the last layer: each row's last position only
                 q = q[row_index, :, last]                      # (rows, heads, dim)
                 q = q * cos[row_index, 0, last][:, None] + _rotate_half(q) * sin[row_index, 0, last][:, None]
-                masked = (torch.arange(tokens, device=device)[None, :] > last[:, None])[:, None, None, None, :]
-                x = x[row_index, last] + F.linear(self._attend(q, i, masked, 0).to(BF16), layer["out"])
+                x = x[row_index, last] + F.linear(self._attend(q, i, self._query_mask(self._prompt_allowed()[:, None])), layer["out"])
                 x = self._mlp(x, layer)
         return F.linear(self.final_norm(x), self.head)
 
-    def _reserve(self, rows: int, room: int, device) -> None:
-        """Buffers for `room` generated positions per row, keeping those generated so far."""
-        own = self.length - self.prompt_length
+    def _prompt_allowed(self) -> torch.Tensor:
+        """(prompts, prompt_length): true up to each prompt's last real token (not its pads)."""
+        return torch.arange(self.prompt_length, device=self.last.device)[None, :] <= self.last[:, None]
+
+    def _slots_used(self) -> int:
+        """Slots holding something: the prompts and every copy's answer tokens so far."""
+        return self.prompt_length + (self.length - self.prompt_length) * self.copies
+
+    def _reserve(self, slots: int, device) -> None:
+        """Buffers of `slots` slots per prompt, keeping what the current ones hold."""
         # Zeros, not uninitialised memory: `step_at` reads every row's slots up to the deepest row's,
         # and a masked slot still enters the weighted sum of values with weight 0 -- 0 x NaN left
         # there by the allocator is NaN (it made searches lose nodes at random).
-        keys = [torch.zeros((rows, self.kv_heads, self.head_dim, room), device=device) for _ in self.layers]
-        values = [torch.zeros((rows, self.kv_heads, room, self.head_dim), device=device) for _ in self.layers]
-        if own:
-            repeat = rows // self.keys[0].shape[0]
-            for new, old in zip(keys, self.keys):
-                new[..., :own] = old[..., :own].repeat_interleave(repeat, dim=0)
-            for new, old in zip(values, self.values):
-                new[:, :, :own] = old[:, :, :own].repeat_interleave(repeat, dim=0)
+        shape = (self.prompts, self.kv_heads, slots, self.head_dim)
+        keys = [torch.zeros(shape, dtype=BF16, device=device) for _ in self.layers]
+        values = [torch.zeros(shape, dtype=BF16, device=device) for _ in self.layers]
+        used = self._slots_used() if self.keys else 0
+        for new, old in zip(keys + values, self.keys + self.values):
+            new[:, :, :used] = old[:, :, :used]
         self.keys, self.values = keys, values
 
     def repeat_rows(self, copies: int) -> None:
-        """Each row `copies` times in a row (rows p0, p0, ..., p1, p1, ...): sampling draws several
-        answers from one read of each prompt.  The prompts' part of the cache stays one copy."""
+        """Each row `copies` times in a row (rows p0, p0, ..., p1, p1, ...), before any answer
+        token: sampling draws several answers from one read of each prompt.  The prompts' part
+        of the cache stays one copy; each copy gets room for as many answer tokens as before."""
+        if self.length != self.prompt_length:
+            raise ValueError("repeat_rows comes before the first decode step")
+        room = self.keys[0].shape[2] - self.prompt_length
         self.copies *= copies
-        self._reserve(self.prompts * self.copies, self.values[0].shape[2], self.values[0].device)
+        self._reserve(self.prompt_length + room * copies, self.keys[0].device)
 
     def keep_rows(self, rows: list[int]) -> None:
         """Keep only these rows, in this order (a search whose other rows have finished): later
@@ -255,39 +261,46 @@ class FastDecoder:
         if self.copies != 1:
             raise ValueError("keep_rows needs one row per prompt")
         index = torch.tensor(rows, device=self.last.device)
-        for parts in (self.prompt_keys, self.prompt_values, self.keys, self.values):
-            parts[:] = [part.index_select(0, index) for part in parts]
+        self.keys = [part.index_select(0, index) for part in self.keys]
+        self.values = [part.index_select(0, index) for part in self.values]
         self.last, self.prompts = self.last.index_select(0, index), len(rows)
 
     @torch.no_grad()
     def step(self, ids: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         """Next-token logits (fp32, rows x vocabulary) for one new token per row.  `ids` and
         `positions` are (rows,) or (rows, 1); `allowed` (rows, cached + 1) says which cache
-        positions (the new one last) each row attends to."""
+        positions (the prompt's, then the row's answer tokens, the new one last) each row
+        attends to."""
         ids, positions = ids.reshape(-1), positions.reshape(-1)
-        own = self.length - self.prompt_length   # the new token's place among the row's own
-        if own >= self.values[0].shape[2]:
-            self._reserve(self.prompts * self.copies, 2 * (own + 1), ids.device)
+        prompts, copies, tokens = self.prompts, self.copies, self.prompt_length
+        own = self.length - tokens   # the new token's place among the row's own
+        first = tokens + own * copies   # its copy 0's slot; copy c's is first + c
+        if first + copies > self.keys[0].shape[2]:
+            self._reserve(tokens + 2 * (own + 1) * copies, ids.device)
         self.length += 1
-        masked = ~allowed[:, : self.length].bool().view(self.prompts, 1, self.copies, 1, self.length)
+        allowed = allowed[:, : self.length].bool().view(prompts, copies, self.length)
+        if copies > 1:   # a row's answer token j is in slot j x copies + its copy: the others' are not its own
+            mine = torch.eye(copies, dtype=torch.bool, device=ids.device)        # (row's copy, slot's copy)
+            answer = allowed[:, :, tokens:, None] & mine[None, :, None, :]       # (prompts, copies, own + 1, copies)
+            allowed = torch.cat([allowed[:, :, :tokens], answer.flatten(2)], dim=-1)
 
-        def write(i: int, k: torch.Tensor, v: torch.Tensor) -> None:   # every row at the same slot
-            self.keys[i][..., own] = k
-            self.values[i][:, :, own] = v
+        def write(i: int, k: torch.Tensor, v: torch.Tensor) -> None:   # each copy at its slot
+            self.keys[i][:, :, first:first + copies] = k.view(prompts, copies, self.kv_heads, -1).transpose(1, 2)
+            self.values[i][:, :, first:first + copies] = v.view(prompts, copies, self.kv_heads, -1).transpose(1, 2)
 
-        return self._decode(ids, positions, masked, own + 1, write)
+        return self._decode(ids, positions, self._query_mask(allowed), write)
 
-    def _decode(self, ids: torch.Tensor, positions: torch.Tensor, masked: torch.Tensor, own: int, write) -> torch.Tensor:
+    def _decode(self, ids: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor, write) -> torch.Tensor:
         """One new token per row through every layer: `write(i, keys, values)` puts the token's
-        rotated key and its value into layer i's cache, then the query attends to the first `own`
-        generated slots and the prompt, except where `masked`.  Next-token logits, fp32."""
+        rotated key and its value into layer i's cache, then the query attends to the cache's
+        first slots where `allowed` (see `_attend`).  Next-token logits, fp32."""
         cos, sin = self._rotary(positions[:, None])   # (rows, 1, dim): every head
         x = self.embed[ids].float()   # fp32 residual stream, as under autocast
         for i, layer in enumerate(self.layers):
             q, k, v = self._split_heads(F.linear(layer["norm1"](x).to(BF16), layer["qkv"]))
             write(i, k * cos + _rotate_half(k) * sin, v)
-            attended = self._attend(q * cos + _rotate_half(q) * sin, i, masked, own)
-            x = self._mlp(x + F.linear(attended.to(BF16), layer["out"]), layer)
+            attended = self._attend(q * cos + _rotate_half(q) * sin, i, allowed)
+            x = self._mlp(x + F.linear(attended, layer["out"]), layer)
         return F.linear(self.final_norm(x), self.head)
 
     @torch.no_grad()
@@ -301,17 +314,15 @@ class FastDecoder:
             raise ValueError("step_at needs one row per prompt")
         ids, positions = ids.reshape(-1), positions.reshape(-1)
         own = max(slots) + 1
-        if own > self.values[0].shape[2]:
-            self._reserve(self.prompts, 2 * own, ids.device)
+        if self.prompt_length + own > self.keys[0].shape[2]:
+            self._reserve(self.prompt_length + 2 * own, ids.device)
         self.length = self.prompt_length + own
         rows = torch.arange(len(slots), device=ids.device)
         slot = torch.tensor(slots, device=ids.device)
-        masked = torch.cat([torch.arange(self.prompt_length, device=ids.device)[None, :] > self.last[:, None],
-                            torch.arange(own, device=ids.device)[None, :] > slot[:, None]], dim=1)
-        masked = masked.view(self.prompts, 1, 1, 1, -1)
+        allowed = torch.cat([self._prompt_allowed(), torch.arange(own, device=ids.device)[None, :] <= slot[:, None]], dim=1)
 
         def write(i: int, k: torch.Tensor, v: torch.Tensor) -> None:   # each row at its own slot
-            self.keys[i][rows, :, :, slot] = k
-            self.values[i][rows, :, slot] = v.float()   # an indexed write does not cast as a slice does
+            self.keys[i][rows, :, self.prompt_length + slot] = k.to(BF16)   # an indexed write does not cast as a slice does
+            self.values[i][rows, :, self.prompt_length + slot] = v.to(BF16)
 
-        return self._decode(ids, positions, masked, own, write)
+        return self._decode(ids, positions, self._query_mask(allowed[:, None]), write)
