@@ -320,9 +320,10 @@ class FastDecoder:
         rows = torch.arange(len(slots), device=ids.device)
         slot = torch.tensor(slots, device=ids.device)
         allowed = torch.cat([self._prompt_allowed(), torch.arange(own, device=ids.device)[None, :] <= slot[:, None]], dim=1)
+        at = self.prompt_length + slot   # each row's slot in its prompt's buffer
 
         def write(i: int, k: torch.Tensor, v: torch.Tensor) -> None:   # each row at its own slot
-            self.keys[i][rows, :, self.prompt_length + slot] = k.to(BF16)   # an indexed write does not cast as a slice does
-            self.values[i][rows, :, self.prompt_length + slot] = v.to(BF16)
+            self.keys[i][rows, :, at] = k.to(BF16)   # an indexed write does not cast as a slice does
+            self.values[i][rows, :, at] = v.to(BF16)
 
         return self._decode(ids, positions, self._query_mask(allowed[:, None]), write)
