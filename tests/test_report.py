@@ -588,3 +588,29 @@ def test_plots_accept_an_interval_bound_a_rounding_error_past_the_estimate(tmp_p
     acc = pd.DataFrame([row], index=["icl"])
     assert plot_accuracy(acc, tmp_path / "a.png").exists()
     assert plot_accuracy_vs_flops(acc, tmp_path / "b.png").exists()
+
+
+def test_wall_time_per_task_adds_up_the_sessions_in_the_manifest(tmp_path):
+    """Fails if the cost table's wall time per task ignores a resumed session, counts a session
+    stopped before its first result, divides by tasks that never ran, or shows a time for a
+    run whose sessions' ends were not recorded."""
+    resumed = make_run(tmp_path, "resumed", "icl", solving(TASKS[:2], tasks=TASKS[:10]), task_ids=TASKS[:12])
+    manifest = json.loads((resumed / "manifest.json").read_text())
+    manifest.update(started="2025-01-01T00:00:00", last_result="2025-01-01T00:10:00", finished=None, resumed=[
+        {"started": "2025-01-01T02:00:00", "last_result": None, "tasks": 12},             # stopped: no result
+        {"started": "2025-01-01T03:00:00", "last_result": "2025-01-01T03:04:00", "tasks": 12}])
+    (resumed / "manifest.json").write_text(json.dumps(manifest))
+    old = make_run(tmp_path, "old", "icl", solving(TASKS[:2], tasks=TASKS[:10]))
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["resumed"] = [{"started": "2025-01-01T05:00:00", "tasks": 4}]   # no session end recorded
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    finished = make_run(tmp_path, "finished", "icl", solving(TASKS[:2], tasks=TASKS[:10]))   # 00:00 to 01:00
+
+    acc = accuracy_table(load_runs([resumed, old, finished]))
+    assert acc.loc["resumed", "wall_seconds_per_task"] == pytest.approx((600 + 240) / 10)   # 10 of 12 ran
+    assert math.isnan(acc.loc["old", "wall_seconds_per_task"])
+    assert acc.loc["finished", "wall_seconds_per_task"] == pytest.approx(3600 / 10)
+    rows = {line.split("|")[1].strip(): line for line in report._cost_markdown(acc).splitlines()}
+    assert "wall s / task" in rows["run"]
+    assert rows["old"].rstrip(" |").split("|")[-2].strip() == "not recorded"
+    assert rows["resumed"].rstrip(" |").split("|")[-2].strip() == "84"

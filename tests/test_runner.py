@@ -307,3 +307,27 @@ def test_the_committed_study_runs_still_resume_under_todays_defaults(plan_runs):
         cls = get_method(recorded["method"])
         today = {**recorded, "config": dataclasses.asdict(make_config(cls, []))}   # the plans set nothing
         check_resumable(recorded, today, path.parent, cls.Config)
+
+
+def test_each_session_records_when_its_last_result_landed(tmp_path):
+    """Fails if a session stopped by a signal leaves no record of its end (the run's wall time is
+    then unknown), or if a resume's results overwrite the first session's end."""
+    from tta.run.record import wall_seconds
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("a", "b"):
+        write_task(data / f"{name}.json", GOOD)
+    out = run(RunSpec(method="copy_input", dataset=str(data), out=tmp_path / "r"), progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["started"] <= manifest["last_result"] <= manifest["finished"]
+
+    stopped = manifest | {"finished": None, "started": "2025-01-01T00:00:00", "last_result": "2025-01-01T00:07:00"}
+    (out / "manifest.json").write_text(json.dumps(stopped))   # as a SIGTERM leaves it
+    (out / "results.jsonl").write_text((out / "results.jsonl").read_text().splitlines()[0] + "\n")
+    run(RunSpec(method="copy_input", dataset=str(data), out=out), progress=False)
+    resumed = json.loads((out / "manifest.json").read_text())
+    assert resumed["last_result"] == "2025-01-01T00:07:00"
+    session = resumed["resumed"][0]
+    assert session["started"] <= session["last_result"] <= resumed["finished"]
+    assert wall_seconds(resumed) == pytest.approx(420, abs=60)   # 7 min, plus this test's second or so

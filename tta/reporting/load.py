@@ -13,7 +13,7 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
-from tta.run.record import RecordError, TaskRecord, read_records
+from tta.run.record import RecordError, TaskRecord, read_records, wall_seconds
 
 GRADED_METRICS = ("shape_ok", "cell_acc", "nll", "token_acc")
 # Metrics that are meaningful as 0 for a task that failed (no prediction means
@@ -170,6 +170,7 @@ def _run_frame(label: str, path: Path, manifest: dict, rows: list[dict]) -> pd.D
         "seed": manifest.get("seed"),
         "budget_flops": _float(budget.get("flops")),
         "budget_seconds": _float(budget.get("seconds")),
+        "wall_seconds": _float(wall_seconds(manifest)),   # the whole run's, NaN when not recorded
     }
     df = pd.DataFrame(rows, columns=TASK_COLUMNS)
     for i, (name, value) in enumerate(run_fields.items()):

@@ -145,6 +145,8 @@ def _cost_fields(g: pd.DataFrame) -> dict:
         row[f"{col}_max"] = g[col].max()
     row["one_off_flops_per_task"] = g["one_off_flops"].iloc[0] / n_tasks
     row["one_off_seconds_per_task"] = g["one_off_seconds"].iloc[0] / n_tasks
+    # Wall time over the tasks that ran: with several workers, below the mean task seconds.
+    row["wall_seconds_per_task"] = g["wall_seconds"].iloc[0] / max(1, int((~g["missing"]).sum()))
     row["total_flops_mean"] = g["total_flops"].mean()
     share = g["total_flops"] / g["budget_flops"]
     row["cap_share_mean"], row["cap_share_min"] = share.mean(), share.min()
@@ -549,7 +551,10 @@ COST_NOTE = (
     "total / the FLOPs cap per task, mean and lowest over tasks. Stopped by budget: tasks where "
     "the harness saw the cap cut the method's work. Out of work: the method's own reason for "
     "stopping below the cap, the most common one with its count. Runs made before the harness "
-    "logged these show \"not recorded\". Seconds and peak memory are per task, as recorded."
+    "logged these show \"not recorded\". Seconds and peak memory are per task, as recorded. Wall s / task: "
+    "the run's wall-clock time (each session from its start to its last result; work in flight when a "
+    "session was stopped is not counted) over the tasks that ran; with several worker processes it is "
+    "below the seconds per task. Runs made before sessions recorded their last result show \"not recorded\"."
 )
 
 
@@ -570,6 +575,7 @@ def _cost_markdown(acc: pd.DataFrame) -> str:
             f"{_num(a)} / {_num(b)} / {_num(c)}"
             for a, b, c in zip(acc[f"{col}_mean"], acc[f"{col}_median"], acc[f"{col}_max"])]
     table["one-off s / task"] = [_num(x) if x == x else "none" for x in acc["one_off_seconds_per_task"]]
+    table["wall s / task"] = [_num(x) if x == x else "not recorded" for x in acc["wall_seconds_per_task"]]
     table["budget exhausted"] = [f"{k}/{n}" for k, n in zip(acc["n_budget_exhausted"], acc["n_tasks"])]
     return markdown_table(table)
 

@@ -2,7 +2,8 @@
 
 A run directory holds
 * `manifest.json`  -- what ran (method, settings, model and its weights' hash, dataset and task
-  ids, budget, seed, versions, commit, command), rewritten atomically;
+  ids, budget, seed, versions, commit, command) and when (each session's start, its last
+  result, `finished`), rewritten atomically;
 * `results.jsonl`  -- one `TaskRecord` per line, appended as each task finishes (one write of
   one whole line, then fsync), so a kill leaves whole records and at most a torn last line;
 * `submission.json` -- the Kaggle submission of the records so far.
@@ -16,6 +17,7 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 MISSING_ERROR = "no result in results.jsonl (run unfinished or task skipped)"
@@ -183,3 +185,25 @@ def submission(records: list[TaskRecord], tasks_in_order: list[str]) -> dict:
         out[task_id] = [{"attempt_1": pair[0] or [[0]], "attempt_2": pair[1] or [[0]]}
                         for pair in record.attempts] or [{"attempt_1": [[0]], "attempt_2": [[0]]}]
     return out
+
+
+def wall_seconds(manifest: dict) -> float | None:
+    """Wall-clock seconds the run's sessions took to produce its results: from each session's
+    start (the first, then each of `resumed`) to its last result, the last session to `finished`
+    when it finished.  Work in flight when a session was stopped is not counted, since it left
+    no result.  None when a session's end is not recorded (runs made before `last_result`), and
+    for shards merged into one run, which may have run side by side or days apart."""
+    if manifest.get("merged_from"):
+        return None
+    sessions = [manifest] + list(manifest.get("resumed") or [])
+    total = 0.0
+    for i, session in enumerate(sessions):
+        end = session.get("last_result")
+        if i == len(sessions) - 1 and manifest.get("finished"):
+            end = manifest["finished"]
+        if "last_result" in session and not end:   # stopped before its first result
+            continue
+        if not session.get("started") or not end:
+            return None
+        total += (datetime.fromisoformat(end) - datetime.fromisoformat(session["started"])).total_seconds()
+    return total

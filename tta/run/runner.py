@@ -111,16 +111,18 @@ def _run(spec, progress, executor, ray_address, log, cls, config, dataset, out, 
         # passes over its finished cells used to stamp them with its own commit and command).
         say(run_header(manifest, dataset, out, len(done), 0, "cpu", cls.needs_model))
         return out
-    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    now = _now()
     if "git_commit" in manifest:   # a resume: the first session's provenance stays, this one is added
-        resume = {"started": now, "git_commit": git_commit(), "command": spec.command, "tasks": len(todo)}
+        session = {"started": now, "git_commit": git_commit(), "command": spec.command, "tasks": len(todo)}
         added = {k: v for k, v in dataclasses.asdict(config).items() if k not in manifest.get("config", {})}
         if added:   # settings the method gained since, at the values that reproduce the run's (`before`)
-            resume["settings_added"] = added
-        manifest.setdefault("resumed", []).append(resume)
+            session["settings_added"] = added
+        manifest.setdefault("resumed", []).append(session)
     else:
         manifest.update({"started": now, "versions": package_versions(), "git_commit": git_commit(),
                          "command": spec.command})
+        session = manifest
+    session["last_result"] = None   # recorded, so a session that ends before any result counts 0 s
     if workers is not None and workers < 1:
         raise RunError(f"--workers {workers}: expected at least 1")
     manifest.update({"executor": executor, "finished": None})
@@ -171,6 +173,10 @@ def _run(spec, progress, executor, ray_address, log, cls, config, dataset, out, 
         append_record(results_path, record)
         records.append(record)
         atomic_write_json(out / "submission.json", submission(records, dataset.ids))
+        # When this session's latest result landed: a session stopped by a signal writes no
+        # `finished`, and without its end the run's wall time (`wall_seconds`) is unknown.
+        session["last_result"] = _now()
+        atomic_write_json(out / "manifest.json", manifest)
         solved += record.score
         bar.update(1)
         bar.set_postfix(score=f"{solved:.1f}/{len(records)}", failed=sum(r.failed for r in records))
@@ -179,9 +185,13 @@ def _run(spec, progress, executor, ray_address, log, cls, config, dataset, out, 
                 say(f"task {record.task_id} failed: {record.error}")
     bar.close()
     atomic_write_json(out / "submission.json", submission(records, dataset.ids))
-    manifest["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    manifest["finished"] = _now()
     atomic_write_json(out / "manifest.json", manifest)
     return out
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def budget_text(budget: dict) -> str:
