@@ -9,7 +9,7 @@ If that rate is flat across lengths and far below the arithmetic rate, the step 
 memory bandwidth: only reading fewer bytes (fewer or shorter prompts, a smaller cache type)
 makes it faster.
 
-    python benchmarks/long_prompt_step.py [--rows 16] [--lengths 1800 3300 5600] [--steps 40] [--threads 1]
+    python benchmarks/long_prompt_step.py [--rows 16] [--lengths 600 1800 3300 5600] [--steps 40] [--threads 1]
 """
 from __future__ import annotations
 
