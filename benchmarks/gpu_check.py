@@ -72,7 +72,11 @@ def run_methods(args, out: Path) -> dict:
     results = {}
     runs = Path(tempfile.mkdtemp(prefix="gpu_check_runs_"))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    for name in sorted(REGISTRY):
+    names = sorted(REGISTRY) if args.methods is None else args.methods.split(",")
+    unknown = [name for name in names if name not in REGISTRY]
+    if unknown:
+        sys.exit(f"gpu_check.py: --methods: no method {', '.join(unknown)} (built in: {', '.join(sorted(REGISTRY))})")
+    for name in names:
         log = out / f"{name}.log"
         command = [sys.executable, "-X", "faulthandler", "-c", METHOD_RUNNER, "run", "--method", name,
                    "--dataset", "gen-eval", "--sample", str(args.tasks), "--budget-flops", str(args.budget),
@@ -184,6 +188,7 @@ def main():
     parser.add_argument("--model", default="default")
     parser.add_argument("--tasks", type=int, default=8, help="gen-eval tasks per method")
     parser.add_argument("--budget", default="2e12", help="FLOPs per task")
+    parser.add_argument("--methods", help="comma-separated methods to run through `tta run` (default: every built-in one)")
     parser.add_argument("--method-limit", type=int, default=90, help="seconds per method run before its stacks are dumped")
     parser.add_argument("--ttt-size", default="1b")
     parser.add_argument("--ttt-steps", type=int, default=10)

@@ -2,8 +2,10 @@
 (tests/ is on their path): DieOnce kills its own worker process the first time it sees the task
 named in TTA_TEST_DIE_ON; CachedSetup builds a one-off cache in its setup, as LESS builds its
 datastore, and logs whether it built or found it; SleepForever writes its worker's pid into
-TTA_TEST_PIDS and then never finishes a task, to test that an interrupted run does not wait for it."""
+TTA_TEST_PIDS and then never finishes a task, to test that an interrupted run does not wait for it;
+ReportEnvironment records what its worker sees of TTA_TEST_PROBE and of the import path."""
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -45,3 +47,10 @@ class SleepForever(Method):
         (Path(os.environ["TTA_TEST_PIDS"]) / str(os.getpid())).write_text(task.id)
         time.sleep(3600)
         return [[p.input, None] for p in task.test], {}
+
+
+class ReportEnvironment(Method):
+    needs_model = False
+
+    def predict(self, task, meter, seed):
+        return [[p.input, None] for p in task.test], {"probe": os.environ.get("TTA_TEST_PROBE"), "path": sys.path}

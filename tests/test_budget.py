@@ -68,15 +68,15 @@ def test_a_decode_step_is_charged_what_torch_counts(lm, with_lora):
     """One new token after a cached prompt: torch counts exactly QKᵀ and AV over the context, so
     linear and attention FLOPs must both match the hooks' charge."""
     from transformers import DynamicCache
-    from tta.model.loading import CACHE_KW, output_cache
+    from tta.model.loading import cache_keyword, output_cache
     adapter = attach_lora(lm, rank=4, alpha=8, targets=["q_proj", "v_proj", "down_proj"]) if with_lora else None
     try:
         model = lm.model
         prompt = torch.tensor([[1, 3, 6, 7, 5, 4, 3]])
         with torch.no_grad():
-            cache = output_cache(model(input_ids=prompt, use_cache=True, **{CACHE_KW: DynamicCache()}))
+            cache = output_cache(model(input_ids=prompt, use_cache=True, **{cache_keyword(): DynamicCache()}))
         step = lambda: model(input_ids=torch.tensor([[6]]), attention_mask=torch.ones(1, 8, dtype=torch.long),
-                             use_cache=True, **{CACHE_KW: cache})
+                             use_cache=True, **{cache_keyword(): cache})
         with torch.no_grad():
             torch_count = counted_by_torch(model, step)
             cache.crop(-1)   # back to the prompt alone

@@ -10,7 +10,7 @@ import torch
 from tta.data.augment import IDENTITY, ROT90, inference_transforms
 from tta.inference.decoding import generate, score_answers
 from tta.model.encoding import DIGIT0_ID, EOS_ID, IN_ID, NL_ID, OUT_ID
-from tta.model.loading import CACHE_KW, output_cache
+from tta.model.loading import cache_keyword, output_cache
 from tta.inference.predict import fit_prompt, predict_augmented
 from tta.inference.search import PromptCache, dfs
 from conftest import flip_task
@@ -55,7 +55,7 @@ class Scripted(torch.nn.Module):
     def forward(self, input_ids, attention_mask, position_ids, logits_to_keep=0, **kw):
         n_new = input_ids.shape[1]
         n_past = attention_mask.shape[-1] - n_new   # a 2-D mask or a decode step's 4-D one
-        cache = kw.get(CACHE_KW)
+        cache = kw.get(cache_keyword())
         if cache is not None:
             assert cache.get_seq_length() == n_past, "the cache does not hold exactly the prefix"
         out = self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,

@@ -9,7 +9,7 @@ from tta.inference.decoding import generate, score_answers
 from tta.model.attention import causal_attention
 from tta.model.cache import reserved_cache
 from tta.model.fast_decode import FastDecoder
-from tta.model.loading import CACHE_KW, autocast, load_model, output_cache
+from tta.model.loading import cache_keyword, autocast, load_model, output_cache
 
 
 def _llama(kv_heads: int):
@@ -34,7 +34,7 @@ def _steps_both_ways(model, prompts, steps=6, copies=1):
     lengths = mask.sum(1)
     cache = reserved_cache(length + steps)
     with torch.no_grad(), autocast(torch.device("cpu")), causal_attention(model):
-        out = model(input_ids=ids, position_ids=positions, use_cache=True, **{CACHE_KW: cache})
+        out = model(input_ids=ids, position_ids=positions, use_cache=True, **{cache_keyword(): cache})
     cache = output_cache(out)
     theirs = [out.logits[torch.arange(rows), lengths - 1].float()]
     fast = FastDecoder(model)
@@ -50,7 +50,7 @@ def _steps_both_ways(model, prompts, steps=6, copies=1):
         mask = torch.cat([mask, torch.ones(rows, 1, dtype=torch.long)], dim=1)
         with torch.no_grad(), autocast(torch.device("cpu")):
             out = model(input_ids=token[:, None], position_ids=position[:, None], use_cache=True,
-                        attention_mask=mask[:, None, None, :].bool(), **{CACHE_KW: cache})
+                        attention_mask=mask[:, None, None, :].bool(), **{cache_keyword(): cache})
         theirs.append(out.logits[:, -1].float())
         ours.append(fast.step(token, position, mask))
     return torch.stack(theirs), torch.stack(ours)

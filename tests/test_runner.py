@@ -18,7 +18,10 @@ from click.testing import CliRunner
 from tta.cli import main
 from conftest import GOOD, write_task
 
-TTT_FAST = ["max_examples=6", "rank=4", "alpha=8", "epochs=1", 'transforms=["identity","rot90"]', "orders=1"]
+# A small TTT: few examples, two views, and at most 8 views per test input when the budget fills
+# more (on random:tiny the default cap of 512 views made each gen-eval task take 14 s).
+TTT_FAST = ["max_examples=6", "rank=4", "alpha=8", "epochs=1", 'transforms=["identity","rot90"]', "orders=1",
+            "max_views=8"]
 
 
 @register("test_echo")

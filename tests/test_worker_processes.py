@@ -142,3 +142,42 @@ def test_workers_share_the_cores_unless_threads_are_given(monkeypatch):
         assert threads.threads_per_worker(4) == 2      # --threads is per worker
     finally:
         threads.choose_threads(None)
+
+
+def test_workers_see_the_environment_and_import_path_of_their_run_not_of_an_earlier_one(tmp_path, monkeypatch):
+    # Workers fork from a server started once per process: without handing them the run's own
+    # environment and path, the second run's workers would see the first run's.
+    for value in ("first", "second"):
+        monkeypatch.setenv("TTA_TEST_PROBE", value)
+        monkeypatch.syspath_prepend(str(tmp_path / value))
+        out = run(RunSpec(method="ray_helpers:ReportEnvironment", dataset="gen-eval", limit=2, out=tmp_path / value),
+                  progress=False, workers=2)
+        seen = [r["extra"]["predict"] for r in read_results(out / "results.jsonl")]
+        assert len(seen) == 2 and all(s["probe"] == value and str(tmp_path / value) in s["path"] for s in seen)
+
+
+def test_a_pool_that_breaks_between_a_result_and_the_next_hand_out_retries_the_tasks_left(monkeypatch):
+    # A worker can die after the results in hand were read and before the next task is handed
+    # out: the hand-out itself then fails, and must lead to a fresh pool, not a crashed run.
+    from concurrent.futures import Future
+    from concurrent.futures.process import BrokenProcessPool
+    from tta.run import worker_processes
+
+    class Pool:
+        def __init__(self, breaks_at_submission=None):
+            self.submitted, self.breaks_at = 0, breaks_at_submission
+
+        def submit(self, fn, task_id):
+            self.submitted += 1
+            if self.breaks_at is not None and self.submitted >= self.breaks_at:
+                raise BrokenProcessPool("a worker died")
+            future = Future()
+            future.set_result(task_id)
+            return future
+
+        def shutdown(self, wait=True, cancel_futures=False):
+            pass
+
+    monkeypatch.setattr(worker_processes, "_pool", lambda spec, workers, threads: Pool())
+    done = list(worker_processes._gather(Pool(breaks_at_submission=3), None, 2, 1, ["a", "b", "c", "d"], "m"))
+    assert sorted(done) == ["a", "b", "c", "d"]

@@ -23,7 +23,7 @@ from tta.model.batching import pad_batch
 from tta.model.cache import reserved_cache
 from tta.model.encoding import CompactFormat, DIGIT0_ID, EOS_ID, NL_ID
 from tta.model.fast_decode import FastDecoder
-from tta.model.loading import CACHE_KW, LoadedModel, autocast, autocast_weights, output_cache
+from tta.model.loading import cache_keyword, LoadedModel, autocast, autocast_weights, output_cache
 from tta.data.tasks import MAX_SIZE
 
 
@@ -132,7 +132,7 @@ class ForwardSteps:
         with autocast(self.device), causal_attention(self.model):
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                              logits_to_keep=torch.tensor(kept, device=self.device),
-                             **{CACHE_KW: reserved_cache(capacity)})
+                             **{cache_keyword(): reserved_cache(capacity)})
         self.cache, self.prompt_length = output_cache(out), real_length[0]
         column = torch.tensor([kept.index(n) for n in last], device=self.device)
         return out.logits[torch.arange(len(last), device=self.device), column].float()
@@ -144,7 +144,7 @@ class ForwardSteps:
         mask = known_rows(_step_mask(mask2d, self.sdpa), active, past)
         with autocast(self.device), decode_attention(self.model):
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                             logits_to_keep=1, **{CACHE_KW: self.cache})
+                             logits_to_keep=1, **{cache_keyword(): self.cache})
         self.cache = output_cache(out)
         return out.logits[:, -1].float()
 

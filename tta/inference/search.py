@@ -38,7 +38,7 @@ from tta.budget import attention_context
 from tta.inference.decoding import crop_cache, decode_steps, grammar_constraint
 from tta.model.batching import pad_batch
 from tta.model.encoding import positions_of
-from tta.model.loading import CACHE_KW, LoadedModel, autocast, autocast_weights, output_cache
+from tta.model.loading import cache_keyword, LoadedModel, autocast, autocast_weights, output_cache
 
 THRESHOLD = 0.09   # the paper's probability threshold
 
@@ -90,7 +90,7 @@ def _forward(model, device, ids: list[int], positions: list[int], n_past: int, c
         return model(input_ids=torch.tensor([ids], device=device),
                      attention_mask=torch.ones((1, n), dtype=torch.long, device=device),
                      position_ids=torch.tensor([positions], device=device),
-                     use_cache=True, logits_to_keep=keep, **{CACHE_KW: cache})
+                     use_cache=True, logits_to_keep=keep, **{cache_keyword(): cache})
 
 
 def dfs(lm: LoadedModel, prompt: list[int], budget=None, threshold: float = THRESHOLD,

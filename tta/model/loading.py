@@ -8,6 +8,7 @@ code runs only when the user asks for it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
@@ -257,15 +258,15 @@ def save_model(model, tokenizer, path: Path) -> None:
 
 
 # transformers renamed `past_key_values` to `cache` in v5; accept both so users can keep theirs.
-def _cache_keyword() -> str:
+# Asked on first use, not at import: the question imports transformers' models (about 2.5 s of
+# a `tta run` start-up on this CPU), which a method without a model never needs.
+@functools.cache
+def cache_keyword() -> str:
     from transformers import LlamaForCausalLM
     return "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 
 
-CACHE_KW = _cache_keyword()
-
-
 def output_cache(output):
-    return getattr(output, "cache", None) if CACHE_KW == "cache" else output.past_key_values
+    return getattr(output, "cache", None) if cache_keyword() == "cache" else output.past_key_values
 
 

@@ -6,25 +6,33 @@ Why: on a CPU, one task does not use many cores well.  The embedded model's matr
 time (1.3x).  Two tasks at once, one thread each, keep both cores busy; until now that took
 `--shard` and `tta merge` by hand.
 
-How: the standard library's process pool (`concurrent.futures`), started with `spawn` (a
-forked copy of a process that has run torch can hang in OpenMP).  Each worker loads the model
-and the method once, as the Ray workers do, with `threads` torch threads, and runs the method's
-one-off setup itself.  The pool starts a worker only when a task finds none idle, and the first
-task handed out (`_describe`) waits for the first worker's setup: so a cache that setup builds
-(LESS's gradient datastore) is built once, by the first worker, and the later workers read it
-(tested in tests/test_worker_processes.py).  This process keeps the run directory: it hands out
-one task per idle worker and appends each record as it comes back, so resume, `--retry-failed`,
-reports and the Kaggle submission work as with one process.  A task's result does not depend on which worker
-solves it (its seed comes from the task id), only on the thread count, which the manifest
-records.  A worker that dies (killed, out of memory) breaks the pool: the tasks it held are
-retried once in a fresh pool, then recorded as failed.  An interrupted run (Ctrl-C, or SIGINT or
-SIGTERM to this process alone) ends its workers at once: the pool's own shutdown lets each finish the task
-it holds, which at 8e12 FLOPs kept a stopped `tta experiment` alive for minutes, computing results
-nobody would record.
+How: the standard library's process pool (`concurrent.futures`). Its workers are forked from a
+`forkserver`: a clean process that has imported torch, transformers and peft but run nothing (a
+forked copy of a process that has run torch can hang in OpenMP, so never this one). `spawn`, used
+before, imported them again in every worker, about 5 s each on this 2-core CPU, and an experiment
+paid that for every cell. The server starts once per `tta` process and serves every cell's pool:
+`tta experiment` of two 3-task cells (copy_input, common_output) at 2 workers took 19.3 s with
+spawn and 14.3 s from the server, one host. A worker takes this process's current environment
+variables and import path, as a spawned one would, not the server's from when it started. Each
+worker loads the model and the method once, as the Ray workers do, with `threads` torch threads,
+and runs the method's one-off setup itself. The pool starts a worker only when a task finds none
+idle, and the first task handed out (`_describe`) waits for the first worker's setup: so a cache
+that setup builds (LESS's gradient datastore) is built once, by the first worker, and the later
+workers read it (tested in tests/test_worker_processes.py). This process keeps the run directory:
+it hands out one task per idle worker and appends each record as it comes back, so resume,
+`--retry-failed`, reports and the Kaggle submission work as with one process. A task's result does
+not depend on which worker solves it (its seed comes from the task id), only on the thread count,
+which the manifest records. A worker that dies (killed, out of memory) breaks the pool: the tasks
+it held are retried once in a fresh pool, then recorded as failed. An interrupted run (Ctrl-C, or
+SIGINT or SIGTERM to this process alone) ends its workers at once: the pool's own shutdown lets
+each finish the task it holds, which at 8e12 FLOPs kept a stopped `tta experiment` alive for
+minutes, computing results nobody would record.
 """
 from __future__ import annotations
 
 import multiprocessing
+import os
+import sys
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 
@@ -41,11 +49,15 @@ _one_off: dict | None = None
 _startup_error: BaseException | None = None
 
 
-def _start_worker(spec: RunSpec, threads: int) -> None:
-    """Load the model and the method once.  An error (a model that cannot load, a contaminated
-    dataset) is kept and raised by the first call, so it reaches the user as the same one-line
-    error a one-process run gives, not as a pool that broke for no stated reason."""
+def _start_worker(spec: RunSpec, threads: int, environment: dict, import_path: list[str]) -> None:
+    """Load the model and the method once, under the run process's environment and import path.
+    An error (a model that cannot load, a contaminated dataset) is kept and raised by the first
+    call, so it reaches the user as the same one-line error a one-process run gives, not as a pool
+    that broke for no stated reason."""
     global _runner, _one_off, _startup_error
+    os.environ.clear()
+    os.environ.update(environment)
+    sys.path[:] = import_path
     from tta.threads import choose_threads
     choose_threads(threads)
     try:
@@ -72,9 +84,18 @@ def _solve(task_id: str) -> TaskRecord:
 
 # ---------------------------------------------------------------- in the run's process
 
+# What the fork server imports once, so that no worker imports it again.
+SERVER_IMPORTS = ["tta.run.solve", "transformers.models.llama.modeling_llama", "peft"]
+
+
 def _pool(spec: RunSpec, workers: int, threads: int) -> ProcessPoolExecutor:
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_start_worker, initargs=(spec, threads))
+    if "forkserver" not in multiprocessing.get_all_start_methods():   # Windows
+        context = multiprocessing.get_context("spawn")
+    else:
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(SERVER_IMPORTS)
+    return ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_start_worker,
+                               initargs=(spec, threads, dict(os.environ), list(sys.path)))
 
 
 def _stop_now(pool: ProcessPoolExecutor) -> None:
@@ -112,15 +133,23 @@ def _gather(pool, spec, workers, threads, todo, method_name):
     running = {}   # future -> task id; at most one task per worker, so a dead worker takes few along
 
     def fill():
+        """Hand a task to each idle worker; False if the pool broke meanwhile (a worker died
+        between a result and this hand-out: the task taken stays queued)."""
         while queue and len(running) < workers:
-            task_id = queue.pop(0)
+            task_id = queue[0]
+            try:
+                future = pool.submit(_solve, task_id)
+            except BrokenProcessPool:
+                return False
+            queue.pop(0)
             attempts[task_id] += 1
-            running[pool.submit(_solve, task_id)] = task_id
+            running[future] = task_id
+        return True
 
     try:
-        fill()
-        while running:
-            finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
+        pool_ok = fill()
+        while running or not pool_ok:
+            finished, _ = wait(list(running), return_when=FIRST_COMPLETED) if pool_ok else (list(running), None)
             broken = []
             for future in finished:
                 task_id = running.pop(future)
@@ -128,7 +157,7 @@ def _gather(pool, spec, workers, threads, todo, method_name):
                     yield future.result()
                 except BrokenProcessPool:
                     broken.append(task_id)
-            if broken:
+            if broken or not pool_ok:
                 # Every task in flight fails with the pool, not only the one that killed it:
                 # each gets one more try in a fresh pool.
                 broken += list(running.values())
@@ -140,7 +169,7 @@ def _gather(pool, spec, workers, threads, todo, method_name):
                         queue.insert(0, task_id)
                     else:
                         yield TaskRecord.failed_task(task_id, method_name, "worker process died twice on this task")
-            fill()
+            pool_ok = fill()
     except BaseException:   # interrupted, or the caller stopped reading: leave without waiting
         _stop_now(pool)
         raise
