@@ -378,6 +378,43 @@ def test_a_bigger_budget_buys_more_views_and_leave_one_out_prompts_add_views(tin
     assert plain["views"] == 12 and loo["views"] == 12 + 6 * 3   # each transform once per left-out demo
 
 
+def test_vote_settling_counts_only_fill_batches_that_leave_every_attempt_unchanged():
+    """Fails if the configured views count as a settled batch, if a batch that changes one test
+    input's attempts does not start the count again, or if a settled vote is not reported."""
+    from tta.data.augment import IDENTITY, TaskAugmentation
+    from tta.inference.predict import View, VoteSettling
+
+    def batch(test_index, *values):   # views answering with 1x1 grids of these values
+        return [(View(test_index, TaskAugmentation(IDENTITY, None, None), []), np.full((1, 1), v)) for v in values]
+
+    settling = VoteSettling(n_tests=2, batches=2)
+    assert not settling.add(batch(0, 1, 1, 2) + batch(1, 5), filled=False)   # the configured views
+    assert not settling.add(batch(0, 1) + batch(1, 5))    # the first fill batch: nothing to compare with
+    assert not settling.add(batch(0, 1) + batch(1, 5))    # unchanged once
+    assert not settling.add(batch(1, 6, 6, 6))            # test input 1's second attempt changes: count restarts
+    assert not settling.add(batch(0, 1))                  # unchanged once
+    assert settling.add(batch(1, 5))                      # unchanged twice: settled
+
+
+def test_a_settled_vote_stops_filling_before_the_cap(tiny):
+    """Fails if `settle` does not stop the fill early, or stops it without saying why."""
+    from tta.budget import Budget, Meter
+    from tta.inference.predict import ViewSettings, predict_with_views
+    from conftest import flip_task
+
+    task = flip_task(n_train=3)
+    views, reasons = {}, {}
+    for settle in (0, 1):
+        meter = Meter(Budget(flops=4e8))
+        meter.attach(tiny.model)
+        _, info = predict_with_views(tiny, task, meter.handle(tiny.model), ViewSettings(max_views=500, settle=settle), seed=0)
+        meter.detach()
+        views[settle], reasons[settle] = info["views"], meter.out_of_work
+    assert reasons[1] and "the vote settled" in reasons[1] and not (reasons[0] or "").startswith("the vote settled")
+    # The random model's answers hardly change the vote: it settles after two fill batches of 16.
+    assert 12 + 2 * 16 <= views[1] < views[0]
+
+
 # ---------------------------------------------------------------- host syncs
 
 VALUE_READS = ["item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy"]

@@ -18,7 +18,7 @@ from tta.budget import TaskBudget
 from tta.inference.decoding import generate
 from tta.model.loading import LoadedModel
 from tta.settings import setting
-from tta.data.tasks import Task
+from tta.data.tasks import Task, grid_key
 from tta.inference.voting import hierarchical_vote, majority_vote
 
 
@@ -35,6 +35,9 @@ class ViewSettings:
     top_per_group: int = setting(3, "answers kept per transform category in the hierarchical vote (paper: 3)", at_least=1)
     fill_views: bool = setting(True, "under a cap, spend what is left on more views (8 dihedral transforms x colour permutations x demonstration orders) until it runs out")
     max_views: int = setting(512, "views per test input at most when filling (the method records when it stops here)", at_least=1)
+    settle: int = setting(0, "when filling, stop once the vote's two attempts for every test input have stayed the same "
+                             "over this many fill batches in a row (0: fill until the cap or max_views; not in the paper)",
+                          at_least=0, before=0)
     decode_batch_size: int = setting(16, "prompts decoded together", at_least=1)
 
     def __post_init__(self) -> None:
@@ -149,27 +152,30 @@ def vote(predictions: list[tuple[str, np.ndarray | None]], how: str = "hierarchi
 def predict_augmented(lm: LoadedModel, task: Task, budget: TaskBudget | None, transforms: list | None = None,
                       orders: int = 2, seed: int = 0, batch_size: int = 16, top_per_group: int = 3,
                       how: str = "hierarchical", leave_one_out: bool = False, fill: bool = True,
-                      max_views: int = 512) -> tuple[list[list[np.ndarray | None]], dict]:
+                      max_views: int = 512, settle: int = 0) -> tuple[list[list[np.ndarray | None]], dict]:
     """Two attempts per test output, and a record of the views.
 
     The configured views come first.  With `fill` and a capped budget, more views follow (see
     `more_augmentations`), a batch at a time, for as long as the budget pays for a whole view
     (prompt and full-length answer), at most `max_views` per test input: more budget buys more
-    votes.  Without a cap only the configured views are decoded."""
+    votes; with `settle` S > 0 filling stops once S fill batches in a row left the attempts as
+    they were (see `VoteSettling`).  Without a cap only the configured views are decoded."""
+    settling = VoteSettling(len(task.test), settle, how, top_per_group) if settle else None
     per_test, info = view_predictions(lm, task, budget, transforms, orders, seed, batch_size, leave_one_out, fill,
-                                      max_views)
+                                      max_views, settling)
     return vote_per_test(per_test, how, top_per_group), info
 
 
 def view_predictions(lm: LoadedModel, task: Task, budget: TaskBudget | None, transforms: list | None = None,
                      orders: int = 2, seed: int = 0, batch_size: int = 16, leave_one_out: bool = False,
-                     fill: bool = True, max_views: int = 512) -> tuple[Predictions, dict]:
+                     fill: bool = True, max_views: int = 512,
+                     settling: "VoteSettling | None" = None) -> tuple[Predictions, dict]:
     """`predict_augmented` before the vote: every view's answer, grouped by test input and named by
     its transform (the vote's categories), and the record of the views.  Methods that pool views
     from several sources (e.g. several independently trained adapters) vote once over them all."""
     transforms = inference_transforms() if transforms is None else transforms
     views, decoded = decode_augmented(lm, task, budget, transforms, orders, np.random.default_rng(seed),
-                                      batch_size, leave_one_out, fill, max_views)
+                                      batch_size, leave_one_out, fill, max_views, settling)
     per_test: Predictions = [[] for _ in task.test]
     for view, grid in decoded:
         per_test[view.test_index].append((view.augmentation.transform.name, grid))
@@ -185,7 +191,8 @@ def vote_per_test(per_test: Predictions, how: str = "hierarchical", top_per_grou
 
 def decode_augmented(lm: LoadedModel, task: Task, budget: TaskBudget | None, transforms: list, orders: int,
                      rng: np.random.Generator, batch_size: int = 16, leave_one_out: bool = False, fill: bool = True,
-                     max_views: int = 512) -> tuple[list[View], list[tuple[View, np.ndarray | None]]]:
+                     max_views: int = 512, settling: "VoteSettling | None" = None
+                     ) -> tuple[list[View], list[tuple[View, np.ndarray | None]]]:
     """(the configured views, every view decoded with its greedy answer): the configured views,
     then with `fill` under a cap more views while the budget pays (see `predict_augmented`)."""
     room = answer_room(lm.format, task)
@@ -193,7 +200,9 @@ def decode_augmented(lm: LoadedModel, task: Task, budget: TaskBudget | None, tra
     decoded = decode_views(lm, views, budget, room, batch_size)
     capped = is_capped(budget)
     if fill and capped and not budget.exhausted():
-        decoded += fill_views(lm, task, budget, room, batch_size, len(views), max_views, rng)
+        if settling is not None:
+            settling.add(decoded, filled=False)
+        decoded += fill_views(lm, task, budget, room, batch_size, len(views), max_views, rng, settling)
     elif budget is not None and not capped:
         budget.out_of_work("no cap: the configured views only")
     return views, decoded
@@ -235,17 +244,52 @@ class MoreViews:
 
 
 def fill_views(lm, task, budget: TaskBudget, room: int, batch_size: int, done: int, max_views: int,
-               rng: np.random.Generator) -> list[tuple[View, np.ndarray | None]]:
-    """More views while the budget pays for them (see predict_augmented)."""
+               rng: np.random.Generator, settling: "VoteSettling | None" = None) -> list[tuple[View, np.ndarray | None]]:
+    """More views while the budget pays for them (see predict_augmented), until the vote settles
+    when `settling` watches it."""
     more = MoreViews(lm, task, rng, max_views, done)
     decoded = []
     while views := more.next_batch(batch_size, budget):
         views = affordable_prefix(views, budget, room)
         if not views:
             break   # the budget cannot pay for one more view (recorded as a stop by the cap)
-        decoded += decode_views(lm, views, budget, room, batch_size)
+        batch = decode_views(lm, views, budget, room, batch_size)
+        decoded += batch
         more.used(len(views))
+        if settling is not None and settling.add(batch):
+            budget.out_of_work(f"the vote settled ({settling.batches} fill batches in a row left the attempts unchanged)")
+            break
     return decoded
+
+
+class VoteSettling:
+    """Watches the vote while views are filled: `add(batch)` is true once `batches` fill batches in
+    a row have left every test input's two attempts as they were.
+
+    Why: filling spends what is left of a task's cap on more views, and on long prompts decoding is
+    memory-bound, so those views are most of a task's time (the arc1-eval tasks that train no step
+    decode 400-512 views each).  When more views stop changing the vote they buy nothing but time.
+    Adaptive-Consistency (Aggarwal et al. 2023) stops sampling on a posterior over the majority;
+    this is its plainest form, for a two-level vote whose ranking has no such posterior.  The
+    configured views set the first attempts; only fill batches count towards `batches`."""
+
+    def __init__(self, n_tests: int, batches: int, how: str = "hierarchical", top_per_group: int = 3):
+        self.batches, self.how, self.top_per_group = batches, how, top_per_group
+        self.per_test: Predictions = [[] for _ in range(max(1, n_tests))]
+        self.attempts: list | None = None
+        self.unchanged = 0
+
+    def add(self, decoded: list[tuple[View, np.ndarray | None]], filled: bool = True) -> bool:
+        for view, grid in decoded:
+            self.per_test[view.test_index].append((view.augmentation.transform.name, grid))
+        attempts = [[None if a is None else grid_key(a) for a in vote(preds, self.how, self.top_per_group)]
+                    for preds in self.per_test]
+        # A batch counts when it and the batch before it were both fill batches.
+        self.unchanged = self.unchanged + 1 if filled and self.filled_before and attempts == self.attempts else 0
+        self.attempts, self.filled_before = attempts, filled
+        return self.unchanged >= self.batches
+
+    filled_before = False
 
 
 def predict_with_views(lm: LoadedModel, task: Task, budget: TaskBudget | None, views: ViewSettings,
@@ -258,9 +302,10 @@ def predict_with_views(lm: LoadedModel, task: Task, budget: TaskBudget | None, v
 def view_predictions_with(lm: LoadedModel, task: Task, budget: TaskBudget | None, views: ViewSettings,
                           seed: int) -> tuple[Predictions, dict]:
     """`view_predictions` with a method's `ViewSettings`."""
+    settling = VoteSettling(len(task.test), views.settle, views.vote, views.top_per_group) if views.settle else None
     return view_predictions(lm, task, budget, transforms_from_names(views.transforms), views.orders, seed=seed,
                             batch_size=views.decode_batch_size, leave_one_out=views.leave_one_out_prompts,
-                            fill=views.fill_views, max_views=views.max_views)
+                            fill=views.fill_views, max_views=views.max_views, settling=settling)
 
 
 def configured_views_cost(lm: LoadedModel, task: Task, budget: TaskBudget, views: ViewSettings) -> float:
