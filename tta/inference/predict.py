@@ -160,7 +160,7 @@ def predict_augmented(lm: LoadedModel, task: Task, budget: TaskBudget | None, tr
     (prompt and full-length answer), at most `max_views` per test input: more budget buys more
     votes; with `settle` S > 0 filling stops once S fill batches in a row left the attempts as
     they were (see `VoteSettling`).  Without a cap only the configured views are decoded."""
-    settling = VoteSettling(len(task.test), settle, how, top_per_group) if settle else None
+    settling = VoteSettling.watching(task, settle, how, top_per_group)
     per_test, info = view_predictions(lm, task, budget, transforms, orders, seed, batch_size, leave_one_out, fill,
                                       max_views, settling)
     return vote_per_test(per_test, how, top_per_group), info
@@ -177,11 +177,16 @@ def view_predictions(lm: LoadedModel, task: Task, budget: TaskBudget | None, tra
     views, decoded = decode_augmented(lm, task, budget, transforms, orders, np.random.default_rng(seed),
                                       batch_size, leave_one_out, fill, max_views, settling)
     per_test: Predictions = [[] for _ in task.test]
-    for view, grid in decoded:
-        per_test[view.test_index].append((view.augmentation.transform.name, grid))
+    add_answers(per_test, decoded)
     info = {"views": len(decoded), "configured_views": len(views),
             "valid_predictions": sum(g is not None for preds in per_test for _, g in preds)}
     return per_test, info
+
+
+def add_answers(per_test: Predictions, decoded: list[tuple["View", np.ndarray | None]]) -> None:
+    """Each decoded view's answer into its test input's list, named by its transform (the vote's category)."""
+    for view, grid in decoded:
+        per_test[view.test_index].append((view.augmentation.transform.name, grid))
 
 
 def vote_per_test(per_test: Predictions, how: str = "hierarchical", top_per_group: int = 3) -> list[list[np.ndarray | None]]:
@@ -278,18 +283,21 @@ class VoteSettling:
         self.per_test: Predictions = [[] for _ in range(max(1, n_tests))]
         self.attempts: list | None = None
         self.unchanged = 0
+        self.filled_before = False   # whether the last batch added was a fill batch
+
+    @classmethod
+    def watching(cls, task: Task, settle: int, how: str, top_per_group: int) -> "VoteSettling | None":
+        """A watch for `settle` > 0 fill batches; None (fill to the end) for 0."""
+        return cls(len(task.test), settle, how, top_per_group) if settle else None
 
     def add(self, decoded: list[tuple[View, np.ndarray | None]], filled: bool = True) -> bool:
-        for view, grid in decoded:
-            self.per_test[view.test_index].append((view.augmentation.transform.name, grid))
+        add_answers(self.per_test, decoded)
         attempts = [[None if a is None else grid_key(a) for a in vote(preds, self.how, self.top_per_group)]
                     for preds in self.per_test]
         # A batch counts when it and the batch before it were both fill batches.
         self.unchanged = self.unchanged + 1 if filled and self.filled_before and attempts == self.attempts else 0
         self.attempts, self.filled_before = attempts, filled
         return self.unchanged >= self.batches
-
-    filled_before = False
 
 
 def predict_with_views(lm: LoadedModel, task: Task, budget: TaskBudget | None, views: ViewSettings,
@@ -302,7 +310,7 @@ def predict_with_views(lm: LoadedModel, task: Task, budget: TaskBudget | None, v
 def view_predictions_with(lm: LoadedModel, task: Task, budget: TaskBudget | None, views: ViewSettings,
                           seed: int) -> tuple[Predictions, dict]:
     """`view_predictions` with a method's `ViewSettings`."""
-    settling = VoteSettling(len(task.test), views.settle, views.vote, views.top_per_group) if views.settle else None
+    settling = VoteSettling.watching(task, views.settle, views.vote, views.top_per_group)
     return view_predictions(lm, task, budget, transforms_from_names(views.transforms), views.orders, seed=seed,
                             batch_size=views.decode_batch_size, leave_one_out=views.leave_one_out_prompts,
                             fill=views.fill_views, max_views=views.max_views, settling=settling)
