@@ -93,6 +93,24 @@ def test_an_interrupted_run_ends_its_workers_at_once(tmp_path):
     assert not (tmp_path / "r" / "results.jsonl").exists() or not read_results(tmp_path / "r" / "results.jsonl")
 
 
+def test_stopping_a_pool_mid_task_returns_after_its_manager_thread_has_closed_the_wake_up_pipe():
+    # Python 3.11's exit hook writes to the manager thread's wake-up pipe without the pool's lock;
+    # if the thread closes the pipe meanwhile, the interrupted run printed a traceback after its
+    # one line (seen in CI). `_stop_now` must return only once that closing is over.
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from tta.run.worker_processes import _stop_now
+    pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+    pool.submit(time.sleep, 0).result()   # the worker is up
+    pool.submit(time.sleep, 60)
+    time.sleep(0.5)                        # ... and sleeping in its task
+    manager, wake_up = pool._executor_manager_thread, pool._executor_manager_thread_wakeup
+    started = time.monotonic()
+    _stop_now(pool)
+    assert not manager.is_alive() and wake_up._closed
+    assert time.monotonic() - started < 10
+
+
 def test_a_one_off_cache_is_built_by_one_worker_and_read_by_the_others(tmp_path, monkeypatch):
     # LESS builds its gradient datastore in setup: with two workers it must be built once, and the
     # manifest must say this run built it.

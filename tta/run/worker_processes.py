@@ -41,6 +41,7 @@ from tta.run.record import TaskRecord
 from tta.run.solve import RunSpec, TaskRunner, prepare
 
 MAX_RETRIES = 1
+MANAGER_EXIT_SECONDS = 5   # how long an interrupted run waits for its pool's manager thread
 
 # ---------------------------------------------------------------- inside a worker process
 
@@ -102,15 +103,25 @@ def _stop_now(pool: ProcessPoolExecutor) -> None:
     """Cancel the queued tasks and end the workers mid-task.  `shutdown(wait=False)` alone returns,
     but the interpreter's exit then waits for every worker to finish its task.  Python 3.14 has
     `terminate_workers()`; before it, the pool's process table (which `shutdown` drops, so it is
-    read first) is the only handle on them."""
+    read first) is the only handle on them.
+
+    Then wait (a few seconds at most) for the pool's manager thread, which closes its wake-up pipe
+    once it sees the workers gone. Python 3.11's exit hook writes to that pipe without the pool's
+    lock, so an exit that overlaps the closing printed `OSError: [Errno 9] Bad file descriptor`
+    with a traceback after the run's one-line "interrupted" (seen once in CI, in
+    `test_an_interrupted_run_ends_its_workers_at_once`); after the thread has ended, the hook
+    finds the pipe closed and skips it."""
+    manager = getattr(pool, "_executor_manager_thread", None)
     if hasattr(pool, "terminate_workers"):
         pool.terminate_workers()
-        return
-    workers = list((getattr(pool, "_processes", None) or {}).values())
-    pool.shutdown(wait=False, cancel_futures=True)
-    for process in workers:
-        if process.is_alive():
-            process.terminate()
+    else:
+        workers = list((getattr(pool, "_processes", None) or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in workers:
+            if process.is_alive():
+                process.terminate()
+    if manager is not None:
+        manager.join(timeout=MANAGER_EXIT_SECONDS)
 
 
 def solve_in_processes(spec: RunSpec, todo: list[str], workers: int, threads: int):
