@@ -173,7 +173,7 @@ def _gather(pool, spec, workers, threads, todo, method_name):
                 # each gets one more try in a fresh pool.
                 broken += list(running.values())
                 running.clear()
-                pool.shutdown(wait=False, cancel_futures=True)
+                _stop_now(pool)   # its manager thread has already begun ending the other workers
                 pool = _pool(spec, workers, threads)
                 for task_id in reversed(broken):
                     if attempts[task_id] <= MAX_RETRIES:
