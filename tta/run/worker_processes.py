@@ -41,7 +41,7 @@ from tta.run.record import TaskRecord
 from tta.run.solve import RunSpec, TaskRunner, prepare
 
 MAX_RETRIES = 1
-MANAGER_EXIT_SECONDS = 5   # how long an interrupted run waits for its pool's manager thread
+MANAGER_EXIT_SECONDS = 5   # how long ending a pool (interrupted or broken) waits for its manager thread
 
 # ---------------------------------------------------------------- inside a worker process
 
