@@ -65,6 +65,13 @@ if [[ "$part" == all || "$part" == real-arc-8e12 ]]; then
   tta compare $R/arc1_eval_8e12/icl-f8e12-seed0 $R/arc1_eval_8e12_icl_fullcap/icl-f8e12-seed0 \
     $R/arc1_eval_8e12_settle/ttt_full-f8e12-seed0 --baseline $R/arc1_eval_8e12_icl_fullcap/icl-f8e12-seed0 \
     --allow-mismatch --out reports/arc1_eval_8e12_icl_fullcap_paired.md
+  # The same on all 100 tasks: the rerun laid over the 512-view run's other 25 (a new directory each time).
+  rm -rf $R/arc1_eval_8e12_icl_fullcap/icl-f8e12-seed0-overlaid-on-512
+  tta merge $R/arc1_eval_8e12/icl-f8e12-seed0 $R/arc1_eval_8e12_icl_fullcap/icl-f8e12-seed0 --overlay \
+    --out $R/arc1_eval_8e12_icl_fullcap/icl-f8e12-seed0-overlaid-on-512
+  tta compare $R/arc1_eval_8e12_icl_fullcap/icl-f8e12-seed0-overlaid-on-512 $R/arc1_eval_8e12_settle/ttt_full-f8e12-seed0 \
+    $R/arc1_eval_8e12_settle_seed1/ttt_full-f8e12-seed1 --baseline $R/arc1_eval_8e12_icl_fullcap/icl-f8e12-seed0-overlaid-on-512 \
+    --out reports/arc1_eval_8e12_icl_fullcap_all100.md
 fi
 if [[ "$part" == all || "$part" == card ]]; then
   # The model card's Evaluation section, from the runs above.

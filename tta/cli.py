@@ -248,10 +248,21 @@ def show(runs, task_ids, out):
 @main.command()
 @click.argument("shards", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="the merged run directory")
-def merge(shards, out):
-    """Join the directories of `tta run --shard I/N` runs into one run directory."""
-    from tta.run.runner import merge as merge_shards
-    click.echo(f"merged {len(shards)} shards into {merge_shards(list(shards), out)}")
+@click.option("--overlay", is_flag=True,
+              help="the first directory is a whole run, the others rerun some of its tasks (same method, model, "
+                   "dataset, budget and seed; settings may differ): keep the first run's results except where a "
+                   "rerun has one, and record in the manifest which tasks ran with which settings")
+def merge(shards, out, overlay):
+    """Join the directories of `tta run --shard I/N` runs into one run directory, or with
+    --overlay lay a partial rerun over a run (`tta merge RUN RERUN --overlay --out DIR`)."""
+    from tta.run import runner
+    if overlay:
+        if len(shards) < 2:
+            raise click.UsageError("--overlay needs a run and at least one rerun of some of its tasks")
+        out = runner.overlay(shards[0], list(shards[1:]), out, command=_command_line())
+        click.echo(f"overlaid {len(shards) - 1} rerun(s) on {shards[0]} into {out}")
+        return
+    click.echo(f"merged {len(shards)} shards into {runner.merge(list(shards), out)}")
 
 
 @main.command()

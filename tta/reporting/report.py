@@ -796,16 +796,33 @@ def _runs_markdown(df: pd.DataFrame, manifests: dict) -> str:
         rows.append({
             "run": run, "method": m.get("method"), "seed": m.get("seed"),
             "config_hash": m.get("config_hash"),
-            "config": json.dumps(m.get("config") or {}, sort_keys=True),
+            "config": json.dumps(m.get("config") or {}, sort_keys=True) + _overlay_note(m),
             "budget": _budget_text(_float(budget.get("flops")), _float(budget.get("seconds"))),
             "one-off cost": (f"{_num(_float(one_off.get('flops')))} FLOPs, "
                              f"{_num(_float(one_off.get('seconds')))} s: {one_off.get('what', '')}"
                              + _charged_note(one_off) if one_off else "none"),
             "git commit": m.get("git_commit") or "unknown",
             "started": m.get("started"), "finished": m.get("finished") or "not finished",
-            "command": f"`{m['command']}`" if m.get("command") else "",
+            "command": (f"`{m['command']}`" if m.get("command") else "") + _overlay_commands(m),
         })
     return markdown_table(pd.DataFrame(rows))
+
+
+def _overlay_note(manifest: dict) -> str:
+    """For a `tta merge --overlay` run: which of its tasks came from which rerun, with what settings."""
+    notes = []
+    for o in manifest.get("overlaid") or []:
+        settings = ", ".join(f"{k}={json.dumps(new)} (not {json.dumps(old)})" for k, (old, new) in o["settings"].items())
+        notes.append(f"{len(o['tasks'])} of its {len(manifest.get('task_ids') or [])} tasks from {o['run']}"
+                     + (f" with {settings}" if settings else " with the same settings"))
+    return ("; overlaid: " + "; ".join(notes)) if notes else ""
+
+
+def _overlay_commands(manifest: dict) -> str:
+    if not manifest.get("overlaid"):
+        return ""
+    runs = [("base run", manifest.get("base_command"))] + [("rerun", o.get("command")) for o in manifest["overlaid"]]
+    return "".join(f"; {what}: `{cmd}`" for what, cmd in runs if cmd)
 
 
 def _charged_note(one_off: dict) -> str:

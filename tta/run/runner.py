@@ -13,6 +13,7 @@ The run directory:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -235,12 +236,7 @@ def _progress(total: int, initial: int, enabled: bool, name: str):
 def merge(shard_dirs: list[Path], out: Path) -> Path:
     """Join the run directories of `--shard i/n` runs into one, as if it had run unsharded:
     the shards must agree on everything but their tasks, and every task must be there once."""
-    manifests = []
-    for d in shard_dirs:
-        path = Path(d) / "manifest.json"
-        if not path.exists():
-            raise RunError(f"{d}: not a run directory (no manifest.json)")
-        manifests.append(json.loads(path.read_text()))
+    manifests = [_read_manifest(d) for d in shard_dirs]
     first = manifests[0]
     for d, m in zip(shard_dirs[1:], manifests[1:]):
         for key in (k for k in IDENTITY_KEYS if k != "task_ids"):
@@ -276,3 +272,89 @@ def merge(shard_dirs: list[Path], out: Path) -> Path:
     atomic_write_json(out / "manifest.json", {k: v for k, v in merged.items() if v is not None})
     atomic_write_json(out / "submission.json", submission(records, task_ids))
     return out
+
+
+# ---------------------------------------------------------------- overlays
+
+# What an overlay may not change: a rerun of part of a run keeps its method, model, tasks'
+# dataset, budget and seed; only settings may differ, and the merged manifest names them.
+OVERLAY_MUST_MATCH = ("method", "model", "model_sha256", "dataset", "budget", "seed")
+
+
+def overlay(base_dir: Path, rerun_dirs: list[Path], out: Path, command: str | None = None) -> Path:
+    """A new run directory holding `base_dir`'s results, with every task that a rerun also ran
+    replaced by the rerun's result (a later rerun wins over an earlier one).
+
+    For a declared partial rerun: say, the tasks of a run that a setting (`max_views`) stopped
+    early, rerun without it, while the tasks it did not stop keep their results.  The reruns
+    must agree with the base in method, model, weights, dataset, budget and seed, run only
+    tasks of the base, and have finished.  Their settings may differ: the manifest's
+    `overlaid` lists, per rerun, its tasks, command and the settings that differ from the
+    base's `config` (which the other tasks ran with), and `tta compare` shows it beside the run.
+    That the base's remaining results are what the rerun's settings would have given is the
+    user's claim to check (a rerun of one such task, for instance); the merge cannot know it.
+    Wall time per task is not recorded for the result: the runs ran at different times."""
+    base_dir, rerun_dirs = Path(base_dir), [Path(d) for d in rerun_dirs]
+    base = _read_manifest(base_dir)
+    base_records = {r.task_id: r for r in read_records(base_dir / "results.jsonl")}
+    records, overlaid = dict(base_records), []
+    for d in rerun_dirs:
+        rerun = _read_manifest(d)
+        for key in OVERLAY_MUST_MATCH:
+            if rerun.get(key) != base.get(key):
+                raise RunError(f"{d}: differs from {base_dir} in {key}; an overlay may differ in settings only")
+        outside = sorted(set(rerun["task_ids"]) - set(base["task_ids"]))
+        if outside:
+            raise RunError(f"{d}: {len(outside)} tasks are not tasks of {base_dir} ({', '.join(outside[:5])})")
+        rerun_records = read_records(d / "results.jsonl")
+        missing = sorted(set(rerun["task_ids"]) - {r.task_id for r in rerun_records})
+        if missing:
+            raise RunError(f"{d}: {len(missing)} tasks have no result yet ({', '.join(missing[:5])}); finish the rerun first")
+        records.update({r.task_id: r for r in rerun_records})
+        overlaid.append({"run": str(d), "config_hash": rerun.get("config_hash"), "command": rerun.get("command"),
+                         "git_commit": rerun.get("git_commit"),
+                         "settings": _setting_differences(base, rerun),
+                         "tasks": [r.task_id for r in rerun_records]})
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / "results.jsonl").exists():
+        raise RunError(f"{out}: already holds results; overlay into a new directory")
+    task_ids = list(base["task_ids"])
+    kept = [records[t] for t in task_ids if t in records]
+    for record in kept:
+        append_record(out / "results.jsonl", record)
+    merged = {k: v for k, v in base.items() if k not in ("resumed", "last_result", "shard")}
+    merged.update(merged_from=[str(base_dir)] + [str(d) for d in rerun_dirs], overlaid=overlaid,
+                  base_command=base.get("command"), command=command,
+                  finished=max([base.get("finished") or ""] + [o.get("finished") or "" for o in map(_read_manifest, rerun_dirs)]) or None)
+    # The overlay is a run of its own: its hash covers what was overlaid, so it never equals the base's.
+    merged["config_hash"] = hashlib.sha256((config_hash(merged) + json.dumps(overlaid, sort_keys=True)).encode()).hexdigest()[:12]
+    atomic_write_json(out / "manifest.json", {k: v for k, v in merged.items() if v is not None})
+    atomic_write_json(out / "submission.json", submission(kept, task_ids))
+    return out
+
+
+def _read_manifest(d: Path) -> dict:
+    path = Path(d) / "manifest.json"
+    if not path.exists():
+        raise RunError(f"{d}: not a run directory (no manifest.json)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise RunError(f"{path}: invalid JSON ({e})") from None
+
+
+def _setting_differences(base: dict, rerun: dict) -> dict:
+    """{setting: [base value, rerun value]} for each setting the two runs' configs disagree on.
+    A setting added to the method after a run was recorded counts at the value that reproduces
+    what the method did then (its `before`), as when a run is resumed."""
+    configs = [m.get("config") or {} for m in (base, rerun)]
+    try:
+        from tta.method import get_method, load_plugins
+        from tta.settings import as_recorded_now
+        load_plugins(base.get("plugins") or [])
+        config_cls = get_method(base["method"]).Config
+        configs = [as_recorded_now(config_cls, c) for c in configs]
+    except Exception:   # a method that no longer loads: compare the configs as recorded
+        pass
+    old, new = configs
+    return {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
