@@ -85,6 +85,11 @@ def test_overlay_keeps_the_base_results_except_the_reruns_and_says_which(runs):
     assert manifest["config_hash"] != base_manifest["config_hash"]
     assert wall_seconds(manifest) is None   # the two runs ran at different times
 
+    # Nothing runs into it: a resume or --retry-failed would mix in the base's settings unrecorded.
+    result = invoke("run", "--plugin", "second_attempt.py", "--method", "second_attempt", "--dataset", "gen-eval",
+                    "--budget-flops", "1e9", "--limit", "4", "--retry-failed", "--out", "both", "--quiet")
+    assert result.exit_code != 0 and "both: made by `tta merge` from base, rerun; run into one of those" in result.output
+
     result = invoke("compare", "base", "both", "--baseline", "base", "--out", "cmp.md")
     assert result.exit_code == 0, result.output
     text = (tmp / "cmp.md").read_text()

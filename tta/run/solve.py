@@ -244,6 +244,9 @@ def prepare(spec: RunSpec):
             existing = json.loads(manifest_path.read_text())
         except json.JSONDecodeError:
             raise RunError(f"{manifest_path}: not valid JSON; use another --out") from None
+        if existing.get("merged_from"):   # its results came from other directories, maybe with other settings
+            raise RunError(f"{out}: made by `tta merge` from {', '.join(existing['merged_from'])}; "
+                           "run into one of those, then merge again")
         check_resumable(existing, manifest, out, type(config))
         manifest = existing
     return cls, config, dataset, out, manifest
