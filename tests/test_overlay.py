@@ -95,6 +95,9 @@ def test_overlay_keeps_the_base_results_except_the_reruns_and_says_which(runs):
     text = (tmp / "cmp.md").read_text()
     assert 'overlaid: 2 of its 4 tasks from rerun with second="input" (not "none")' in text
     assert "rerun: `tta run" in text
+    result = invoke("report", "both")
+    assert result.exit_code == 0 and 'overlaid: 2 of its 4 tasks from rerun with second="input"' in result.output
+    assert "- Command: `tta merge base rerun --overlay" in result.output
 
 
 def test_a_later_rerun_wins_over_an_earlier_one(runs):

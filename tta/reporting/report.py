@@ -986,7 +986,8 @@ def write_run_report(path: str | Path, out: str | Path | None = None) -> str:
     not_run = int(df["missing"].sum())
     s = [f"# Run {run}\n",
          f"- Method: {manifest.get('method')} (config_hash {manifest.get('config_hash')}, "
-         f"config `{json.dumps(manifest.get('config') or {}, sort_keys=True)}`)",
+         f"config `{json.dumps(manifest.get('config') or {}, sort_keys=True)}`{_overlay_note(manifest)})",
+         *([f"- Command: `{manifest['command']}`{_overlay_commands(manifest)}"] if manifest.get("command") else []),
          f"- Model: {manifest.get('model')}; dataset: {manifest.get('dataset')}; "
          f"seed: {manifest.get('seed')}",
          f"- Budget: {_budget_text(_float(budget.get('flops')), _float(budget.get('seconds')))}",
