@@ -246,7 +246,7 @@ def show(runs, task_ids, out):
 
 
 @main.command()
-@click.argument("shards", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("shards", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="RUN_DIR...")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="the merged run directory")
 @click.option("--overlay", is_flag=True,
               help="the first directory is a whole run, the others rerun some of its tasks (same method, model, "
