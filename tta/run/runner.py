@@ -242,36 +242,23 @@ def merge(shard_dirs: list[Path], out: Path) -> Path:
         for key in (k for k in IDENTITY_KEYS if k != "task_ids"):
             if m[key] != first[key]:
                 raise RunError(f"{d}: differs from {shard_dirs[0]} in {key}; shards of one run must agree")
-    records, owner = [], {}
+    records, owner = {}, {}
     for d, m in zip(shard_dirs, manifests):
-        shard_records = read_records(Path(d) / "results.jsonl")
-        for r in shard_records:
+        for r in _finished_records(d, m, "shard"):
             if r.task_id in owner:
                 raise RunError(f"{d}: task {r.task_id} is also in {owner[r.task_id]}; shards overlap")
-            owner[r.task_id] = d
-        missing = sorted(set(m["task_ids"]) - {r.task_id for r in shard_records})
-        if missing:
-            raise RunError(f"{d}: {len(missing)} tasks have no result yet ({', '.join(missing[:5])}); finish the shard first")
-        records += shard_records
+            owner[r.task_id], records[r.task_id] = d, r
     task_ids = sorted(owner)
     counts = {m["shard"][1] for m in manifests if "shard" in m}
     if counts and (len(counts) > 1 or sorted(m["shard"][0] for m in manifests) != list(range(counts.pop()))):
         raise RunError("the directories are not shards 0..n-1 of one run (see each manifest's shard)")
-    out.mkdir(parents=True, exist_ok=True)
-    if (out / "results.jsonl").exists():
-        raise RunError(f"{out}: already holds results; merge into a new directory")
-    order = {task_id: i for i, task_id in enumerate(task_ids)}
-    for record in sorted(records, key=lambda r: order[r.task_id]):
-        append_record(out / "results.jsonl", record)
     merged = {k: v for k, v in first.items() if k != "shard"}
     merged.update(task_ids=task_ids, merged_from=[str(d) for d in shard_dirs],
                   started=min(m.get("started") or "" for m in manifests),
                   finished=max(m.get("finished") or "" for m in manifests) or None)
     merged["config_hash"] = config_hash(merged)
     merged["one_off"] = first.get("one_off")
-    atomic_write_json(out / "manifest.json", {k: v for k, v in merged.items() if v is not None})
-    atomic_write_json(out / "submission.json", submission(records, task_ids))
-    return out
+    return _write_merged(out, [records[t] for t in task_ids], merged)
 
 
 # ---------------------------------------------------------------- overlays
@@ -296,8 +283,8 @@ def overlay(base_dir: Path, rerun_dirs: list[Path], out: Path, command: str | No
     Wall time per task is not recorded for the result: the runs ran at different times."""
     base_dir, rerun_dirs = Path(base_dir), [Path(d) for d in rerun_dirs]
     base = _read_manifest(base_dir)
-    base_records = {r.task_id: r for r in read_records(base_dir / "results.jsonl")}
-    records, overlaid = dict(base_records), []
+    records = {r.task_id: r for r in read_records(base_dir / "results.jsonl")}
+    overlaid, finished = [], [base.get("finished") or ""]
     for d in rerun_dirs:
         rerun = _read_manifest(d)
         for key in OVERLAY_MUST_MATCH:
@@ -306,30 +293,40 @@ def overlay(base_dir: Path, rerun_dirs: list[Path], out: Path, command: str | No
         outside = sorted(set(rerun["task_ids"]) - set(base["task_ids"]))
         if outside:
             raise RunError(f"{d}: {len(outside)} tasks are not tasks of {base_dir} ({', '.join(outside[:5])})")
-        rerun_records = read_records(d / "results.jsonl")
-        missing = sorted(set(rerun["task_ids"]) - {r.task_id for r in rerun_records})
-        if missing:
-            raise RunError(f"{d}: {len(missing)} tasks have no result yet ({', '.join(missing[:5])}); finish the rerun first")
+        rerun_records = _finished_records(d, rerun, "rerun")
         records.update({r.task_id: r for r in rerun_records})
         overlaid.append({"run": str(d), "config_hash": rerun.get("config_hash"), "command": rerun.get("command"),
                          "git_commit": rerun.get("git_commit"),
                          "settings": _setting_differences(base, rerun),
                          "tasks": [r.task_id for r in rerun_records]})
-    out.mkdir(parents=True, exist_ok=True)
-    if (out / "results.jsonl").exists():
-        raise RunError(f"{out}: already holds results; overlay into a new directory")
-    task_ids = list(base["task_ids"])
-    kept = [records[t] for t in task_ids if t in records]
-    for record in kept:
-        append_record(out / "results.jsonl", record)
+        finished.append(rerun.get("finished") or "")
     merged = {k: v for k, v in base.items() if k not in ("resumed", "last_result", "shard")}
     merged.update(merged_from=[str(base_dir)] + [str(d) for d in rerun_dirs], overlaid=overlaid,
-                  base_command=base.get("command"), command=command,
-                  finished=max([base.get("finished") or ""] + [o.get("finished") or "" for o in map(_read_manifest, rerun_dirs)]) or None)
+                  base_command=base.get("command"), command=command, finished=max(finished) or None)
     # The overlay is a run of its own: its hash covers what was overlaid, so it never equals the base's.
     merged["config_hash"] = hashlib.sha256((config_hash(merged) + json.dumps(overlaid, sort_keys=True)).encode()).hexdigest()[:12]
-    atomic_write_json(out / "manifest.json", {k: v for k, v in merged.items() if v is not None})
-    atomic_write_json(out / "submission.json", submission(kept, task_ids))
+    return _write_merged(out, [records[t] for t in base["task_ids"] if t in records], merged)
+
+
+def _finished_records(d: Path, manifest: dict, what: str) -> list:
+    """The records of run directory `d`, which must hold one for every task its manifest lists."""
+    records = read_records(Path(d) / "results.jsonl")
+    missing = sorted(set(manifest["task_ids"]) - {r.task_id for r in records})
+    if missing:
+        raise RunError(f"{d}: {len(missing)} tasks have no result yet ({', '.join(missing[:5])}); finish the {what} first")
+    return records
+
+
+def _write_merged(out: Path, records: list, manifest: dict) -> Path:
+    """Write a run directory made by `tta merge`: the records in task order, the manifest, the
+    submission.  Never into a directory that already holds results."""
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / "results.jsonl").exists():
+        raise RunError(f"{out}: already holds results; merge into a new directory")
+    for record in records:
+        append_record(out / "results.jsonl", record)
+    atomic_write_json(out / "manifest.json", {k: v for k, v in manifest.items() if v is not None})
+    atomic_write_json(out / "submission.json", submission(records, manifest["task_ids"]))
     return out
 
 
