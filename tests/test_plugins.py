@@ -133,3 +133,82 @@ def test_a_file_method_runs_in_a_fresh_process_without_pythonpath(tmp_path):
     assert proc.returncode == 0, proc.stderr
     manifest = json.loads((tmp_path / "r" / "manifest.json").read_text())
     assert manifest["method"] == "last_output"
+
+
+# A method that breaks the contract of docs/plugins.md, one way per task id: each such task fails
+# with a one-line error naming the hook and the problem, the well-behaved ones are scored, and the
+# loose-but-exact returns (numpy scalars, tensors, a single attempt) are accepted as they are.
+CONTRACT_METHOD = '''
+import numpy as np, torch
+from tta.method import Method
+
+class Loose(Method):
+    def predict(self, task, budget, seed):
+        out = task.train[0].output
+        kind = task.id
+        if kind == "numpy_record":
+            return [[out, None]], {"score": np.float32(0.5), "counts": np.arange(3), "pair": (1, 2)}
+        if kind == "tensor_attempt":
+            return [[torch.tensor(out), None]], {}
+        if kind == "one_attempt":
+            return [[out]], None
+        if kind == "bare_grid":
+            return [out], {}
+        if kind == "colour_99":
+            return [[np.full((2, 2), 99), None]], {}
+        if kind == "three_attempts":
+            return [[out, out, out]], {}
+        if kind == "float_cells":
+            return [[out + 0.5, None]], {}
+        if kind == "object_record":
+            return [[out, None]], {"model": object()}
+        if kind == "attempts_only":
+            return [[out, None]]
+        raise AssertionError(kind)
+'''
+
+FAILS_WITH = {
+    "bare_grid": "is one grid, not a list of attempts",
+    "colour_99": "attempt 1: cell (0,0) is 99, outside the colours 0-9",
+    "three_attempts": "3 attempts for test input 0",
+    "float_cells": "not integers",
+    "object_record": "predict's record['model'] holds an object",
+    "attempts_only": "it must return (attempts, record)",
+}
+
+
+def test_a_method_that_breaks_the_contract_fails_that_task_with_one_line_and_the_run_goes_on(tmp_path):
+    (tmp_path / "loose.py").write_text(CONTRACT_METHOD)
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    grid = [[1, 2], [3, 4]]
+    for name in ["numpy_record", "tensor_attempt", "one_attempt", *FAILS_WITH]:
+        write_task(tasks / f"{name}.json", {"train": [{"input": grid, "output": grid}],
+                                            "test": [{"input": grid, "output": grid}]})
+    result = invoke("run", "--method", f"{tmp_path / 'loose.py'}:Loose", "--dataset", tasks,
+                    "--out", tmp_path / "r", "--quiet")
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    records = {r["task_id"]: r for r in read_results(tmp_path / "r" / "results.jsonl")}
+    for name in ("numpy_record", "tensor_attempt", "one_attempt"):
+        assert records[name]["error"] is None and records[name]["correct"] == [True], records[name]
+    assert records["numpy_record"]["extra"]["predict"] == {"score": 0.5, "counts": [0, 1, 2], "pair": [1, 2]}
+    assert records["one_attempt"]["attempts"] == [[grid, None]]
+    for name, needle in FAILS_WITH.items():
+        error = records[name]["error"]
+        assert error and needle in error and "\n" not in error, (name, error)
+
+
+@pytest.mark.parametrize("body, needle", [
+    ("def setup(self, tasks):\n        raise RuntimeError('no data store')", "setup failed: RuntimeError: no data store"),
+    ("def setup(self, tasks):\n        return {'what': object()}", "setup failed: MethodError: setup's record['what'] holds an object"),
+    ("def __init__(self, *args):\n        raise KeyError('weights')", "could not be created: KeyError"),
+])
+def test_a_method_that_cannot_start_stops_the_run_with_one_line_and_writes_nothing(tmp_path, body, needle):
+    (tmp_path / "nostart.py").write_text(
+        "from tta.method import Method\n\nclass NoStart(Method):\n    " + body +
+        "\n\n    def predict(self, task, budget, seed):\n        return [[None, None]], {}\n")
+    result = invoke("run", "--method", f"{tmp_path / 'nostart.py'}:NoStart", "--dataset", one_task(tmp_path),
+                    "--out", tmp_path / "r", "--quiet")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error")]   # after the run's header
+    assert result.exit_code == 2 and len(errors) == 1 and needle in errors[0], result.stderr
+    assert "Traceback" not in result.output and not (tmp_path / "r").exists()

@@ -27,6 +27,7 @@ from tta.threads import set_threads
 from tta.inference.predict import fit_prompt
 from tta.data.tasks import Task, grid_to_list, without_answers
 from tta.data.datasets import Dataset, load_dataset, select
+from tta.run.contract import checked_attempts, json_record, predict_result
 from tta.run.record import TaskRecord, task_size
 
 
@@ -157,11 +158,6 @@ def true_answer_scores(lm: LoadedModel, task: Task) -> list:
     return scores
 
 
-def as_grids(attempts) -> list[list[np.ndarray | None]]:
-    return [[None if a is None else np.asarray(a, dtype=np.int8) for a in (list(pair) + [None, None])[:2]]
-            for pair in attempts]
-
-
 def run_task(method: Method, lm: LoadedModel | None, task: Task, budget: Budget, seed: int,
              on_progress=None) -> TaskRecord:
     seed = task_seed(seed, task.id)
@@ -173,11 +169,10 @@ def run_task(method: Method, lm: LoadedModel | None, task: Task, budget: Budget,
     budget_view = meter.handle(lm.model if lm is not None else None)   # what the method sees
     try:
         visible = without_answers(task)   # the method never sees the test outputs
-        adapt_info = method.adapt(visible, budget_view, seed)
-        attempts, predict_info = method.predict(visible, budget_view, seed)
-        attempts = as_grids(attempts)
-        if len(attempts) != len(task.test):
-            raise RuntimeError(f"method returned {len(attempts)} answers for {len(task.test)} test inputs")
+        adapt_info = json_record(method.adapt(visible, budget_view, seed), "adapt's record")
+        attempts, predict_info = predict_result(method.predict(visible, budget_view, seed))
+        attempts = checked_attempts(attempts, len(task.test))
+        predict_info = json_record(predict_info, "predict's record")
         spent = meter.summary()   # before the graded metrics, which are measurement, not method
         metrics = graded_metrics(lm, task, attempts, meter) if task.has_solutions else {}
     finally:
@@ -263,7 +258,10 @@ class TaskRunner:
         if self.lm is not None:
             from tta.data import contamination
             contamination.check_model_data(self.lm, spec.model, dataset, force=spec.force)
-        self.method = cls(config, self.lm, spec.seed)
+        try:
+            self.method = cls(config, self.lm, spec.seed)
+        except Exception as e:   # a method's own bug, before any task: nothing can run
+            raise RunError(f"method {cls.name} could not be created: {one_line(e)}") from None
         self.dataset = dataset
         self.by_id = {t.id: t for t in dataset.tasks}
 
@@ -276,7 +274,10 @@ class TaskRunner:
     def setup(self) -> dict | None:
         """The method's one-off work, with its wall seconds added to its own record."""
         started = time.perf_counter()
-        one_off = self.method.setup([without_answers(t) for t in self.dataset.tasks])
+        try:
+            one_off = json_record(self.method.setup([without_answers(t) for t in self.dataset.tasks]), "setup's record")
+        except Exception as e:   # every task needs it, so the run stops here, with nothing written
+            raise RunError(f"method {self.name}: setup failed: {one_line(e)}") from None
         return {"seconds": round(time.perf_counter() - started, 3), **one_off} if one_off else None
 
     def solve(self, task_id: str) -> TaskRecord:
