@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from tta.budget import (Budget, Meter, TaskBudget, attention_context, forward_flops, model_shape,
+from tta.budget import (Budget, BudgetExceeded, Meter, TaskBudget, attention_context, forward_flops, model_shape,
                         training_step_flops)
 from tta.inference.decoding import generate
 from tta.model.loading import load_model
@@ -345,3 +345,85 @@ def test_progress_inside_a_task_is_the_share_of_the_cap_spent(lm, monkeypatch):
                       on_progress=shares.append)
     assert len(shares) > 10 and shares == sorted(shares)
     assert shares[-1] == pytest.approx(record.flops / 2e8) and shares[-1] > 0.8
+
+
+# ---------------------------------------------------------------- the cap holds whether a method asks or not
+
+class NeverAsks(WellBehaved):
+    """Scores its prompt again and again without asking the budget: a method of one's own that
+    ignores the cap.  Keeps every forward it got through, to answer with."""
+    catch = False
+
+    def adapt(self, task, budget, seed):
+        return {}
+
+    def predict(self, task, budget, seed):
+        ids, self.forwards = self.prompt(task), 0
+        try:
+            with torch.no_grad():
+                for _ in range(50):
+                    self.forward(ids)
+                    self.forwards += 1
+        except BudgetExceeded:
+            if not self.catch:
+                raise
+        return [[p.input, None] for p in task.test], {"forwards": self.forwards}
+
+
+class CatchesTheRefusal(NeverAsks):
+    catch = True
+
+
+@pytest.mark.parametrize("cls", [NeverAsks, CatchesTheRefusal])
+def test_a_forward_past_the_cap_is_refused_before_it_runs(lm, cls):
+    task = flip_task()
+    n = len(lm.format.encode(list(task.train), task.test[0].input).input_ids)
+    one = forward_flops(model_shape(lm.model), n, attention_context(0, n))
+    method = cls(None, lm)
+    record = run_task(method, lm, task, Budget(flops=3.5 * one), seed=0) if cls.catch else None
+    if not cls.catch:
+        meter_spend = []
+        with pytest.raises(BudgetExceeded, match="would pass the cap; ask budget.can_afford"):
+            meter = Meter(Budget(flops=3.5 * one))
+            meter.attach(lm.model)
+            try:
+                method.predict(task, meter.handle(lm.model), 0)
+            finally:
+                meter.detach()
+                meter_spend.append(meter.flops)
+        assert method.forwards == 3 and meter_spend == [3 * one]   # the fourth never ran
+        return
+    assert record.error is None and record.extra["predict"]["forwards"] == 3
+    assert record.flops == 3 * one and record.budget_share <= 1
+    assert record.metrics, "the graded metrics are measurement and are never refused"
+
+
+def test_a_method_that_ignores_the_cap_fails_that_task_with_one_line_and_the_run_goes_on(tmp_path):
+    import json
+    from click.testing import CliRunner
+    from tta.cli import main
+    from conftest import GOOD, write_task
+    (tmp_path / "greedy.py").write_text(
+        "import torch\nfrom tta.method import Method\n\n"
+        "class Greedy(Method):\n"
+        "    def predict(self, task, budget, seed):\n"
+        "        if task.id == 'heavy':\n"
+        "            ids = torch.ones(1, 64, dtype=torch.long)\n"
+        "            for _ in range(1000):\n"
+        "                self.lm.model(input_ids=ids)\n"
+        "        return [[p.input, None] for p in task.test], {}\n")
+    (tmp_path / "tasks").mkdir()
+    for name in ("heavy", "light"):
+        write_task(tmp_path / "tasks" / f"{name}.json", GOOD)
+    result = CliRunner().invoke(main, ["run", "--method", f"{tmp_path / 'greedy.py'}:Greedy", "--model", "random:tiny",
+                                       "--dataset", str(tmp_path / "tasks"), "--budget-flops", "1e8",
+                                       "--out", str(tmp_path / "r"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    records = {r["task_id"]: r for r in map(json.loads, (tmp_path / "r" / "results.jsonl").read_text().splitlines())}
+    assert records["heavy"]["error"].startswith("BudgetExceeded: a forward of") and "\n" not in records["heavy"]["error"]
+    assert records["light"]["error"] is None
+
+
+def test_no_cap_refuses_nothing(lm):
+    record = run_task(NeverAsks(None, lm), lm, flip_task(), Budget(), seed=0)
+    assert record.error is None and record.extra["predict"]["forwards"] == 50

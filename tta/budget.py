@@ -7,7 +7,8 @@ point: `lm.model(...)`, `lm.model.forward(...)`, `lm.model.model(...)` followed
 by `lm_head`, training or inference, a method's own call or the harness's.  A
 layer whose output carries a gradient graph gets a tensor hook that charges the
 backward pass when (and only when) a backward actually flows through it, in
-train or eval mode alike.
+train or eval mode alike.  The FLOP cap holds whether a method asks or not: a forward whose
+decoder layers alone would take the spend past it raises `BudgetExceeded` before it runs.
 
 Methods never hold the meter.  They get a `TaskBudget`: it answers questions
 (what is left, would this fit, keep X back for a later phase), lets a method add
@@ -125,6 +126,13 @@ class Budget:
         return {"flops": self.flops, "seconds": self.seconds}
 
 
+class BudgetExceeded(RuntimeError):
+    """A forward of the model that would take the task past its FLOP cap, refused by the harness
+    before it ran.  The built-in methods ask the budget first and never meet it; a method of one's
+    own that does not ask fails the task with this error, or catches it and answers with what it
+    has.  (Only FLOP caps are enforced so: a seconds cap cannot be checked before a forward runs.)"""
+
+
 @dataclass
 class _Call:
     """The decoder call in progress: which of its positions are real tokens."""
@@ -177,6 +185,7 @@ class Meter:
         self._handles = []
         self._decoders = []   # the decoders it is attached to (see `charge_forward`)
         self._shapes: dict[int, tuple[tuple, object]] = {}   # module id -> (parameter key, count)
+        self._widths: dict[int, int] = {}   # decoder id -> its attention width
 
     # ---- attaching to models
     def attach(self, model: torch.nn.Module) -> None:
@@ -186,6 +195,7 @@ class Meter:
         if decoder is None or layers is None:
             raise ValueError(f"cannot meter {type(model).__name__}: no decoder with .layers")
         width = attention_width(model.config)
+        self._widths[id(decoder)] = width
         self._handles += [decoder.register_forward_pre_hook(self._on_decoder, with_kwargs=True),
                           decoder.register_forward_hook(self._after_decoder)]
         for layer in layers:
@@ -223,6 +233,28 @@ class Meter:
 
     # ---- the hooks
     def _on_decoder(self, module, args, kwargs):
+        self._call = self._real_tokens(args, kwargs)
+        self._refuse_past_cap(module, self._call)
+
+    def _refuse_past_cap(self, decoder, call: _Call) -> None:
+        """Raise `BudgetExceeded` before a forward whose decoder layers alone (the output head may
+        run on fewer positions, so it is left out) would take the spend past the FLOP cap: the
+        cap holds whether or not a method asks.  Measurement (`uncharged`) is never refused."""
+        cap = self.budget.flops
+        if cap is None or not self._charging:
+            return
+        weights = self._recounted(decoder, lambda d: sum(linear_weights(layer)[0] for layer in d.layers))
+        cost = 2.0 * weights * call.tokens + attention_flops(len(decoder.layers), self._widths[id(decoder)], call.context)
+        if self.flops + cost > cap * (1 + 1e-9):   # the slack: float rounding of a method's own pricing
+            self._call = None
+            raise BudgetExceeded(
+                f"a forward of {cost:.3g} FLOPs with {self.flops:.3g} of the task's {cap:.3g}-FLOP cap spent "
+                "would pass the cap; ask budget.can_afford(flops) before calling the model, or catch "
+                "tta.budget.BudgetExceeded and answer with what you have")
+
+    @staticmethod
+    def _real_tokens(args, kwargs) -> _Call:
+        """The real (not padding) tokens of a decoder call, and the positions they attend to."""
         ids = kwargs.get("input_ids", args[0] if args else None)
         ref = ids if ids is not None else kwargs.get("inputs_embeds")
         batch, length = ref.shape[0], ref.shape[1]
@@ -230,16 +262,14 @@ class Meter:
         rows = getattr(mask, "tta_rows", None)
         if rows is not None and len(rows[0]) == batch:
             new = [min(max(int(n), 0), length) for n in rows[0]]
-            self._call = _Call(None, sum(new), sum(n * int(p) + n * (n + 1) // 2 for n, p in zip(new, rows[1])), new)
-            return
+            return _Call(None, sum(new), sum(n * int(p) + n * (n + 1) // 2 for n, p in zip(new, rows[1])), new)
         if mask is None or mask.dim() != 2:
-            self._call = _Call(None, batch * length, batch * attention_context(0, length))
-            return
+            return _Call(None, batch * length, batch * attention_context(0, length))
         mask = mask.detach().to("cpu", torch.int64)
         new_mask = mask[:, -length:]
         new = new_mask.sum(dim=1)
         past = mask.sum(dim=1) - new
-        self._call = _Call(new_mask, int(new.sum()), int((new * past + new * (new + 1) // 2).sum()))
+        return _Call(new_mask, int(new.sum()), int((new * past + new * (new + 1) // 2).sum()))
 
     def _after_decoder(self, module, args, output):
         self._last_call, self._call = self._call, None   # the head, which runs next, reads it
