@@ -422,6 +422,8 @@ def test_a_method_that_ignores_the_cap_fails_that_task_with_one_line_and_the_run
     records = {r["task_id"]: r for r in map(json.loads, (tmp_path / "r" / "results.jsonl").read_text().splitlines())}
     assert records["heavy"]["error"].startswith("BudgetExceeded: a forward of") and "\n" not in records["heavy"]["error"]
     assert records["light"]["error"] is None
+    heavy = records["heavy"]   # the failed task's record keeps what it spent, all inside the cap
+    assert 0 < heavy["flops"] <= 1e8 and heavy["budget_share"] <= 1 and heavy["stopped_by_budget"]
 
 
 def test_no_cap_refuses_nothing(lm):

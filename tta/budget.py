@@ -247,6 +247,7 @@ class Meter:
         cost = 2.0 * weights * call.tokens + attention_flops(len(decoder.layers), self._widths[id(decoder)], call.context)
         if self.flops + cost > cap * (1 + 1e-9):   # the slack: float rounding of a method's own pricing
             self._call = None
+            self.refusals += 1   # the cap cut the method's work, as a refused `can_afford` does
             raise BudgetExceeded(
                 f"a forward of {cost:.3g} FLOPs with {self.flops:.3g} of the task's {cap:.3g}-FLOP cap spent "
                 "would pass the cap; ask budget.can_afford(flops) before calling the model, or catch "

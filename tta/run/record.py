@@ -84,13 +84,19 @@ class TaskRecord:
         return record
 
     @classmethod
-    def failed_task(cls, task_id: str, method: str, error: str, n_outputs: int = 1, task=None) -> "TaskRecord":
-        """A task that raised: every answer empty and wrong (ungraded if its answers are unknown)."""
+    def failed_task(cls, task_id: str, method: str, error: str, n_outputs: int = 1, task=None,
+                    spent: dict | None = None) -> "TaskRecord":
+        """A task that raised: every answer empty and wrong (ungraded if its answers are unknown),
+        with what the method spent before it raised (`Meter.summary()`), if it got that far."""
         graded = task.has_solutions if task is not None else True   # a task that could not be read counts as wrong
+        spent = spent or {}
         return cls(task_id=task_id, method=method, n_demos=len(task.train) if task is not None else 0,
                    n_tokens=task_size(task) if task is not None else 0,
                    attempts=[[None, None] for _ in range(n_outputs)],
-                   correct=[False] * n_outputs if graded else [], graded=graded, stopped_by_budget=False, error=error)
+                   correct=[False] * n_outputs if graded else [], graded=graded, error=error,
+                   flops=spent.get("flops", 0.0), seconds=spent.get("seconds", 0.0),
+                   peak_memory_mb=spent.get("peak_memory_mb", 0.0), budget_share=spent.get("budget_share"),
+                   stopped_by_budget=spent.get("stopped_by_budget", False))
 
     @classmethod
     def missing_task(cls, task_id: str, method: str) -> "TaskRecord":

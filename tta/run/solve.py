@@ -3,6 +3,7 @@ model work), `run_task` (one task under its budget, into a `TaskRecord`) and `Ta
 model and method loaded once, solving tasks by id; one per process, or per Ray worker)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -168,6 +169,15 @@ def run_task(method: Method, lm: LoadedModel | None, task: Task, budget: Budget,
         meter.attach(lm.model)
     budget_view = meter.handle(lm.model if lm is not None else None)   # what the method sees
     try:
+        return _solve_metered(method, lm, task, seed, meter, budget_view)
+    except Exception as e:   # the record of a failed task keeps what the method spent before it failed
+        with contextlib.suppress(AttributeError):   # an exception type that takes no attributes
+            e.tta_spent = meter.summary()
+        raise
+
+
+def _solve_metered(method: Method, lm: LoadedModel | None, task: Task, seed: int, meter: Meter, budget_view) -> TaskRecord:
+    try:
         visible = without_answers(task)   # the method never sees the test outputs
         adapt_info = json_record(method.adapt(visible, budget_view, seed), "adapt's record")
         attempts, predict_info = predict_result(method.predict(visible, budget_view, seed))
@@ -287,6 +297,7 @@ class TaskRunner:
         try:
             return run_task(self.method, self.lm, task, self.spec.budget, self.spec.seed, self.on_progress)
         except Exception as e:  # one task's failure (bad data, NaN loss, out of memory) never ends the run
-            return TaskRecord.failed_task(task_id, self.name, one_line(e), len(task.test), task=task)
+            return TaskRecord.failed_task(task_id, self.name, one_line(e), len(task.test), task=task,
+                                          spent=getattr(e, "tta_spent", None))
 
 
