@@ -281,6 +281,9 @@ class TaskRunner:
 
     on_progress = None   # called inside a task with the share of its cap spent (the progress bar)
 
+    base_weights = None   # the model's `weights_signature` after setup: what every task starts from
+    changed_by = changed_by_what = None   # the task after which `reset` left the model changed, and how
+
     def setup(self) -> dict | None:
         """The method's one-off work, with its wall seconds added to its own record."""
         started = time.perf_counter()
@@ -288,9 +291,16 @@ class TaskRunner:
             one_off = json_record(self.method.setup([without_answers(t) for t in self.dataset.tasks]), "setup's record")
         except Exception as e:   # every task needs it, so the run stops here, with nothing written
             raise RunError(f"method {self.name}: setup failed: {one_line(e)}") from None
+        if self.lm is not None:   # after setup: a one-off change made for all tasks is part of the base
+            self.base_weights = weights_signature(self.lm.model)
         return {"seconds": round(time.perf_counter() - started, 3), **one_off} if one_off else None
 
     def solve(self, task_id: str) -> TaskRecord:
+        if self.changed_by is not None:
+            raise RunError(f"method {self.name}: after task {self.changed_by} the model was not the base model "
+                           f"({self.changed_by_what}): reset() did not undo what the task changed, so every later "
+                           "task would start from another model; the run stops here (fix reset, then rerun the "
+                           "same command to resume)")
         task = self.by_id.get(task_id)
         if task is None:
             return TaskRecord.failed_task(task_id, self.name, self.dataset.failures[task_id])
@@ -299,5 +309,35 @@ class TaskRunner:
         except Exception as e:  # one task's failure (bad data, NaN loss, out of memory) never ends the run
             return TaskRecord.failed_task(task_id, self.name, one_line(e), len(task.test), task=task,
                                           spent=getattr(e, "tta_spent", None))
+        finally:
+            self._check_base_model(task_id)
+
+    def _check_base_model(self, task_id: str) -> None:
+        """Every task starts from the same model: after each one, the weights must be the base's.
+        The task's own record stands (its answers were made before `reset`); the run stops at the
+        next task."""
+        if self.base_weights is None:
+            return
+        now = weights_signature(self.lm.model)
+        if now != self.base_weights:
+            self.changed_by, self.changed_by_what = task_id, describe_change(self.base_weights, now)
+
+
+def weights_signature(model: torch.nn.Module) -> dict[str, tuple]:
+    """Each parameter's shape, sum and sum of squares (float64): a change to any weight, an adapter
+    left attached or a parameter removed shows.  About 5 ms for the embedded model's 3.4M weights;
+    a copy of the weights would cost their memory again."""
+    with torch.no_grad():
+        return {name: (tuple(p.shape), float(p.double().sum()), float(p.double().square().sum()))
+                for name, p in model.named_parameters()}
+
+
+def describe_change(before: dict, after: dict) -> str:
+    added, removed = sorted(set(after) - set(before)), sorted(set(before) - set(after))
+    changed = [n for n in before if n in after and before[n] != after[n]]
+    parts = [f"{len(added)} parameters added, e.g. {added[0]}" if added else "",
+             f"{len(removed)} removed, e.g. {removed[0]}" if removed else "",
+             f"{len(changed)} of {len(before)} weight tensors changed, e.g. {changed[0]}" if changed else ""]
+    return "; ".join(p for p in parts if p)
 
 
