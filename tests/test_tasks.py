@@ -171,3 +171,13 @@ def test_arc2_new_shares_no_task_with_arc1_or_arc2_evaluation_or_the_embedded_mo
     assert contamination.overlap(contamination.fingerprint(others), new) == []
     assert contamination.overlap(contamination.read_training_data(DEFAULT_MODEL_DIR / "training_data.json"), new) == []
     assert 200 <= len(new) < len(load_dataset("arc2-train").tasks) - 400   # ARC-AGI-2 reuses most of ARC-AGI-1
+
+
+def test_a_folder_of_task_folders_is_not_mixed_and_the_error_names_them(tmp_path):
+    for split in ("training", "evaluation"):
+        (tmp_path / split).mkdir()
+        write_task(tmp_path / split / "t.json", GOOD)
+    (tmp_path / "notes").mkdir()   # a folder without tasks is not named
+    with pytest.raises(TaskError, match=r"no \.json task files; its folders evaluation, training hold some"):
+        load_dataset(str(tmp_path))
+    assert load_dataset(str(tmp_path / "training")).ids == ["t"]

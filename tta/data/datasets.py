@@ -88,7 +88,10 @@ def _from_directory(path: Path) -> Dataset:
     tasks, failures = [], {}
     files = sorted(path.glob("*.json"))
     if not files:
-        raise TaskError(f"{path}: directory has no .json task files")
+        # Not read recursively: ARC's own layout (training/, evaluation/) would mix two sets.
+        holding = sorted(d.name for d in path.iterdir() if d.is_dir() and any(d.glob("*.json")))
+        hint = f"; its folders {', '.join(holding)} hold some: give one of them" if holding else ""
+        raise TaskError(f"{path}: directory has no .json task files{hint}")
     for file in files:
         try:
             tasks.append(task_from_dict(file.stem, _read_json(file), str(file)))
