@@ -165,3 +165,62 @@ def test_an_experiment_passes_over_a_cell_another_process_writes_and_takes_it_up
     manifest = json.loads((held / "manifest.json").read_text())
     assert manifest["command"] == "tta run OTHER" and "resumed" not in manifest
     assert "copy_input-f1e09-seed0" in report.read_text() and "common_output-f1e09-seed0" in report.read_text()
+
+
+VARIANT_METHOD = '''
+from dataclasses import dataclass
+import numpy as np
+from tta.method import Method
+
+@dataclass
+class Settings:
+    answer: str = "copy"
+
+class Answer(Method):
+    Config = Settings
+    def predict(self, task, budget, seed):
+        grid = lambda p: p.input if self.config.answer == "copy" else np.zeros_like(p.input)
+        return [[grid(p), None] for p in task.test], {}
+'''
+
+
+def test_an_experiment_runs_variants_of_one_method_under_their_own_labels(tmp_path):
+    from conftest import write_task
+    (tmp_path / "answer.py").write_text(VARIANT_METHOD)
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    for name, out in (("same", [[1, 2]]), ("zero", [[0, 0]])):   # copying the input solves "same" only
+        write_task(tasks / f"{name}.json", {"train": [{"input": [[1, 2]], "output": out}],
+                                            "test": [{"input": [[1, 2]], "output": out}]})
+    plan = tmp_path / "variants.toml"
+    method = f"{tmp_path / 'answer.py'}:Answer"
+    plan.write_text(f'name = "v"\ndataset = "{tasks}"\nbudgets = [1e9]\nbaseline = "copying"\n'
+                    f'[methods.copying]\nmethod = "{method}"\n'
+                    f'[methods.zeros]\nmethod = "{method}"\nanswer = "zeros"\n[methods.copy_input]\n')
+    report = run_experiment(plan, tmp_path / "runs", tmp_path / "reports", progress=False, log=lambda _: None)
+    root = tmp_path / "runs" / "v"
+    assert sorted(p.name for p in root.iterdir()) == ["copy_input-f1e09-seed0", "copying-f1e09-seed0", "zeros-f1e09-seed0"]
+    solved = {p.name: [r["task_id"] for r in read_results(p / "results.jsonl") if r["score"] == 1] for p in root.iterdir()}
+    assert solved == {"copying-f1e09-seed0": ["same"], "zeros-f1e09-seed0": ["zero"], "copy_input-f1e09-seed0": ["same"]}
+    manifests = {p.name: json.loads((p / "manifest.json").read_text()) for p in root.iterdir()}
+    assert manifests["zeros-f1e09-seed0"]["label"] == "zeros" and manifests["zeros-f1e09-seed0"]["method"] == "Answer"
+    assert "label" not in manifests["copy_input-f1e09-seed0"]   # a plain method table: as before
+    text = report.read_text()
+    assert "baseline: method `copying`" in text and "| zeros-f1e09-seed0 | zeros |" in text
+    assert "Answer (as zeros)" in text
+
+    plan.write_text(f'dataset = "{tasks}"\n[methods."bad/label"]\nmethod = "copy_input"\n')
+    with pytest.raises(RunError, match=r"\[methods.bad/label\]: label 'bad/label': use letters"):
+        run_experiment(plan, tmp_path / "runs", tmp_path / "reports", progress=False, log=lambda _: None)
+    plan.write_text(f'dataset = "{tasks}"\n[methods.x]\nmethod = 3\n')
+    with pytest.raises(RunError, match=r"\[methods.x\]: method must be a method's name, not 3"):
+        run_experiment(plan, tmp_path / "runs", tmp_path / "reports", progress=False, log=lambda _: None)
+
+
+def test_a_run_label_is_kept_on_resume_and_another_label_is_refused(tmp_path):
+    spec = dict(method="copy_input", dataset="gen-eval", limit=2, out=tmp_path / "r")
+    run(RunSpec(**spec, label="floor"), progress=False, log=lambda _: None)
+    run(RunSpec(**spec), progress=False, log=lambda _: None)   # a resume without --label keeps it
+    assert json.loads((tmp_path / "r" / "manifest.json").read_text())["label"] == "floor"
+    with pytest.raises(RunError, match="holds a run with a different label"):
+        run(RunSpec(**spec, label="other"), progress=False, log=lambda _: None)

@@ -133,12 +133,13 @@ def _command_line() -> str:
               help="where tasks run: this process, or a Ray cluster")
 @click.option("--ray-address", help="address of a running Ray cluster (default: start a local one)")
 @click.option("--retry-failed", is_flag=True, help="rerun the tasks of this run directory that failed, replacing their records")
+@click.option("--label", help="what reports call this run's method, e.g. ttt_lora-lr3e-3 for a variant (default: its name)")
 @_plugin_option
 @_threads_option
 @_workers_option
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def run(method, dataset, limit, sample, task_ids, model, budget_flops, budget_seconds, seed, overrides, out, device,
-        force, shard, executor, ray_address, retry_failed, plugins, threads, workers, quiet):
+        force, shard, executor, ray_address, retry_failed, label, plugins, threads, workers, quiet):
     """Run one method over an ARC task set into a run directory (resumable)."""
     choose_threads(threads)
     from tta.run.runner import RunSpec, read_results, run as run_method
@@ -148,7 +149,7 @@ def run(method, dataset, limit, sample, task_ids, model, budget_flops, budget_se
                    task_ids=[t.strip() for t in task_ids.split(",") if t.strip()] if task_ids else None,
                    budget=_budget(budget_flops, budget_seconds), seed=seed, overrides=list(overrides),
                    out=out, device=device, command=_command_line(), force=force, plugins=list(plugins),
-                   retry_failed=retry_failed)
+                   retry_failed=retry_failed, label=label)
     out_dir = run_method(spec, progress=not quiet, executor=executor, ray_address=ray_address,
                          log=lambda line: click.echo(line, err=True), workers=workers)
     records = read_results(out_dir / "results.jsonl")

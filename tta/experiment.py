@@ -11,6 +11,9 @@
     [methods.icl]
     [methods.ttt_lora]
     max_examples = 64                # any setting of the method, as with --set
+    [methods."ttt_lora-lr3e-3"]      # a variant: any label, with the method it runs
+    method = "ttt_lora"
+    lr = 3e-3
 
 Every cell is an ordinary run directory under `runs/<name>/` (so an interrupted experiment
 resumes finished cells and tasks), and the report is `tta compare` over all of them.  A cell that
@@ -28,7 +31,7 @@ from pathlib import Path
 from tta.budget import DEFAULT_FLOPS, Budget
 from tta.method import MethodError, get_method, load_plugins, make_config
 from tta.run.runner import DirectoryBusy, RunError, RunSpec, run
-from tta.run.solve import DifferentRun, method_label
+from tta.run.solve import DifferentRun, check_label, method_label
 
 
 @dataclass
@@ -37,13 +40,14 @@ class Cell:
     settings: dict
     budget: Budget
     seed: int
+    label: str | None = None   # a variant's table name (its `method` key names the method)
 
     def directory(self, root: Path) -> Path:
         # "%g" keeps every digit a plan gives (6.4e12 -> f6.4e12; "%.0e" made it f6e12, the same
         # name as a 6e12 cell); round budgets keep their names (2e11 -> f2e11).
         cap = f"f{self.budget.flops:g}".replace("+", "") if self.budget.flops else (
             f"s{self.budget.seconds:g}" if self.budget.seconds else "uncapped")
-        return root / f"{method_label(self.method)}-{cap}-seed{self.seed}"
+        return root / f"{self.label or method_label(self.method)}-{cap}-seed{self.seed}"
 
 
 def _budgets(plan: dict, where: str) -> list[Budget]:
@@ -87,21 +91,33 @@ def cells(plan: dict, where: str) -> list[Cell]:
     """Every (budget, seed, method) cell, the cheapest budget first: an experiment stopped part
     way (a 4-hour grid on a laptop) then holds whole comparisons -- every method on the same tasks
     -- at the small budgets, instead of one method at every budget and nothing to compare it to."""
-    return [Cell(method, dict(settings), budget, seed)
+    return [Cell(*_method_and_settings(name, table), budget, seed, label=name if "method" in table else None)
             for budget in sorted(_budgets(plan, where), key=_cost)
             for seed in plan.get("seeds", [0])
-            for method, settings in plan["methods"].items()]
+            for name, table in plan["methods"].items()]
+
+
+def _method_and_settings(name: str, table: dict) -> tuple[str, dict]:
+    """`[methods.NAME]` runs method NAME; a table with a `method` key is a variant: NAME is its
+    label (the cells' directories and the report's rows) and `method` the method it runs."""
+    settings = dict(table)
+    return settings.pop("method", name), settings
 
 
 def validate(plan: dict, where: str) -> None:
     """Every method named and every setting typed before any cell runs (one-line RunError)."""
-    for method, settings in plan["methods"].items():
-        if not isinstance(settings, dict):
-            raise RunError(f"{where}: methods.{method} must be a table ([methods.{method}])")
+    for name, table in plan["methods"].items():
+        if not isinstance(table, dict):
+            raise RunError(f"{where}: methods.{name} must be a table ([methods.{name}])")
+        if "method" in table and not isinstance(table["method"], str):
+            raise RunError(f"{where}: [methods.{name}]: method must be a method's name, not {table['method']!r}")
         try:
-            make_config(get_method(method), dict(settings))
-        except MethodError as e:
-            raise RunError(f"{where}: [methods.{method}]: {e}") from None
+            if "method" in table:
+                check_label(name)
+            method, settings = _method_and_settings(name, table)
+            make_config(get_method(method), settings)
+        except (MethodError, RunError) as e:
+            raise RunError(f"{where}: [methods.{name}]: {e}") from None
 
 
 def run_experiment(path: Path, runs_root: Path = Path("runs"), reports_root: Path = Path("reports"),
@@ -119,7 +135,7 @@ def run_experiment(path: Path, runs_root: Path = Path("runs"), reports_root: Pat
         run(RunSpec(method=cell.method, dataset=plan.get("dataset", "arc1-eval"), model=plan.get("model", "default"),
                     limit=plan.get("limit"), sample=plan.get("sample"), task_ids=plan.get("tasks"), budget=cell.budget, seed=cell.seed,
                     overrides=cell.settings, out=cell.directory(root), command=command or f"tta experiment {path}",
-                    plugins=list(plugins or [])),
+                    plugins=list(plugins or []), label=cell.label),
             progress=progress, log=log, wait_for_directory=wait, workers=workers)
 
     busy = []

@@ -162,7 +162,7 @@ def _run_frame(label: str, path: Path, manifest: dict, rows: list[dict]) -> pd.D
     run_fields = {
         "run": label,
         "path": str(path),
-        "method": str(manifest["method"]),
+        "method": str(manifest.get("label") or manifest["method"]),   # a variant is its own method here
         "config_hash": manifest.get("config_hash"),
         # The weights' hash with the name: two runs of "default" across a retrained model differ.
         "model": manifest.get("model") + (f"@{manifest['model_sha256'][:8]}" if manifest.get("model_sha256") else ""),

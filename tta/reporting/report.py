@@ -794,7 +794,7 @@ def _runs_markdown(df: pd.DataFrame, manifests: dict) -> str:
         budget = m.get("budget") or {}
         one_off = m.get("one_off")
         rows.append({
-            "run": run, "method": m.get("method"), "seed": m.get("seed"),
+            "run": run, "method": m.get("method") + (f" (as {m['label']})" if m.get("label") else ""), "seed": m.get("seed"),
             "config_hash": m.get("config_hash"),
             "config": json.dumps(m.get("config") or {}, sort_keys=True) + _overlay_note(m),
             "budget": _budget_text(_float(budget.get("flops")), _float(budget.get("seconds"))),

@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 import json
 import random
+import re
 import subprocess
 import sys
 import time
@@ -63,6 +64,7 @@ class RunSpec:
     shard: tuple[int, int] | None = None   # (i, n): this process runs every n-th task from the i-th
     plugins: list[str] = field(default_factory=list)   # files or modules imported first (their @register methods)
     retry_failed: bool = False   # rerun the tasks whose record holds an error, replacing those records
+    label: str | None = None   # what reports call this run's method (a variant, e.g. ttt_lora-lr3e-3); default: its name
 
 
 
@@ -206,6 +208,13 @@ def one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0][:300] if text else ''}"
 
 
+def check_label(label: str) -> str:
+    """A variant's label names directories and report rows: letters, digits and `._-+=` only."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+=-]*", label):
+        raise RunError(f"label {label!r}: use letters, digits and . _ - + = (it names directories and report rows)")
+    return label
+
+
 def method_label(method: str) -> str:
     """`--method` text as a directory name: `mod:Class` -> `mod.Class`, `path/to/f.py:Class` -> `f.Class`."""
     if ":" not in method:
@@ -237,6 +246,8 @@ def prepare(spec: RunSpec):
                 "model_sha256": weights_sha256(spec.model), "dataset": spec.dataset, "task_ids": dataset.ids, "budget": spec.budget.as_dict(),
                 "seed": spec.seed}
     manifest["config_hash"] = config_hash(manifest)
+    if spec.label and spec.label != cls.name:   # a name only: not part of the run's identity
+        manifest["label"] = check_label(spec.label)
     if spec.shard:
         manifest["shard"] = list(spec.shard)
     if spec.plugins:
@@ -253,6 +264,8 @@ def prepare(spec: RunSpec):
             raise RunError(f"{out}: made by `tta merge` from {', '.join(existing['merged_from'])}; "
                            "run into one of those, then merge again")
         check_resumable(existing, manifest, out, type(config))
+        if spec.label and existing.get("label", cls.name) != spec.label:
+            raise DifferentRun(out, f"label ({existing.get('label', cls.name)}, not {spec.label})")
         manifest = existing
     return cls, config, dataset, out, manifest
 
