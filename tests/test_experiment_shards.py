@@ -208,6 +208,8 @@ def test_an_experiment_runs_variants_of_one_method_under_their_own_labels(tmp_pa
     text = report.read_text()
     assert "baseline: method `copying`" in text and "| zeros-f1e09-seed0 | zeros |" in text
     assert "Answer (as zeros)" in text
+    from tta.reporting.report import write_run_report
+    assert "- Method: Answer (as zeros)" in write_run_report(root / "zeros-f1e09-seed0", tmp_path / "one.md")
 
     plan.write_text(f'dataset = "{tasks}"\n[methods."bad/label"]\nmethod = "copy_input"\n')
     with pytest.raises(RunError, match=r"\[methods.bad/label\]: label 'bad/label': use letters"):

@@ -788,13 +788,19 @@ def _versions_markdown(manifests: dict) -> str:
     return "Versions differ between runs:\n\n" + markdown_table(table, index=True)
 
 
+def _method_text(manifest: dict) -> str:
+    """The run's method, and the label it is reported under when it is a variant."""
+    label = manifest.get("label")
+    return f"{manifest.get('method')}" + (f" (as {label})" if label else "")
+
+
 def _runs_markdown(df: pd.DataFrame, manifests: dict) -> str:
     rows = []
     for run, m in manifests.items():
         budget = m.get("budget") or {}
         one_off = m.get("one_off")
         rows.append({
-            "run": run, "method": m.get("method") + (f" (as {m['label']})" if m.get("label") else ""), "seed": m.get("seed"),
+            "run": run, "method": _method_text(m), "seed": m.get("seed"),
             "config_hash": m.get("config_hash"),
             "config": json.dumps(m.get("config") or {}, sort_keys=True) + _overlay_note(m),
             "budget": _budget_text(_float(budget.get("flops")), _float(budget.get("seconds"))),
@@ -985,7 +991,7 @@ def write_run_report(path: str | Path, out: str | Path | None = None) -> str:
     budget = manifest.get("budget") or {}
     not_run = int(df["missing"].sum())
     s = [f"# Run {run}\n",
-         f"- Method: {manifest.get('method')} (config_hash {manifest.get('config_hash')}, "
+         f"- Method: {_method_text(manifest)} (config_hash {manifest.get('config_hash')}, "
          f"config `{json.dumps(manifest.get('config') or {}, sort_keys=True)}`{_overlay_note(manifest)})",
          *([f"- Command: `{manifest['command']}`{_overlay_commands(manifest)}"] if manifest.get("command") else []),
          f"- Model: {manifest.get('model')}; dataset: {manifest.get('dataset')}; "
