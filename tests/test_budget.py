@@ -429,3 +429,29 @@ def test_a_method_that_ignores_the_cap_fails_that_task_with_one_line_and_the_run
 def test_no_cap_refuses_nothing(lm):
     record = run_task(NeverAsks(None, lm), lm, flip_task(), Budget(), seed=0)
     assert record.error is None and record.extra["predict"]["forwards"] == 50
+
+
+def test_work_on_a_deep_copy_of_the_model_is_charged_as_work_on_the_model(lm):
+    """A method may copy the model and train the copy (a full-weight adapter of its own): the copy
+    carries the meter's hooks, and they must charge the task's meter, not a copied one."""
+    import copy
+    ids = torch.tensor([[1, 3, 6, 7, 5, 4]])
+
+    def train_step(model):
+        model.requires_grad_(True)
+        model(input_ids=ids, labels=ids).loss.backward()
+
+    on_model = charged(lm, lambda: train_step(lm.model))
+    meter = Meter()
+    meter.attach(lm.model)
+    duplicate = copy.deepcopy(lm.model)
+    train_step(duplicate)
+    assert meter.flops == on_model
+    meter.detach()
+    later = Meter(Budget(flops=on_model * 1.2))   # a copy kept into the next task charges that task
+    later.attach(lm.model)
+    train_step(duplicate)
+    assert later.flops == on_model and meter.flops == on_model
+    with pytest.raises(BudgetExceeded):   # and meets that task's cap
+        train_step(duplicate)
+    later.detach()

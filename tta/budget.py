@@ -7,7 +7,8 @@ point: `lm.model(...)`, `lm.model.forward(...)`, `lm.model.model(...)` followed
 by `lm_head`, training or inference, a method's own call or the harness's.  A
 layer whose output carries a gradient graph gets a tensor hook that charges the
 backward pass when (and only when) a backward actually flows through it, in
-train or eval mode alike.  The FLOP cap holds whether a method asks or not: a forward whose
+train or eval mode alike.  A deep copy of the model keeps charging the task's meter
+(`Meter.__deepcopy__`).  The FLOP cap holds whether a method asks or not: a forward whose
 decoder layers alone would take the spend past it raises `BudgetExceeded` before it runs.
 
 Methods never hold the meter.  They get a `TaskBudget`: it answers questions
@@ -185,7 +186,6 @@ class Meter:
         self._handles = []
         self._decoders = []   # the decoders it is attached to (see `charge_forward`)
         self._shapes: dict[int, tuple[tuple, object]] = {}   # module id -> (parameter key, count)
-        self._widths: dict[int, int] = {}   # decoder id -> its attention width
 
     # ---- attaching to models
     def attach(self, model: torch.nn.Module) -> None:
@@ -195,8 +195,7 @@ class Meter:
         if decoder is None or layers is None:
             raise ValueError(f"cannot meter {type(model).__name__}: no decoder with .layers")
         width = attention_width(model.config)
-        self._widths[id(decoder)] = width
-        self._handles += [decoder.register_forward_pre_hook(self._on_decoder, with_kwargs=True),
+        self._handles += [decoder.register_forward_pre_hook(self._decoder_hook(width), with_kwargs=True),
                           decoder.register_forward_hook(self._after_decoder)]
         for layer in layers:
             self._handles.append(layer.register_forward_hook(self._layer_hook(width), with_kwargs=True))
@@ -205,6 +204,7 @@ class Meter:
             self._handles.append(head.register_forward_hook(self._on_head))
         _METERS_OF.setdefault(decoder, []).append(self)
         self._decoders.append(decoder)
+        Meter._attached.append(self)
 
     def detach(self) -> None:
         for handle in self._handles:
@@ -215,6 +215,26 @@ class Meter:
             if self in meters:
                 meters.remove(self)
         self._decoders = []
+        if self in Meter._attached:
+            Meter._attached.remove(self)
+
+    # ---- copies of a metered model
+    # Meters attached now, in this process (the latest last): where the hooks of a model copied in
+    # an earlier task, and kept, send their charges.
+    _attached: "list[Meter]" = []
+
+    def __deepcopy__(self, memo):
+        """`copy.deepcopy(model)` copies the model's hooks, and with them every object they are
+        bound to.  A copied meter would count the copy's work where nobody reads it; so a copy
+        keeps charging this meter (and a method that trains a copy pays for it)."""
+        return self
+
+    def _payer(self) -> "Meter":
+        """The meter that pays for work through this meter's hooks: itself while attached; once
+        detached (a copy of the model kept past its task), the meter attached now, if any."""
+        if self._handles or not Meter._attached:
+            return self
+        return Meter._attached[-1]
 
     def _recounted(self, module: torch.nn.Module, count):
         """`count(module)`, recomputed only when the module's parameters change (an adapter
@@ -232,11 +252,14 @@ class Meter:
         return self._recounted(model, model_shape)
 
     # ---- the hooks
-    def _on_decoder(self, module, args, kwargs):
-        self._call = self._real_tokens(args, kwargs)
-        self._refuse_past_cap(module, self._call)
+    def _decoder_hook(self, width: int):
+        def on_decoder(module, args, kwargs):
+            call = self._real_tokens(args, kwargs)
+            self._payer()._refuse_past_cap(module, call, width)   # raises before the forward runs
+            self._call = call
+        return on_decoder
 
-    def _refuse_past_cap(self, decoder, call: _Call) -> None:
+    def _refuse_past_cap(self, decoder, call: _Call, width: int) -> None:
         """Raise `BudgetExceeded` before a forward whose decoder layers alone (the output head may
         run on fewer positions, so it is left out) would take the spend past the FLOP cap: the
         cap holds whether or not a method asks.  Measurement (`uncharged`) is never refused."""
@@ -244,9 +267,8 @@ class Meter:
         if cap is None or not self._charging:
             return
         weights = self._recounted(decoder, lambda d: sum(linear_weights(layer)[0] for layer in d.layers))
-        cost = 2.0 * weights * call.tokens + attention_flops(len(decoder.layers), self._widths[id(decoder)], call.context)
+        cost = 2.0 * weights * call.tokens + attention_flops(len(decoder.layers), width, call.context)
         if self.flops + cost > cap * (1 + 1e-9):   # the slack: float rounding of a method's own pricing
-            self._call = None
             self.refusals += 1   # the cap cut the method's work, as a refused `can_afford` does
             raise BudgetExceeded(
                 f"a forward of {cost:.3g} FLOPs with {self.flops:.3g} of the task's {cap:.3g}-FLOP cap spent "
@@ -313,6 +335,9 @@ class Meter:
         return charge_backward
 
     def _charge(self, flops: float) -> None:
+        payer = self._payer()
+        if payer is not self:
+            return payer._charge(flops)
         if self._charging:
             self.flops += flops
             if self.on_progress is not None and time.perf_counter() - self._last_progress > 0.5:
