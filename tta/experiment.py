@@ -91,17 +91,20 @@ def cells(plan: dict, where: str) -> list[Cell]:
     """Every (budget, seed, method) cell, the cheapest budget first: an experiment stopped part
     way (a 4-hour grid on a laptop) then holds whole comparisons -- every method on the same tasks
     -- at the small budgets, instead of one method at every budget and nothing to compare it to."""
-    return [Cell(*_method_and_settings(name, table), budget, seed, label=name if "method" in table else None)
+    methods = [_method_settings_label(name, table) for name, table in plan["methods"].items()]
+    return [Cell(method, dict(settings), budget, seed, label)
             for budget in sorted(_budgets(plan, where), key=_cost)
             for seed in plan.get("seeds", [0])
-            for name, table in plan["methods"].items()]
+            for method, settings, label in methods]
 
 
-def _method_and_settings(name: str, table: dict) -> tuple[str, dict]:
+def _method_settings_label(name: str, table: dict) -> tuple[str, dict, str | None]:
     """`[methods.NAME]` runs method NAME; a table with a `method` key is a variant: NAME is its
     label (the cells' directories and the report's rows) and `method` the method it runs."""
     settings = dict(table)
-    return settings.pop("method", name), settings
+    if "method" not in settings:
+        return name, settings, None
+    return settings.pop("method"), settings, name
 
 
 def validate(plan: dict, where: str) -> None:
@@ -112,9 +115,9 @@ def validate(plan: dict, where: str) -> None:
         if "method" in table and not isinstance(table["method"], str):
             raise RunError(f"{where}: [methods.{name}]: method must be a method's name, not {table['method']!r}")
         try:
-            if "method" in table:
-                check_label(name)
-            method, settings = _method_and_settings(name, table)
+            method, settings, label = _method_settings_label(name, table)
+            if label is not None:
+                check_label(label)
             make_config(get_method(method), settings)
         except (MethodError, RunError) as e:
             raise RunError(f"{where}: [methods.{name}]: {e}") from None

@@ -791,7 +791,7 @@ def _versions_markdown(manifests: dict) -> str:
 def _method_text(manifest: dict) -> str:
     """The run's method, and the label it is reported under when it is a variant."""
     label = manifest.get("label")
-    return f"{manifest.get('method')}" + (f" (as {label})" if label else "")
+    return str(manifest.get("method")) + (f" (as {label})" if label else "")
 
 
 def _runs_markdown(df: pd.DataFrame, manifests: dict) -> str:

@@ -295,7 +295,7 @@ class TaskRunner:
     on_progress = None   # called inside a task with the share of its cap spent (the progress bar)
 
     base_weights = None   # the model's `weights_signature` after setup: what every task starts from
-    changed_by = changed_by_what = None   # the task after which `reset` left the model changed, and how
+    model_changed = None   # why the run must stop: the task after which `reset` left the model changed
 
     def setup(self) -> dict | None:
         """The method's one-off work, with its wall seconds added to its own record."""
@@ -309,11 +309,8 @@ class TaskRunner:
         return {"seconds": round(time.perf_counter() - started, 3), **one_off} if one_off else None
 
     def solve(self, task_id: str) -> TaskRecord:
-        if self.changed_by is not None:
-            raise RunError(f"method {self.name}: after task {self.changed_by} the model was not the base model "
-                           f"({self.changed_by_what}): reset() did not undo what the task changed, so every later "
-                           "task would start from another model; the run stops here (fix reset, then rerun the "
-                           "same command to resume)")
+        if self.model_changed is not None:
+            raise RunError(self.model_changed)
         task = self.by_id.get(task_id)
         if task is None:
             return TaskRecord.failed_task(task_id, self.name, self.dataset.failures[task_id])
@@ -333,12 +330,16 @@ class TaskRunner:
             return
         now = weights_signature(self.lm.model)
         if now != self.base_weights:
-            self.changed_by, self.changed_by_what = task_id, describe_change(self.base_weights, now)
+            self.model_changed = (
+                f"method {self.name}: after task {task_id} the model was not the base model "
+                f"({describe_change(self.base_weights, now)}): reset() did not undo what the task changed, so every "
+                "later task would start from another model; the run stops here (fix reset, then rerun the same "
+                "command to resume)")
 
 
 def weights_signature(model: torch.nn.Module) -> dict[str, tuple]:
     """Each parameter's shape, sum and sum of squares (float64): a change to any weight, an adapter
-    left attached or a parameter removed shows.  About 4 ms for the embedded model's 3.4M weights;
+    left attached or a parameter removed shows.  About 5 ms for the embedded model's 3.4M weights;
     a copy of the weights would cost their memory again."""
     def sums(p: torch.Tensor) -> tuple[float, float]:
         total = squares = 0.0
