@@ -310,7 +310,33 @@ class ReachesForTheMeter(WellBehaved):
         return super().adapt(task, budget, seed)
 
 
-@pytest.mark.parametrize("cls", [ThroughForward, ThroughTheInnerModel, BackwardInEvalMode, ReachesForTheMeter])
+def rebuilt(model):
+    """The model built anew from its config and weights: the meter's hooks do not come with it."""
+    fresh = type(model)(model.config)
+    fresh.load_state_dict(model.state_dict())
+    return fresh
+
+
+class OnARebuiltModel(WellBehaved):
+    """WellBehaved's work on a model of its own, built from the run's weights."""
+    def adapt(self, task, budget, seed):
+        self.other = rebuilt(self.lm.model).requires_grad_(True)
+        return super().adapt(task, budget, seed)
+
+    def forward(self, ids):
+        return self.other(input_ids=ids).logits
+
+    def backward(self, ids):
+        self.other(input_ids=ids, labels=ids).loss.backward()
+
+
+class OnARebuiltDecoder(OnARebuiltModel):
+    def forward(self, ids):
+        return self.other.lm_head(self.other.model(input_ids=ids).last_hidden_state)
+
+
+@pytest.mark.parametrize("cls", [ThroughForward, ThroughTheInnerModel, BackwardInEvalMode, ReachesForTheMeter,
+                                 OnARebuiltModel, OnARebuiltDecoder])
 def test_a_method_that_escapes_the_front_door_is_charged_like_a_well_behaved_one(lm, cls):
     lm.model.requires_grad_(True)   # a full fine-tuning backward: every weight trains
     task = flip_task()
@@ -455,3 +481,82 @@ def test_work_on_a_deep_copy_of_the_model_is_charged_as_work_on_the_model(lm):
     with pytest.raises(BudgetExceeded):   # and meets that task's cap
         train_step(duplicate)
     later.detach()
+
+
+def test_an_adapter_on_the_runs_model_or_on_a_rebuilt_one_is_charged_once(lm):
+    """The watch on other modules must pass by the linear maps of a LoRA injected into a hooked
+    model (its layer hooks charge them), and hook a rebuilt model's LoRA the same way."""
+    from peft import LoraConfig, get_peft_model
+    ids = torch.tensor([[1, 3, 6, 7, 5, 4]])
+
+    def on_the_runs_model():
+        adapter = attach_lora(lm, rank=4, alpha=8, targets=["q_proj", "v_proj"])
+        adapter(input_ids=ids).logits.sum().backward()
+        detach_lora(lm, adapter)
+
+    def on_a_rebuilt_model():
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+        get_peft_model(rebuilt(lm.model), config)(input_ids=ids).logits.sum().backward()
+
+    unwatched = charged(lm, on_the_runs_model)
+    assert unwatched > 0
+    for work in (on_the_runs_model, on_a_rebuilt_model):
+        meter = Meter()
+        meter.attach(lm.model)
+        with meter.watching_other_modules():
+            work()
+        meter.detach()
+        assert meter.flops == unwatched
+
+
+class OwnNetwork(Method):
+    """Trains a small convolutional network of its own for one step; the run's model is not used."""
+    name = "own_network"
+
+    @staticmethod
+    def network():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Conv2d(10, 16, 3, padding=1), torch.nn.ReLU(),
+                                   torch.nn.Flatten(), torch.nn.Linear(16 * 9, 10))
+
+    def predict(self, task, budget, seed):
+        self.steps = 0
+        net, x = self.network(), torch.randn(4, 10, 3, 3)
+        for _ in range(3):
+            net(x).sum().backward()
+            self.steps += 1
+        return [[p.input, None] for p in task.test], {}
+
+
+def test_a_network_of_the_methods_own_is_charged_and_meets_the_cap(lm):
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        OwnNetwork.network()(torch.randn(4, 10, 3, 3))
+    one_forward = counter.get_total_flops()   # torch's count of the conv and linear products
+    method = OwnNetwork(None, lm)
+    record = run_task(method, lm, flip_task(), Budget(), seed=0)
+    # forward, then a backward of twice that: input and weight gradients of every trained map
+    assert record.error is None and record.flops == 3 * 3 * one_forward
+    meter = Meter(Budget(flops=5 * one_forward))
+    meter.attach(lm.model)   # as in a task
+    with meter.watching_other_modules(), pytest.raises(BudgetExceeded, match="a forward of Conv2d"):
+        method.predict(flip_task(), meter.handle(), 0)
+    meter.detach()
+    # The second step's forward fit (4 of 5 forwards' worth); its backward, charged when it ran,
+    # passed the cap, and the third step's first convolution was refused.
+    assert method.steps == 2 and meter.flops == 6 * one_forward and meter.stopped_by_budget()
+
+
+def test_a_rebuilt_model_kept_past_its_task_is_hooked_again_in_the_next(lm):
+    ids = torch.tensor([[1, 3, 6, 7, 5, 4]])
+    kept = rebuilt(lm.model)
+    spent = []
+    for _ in range(2):
+        meter = Meter()
+        meter.attach(lm.model)
+        with meter.watching_other_modules(), torch.no_grad():
+            kept(input_ids=ids)
+        meter.detach()
+        spent.append(meter.flops)
+    with torch.no_grad():   # no task: nothing watches, and no meter of a task gone is charged
+        kept(input_ids=ids)
+    assert spent[0] == spent[1] == forward_flops(model_shape(lm.model), 6, attention_context(0, 6))

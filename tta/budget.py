@@ -8,8 +8,12 @@ by `lm_head`, training or inference, a method's own call or the harness's.  A
 layer whose output carries a gradient graph gets a tensor hook that charges the
 backward pass when (and only when) a backward actually flows through it, in
 train or eval mode alike.  A deep copy of the model keeps charging the task's meter
-(`Meter.__deepcopy__`).  The FLOP cap holds whether a method asks or not: a forward whose
-decoder layers alone would take the spend past it raises `BudgetExceeded` before it runs.
+(`Meter.__deepcopy__`).  While a task runs, work through any other torch module is charged
+too (`Meter.watching_other_modules`): a model the method builds from the weights or loads again
+is hooked on its first forward like the run's model, and a network of the method's own is
+charged at its linear, convolution and attention modules.  The FLOP cap holds whether a method
+asks or not: a forward whose decoder layers alone would take the spend past it raises
+`BudgetExceeded` before it runs.
 
 Methods never hold the meter.  They get a `TaskBudget`: it answers questions
 (what is left, would this fit, keep X back for a later phase), lets a method add
@@ -36,6 +40,7 @@ against `torch.utils.flop_counter` with a LoRA attached.
 from __future__ import annotations
 
 import contextlib
+import math
 import resource
 import time
 import weakref
@@ -168,6 +173,60 @@ def charge_forward(model: torch.nn.Module, n_tokens: int, context: int, head_tok
         meter._charge(forward_flops(meter.shape(model), n_tokens, context) - 2.0 * skipped)
 
 
+# Set in a module's `__dict__` (so copies keep it) while a meter's hooks charge the module's work.
+_METERED = "_tta_metered"
+_NO_DECODER = "_tta_no_decoder"   # a transformers model the meter cannot hook: charged part by part
+
+
+def _mark(model: torch.nn.Module, metered: bool) -> None:
+    for part in model.modules():
+        if metered:
+            part.__dict__[_METERED] = True
+        else:
+            part.__dict__.pop(_METERED, None)
+
+
+def _hookable_decoder(module: torch.nn.Module):
+    """The decoder of a transformers model the meter can hook (`get_decoder()` with `.layers`), or None."""
+    if module.__dict__.get(_NO_DECODER) or getattr(type(module), "get_decoder", None) is None:
+        return None
+    try:
+        decoder = module.get_decoder()
+        ok = decoder is not None and getattr(decoder, "layers", None) is not None and hasattr(module, "config")
+    except Exception:   # an architecture whose get_decoder does not apply
+        ok = False
+    if not ok:
+        module.__dict__[_NO_DECODER] = True
+        return None
+    return decoder
+
+
+# The modules whose work is charged when they run outside every hooked model (`module_flops`).
+COUNTED_MODULES = (torch.nn.Linear, torch.nn.modules.conv._ConvNd, torch.nn.MultiheadAttention)
+
+
+def module_flops(module: torch.nn.Module, args: tuple, output=None) -> float:
+    """FLOPs of one forward of a module outside every hooked model, counted at its matrix
+    products: `nn.Linear`, `nn.Conv*` (known once it ran) and `nn.MultiheadAttention` (inputs
+    given by position).  Anything else costs 0 here: element-wise work is not counted anywhere,
+    and a container's products run in its own `Linear`s and are counted there."""
+    x = args[0] if args else None
+    if isinstance(module, torch.nn.Linear) and isinstance(x, torch.Tensor):
+        return 2.0 * module.in_features * module.out_features * (x.numel() // max(module.in_features, 1))
+    if isinstance(module, torch.nn.modules.conv._ConvNd) and isinstance(output, torch.Tensor):
+        per_out = (module.in_channels // module.groups) * math.prod(module.kernel_size)
+        if module.transposed:   # each input value is multiplied into every output it reaches
+            return 2.0 * (module.out_channels // module.groups) * math.prod(module.kernel_size) * x.numel()
+        return 2.0 * per_out * output.numel()
+    if isinstance(module, torch.nn.MultiheadAttention) and len(args) >= 2 and isinstance(x, torch.Tensor):
+        width, keys = module.embed_dim, args[1]
+        batch = (x.shape[0] if module.batch_first else x.shape[1]) if x.dim() == 3 else 1
+        queries, n_keys = x.numel() // width, keys.numel() // keys.shape[-1]
+        projections = 2.0 * width * width * (2 * queries + 2 * n_keys)   # q and output; k and v
+        return projections + 4.0 * width * (queries // batch) * (n_keys // batch) * batch
+    return 0.0
+
+
 class Meter:
     """Counts FLOPs, seconds and peak memory for the task at hand.  Owned by the harness."""
 
@@ -185,7 +244,9 @@ class Meter:
         self._last_call: _Call | None = None   # the one that finished last (for the output head)
         self._handles = []
         self._decoders = []   # the decoders it is attached to (see `charge_forward`)
+        self._models = []     # the models they belong to, one per decoder
         self._shapes: dict[int, tuple[tuple, object]] = {}   # module id -> (parameter key, count)
+        self._marked: dict[int, tuple[tuple, object]] = {}   # the same for `_mark_parts`
 
     # ---- attaching to models
     def attach(self, model: torch.nn.Module) -> None:
@@ -198,25 +259,94 @@ class Meter:
         self._handles += [decoder.register_forward_pre_hook(self._decoder_hook(width), with_kwargs=True),
                           decoder.register_forward_hook(self._after_decoder)]
         for layer in layers:
-            self._handles.append(layer.register_forward_hook(self._layer_hook(width), with_kwargs=True))
+            self._handles += [layer.register_forward_pre_hook(self._mark_parts),
+                              layer.register_forward_hook(self._layer_hook(width), with_kwargs=True)]
         head = model.get_output_embeddings()
         if head is not None:
-            self._handles.append(head.register_forward_hook(self._on_head))
+            self._handles += [head.register_forward_pre_hook(self._mark_parts),
+                              head.register_forward_hook(self._on_head)]
         _METERS_OF.setdefault(decoder, []).append(self)
         self._decoders.append(decoder)
+        self._models.append(model)
+        _mark(model, True)
         Meter._attached.append(self)
 
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        for decoder in self._decoders:
+        for decoder, model in zip(self._decoders, self._models):
             meters = _METERS_OF.get(decoder, [])
             if self in meters:
                 meters.remove(self)
-        self._decoders = []
+            if not meters:   # no meter hooks it now: its work is the next task's to find
+                _mark(model, False)
+        self._decoders, self._models = [], []
         if self in Meter._attached:
             Meter._attached.remove(self)
+
+    # ---- work outside the hooked models
+    @contextlib.contextmanager
+    def watching_other_modules(self):
+        """While a task runs, charge work that runs through torch modules this meter has not
+        hooked: a second model the method loads or builds (from the run's weights or another's),
+        or a network of its own.  A transformers decoder (a model with `get_decoder().layers`) is
+        hooked on its first forward like the run's model, by the same formula, and its forwards
+        meet the cap the same way; any other module is charged at its matrix products
+        (`module_flops`), forward and, when one flows, backward.  Products a method writes as bare
+        tensor operations outside any module (`x @ w`, `F.linear`) are not seen: `charge` them.
+
+        Why module hooks rather than `torch.utils.flop_counter.FlopCounterMode`, which sees every
+        operation: that mode intercepts every operation of the run's model too, and the meter
+        does not need it there."""
+        hooks = [torch.nn.modules.module.register_module_forward_pre_hook(self._before_other),
+                 torch.nn.modules.module.register_module_forward_hook(self._after_other)]
+        try:
+            yield
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    def _before_other(self, module, args):
+        if module.__dict__.get(_METERED) or self._hooked_on_first_forward(module):
+            return
+        if not isinstance(module, COUNTED_MODULES):
+            return
+        cost = module_flops(module, args)   # 0 for a convolution until it ran: refused once the cap is spent
+        cap = self.budget.flops
+        if cap is not None and self._charging and self.flops + cost > cap * (1 + 1e-9):
+            self.refusals += 1
+            raise BudgetExceeded(f"a forward of {type(module).__name__} costing {cost:.3g} FLOPs with "
+                                 f"{self.flops:.3g} of the task's {cap:.3g}-FLOP cap spent would pass the cap")
+
+    def _hooked_on_first_forward(self, module) -> bool:
+        """Whether `module` is a transformers decoder model, now hooked as the run's model is (or
+        a wrapper, such as peft's, around one already hooked).  When the call is to the bare
+        decoder itself, its own pre-hook misses this first forward (torch read its hooks before
+        this one ran), and its layers then charge every position given, padding included."""
+        decoder = _hookable_decoder(module)
+        if decoder is None:
+            return False
+        if decoder.__dict__.get(_METERED):
+            return True
+        try:
+            self.attach(module)
+            return True
+        except Exception:   # a config the formula cannot read (attach fails before it hooks anything)
+            module.__dict__[_NO_DECODER] = True   # charged part by part instead
+            return False
+
+    def _after_other(self, module, args, output):
+        if module.__dict__.get(_METERED):
+            return
+        cost = module_flops(module, args, output)
+        if not cost:
+            return
+        self._charge(cost)
+        out = output[0] if isinstance(output, tuple) else output
+        if isinstance(out, torch.Tensor) and out.requires_grad:
+            trains = any(p.requires_grad for p in module.parameters(recurse=False))
+            out.register_hook(self._backward_charger(cost * (2 if trains else 1)))
 
     # ---- copies of a metered model
     # Meters attached now, in this process (the latest last): where the hooks of a model copied in
@@ -236,16 +366,23 @@ class Meter:
             return self
         return Meter._attached[-1]
 
-    def _recounted(self, module: torch.nn.Module, count):
+    def _recounted(self, module: torch.nn.Module, count, cache: dict | None = None):
         """`count(module)`, recomputed only when the module's parameters change (an adapter
         attached or removed, weights frozen or unfrozen): a forward hook must stay cheap."""
+        cache = self._shapes if cache is None else cache
         params = list(module.parameters())
         key = (len(params), sum(p.requires_grad for p in params))
-        cached = self._shapes.get(id(module))
+        cached = cache.get(id(module))
         if cached is None or cached[0] != key:
             cached = (key, count(module))
-            self._shapes[id(module)] = cached
+            cache[id(module)] = cached
         return cached[1]
+
+    def _mark_parts(self, module: torch.nn.Module, args=None) -> None:
+        """Mark every part of a hooked decoder, layer or head as metered, again whenever its
+        parameters change: the linear maps of an adapter injected after `attach` run inside a
+        hooked layer, which charges them, so the watch on other modules must pass them by."""
+        self._recounted(module, lambda m: _mark(m, True), self._marked)
 
     def shape(self, model: torch.nn.Module) -> ModelShape:
         """The model's shape (see `model_shape`), kept while its parameters stay the same."""
@@ -254,6 +391,7 @@ class Meter:
     # ---- the hooks
     def _decoder_hook(self, width: int):
         def on_decoder(module, args, kwargs):
+            self._mark_parts(module, args)
             call = self._real_tokens(args, kwargs)
             self._payer()._refuse_past_cap(module, call, width)   # raises before the forward runs
             self._call = call

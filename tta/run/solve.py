@@ -171,7 +171,8 @@ def run_task(method: Method, lm: LoadedModel | None, task: Task, budget: Budget,
         meter.attach(lm.model)
     budget_view = meter.handle(lm.model if lm is not None else None)   # what the method sees
     try:
-        return _solve_metered(method, lm, task, seed, meter, budget_view)
+        with meter.watching_other_modules():   # a second model or a network of the method's own
+            return _solve_metered(method, lm, task, seed, meter, budget_view)
     except Exception as e:   # the record of a failed task keeps what the method spent before it failed
         with contextlib.suppress(AttributeError):   # an exception type that takes no attributes
             e.tta_spent = meter.summary()
