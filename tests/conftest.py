@@ -17,6 +17,14 @@ def tiny():
     return load_model("random:tiny", device="cpu")
 
 
+@pytest.fixture()
+def cpu_bf16(monkeypatch):
+    """The CPU treated as one that multiplies bf16 natively (autocast on), whatever this host is:
+    for tests of the bf16 code paths, which a host without AMX or AVX512-BF16 would not take."""
+    import tta.model.loading as loading
+    monkeypatch.setattr(loading, "cpu_multiplies_bf16", lambda: True)
+
+
 def grid(rows):
     return np.array(rows, dtype=np.int8)
 

@@ -54,7 +54,7 @@ def test_blocked_training_attention_matches_float64_as_closely_as_the_flash_kern
         assert relative(mine) < max(2 * relative(flash_value), 2e-2), name
 
 
-def test_causal_calls_take_the_blocks_only_where_they_are_measured_faster(monkeypatch):
+def test_causal_calls_take_the_blocks_only_where_they_are_measured_faster(monkeypatch, cpu_bf16):
     """Fails if training on the CPU under autocast stops reaching the blocks (the rotary
     embedding hands them fp32 queries), or their values in fp32, or if forward-only calls, fp32
     without autocast, fp16, attention dropout or inputs too long for the kept softmax reach
@@ -121,7 +121,7 @@ def test_the_reserved_cache_hands_back_what_the_dynamic_cache_does(capacity):
         assert torch.equal(k, k_ref) and torch.equal(v, v_ref)
 
 
-def test_weights_cast_once_for_decoding_give_the_same_answers_and_are_put_back(tiny, monkeypatch):
+def test_weights_cast_once_for_decoding_give_the_same_answers_and_are_put_back(tiny, monkeypatch, cpu_bf16):
     """Fails if the cast copies change what autocast computes, leak out of the decode (fp32 weights
     not restored), or touch a weight tied to the input embeddings."""
     import contextlib

@@ -560,3 +560,22 @@ def test_a_rebuilt_model_kept_past_its_task_is_hooked_again_in_the_next(lm):
     with torch.no_grad():   # no task: nothing watches, and no meter of a task gone is charged
         kept(input_ids=ids)
     assert spent[0] == spent[1] == forward_flops(model_shape(lm.model), 6, attention_context(0, 6))
+
+
+def test_a_meter_that_hooked_two_models_leaves_none_attached_and_an_unattached_meter_charges_itself(lm):
+    """Fails if a meter is listed as attached once per model it hooks (after `detach` it stayed
+    listed, and the charges of a later task without a model went to it), or if a meter that never
+    hooked a model sends `charge` to whichever meter is attached."""
+    ids = torch.tensor([[1, 3, 6]])
+    meter = Meter()
+    meter.attach(lm.model)
+    with meter.watching_other_modules(), torch.no_grad():
+        rebuilt(lm.model)(input_ids=ids)   # hooked on its first forward: a second model
+    meter.detach()
+    assert meter not in Meter._attached
+    other = Meter()
+    other.attach(lm.model)
+    without_model = Meter()   # a task whose method needs no model
+    without_model.handle().charge(1e6)
+    other.detach()
+    assert without_model.flops == 1e6 and other.flops == 0

@@ -296,3 +296,26 @@ def test_a_bf16_model_decodes_with_an_fp32_residual_stream():
     with torch.no_grad():
         reference = model.float()(input_ids=torch.tensor([[1, 2, 3, 4, 5]]), position_ids=torch.arange(5)[None]).logits[0, -1]
     assert (after[0] - reference).abs().max() < 0.1 * reference.std()   # bf16 weights: rounding apart
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_the_cpu_computes_in_bf16_only_where_it_multiplies_bf16_natively(monkeypatch, native_bf16):
+    """Fails if a CPU without native bf16 matmuls still gets bf16 autocast, cast weights or a bf16
+    fast-decoder cache (there torch's scalar bf16 kernel ran ~18x slower than fp32), or if one with
+    them loses it; and if `TTA_CPU_BF16` stops deciding."""
+    import tta.model.loading as loading
+    from tta.model.loading import autocast_weights, autocasts, cpu_multiplies_bf16
+    monkeypatch.setattr(loading, "cpu_multiplies_bf16", lambda: native_bf16)
+    cpu = torch.device("cpu")
+    assert autocasts(cpu) is native_bf16 and autocasts(torch.device("cuda"))
+    model = load_model("random:tiny", device="cpu").model
+    with autocast_weights(model, cpu):
+        assert model.lm_head.weight.dtype == (torch.bfloat16 if native_bf16 else torch.float32)
+    assert model.lm_head.weight.dtype == torch.float32
+    assert FastDecoder(model).dtype == (torch.bfloat16 if native_bf16 else torch.float32)
+    monkeypatch.undo()
+    for setting, expected in (("1", True), ("0", False)):
+        cpu_multiplies_bf16.cache_clear()
+        monkeypatch.setenv("TTA_CPU_BF16", setting)
+        assert cpu_multiplies_bf16() is expected
+    cpu_multiplies_bf16.cache_clear()

@@ -245,6 +245,7 @@ class Meter:
         self._handles = []
         self._decoders = []   # the decoders it is attached to (see `charge_forward`)
         self._models = []     # the models they belong to, one per decoder
+        self._detached = False   # hooked models once, no more (see `_payer`)
         self._shapes: dict[int, tuple[tuple, object]] = {}   # module id -> (parameter key, count)
         self._marked: dict[int, tuple[tuple, object]] = {}   # the same for `_mark_parts`
 
@@ -269,7 +270,8 @@ class Meter:
         self._decoders.append(decoder)
         self._models.append(model)
         _mark(model, True)
-        Meter._attached.append(self)
+        if self not in Meter._attached:   # once, however many models it hooks
+            Meter._attached.append(self)
 
     def detach(self) -> None:
         for handle in self._handles:
@@ -282,6 +284,7 @@ class Meter:
             if not meters:   # no meter hooks it now: its work is the next task's to find
                 _mark(model, False)
         self._decoders, self._models = [], []
+        self._detached = True
         if self in Meter._attached:
             Meter._attached.remove(self)
 
@@ -362,7 +365,7 @@ class Meter:
     def _payer(self) -> "Meter":
         """The meter that pays for work through this meter's hooks: itself while attached; once
         detached (a copy of the model kept past its task), the meter attached now, if any."""
-        if self._handles or not Meter._attached:
+        if self._handles or not self._detached or not Meter._attached:
             return self
         return Meter._attached[-1]
 

@@ -42,6 +42,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tta.model.loading import autocasts
+
 BF16 = torch.bfloat16
 
 
@@ -116,10 +118,14 @@ class FastDecoder:
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.embed = base.model.embed_tokens.weight.detach()
+        # bf16 products as under autocast; fp32 where the device does not autocast (a CPU
+        # without native bf16 matmuls, see `tta.model.loading.cpu_multiplies_bf16`).
+        fp32_weights = self.embed.dtype == torch.float32
+        self.dtype = BF16 if autocasts(self.embed.device) or not fp32_weights else torch.float32
         self.final_norm = _Norm(base.model.norm)
         # The head's weights rounded to bf16 as under autocast, multiplied in fp32: for a small
         # vocabulary (16 x 256) the fp32 product takes 3 us, bf16 12 us.
-        self.head = _weight(base.lm_head).to(BF16).float()
+        self.head = _weight(base.lm_head).to(self.dtype).float()
         rotary = base.model.rotary_emb
         self.inv_freq, self.rope_scale = rotary.inv_freq.detach().float(), float(rotary.attention_scaling)
         self.layers = []
@@ -127,10 +133,10 @@ class FastDecoder:
             attn, mlp = layer.self_attn, layer.mlp
             self.layers.append(dict(
                 norm1=_Norm(layer.input_layernorm), norm2=_Norm(layer.post_attention_layernorm), scaling=attn.scaling,
-                qkv=torch.cat([_weight(attn.q_proj), _weight(attn.k_proj), _weight(attn.v_proj)]).to(BF16),
-                out=_weight(attn.o_proj).to(BF16),
-                gate_up=torch.cat([_weight(mlp.gate_proj), _weight(mlp.up_proj)]).to(BF16),
-                down=_weight(mlp.down_proj).to(BF16)))
+                qkv=torch.cat([_weight(attn.q_proj), _weight(attn.k_proj), _weight(attn.v_proj)]).to(self.dtype),
+                out=_weight(attn.o_proj).to(self.dtype),
+                gate_up=torch.cat([_weight(mlp.gate_proj), _weight(mlp.up_proj)]).to(self.dtype),
+                down=_weight(mlp.down_proj).to(self.dtype)))
         # The cache: per layer one bf16 buffer of keys and one of values, (prompts, kv_heads,
         # slots, dim).  Slots 0 .. prompt_length-1 hold the prompts (right-padded); after them,
         # the answer tokens, interleaved by copy: token j of copy c at prompt_length + j x copies
@@ -162,7 +168,7 @@ class FastDecoder:
                 v.view(*lead, self.kv_heads, self.head_dim))
 
     def _mlp(self, x: torch.Tensor, layer: dict) -> torch.Tensor:
-        gate, up = F.linear(layer["norm2"](x).to(BF16), layer["gate_up"]).chunk(2, dim=-1)
+        gate, up = F.linear(layer["norm2"](x).to(self.dtype), layer["gate_up"]).chunk(2, dim=-1)
         return x + F.linear(F.silu(gate) * up, layer["down"])
 
     def _attend(self, q: torch.Tensor, i: int, allowed: torch.Tensor) -> torch.Tensor:
@@ -173,7 +179,7 @@ class FastDecoder:
         prompts, copies, kv_heads, dim = self.prompts, self.copies, self.kv_heads, self.head_dim
         groups, slots = self.heads // kv_heads, allowed.shape[-1]
         q = q.view(prompts, copies, kv_heads, groups, dim).transpose(1, 2).reshape(prompts, kv_heads, copies * groups, dim)
-        out = F.scaled_dot_product_attention(q.to(BF16), self.keys[i][:, :, :slots], self.values[i][:, :, :slots],
+        out = F.scaled_dot_product_attention(q.to(self.dtype), self.keys[i][:, :, :slots], self.values[i][:, :, :slots],
                                              attn_mask=allowed, scale=self.layers[i]["scaling"])
         return out.view(prompts, kv_heads, copies, groups, dim).transpose(1, 2).reshape(prompts * copies, -1)
 
@@ -205,14 +211,14 @@ class FastDecoder:
         x = self.embed[ids].float()                            # fp32 residual stream
         row_index = torch.arange(rows, device=device)
         for i, layer in enumerate(self.layers):
-            qkv = F.linear(layer["norm1"](x).to(BF16), layer["qkv"])
+            qkv = F.linear(layer["norm1"](x).to(self.dtype), layer["qkv"])
             q, k, v = (t.transpose(1, 2) for t in self._split_heads(qkv))   # (rows, heads, tokens, dim)
-            k = (k * cos + _rotate_half(k) * sin).to(BF16)
+            k = (k * cos + _rotate_half(k) * sin).to(self.dtype)
             self.keys[i][:, :, :tokens] = k
             self.values[i][:, :, :tokens] = v
             if i + 1 < len(self.layers):
                 q = q * cos + _rotate_half(q) * sin
-                attended = F.scaled_dot_product_attention(q.to(BF16), k, v, is_causal=True,
+                attended = F.scaled_dot_product_attention(q.to(self.dtype), k, v, is_causal=True,
                                                           scale=layer["scaling"],
                                                           enable_gqa=self.kv_heads != self.heads)
                 x = x + F.linear(attended.transpose(1, 2).reshape(rows, tokens, -1), layer["out"])
@@ -238,8 +244,8 @@ class FastDecoder:
         # and a masked slot still enters the weighted sum of values with weight 0 -- 0 x NaN left
         # there by the allocator is NaN (it made searches lose nodes at random).
         shape = (self.prompts, self.kv_heads, slots, self.head_dim)
-        keys = [torch.zeros(shape, dtype=BF16, device=device) for _ in self.layers]
-        values = [torch.zeros(shape, dtype=BF16, device=device) for _ in self.layers]
+        keys = [torch.zeros(shape, dtype=self.dtype, device=device) for _ in self.layers]
+        values = [torch.zeros(shape, dtype=self.dtype, device=device) for _ in self.layers]
         used = self._slots_used() if self.keys else 0
         for new, old in zip(keys + values, self.keys + self.values):
             new[:, :, :used] = old[:, :, :used]
@@ -297,7 +303,7 @@ class FastDecoder:
         cos, sin = self._rotary(positions[:, None])   # (rows, 1, dim): every head
         x = self.embed[ids].float()   # fp32 residual stream, as under autocast
         for i, layer in enumerate(self.layers):
-            q, k, v = self._split_heads(F.linear(layer["norm1"](x).to(BF16), layer["qkv"]))
+            q, k, v = self._split_heads(F.linear(layer["norm1"](x).to(self.dtype), layer["qkv"]))
             write(i, k * cos + _rotate_half(k) * sin, v)
             attended = self._attend(q * cos + _rotate_half(q) * sin, i, allowed)
             x = self._mlp(x + F.linear(attended, layer["out"]), layer)
@@ -323,7 +329,7 @@ class FastDecoder:
         at = self.prompt_length + slot   # each row's slot in its prompt's buffer
 
         def write(i: int, k: torch.Tensor, v: torch.Tensor) -> None:   # each row at its own slot
-            self.keys[i][rows, :, at] = k.to(BF16)   # an indexed write does not cast as a slice does
-            self.values[i][rows, :, at] = v.to(BF16)
+            self.keys[i][rows, :, at] = k.to(self.dtype)   # an indexed write does not cast as a slice does
+            self.values[i][rows, :, at] = v.to(self.dtype)
 
         return self._decode(ids, positions, self._query_mask(allowed[:, None]), write)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,13 +99,43 @@ def pick_dtype(device: torch.device, name: str = "auto") -> torch.dtype:
 
 
 def autocasts(device: torch.device) -> bool:
-    """Whether `autocast` turns bf16 autocast on for this device."""
-    return device.type in ("cpu", "cuda")
+    """Whether `autocast` turns bf16 autocast on for this device: on CUDA, and on a CPU that
+    multiplies bf16 matrices natively (`cpu_multiplies_bf16`)."""
+    return device.type == "cuda" or (device.type == "cpu" and cpu_multiplies_bf16())
+
+
+@functools.cache
+def cpu_multiplies_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices at least about as fast as fp32, measured once per
+    process (about 0.1 s at worst), unless `TTA_CPU_BF16=1` or `=0` says.
+
+    A CPU with AMX or AVX512-BF16 multiplies bf16 ~4x faster than fp32 (benchmarks/cpu_bf16.py),
+    so training and decoding run under bf16 autocast there.  One with AVX2 only does not: torch
+    falls back to a scalar kernel, and on a 2-core AMD EPYC host a 256^3 matmul ran at 1.4 GFLOP/s
+    in bf16 against 25 in fp32 (2,048^3: 0.4 against 51), which made a `ttt_full` task at 5e11
+    FLOPs take 130-160 s.  There the model computes in fp32.  The threshold (bf16 at most twice
+    fp32's time) sits far from both: ~4x faster, ~18x slower."""
+    setting = os.environ.get("TTA_CPU_BF16", "").strip()
+    if setting in ("0", "1"):
+        return setting == "1"
+    a, b = torch.randn(256, 256), torch.randn(256, 256)
+
+    def best_seconds(x, y) -> float:
+        x @ y   # warm-up: the first call picks kernels
+        times = []
+        for _ in range(3):
+            started = time.perf_counter()
+            x @ y
+            times.append(time.perf_counter() - started)
+        return min(times)
+
+    return best_seconds(a.bfloat16(), b.bfloat16()) <= 2 * best_seconds(a, b)
 
 
 def autocast(device: torch.device, enabled: bool = True):
-    """Matmuls in bf16: native on CUDA, and ~4x faster than fp32 on this project's CPUs (measured
-    in benchmarks/cpu_bf16.py); weights and optimiser state stay in their own dtype."""
+    """Matmuls in bf16 where the device runs them natively (`autocasts`): on CUDA, and ~4x faster
+    than fp32 on CPUs with AMX (measured in benchmarks/cpu_bf16.py); weights and optimiser state
+    stay in their own dtype."""
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled and autocasts(device))
 
 
@@ -115,7 +147,7 @@ def autocast_weights(model, device: torch.device):
     module (tied input embeddings) is left alone, since autocast does not cast embeddings.
     Decoding runs ~100 forwards per batch of views; the per-forward casts were a quarter of its
     CPU time (benchmarks/decoding.py, profiled), and the answers are the same bit for bit."""
-    if device.type not in ("cpu", "cuda"):
+    if not autocasts(device):
         yield
         return
     shared = {id(p) for m in model.modules() if not isinstance(m, torch.nn.Linear) for p in m.parameters(recurse=False)}

@@ -23,7 +23,7 @@ from tta import scoring
 from tta.budget import Budget, Meter, reset_peak_memory
 from tta.inference.decoding import score_answers
 from tta.method import Method, get_method, load_plugins, make_config
-from tta.model.loading import LoadedModel, check_device, load_model, weights_sha256
+from tta.model.loading import LoadedModel, autocasts, check_device, load_model, weights_sha256
 from tta.settings import as_recorded_now
 from tta.threads import set_threads
 from tta.inference.predict import fit_prompt
@@ -291,7 +291,12 @@ class TaskRunner:
 
     @property
     def device(self) -> str:
-        return str(self.lm.device) if self.lm else "cpu"
+        """Where the model computes, and in which dtype: the same run differs in rounding between a
+        CPU that multiplies in bf16 and one that cannot (`tta.model.loading.autocasts`)."""
+        if not self.lm:
+            return "cpu"
+        matmuls = "bf16 autocast" if autocasts(self.lm.device) else f"{str(self.lm.model.dtype).removeprefix('torch.')} matmuls"
+        return f"{self.lm.device}, {matmuls}"
 
     on_progress = None   # called inside a task with the share of its cap spent (the progress bar)
 
