@@ -42,6 +42,17 @@ def test_bad_experiment_files(tmp_path):
     (tmp_path / "c.toml").write_text('dataset = "gen-eval"\nsampel = 4\n[methods.icl]\n')
     with pytest.raises(RunError, match="c.toml: unknown key 'sampel'"):
         run_experiment(tmp_path / "c.toml", tmp_path, tmp_path)
+    (tmp_path / "d.toml").write_text('dataset = "gen-eval"\ntask_timeout = "soon"\n[methods.icl]\n')
+    with pytest.raises(RunError, match="d.toml: task_timeout must be a positive number of seconds, not 'soon'"):
+        run_experiment(tmp_path / "d.toml", tmp_path, tmp_path)
+
+
+def test_an_experiments_task_timeout_reaches_every_cell(tmp_path):
+    plan = tmp_path / "t.toml"
+    plan.write_text('name = "t"\ndataset = "gen-eval"\nlimit = 2\ntask_timeout = 30\n[methods.copy_input]\n')
+    run_experiment(plan, tmp_path / "runs", tmp_path / "reports", progress=False, log=lambda _: None)
+    manifest = json.loads((tmp_path / "runs" / "t" / "copy_input-f5e11-seed0" / "manifest.json").read_text())
+    assert manifest["task_timeout"] == 30
 
 
 def stable(record):

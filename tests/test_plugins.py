@@ -212,3 +212,51 @@ def test_a_method_that_cannot_start_stops_the_run_with_one_line_and_writes_nothi
     errors = [line for line in result.stderr.splitlines() if line.startswith("error")]   # after the run's header
     assert result.exit_code == 2 and len(errors) == 1 and needle in errors[0], result.stderr
     assert "Traceback" not in result.output and not (tmp_path / "r").exists()
+
+
+HANGS = '''
+import time
+from tta.method import Method
+
+class Hangs(Method):
+    needs_model = False
+    resets = 0
+
+    def predict(self, task, budget, seed):
+        while task.id.startswith("hang"):
+            try:
+                time.sleep(0.01)
+            except Exception:   # swallows what it can: the timeout is not an Exception
+                pass
+        return [[p.input, None] for p in task.test], {}
+
+    def reset(self):
+        type(self).resets += 1
+        print(f"RESET {type(self).resets}")
+'''
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_task_past_its_timeout_fails_with_one_line_and_the_run_goes_on(tmp_path, workers):
+    (tmp_path / "hangs.py").write_text(HANGS)
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    for name in ("hang", "ok", "ok2"):
+        write_task(tasks / f"{name}.json", GOOD)
+    result = invoke("run", "--method", f"{tmp_path / 'hangs.py'}:Hangs", "--dataset", tasks, "--task-timeout", 1,
+                    "--workers", workers, "--out", tmp_path / "r", "--quiet")
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    records = {r["task_id"]: r for r in read_results(tmp_path / "r" / "results.jsonl")}
+    assert records["hang"]["error"] == "TaskTimeout: the task ran past its --task-timeout of 1 s"
+    assert 1 <= records["hang"]["seconds"] < 5
+    assert records["ok"]["error"] is None and records["ok2"]["error"] is None
+    assert json.loads((tmp_path / "r" / "manifest.json").read_text())["task_timeout"] == 1
+    if workers == 1:   # the stopped task was reset like any other (in this process: its output is here)
+        assert "RESET 3" in result.output
+
+
+def test_a_timeout_with_ray_is_refused_in_one_line(tmp_path):
+    result = invoke("run", "--method", "copy_input", "--dataset", one_task(tmp_path), "--task-timeout", 5,
+                    "--executor", "ray", "--out", tmp_path / "r", "--quiet")
+    assert result.exit_code != 0 and "--task-timeout: Ray runs tasks" in result.output
+    assert "Traceback" not in result.output

@@ -123,6 +123,9 @@ def _command_line() -> str:
 @click.option("--budget-flops", type=FlopsCap(),
               help=f"FLOP cap per task, or 'none' for no cap [default: {DEFAULT_FLOPS:g} unless --budget-seconds]")
 @click.option("--budget-seconds", type=click.FloatRange(min=0, min_open=True), help="wall-second cap per task")
+@click.option("--task-timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+              help="stop a task still running after this many wall seconds and record it as failed (a guard "
+                   "against a method that hangs; set it well above any --budget-seconds)")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a method setting")
 @click.option("--out", type=click.Path(path_type=Path), help="run directory (default runs/METHOD-DATASET)")
@@ -138,8 +141,8 @@ def _command_line() -> str:
 @_threads_option
 @_workers_option
 @click.option("--quiet", is_flag=True, help="no progress bar")
-def run(method, dataset, limit, sample, task_ids, model, budget_flops, budget_seconds, seed, overrides, out, device,
-        force, shard, executor, ray_address, retry_failed, label, plugins, threads, workers, quiet):
+def run(method, dataset, limit, sample, task_ids, model, budget_flops, budget_seconds, task_timeout, seed, overrides, out,
+        device, force, shard, executor, ray_address, retry_failed, label, plugins, threads, workers, quiet):
     """Run one method over an ARC task set into a run directory (resumable)."""
     choose_threads(threads)
     from tta.run.runner import RunSpec, read_results, run as run_method
@@ -149,7 +152,7 @@ def run(method, dataset, limit, sample, task_ids, model, budget_flops, budget_se
                    task_ids=[t.strip() for t in task_ids.split(",") if t.strip()] if task_ids else None,
                    budget=_budget(budget_flops, budget_seconds), seed=seed, overrides=list(overrides),
                    out=out, device=device, command=_command_line(), force=force, plugins=list(plugins),
-                   retry_failed=retry_failed, label=label)
+                   retry_failed=retry_failed, label=label, task_timeout=task_timeout)
     out_dir = run_method(spec, progress=not quiet, executor=executor, ray_address=ray_address,
                          log=lambda line: click.echo(line, err=True), workers=workers)
     records = read_results(out_dir / "results.jsonl")

@@ -8,6 +8,7 @@
     budgets = ["none", 1e12]         # FLOPs per task; "none" = uncapped; or budget_seconds = [...]
                                      # (without either: tta.budget.DEFAULT_FLOPS, as `tta run`)
     baseline = "icl"
+    task_timeout = 600               # optional: wall seconds before a task is stopped and fails
     [methods.icl]
     [methods.ttt_lora]
     max_examples = 64                # any setting of the method, as with --set
@@ -62,7 +63,7 @@ def _budgets(plan: dict, where: str) -> list[Budget]:
 
 
 PLAN_KEYS = {"name", "dataset", "limit", "sample", "tasks", "model", "seeds", "budgets", "budget_seconds",
-             "baseline", "methods"}
+             "baseline", "methods", "task_timeout"}
 
 
 def load_plan(path: Path) -> dict:
@@ -109,6 +110,9 @@ def _method_settings_label(name: str, table: dict) -> tuple[str, dict, str | Non
 
 def validate(plan: dict, where: str) -> None:
     """Every method named and every setting typed before any cell runs (one-line RunError)."""
+    timeout = plan.get("task_timeout")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
+        raise RunError(f"{where}: task_timeout must be a positive number of seconds, not {timeout!r}")
     for name, table in plan["methods"].items():
         if not isinstance(table, dict):
             raise RunError(f"{where}: methods.{name} must be a table ([methods.{name}])")
@@ -138,7 +142,7 @@ def run_experiment(path: Path, runs_root: Path = Path("runs"), reports_root: Pat
         run(RunSpec(method=cell.method, dataset=plan.get("dataset", "arc1-eval"), model=plan.get("model", "default"),
                     limit=plan.get("limit"), sample=plan.get("sample"), task_ids=plan.get("tasks"), budget=cell.budget, seed=cell.seed,
                     overrides=cell.settings, out=cell.directory(root), command=command or f"tta experiment {path}",
-                    plugins=list(plugins or []), label=cell.label),
+                    plugins=list(plugins or []), label=cell.label, task_timeout=plan.get("task_timeout")),
             progress=progress, log=log, wait_for_directory=wait, workers=workers)
 
     busy = []

@@ -124,6 +124,11 @@ def _run(spec, progress, executor, ray_address, log, cls, config, dataset, out, 
                          "command": spec.command})
         session = manifest
     session["last_result"] = None   # recorded, so a session that ends before any result counts 0 s
+    if spec.task_timeout:
+        if executor == "ray":
+            raise RunError("--task-timeout: Ray runs tasks outside a process's main thread, where no timer signal "
+                           "reaches; use the local executor (with --workers)")
+        session["task_timeout"] = spec.task_timeout
     if workers is not None and workers < 1:
         raise RunError(f"--workers {workers}: expected at least 1")
     manifest.update({"executor": executor, "finished": None})

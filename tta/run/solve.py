@@ -31,6 +31,7 @@ from tta.data.tasks import Task, grid_to_list, without_answers
 from tta.data.datasets import Dataset, load_dataset, select
 from tta.run.contract import checked_attempts, json_record, predict_result
 from tta.run.record import TaskRecord, task_size
+from tta.run.time_limit import TaskTimeout, time_limit
 
 
 class RunError(ValueError):
@@ -65,6 +66,7 @@ class RunSpec:
     plugins: list[str] = field(default_factory=list)   # files or modules imported first (their @register methods)
     retry_failed: bool = False   # rerun the tasks whose record holds an error, replacing those records
     label: str | None = None   # what reports call this run's method (a variant, e.g. ttt_lora-lr3e-3); default: its name
+    task_timeout: float | None = None   # wall seconds after which a task is stopped and fails (tta.run.time_limit)
 
 
 
@@ -162,7 +164,7 @@ def true_answer_scores(lm: LoadedModel, task: Task) -> list:
 
 
 def run_task(method: Method, lm: LoadedModel | None, task: Task, budget: Budget, seed: int,
-             on_progress=None) -> TaskRecord:
+             on_progress=None, timeout: float | None = None) -> TaskRecord:
     seed = task_seed(seed, task.id)
     seed_everything(seed)
     reset_peak_memory()
@@ -172,18 +174,20 @@ def run_task(method: Method, lm: LoadedModel | None, task: Task, budget: Budget,
     budget_view = meter.handle(lm.model if lm is not None else None)   # what the method sees
     try:
         with meter.watching_other_modules():   # a second model or a network of the method's own
-            return _solve_metered(method, lm, task, seed, meter, budget_view)
-    except Exception as e:   # the record of a failed task keeps what the method spent before it failed
+            return _solve_metered(method, lm, task, seed, meter, budget_view, timeout)
+    except (Exception, TaskTimeout) as e:   # the record of a failed task keeps what the method spent before it failed
         with contextlib.suppress(AttributeError):   # an exception type that takes no attributes
             e.tta_spent = meter.summary()
         raise
 
 
-def _solve_metered(method: Method, lm: LoadedModel | None, task: Task, seed: int, meter: Meter, budget_view) -> TaskRecord:
+def _solve_metered(method: Method, lm: LoadedModel | None, task: Task, seed: int, meter: Meter, budget_view,
+                   timeout: float | None = None) -> TaskRecord:
     try:
         visible = without_answers(task)   # the method never sees the test outputs
-        adapt_info = json_record(method.adapt(visible, budget_view, seed), "adapt's record")
-        attempts, predict_info = predict_result(method.predict(visible, budget_view, seed))
+        with time_limit(timeout):   # the method's work only: `reset` below always runs whole
+            adapt_info = json_record(method.adapt(visible, budget_view, seed), "adapt's record")
+            attempts, predict_info = predict_result(method.predict(visible, budget_view, seed))
         attempts = checked_attempts(attempts, len(task.test))
         predict_info = json_record(predict_info, "predict's record")
         spent = meter.summary()   # before the graded metrics, which are measurement, not method
@@ -321,8 +325,9 @@ class TaskRunner:
         if task is None:
             return TaskRecord.failed_task(task_id, self.name, self.dataset.failures[task_id])
         try:
-            return run_task(self.method, self.lm, task, self.spec.budget, self.spec.seed, self.on_progress)
-        except Exception as e:  # one task's failure (bad data, NaN loss, out of memory) never ends the run
+            return run_task(self.method, self.lm, task, self.spec.budget, self.spec.seed, self.on_progress,
+                            self.spec.task_timeout)
+        except (Exception, TaskTimeout) as e:  # one task's failure (bad data, NaN loss, out of memory, time) never ends the run
             return TaskRecord.failed_task(task_id, self.name, one_line(e), len(task.test), task=task,
                                           spent=getattr(e, "tta_spent", None))
         finally:
