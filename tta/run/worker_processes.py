@@ -38,7 +38,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 from tta.method import get_method
 from tta.run.record import TaskRecord
-from tta.run.solve import RunSpec, TaskRunner, prepare
+from tta.run.solve import RunError, RunSpec, TaskRunner, prepare
 
 MAX_RETRIES = 1
 MANAGER_EXIT_SECONDS = 5   # how long ending a pool (interrupted or broken) waits for its manager thread
@@ -157,6 +157,7 @@ def _gather(pool, spec, workers, threads, todo, method_name):
             running[future] = task_id
         return True
 
+    stop = None   # a worker's RunError (its model left changed): the tasks in flight finish, no more start
     try:
         pool_ok = fill()
         while running or not pool_ok:
@@ -168,6 +169,9 @@ def _gather(pool, spec, workers, threads, todo, method_name):
                     yield future.result()
                 except BrokenProcessPool:
                     broken.append(task_id)
+                except RunError as e:   # the other workers' models are their own: their tasks stand
+                    stop = stop or e
+                    queue.clear()
             if broken or not pool_ok:
                 # Every task in flight fails with the pool, not only the one that killed it:
                 # each gets one more try in a fresh pool.
@@ -185,3 +189,5 @@ def _gather(pool, spec, workers, threads, todo, method_name):
         _stop_now(pool)
         raise
     pool.shutdown(wait=True)   # every worker idle: they exit at once
+    if stop is not None:
+        raise stop
