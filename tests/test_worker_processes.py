@@ -199,3 +199,16 @@ def test_a_pool_that_breaks_between_a_result_and_the_next_hand_out_retries_the_t
     monkeypatch.setattr(worker_processes, "_pool", lambda spec, workers, threads: Pool())
     done = list(worker_processes._gather(Pool(breaks_at_submission=3), None, 2, 1, ["a", "b", "c", "d"], "m"))
     assert sorted(done) == ["a", "b", "c", "d"]
+
+
+def test_workers_take_this_processs_choice_of_cpu_dtype(monkeypatch):
+    """Fails if each worker measures bf16 for itself: under load two workers could choose
+    differently and round their tasks differently."""
+    import tta.model.loading as loading
+    from tta.run.worker_processes import _worker_environment
+    monkeypatch.delenv("TTA_CPU_BF16", raising=False)
+    for choice, setting in ((True, "1"), (False, "0")):
+        monkeypatch.setattr(loading, "cpu_multiplies_bf16", lambda: choice)
+        assert _worker_environment()["TTA_CPU_BF16"] == setting
+    monkeypatch.setenv("TTA_CPU_BF16", "1")   # a user's own setting is passed on as it is
+    assert _worker_environment()["TTA_CPU_BF16"] == "1"

@@ -96,7 +96,17 @@ def _pool(spec: RunSpec, workers: int, threads: int) -> ProcessPoolExecutor:
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(SERVER_IMPORTS)
     return ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_start_worker,
-                               initargs=(spec, threads, dict(os.environ), list(sys.path)))
+                               initargs=(spec, threads, _worker_environment(), list(sys.path)))
+
+
+def _worker_environment() -> dict:
+    """This process's environment, with its choice of CPU compute dtype made for every worker
+    (`TTA_CPU_BF16`): a worker measuring for itself while the others load the cores could choose
+    otherwise, and its tasks would round differently from its neighbours'."""
+    from tta.model.loading import cpu_multiplies_bf16
+    environment = dict(os.environ)
+    environment.setdefault("TTA_CPU_BF16", "1" if cpu_multiplies_bf16() else "0")
+    return environment
 
 
 def _stop_now(pool: ProcessPoolExecutor) -> None:
