@@ -214,10 +214,10 @@ def module_flops(module: torch.nn.Module, args: tuple, output=None) -> float:
     if isinstance(module, torch.nn.Linear) and isinstance(x, torch.Tensor):
         return 2.0 * module.in_features * module.out_features * (x.numel() // max(module.in_features, 1))
     if isinstance(module, torch.nn.modules.conv._ConvNd) and isinstance(output, torch.Tensor):
-        per_out = (module.in_channels // module.groups) * math.prod(module.kernel_size)
+        kernel = math.prod(module.kernel_size)
         if module.transposed:   # each input value is multiplied into every output it reaches
-            return 2.0 * (module.out_channels // module.groups) * math.prod(module.kernel_size) * x.numel()
-        return 2.0 * per_out * output.numel()
+            return 2.0 * (module.out_channels // module.groups) * kernel * x.numel()
+        return 2.0 * (module.in_channels // module.groups) * kernel * output.numel()
     if isinstance(module, torch.nn.MultiheadAttention) and len(args) >= 2 and isinstance(x, torch.Tensor):
         width, keys = module.embed_dim, args[1]
         batch = (x.shape[0] if module.batch_first else x.shape[1]) if x.dim() == 3 else 1

@@ -137,8 +137,8 @@ class FastDecoder:
                 out=_weight(attn.o_proj).to(self.dtype),
                 gate_up=torch.cat([_weight(mlp.gate_proj), _weight(mlp.up_proj)]).to(self.dtype),
                 down=_weight(mlp.down_proj).to(self.dtype)))
-        # The cache: per layer one bf16 buffer of keys and one of values, (prompts, kv_heads,
-        # slots, dim).  Slots 0 .. prompt_length-1 hold the prompts (right-padded); after them,
+        # The cache: per layer one buffer of keys and one of values in `self.dtype` (bf16 unless
+        # the CPU lacks it), (prompts, kv_heads, slots, dim).  Slots 0 .. prompt_length-1 hold the prompts (right-padded); after them,
         # the answer tokens, interleaved by copy: token j of copy c at prompt_length + j x copies
         # + c.  So a step reads one contiguous prefix of each prompt's buffer, and the copies of
         # a prompt (sampling) read its part once, as more query rows of one attention call

@@ -111,10 +111,10 @@ def cpu_multiplies_bf16() -> bool:
 
     A CPU with AMX or AVX512-BF16 multiplies bf16 ~4x faster than fp32 (benchmarks/cpu_bf16.py),
     so training and decoding run under bf16 autocast there.  One with AVX2 only does not: torch
-    falls back to a scalar kernel, and on a 2-core AMD EPYC host a 256^3 matmul ran at 1.4 GFLOP/s
-    in bf16 against 25 in fp32 (2,048^3: 0.4 against 51), which made a `ttt_full` task at 5e11
-    FLOPs take 130-160 s.  There the model computes in fp32.  The threshold (bf16 at most twice
-    fp32's time) sits far from both: ~4x faster, ~18x slower."""
+    falls back to a scalar kernel, and on a 2-core AMD EPYC host a 1,024^3 matmul ran at 0.9
+    GFLOP/s in bf16 against 131 in fp32, training 14.5x slower, and a `ttt_full` task at 5e11
+    FLOPs took 131-159 s instead of 10-40 s (benchmarks/results/cpu_without_bf16/).  There the
+    model computes in fp32.  The threshold (bf16 at most twice fp32's time) sits far from both."""
     setting = os.environ.get("TTA_CPU_BF16", "").strip()
     if setting in ("0", "1"):
         return setting == "1"

@@ -156,7 +156,7 @@ def _gather(pool, spec, workers, threads, todo, method_name):
     def fill():
         """Hand a task to each idle worker; False if the pool broke meanwhile (a worker died
         between a result and this hand-out: the task taken stays queued)."""
-        while queue and len(running) < workers:
+        while queue and len(running) < workers and stop is None:
             task_id = queue[0]
             try:
                 future = pool.submit(_solve, task_id)
@@ -181,7 +181,6 @@ def _gather(pool, spec, workers, threads, todo, method_name):
                     broken.append(task_id)
                 except RunError as e:   # the other workers' models are their own: their tasks stand
                     stop = stop or e
-                    queue.clear()
             if broken or not pool_ok:
                 # Every task in flight fails with the pool, not only the one that killed it:
                 # each gets one more try in a fresh pool.
