@@ -3,8 +3,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from tta.budget import (Budget, BudgetExceeded, Meter, TaskBudget, attention_context, forward_flops, model_shape,
-                        training_step_flops)
+from tta.budget import (Budget, BudgetExceeded, Meter, TaskBudget, attention_context, attention_flops, forward_flops,
+                        model_shape, training_step_flops)
 from tta.inference.decoding import generate
 from tta.model.loading import load_model
 from tta.training.finetune import attach_lora, detach_lora
@@ -503,7 +503,7 @@ def test_an_adapter_on_the_runs_model_or_on_a_rebuilt_one_is_charged_once(lm):
     for work in (on_the_runs_model, on_a_rebuilt_model):
         meter = Meter()
         meter.attach(lm.model)
-        with meter.watching_other_modules():
+        with meter.watching_other_work():
             work()
         meter.detach()
         assert meter.flops == unwatched
@@ -538,7 +538,7 @@ def test_a_network_of_the_methods_own_is_charged_and_meets_the_cap(lm):
     assert record.error is None and record.flops == 3 * 3 * one_forward
     meter = Meter(Budget(flops=5 * one_forward))
     meter.attach(lm.model)   # as in a task
-    with meter.watching_other_modules(), pytest.raises(BudgetExceeded, match="a forward of Conv2d"):
+    with meter.watching_other_work(), pytest.raises(BudgetExceeded, match="a forward of Conv2d"):
         method.predict(flip_task(), meter.handle(), 0)
     meter.detach()
     # The second step's forward fit (4 of 5 forwards' worth); its backward, charged when it ran,
@@ -553,7 +553,7 @@ def test_a_rebuilt_model_kept_past_its_task_is_hooked_again_in_the_next(lm):
     for _ in range(2):
         meter = Meter()
         meter.attach(lm.model)
-        with meter.watching_other_modules(), torch.no_grad():
+        with meter.watching_other_work(), torch.no_grad():
             kept(input_ids=ids)
         meter.detach()
         spent.append(meter.flops)
@@ -569,7 +569,7 @@ def test_a_meter_that_hooked_two_models_leaves_none_attached_and_an_unattached_m
     ids = torch.tensor([[1, 3, 6]])
     meter = Meter()
     meter.attach(lm.model)
-    with meter.watching_other_modules(), torch.no_grad():
+    with meter.watching_other_work(), torch.no_grad():
         rebuilt(lm.model)(input_ids=ids)   # hooked on its first forward: a second model
     meter.detach()
     assert meter not in Meter._attached
@@ -579,3 +579,110 @@ def test_a_meter_that_hooked_two_models_leaves_none_attached_and_an_unattached_m
     without_model.handle().charge(1e6)
     other.detach()
     assert without_model.flops == 1e6 and other.flops == 0
+
+
+def bare_work(trained: bool):
+    """Products written as bare tensor operations, forward and (when `trained`) backward: the
+    weights learn, the inputs do not, and one product multiplies two learnt tensors."""
+    F = torch.nn.functional
+    torch.manual_seed(0)
+    w = torch.randn(16, 24, requires_grad=trained)
+    kernel = torch.randn(5, 3, 3, 3, requires_grad=trained)
+    up = torch.randn(5, 2, 2, 2, requires_grad=trained)
+    x, image = torch.randn(3, 7, 16), torch.randn(2, 3, 6, 6)
+    h = x @ w                                                        # batched matmul, broadcast weight
+    h = F.linear(h, w) + torch.einsum("btk,kn->btn", h, w.T)         # linear and einsum
+    h = torch.bmm(h, h.transpose(1, 2)) + torch.addmm(torch.zeros(7, 7), h[0], h[1].T)
+    g = F.conv_transpose2d(F.conv2d(image, kernel, padding=1), up, stride=2)
+    total = h.sum() + torch.tensordot(g, g, dims=4)
+    if trained:
+        total.backward()
+
+
+@pytest.mark.parametrize("trained", [False, True])
+def test_bare_products_are_charged_what_torch_counts(lm, trained):
+    """Fails if the watch on bare products misses an operation, prices one wrongly, or charges a
+    backward for an operand that learns nothing."""
+    with FlopCounterMode(display=False) as counter:
+        bare_work(trained)
+    meter = Meter()
+    meter.attach(lm.model)
+    with meter.watching_other_work():
+        bare_work(trained)
+    meter.detach()
+    assert meter.flops == counter.get_total_flops() > 0
+
+
+def test_bare_causal_attention_is_charged_the_formulas_attention_term(lm):
+    q, k, v = (torch.randn(2, 4, 9, 8) for _ in range(3))   # batch 2, 4 heads of 8, 9 positions
+    meter = Meter()
+    meter.attach(lm.model)
+    spent = []
+    with meter.watching_other_work():   # by keyword, and every argument by position
+        for attend in (lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True),
+                       lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, None, 0.0, True),
+                       lambda: torch.nn.functional.scaled_dot_product_attention(query=q, key=k, value=v,
+                                                                                is_causal=True)):
+            before = meter.flops
+            attend()
+            spent.append(meter.flops - before)
+    meter.detach()
+    assert spent == [attention_flops(1, 4 * 8, 2 * attention_context(0, 9))] * 3
+
+
+def test_a_bare_product_past_the_cap_is_refused_before_it_runs(lm):
+    meter = Meter(Budget(flops=1e6))
+    meter.attach(lm.model)
+    a = torch.randn(64, 64)
+    with meter.watching_other_work():
+        a @ a   # 524,288 FLOPs
+        with pytest.raises(BudgetExceeded, match="a bare matmul costing 5.24e"):
+            a @ a
+    meter.detach()
+    assert meter.flops == 2 * 64 ** 3 and meter.refusals == 1
+
+
+def test_the_harness_decoder_and_the_models_modules_are_not_charged_again_by_the_watch(lm):
+    """The fast decoder's products run bare, and the harness charges them by the formula; a
+    hooked model's insides run bare products too.  Fails if either is charged twice."""
+    prompt = lm.format.encode(list(flip_task().train), flip_task().test[0].input).input_ids
+    ids = torch.tensor([prompt])
+
+    def work():
+        generate(lm, [prompt], max_new_tokens=6)
+        with torch.no_grad():
+            lm.model(input_ids=ids)
+
+    unwatched = charged(lm, work)
+    meter = Meter()
+    meter.attach(lm.model)
+    with meter.watching_other_work():
+        work()
+    meter.detach()
+    assert meter.flops == unwatched > 0
+
+
+class BareNetwork(Method):
+    """A network of its own whose module multiplies by its weight with `@`: no counted module."""
+    name = "bare_network"
+
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(10, 10))
+
+        def forward(self, x):
+            return torch.relu(x @ self.weight)
+
+    def predict(self, task, budget, seed):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(self.Layer(), self.Layer())
+        net(torch.randn(4, 10)).sum().backward()
+        return [[p.input, None] for p in task.test], {}
+
+
+def test_a_methods_own_module_of_bare_products_is_charged(lm):
+    with FlopCounterMode(display=False) as counter:
+        BareNetwork(None, lm).predict(flip_task(), None, 0)
+    record = run_task(BareNetwork(None, lm), lm, flip_task(), Budget(), seed=0)
+    assert record.error is None and record.flops == counter.get_total_flops() > 0

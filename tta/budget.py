@@ -9,9 +9,10 @@ layer whose output carries a gradient graph gets a tensor hook that charges the
 backward pass when (and only when) a backward actually flows through it, in
 train or eval mode alike.  A deep copy of the model keeps charging the task's meter
 (`Meter.__deepcopy__`).  While a task runs, work through any other torch module is charged
-too (`Meter.watching_other_modules`): a model the method builds from the weights or loads again
+too (`Meter.watching_other_work`): a model the method builds from the weights or loads again
 is hooked on its first forward like the run's model, and a network of the method's own is
-charged at its linear, convolution and attention modules.  The FLOP cap holds whether a method
+charged at its linear, convolution and attention modules, and so are the matrix products it
+writes as bare tensor operations (`x @ w`, `F.linear`, `torch.einsum`).  The FLOP cap holds whether a method
 asks or not: a forward whose decoder layers alone would take the spend past it raises
 `BudgetExceeded` before it runs.
 
@@ -227,6 +228,136 @@ def module_flops(module: torch.nn.Module, args: tuple, output=None) -> float:
     return 0.0
 
 
+# ---------------------------------------------------------------- bare products
+
+def _matmul_flops(a: torch.Tensor, b: torch.Tensor) -> float:
+    """`a @ b` with torch's broadcasting: 2 * (rows of a) * (contracted) * (columns of b) per batch."""
+    rows = a.shape[-2] if a.dim() > 1 else 1
+    columns = b.shape[-1] if b.dim() > 1 else 1
+    batch = math.prod(torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]))
+    return 2.0 * batch * rows * a.shape[-1] * columns
+
+
+def _attention_pairs(queries: int, keys: int, causal: bool) -> int:
+    """Query-key pairs of one head: every pair, or under `is_causal` torch's top-left causal mask
+    (query i sees keys 0..i)."""
+    if not causal:
+        return queries * keys
+    seen_growing = min(queries, keys)
+    return seen_growing * (seen_growing + 1) // 2 + (queries - seen_growing) * keys
+
+
+def _sdpa_flops(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *_, **__) -> float:
+    """`F.scaled_dot_product_attention`: QKᵀ and the weighted sum of values, per query head."""
+    heads = query.numel() // max(query.shape[-2] * query.shape[-1], 1)   # batch x query heads
+    pairs = _attention_pairs(query.shape[-2], key.shape[-2], bool(is_causal))
+    return 2.0 * heads * pairs * (query.shape[-1] + value.shape[-1])
+
+
+def _bare_products():
+    """Function -> (its FLOPs from its arguments' shapes, before it runs, or None: counted as it
+    runs (`_run_counted`); the positions of the operands whose gradients a backward computes, each
+    at the forward's cost).  The shape rules read arguments as torch names or orders them; one
+    given otherwise is counted as it runs."""
+    F, T = torch.nn.functional, torch.Tensor
+    table = {}
+    for f in (torch.matmul, T.matmul, T.__matmul__, torch.linalg.matmul, torch.mm, T.mm, torch.bmm, T.bmm,
+              torch.mv, T.mv, torch.dot, T.dot):
+        table[f] = (lambda a, b, *_, **__: _matmul_flops(a, b), (0, 1))
+    table[T.__rmatmul__] = (lambda b, a, *_, **__: _matmul_flops(a, b), (0, 1))
+    for f in (torch.addmm, T.addmm, torch.baddbmm, T.baddbmm, torch.addbmm, T.addbmm, torch.addmv, T.addmv):
+        table[f] = (lambda _, a, b, *__, **___: _matmul_flops(a, b), (1, 2))
+    table[F.linear] = (lambda input, weight, *_, **__: 2.0 * input.numel() * (weight.shape[0] if weight.dim() > 1 else 1),
+                       (0, 1))
+    table[F.scaled_dot_product_attention] = (_sdpa_flops, (0, 1, 2))
+    for f in (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d):   # each input value meets a kernel slice
+        table[f] = (lambda input, weight, *_, **__: 2.0 * input.numel() * weight[0].numel(), (0, 1))
+    for f in (F.conv1d, F.conv2d, F.conv3d, torch.einsum, torch.tensordot, torch.linalg.multi_dot):
+        table[f] = (None, None)   # priced as they run (`_run_counted`)
+    return table
+
+
+_BARE_PRODUCTS = _bare_products()
+_harness_depth = 0   # > 0 while the harness runs products it charges by the formula (`harness_products`)
+_watches_on = 0      # bare-product watches entered now
+
+
+@contextlib.contextmanager
+def harness_products():
+    """The harness's own tensor products that are charged another way (the fast decoder, by the
+    model's formula through `charge_forward`) or are no method's (timing the CPU): the watch on
+    bare products (`Meter.watching_other_work`) passes them by.
+
+    Why torch function handling is switched off here rather than the watch returning early: the
+    mode's Python call on every operation is the cost, not its work.  Measured (`python
+    benchmarks/meter_overhead.py`, one thread, median of 3): 100 fast-decoder steps of 8 rows took
+    1.84 s unwatched and 1.97 s with the watch returning early; switched off, 1.80 and 1.79 s."""
+    global _harness_depth
+    _harness_depth += 1
+    try:
+        with torch._C.DisableTorchFunction() if _watches_on else contextlib.nullcontext():
+            yield
+    finally:
+        _harness_depth -= 1
+
+
+def _operands(func, args, kwargs) -> list:
+    """The tensors a product multiplies, in the order its backward rule reads them."""
+    if func is torch.einsum:
+        return list(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else list(args[1:])
+    if func is torch.linalg.multi_dot:
+        return list(args[0])
+    return list(args) + list(kwargs.values())
+
+
+def _run_counted(func, args, kwargs):
+    """Run a product whose price its output shape (a convolution) or its contraction path
+    (einsum, tensordot, multi_dot) decides, or whose arguments the shape rules above do not read
+    (given by name), under torch's own counter: (output, FLOPs)."""
+    from torch.utils.flop_counter import FlopCounterMode   # heavy import, rarely needed
+    counter = FlopCounterMode(display=False)
+    with counter:
+        output = func(*args, **kwargs)
+    return output, float(counter.get_total_flops())
+
+
+class _BareProductWatch(torch.overrides.TorchFunctionMode):
+    """Charges the matrix products a method writes as bare tensor operations (`x @ w`,
+    `F.linear`, `torch.einsum`, `F.conv2d`, `F.scaled_dot_product_attention`, ...) outside every
+    module the meter already counts.  Element-wise work is not counted, as in the formula."""
+
+    def __init__(self, meter: "Meter"):
+        super().__init__()
+        self.meter = meter
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        priced = _BARE_PRODUCTS.get(func)
+        meter = self.meter
+        if priced is None or meter._counted_modules or _harness_depth:
+            return func(*args, **kwargs)
+        price, grads = priced
+        try:
+            cost = price(*args, **kwargs) if price is not None else None
+        except (TypeError, IndexError, AttributeError):   # arguments by name, or not tensors
+            cost = None
+        if cost is not None:
+            meter._refuse_bare(func, cost)   # before the work, as a module's forward is refused
+            output = func(*args, **kwargs)
+        else:   # known once it ran: the product after it is refused if this one spent the cap
+            output, cost = _run_counted(func, args, kwargs)
+        meter._charge(cost)
+        if isinstance(output, torch.Tensor) and output.requires_grad:
+            operands = _operands(func, args, kwargs)
+            picked = operands if grads is None else [operands[i] for i in grads if i < len(operands)]
+            learning = sum(isinstance(x, torch.Tensor) and x.requires_grad for x in picked)
+            if func is torch.nn.functional.scaled_dot_product_attention:
+                learning = 2   # the formula's backward: twice the forward attention term
+            if learning:
+                output.register_hook(meter._backward_charger(cost * learning))
+        return output
+
+
 class Meter:
     """Counts FLOPs, seconds and peak memory for the task at hand.  Owned by the harness."""
 
@@ -248,6 +379,7 @@ class Meter:
         self._detached = False   # hooked models once, no more (see `_payer`)
         self._shapes: dict[int, tuple[tuple, object]] = {}   # module id -> (parameter key, count)
         self._marked: dict[int, tuple[tuple, object]] = {}   # the same for `_mark_parts`
+        self._counted_modules: list = []   # modules running now whose work hooks count (see `_before_other`)
 
     # ---- attaching to models
     def attach(self, model: torch.nn.Module) -> None:
@@ -290,40 +422,61 @@ class Meter:
 
     # ---- work outside the hooked models
     @contextlib.contextmanager
-    def watching_other_modules(self):
+    def watching_other_work(self):
         """While a task runs, charge work that runs through torch modules this meter has not
         hooked: a second model the method loads or builds (from the run's weights or another's),
-        or a network of its own.  A transformers decoder (a model with `get_decoder().layers`) is
-        hooked on its first forward like the run's model, by the same formula, and its forwards
-        meet the cap the same way; any other module is charged at its matrix products
-        (`module_flops`), forward and, when one flows, backward.  Products a method writes as bare
-        tensor operations outside any module (`x @ w`, `F.linear`) are not seen: `charge` them.
+        or a network of its own, and the matrix products it writes as bare tensor operations.  A
+        transformers decoder (a model with `get_decoder().layers`) is hooked on its first forward
+        like the run's model, by the same formula, and its forwards meet the cap the same way;
+        any other module is charged at its matrix products (`module_flops`), forward and, when one
+        flows, backward; and a product outside every counted module (`x @ w`, `F.linear`,
+        `torch.einsum`, `F.conv2d`, `F.scaled_dot_product_attention`, ...) is charged by a torch
+        function mode (`_BareProductWatch`), refused like a module when its price, known from its
+        arguments, would pass the cap.
 
-        Why module hooks rather than `torch.utils.flop_counter.FlopCounterMode`, which sees every
-        operation: that mode intercepts every operation of the run's model too.  Measured
-        (`python benchmarks/meter_overhead.py`, one thread, two repeats): 100 decode steps of 8
-        rows through the embedded model's modules took 2.21 / 2.77 s plain, 2.57 / 2.84 s watched,
-        6.06 / 5.90 s under FlopCounterMode; 5 training steps 4.85 / 4.56 s, 5.75 / 4.26 s and
-        6.85 / 5.60 s (noisy).  The harness's own decoder runs no modules and pays nothing."""
+        Why module hooks and a torch function mode that prices a few products, rather than
+        `torch.utils.flop_counter.FlopCounterMode`, which sees every operation: that mode runs
+        Python on every aten operation of the run's model too.  Measured (`python
+        benchmarks/meter_overhead.py`, one thread, median of 3): 100 decode steps of 8 rows
+        through the embedded model's modules took 2.41 s plain, 2.87 s watched, 5.52 s under
+        FlopCounterMode; 5 training steps 4.82, 4.72 and 5.57 s (noisy); 100 steps of the
+        harness's fast decoder, which runs no modules and whose products the watch passes by
+        (`harness_products`), 1.80, 1.79 and 3.91 s."""
         hooks = [torch.nn.modules.module.register_module_forward_pre_hook(self._before_other),
-                 torch.nn.modules.module.register_module_forward_hook(self._after_other)]
+                 torch.nn.modules.module.register_module_forward_hook(self._after_other, always_call=True)]
+        self._counted_modules = []
+        global _watches_on
+        _watches_on += 1
         try:
-            yield
+            with _BareProductWatch(self):
+                yield
         finally:
+            _watches_on -= 1
             for hook in hooks:
                 hook.remove()
+            self._counted_modules = []
 
     def _before_other(self, module, args):
+        """Refuse a counted module's forward past the cap; note the modules running now whose
+        work is counted (`_counted_modules`), so the bare-product watch passes their insides by."""
         if module.__dict__.get(_METERED) or self._hooked_on_first_forward(module):
+            self._counted_modules.append(module)
             return
         if not isinstance(module, COUNTED_MODULES):
             return
         cost = module_flops(module, args)   # 0 for a convolution until it ran: refused once the cap is spent
+        self._refuse_past(cost, f"a forward of {type(module).__name__}")
+        self._counted_modules.append(module)
+
+    def _refuse_bare(self, func, cost: float) -> None:
+        self._refuse_past(cost, f"a bare {getattr(func, '__name__', func)}")
+
+    def _refuse_past(self, cost: float, what: str) -> None:
         cap = self.budget.flops
         if cap is not None and self._charging and self.flops + cost > cap * (1 + 1e-9):
             self.refusals += 1
-            raise BudgetExceeded(f"a forward of {type(module).__name__} costing {cost:.3g} FLOPs with "
-                                 f"{self.flops:.3g} of the task's {cap:.3g}-FLOP cap spent would pass the cap")
+            raise BudgetExceeded(f"{what} costing {cost:.3g} FLOPs with {self.flops:.3g} of the task's "
+                                 f"{cap:.3g}-FLOP cap spent would pass the cap")
 
     def _hooked_on_first_forward(self, module) -> bool:
         """Whether `module` is a transformers decoder model, now hooked as the run's model is (or
@@ -343,7 +496,9 @@ class Meter:
             return False
 
     def _after_other(self, module, args, output):
-        if module.__dict__.get(_METERED):
+        if self._counted_modules and self._counted_modules[-1] is module:   # also after an exception
+            self._counted_modules.pop()
+        if module.__dict__.get(_METERED) or output is None:
             return
         cost = module_flops(module, args, output)
         if not cost:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tta.budget import TaskBudget, charge_forward, known_rows
+from tta.budget import TaskBudget, charge_forward, harness_products, known_rows
 from tta.model.attention import causal_attention, decode_attention, uses_sdpa
 from tta.model.batching import pad_batch
 from tta.model.cache import reserved_cache
@@ -171,7 +171,8 @@ class FastSteps:
 
     def read_prompts(self, ids, mask, positions, real_length, capacity) -> torch.Tensor:
         last = torch.tensor([n - 1 for n in real_length], device=self.device)
-        logits = self.decoder.read_prompts(ids, positions, last, capacity)
+        with harness_products():   # charged below by the formula
+            logits = self.decoder.read_prompts(ids, positions, last, capacity)
         self.prompt_lengths = list(real_length)
         charge_forward(self.model, sum(real_length), sum(n * (n + 1) // 2 for n in real_length),
                        head_tokens=len(real_length))
@@ -181,7 +182,8 @@ class FastSteps:
         self.decoder.repeat_rows(copies)
 
     def step(self, ids, positions, mask2d, active, past) -> torch.Tensor:
-        logits = self.decoder.step(ids, positions, mask2d)
+        with harness_products():
+            logits = self.decoder.step(ids, positions, mask2d)
         charge_forward(self.model, sum(active), sum((n + 1) * a for n, a in zip(past, active)))
         return logits
 
@@ -190,7 +192,8 @@ class FastSteps:
     def step_at(self, ids, positions, slots: list[int]) -> torch.Tensor:
         """One new token per row after the first `slots[r]` answer tokens of its prompt (a
         depth-first search's nodes, each row at its own depth)."""
-        logits = self.decoder.step_at(ids, positions, slots)
+        with harness_products():
+            logits = self.decoder.step_at(ids, positions, slots)
         charge_forward(self.model, len(slots), sum(n + s + 1 for n, s in zip(self.prompt_lengths, slots)))
         return logits
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tta.budget import TaskBudget
+from tta.budget import TaskBudget, harness_products
 from tta.model.encoding import Encoded
 from tta.model.loading import LoadedModel
 from tta.settings import setting
@@ -198,7 +198,13 @@ def merged(adapter):
     starting weights depended on the tasks its worker ran before, and a run with two workers was
     reproducible only up to near-ties.  The snapshot is kept in host memory, not on the
     accelerator: one copy of the targeted weights, as big as the model for an 8B LoRA on every
-    projection."""
+    projection.
+
+    The merge and unmerge products (B @ A per adapted layer) are not charged: they are how the
+    harness runs an adapter's decode at the base weights' price, and they cost little -- 3.7e8
+    FLOPs for the embedded model with the default LoRA (rank 32 on q, v and the MLP), 0.07% of
+    the default 5e11 cap (`python benchmarks/meter_overhead.py`, which measures it with a task's
+    meter watching bare products)."""
     can_merge = hasattr(adapter, "merge_adapter")
     if not can_merge:
         yield
@@ -207,7 +213,8 @@ def merged(adapter):
     was_trainable = [p.requires_grad for p in lora]
     targeted = [m.get_base_layer().weight for m in adapter.modules() if hasattr(m, "lora_A")]
     snapshot = [w.detach().to("cpu", copy=True) for w in targeted]
-    adapter.merge_adapter()
+    with harness_products():
+        adapter.merge_adapter()
     for p in lora:
         p.requires_grad_(False)   # the meter recounts its weights when the trainable set changes
     try:
@@ -215,7 +222,8 @@ def merged(adapter):
     finally:
         for p, trainable in zip(lora, was_trainable):
             p.requires_grad_(trainable)
-        adapter.unmerge_adapter()   # peft's bookkeeping of what is merged
+        with harness_products():
+            adapter.unmerge_adapter()   # peft's bookkeeping of what is merged
         with torch.no_grad():
             for w, saved in zip(targeted, snapshot):
                 w.copy_(saved)
