@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tta.budget import attention_context
-from tta.inference.decoding import crop_cache, decode_steps, grammar_constraint
+from tta.inference.decoding import crop_cache, decode_steps, grammar_constraint, outside_the_watch
 from tta.model.batching import pad_batch
 from tta.model.encoding import positions_of
 from tta.model.loading import cache_keyword, LoadedModel, autocast, autocast_weights, output_cache
@@ -147,8 +147,10 @@ def dfs_many(lm: LoadedModel, prompts: list[list[int]], budget=None, threshold: 
                     limit = min(max_new_tokens or fmt.max_answer_tokens(), lm.max_context - len(prompt))
                     if limit > 0:   # else nothing fits: an empty result
                         searches.append(_Search(prompt, limit, result))
-                if searches and not _search_batch(lm, steps, searches, budget, -math.log(threshold),
-                                                  max_forwards, keep_greedy):
+                with outside_the_watch(steps):
+                    stopped = searches and not _search_batch(lm, steps, searches, budget, -math.log(threshold),
+                                                             max_forwards, keep_greedy)
+                if stopped:
                     for result in results[start + per_batch:]:
                         result.stopped_by_budget = True
                     break
