@@ -173,7 +173,7 @@ def run_task(method: Method, lm: LoadedModel | None, task: Task, budget: Budget,
         meter.attach(lm.model)
     budget_view = meter.handle(lm.model if lm is not None else None)   # what the method sees
     try:
-        with meter.watching_other_work():   # a second model or a network of the method's own
+        with meter.watching_other_work():   # a second model, a network of its own, bare products
             return _solve_metered(method, lm, task, seed, meter, budget_view, timeout)
     except (Exception, TaskTimeout) as e:   # the record of a failed task keeps what the method spent before it failed
         with contextlib.suppress(AttributeError):   # an exception type that takes no attributes
