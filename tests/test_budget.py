@@ -686,3 +686,37 @@ def test_a_methods_own_module_of_bare_products_is_charged(lm):
         BareNetwork(None, lm).predict(flip_task(), None, 0)
     record = run_task(BareNetwork(None, lm), lm, flip_task(), Budget(), seed=0)
     assert record.error is None and record.flops == counter.get_total_flops() > 0
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")   # torch's vmap of its CPU attention kernel
+def test_work_vmapped_one_row_at_a_time_is_charged_as_the_same_rows_in_a_batch(lm):
+    """Inside `torch.func.vmap` a tensor shows one example's shape.  Fails if any count read from
+    shapes there (the decoder's tokens, the head, a counted module, a bare product) is not
+    multiplied by the batch: vmapping 4 rows then cost a quarter of running them as a batch."""
+    from torch.func import functional_call, grad, vmap
+    ids = torch.randint(3, 10, (4, 6))
+    x, w = torch.randn(8, 4, 32), torch.randn(32, 32)
+    linear = torch.nn.Linear(32, 32)
+    lm.model.requires_grad_(True)
+    params = {k: v.detach() for k, v in lm.model.named_parameters()}
+
+    def row_loss(p, row):
+        return functional_call(lm.model, p, (), {"input_ids": row[None], "labels": row[None]}).loss
+
+    pairs = {   # (as a batch, vmapped)
+        "forward": (lambda: lm.model(input_ids=ids), lambda: vmap(lambda row: lm.model(input_ids=row[None]).logits)(ids)),
+        "training step": (lambda: lm.model(input_ids=ids, labels=ids).loss.backward(),
+                          lambda: vmap(grad(row_loss), in_dims=(None, 0))(params, ids)),
+        "bare product": (lambda: x @ w, lambda: vmap(vmap(lambda r: r @ w))(x)),
+        "linear module": (lambda: linear(x), lambda: vmap(linear)(x)),
+    }
+    for name, (batched, vmapped) in pairs.items():
+        spent = []
+        for work in (batched, vmapped):
+            meter = Meter()
+            meter.attach(lm.model)
+            with meter.watching_other_work():
+                work()
+            meter.detach()
+            spent.append(meter.flops)
+        assert spent[0] == spent[1] > 0, name

@@ -12,7 +12,8 @@ train or eval mode alike.  A deep copy of the model keeps charging the task's me
 too (`Meter.watching_other_work`): a model the method builds from the weights or loads again
 is hooked on its first forward like the run's model, and a network of the method's own is
 charged at its linear, convolution and attention modules, and so are the matrix products it
-writes as bare tensor operations (`x @ w`, `F.linear`, `torch.einsum`).  The FLOP cap holds whether a method
+writes as bare tensor operations (`x @ w`, `F.linear`, `torch.einsum`); under `torch.func.vmap`
+every count covers the whole batch (`vmapped_copies`).  The FLOP cap holds whether a method
 asks or not: a forward whose decoder layers alone would take the spend past it raises
 `BudgetExceeded` before it runs.
 
@@ -149,6 +150,24 @@ class _Call:
     new_per_row: list[int] | None = None   # real new tokens per row, at the row's end (from `known_rows`)
 
 
+def vmapped_copies(tensor) -> int:
+    """How many examples `tensor` stands for under `torch.func.vmap`: inside a vmapped function a
+    tensor shows one example's shape, and every count read from shapes there must be multiplied
+    by the batch sizes of the vmap levels around it (1 outside vmap).  Without this, a forward of
+    4 rows vmapped one row at a time was charged a quarter of the same forward run as a batch."""
+    functorch = torch._C._functorch
+    copies = 1
+    try:
+        while isinstance(tensor, torch.Tensor) and functorch.is_functorch_wrapped_tensor(tensor):
+            inner = functorch.get_unwrapped(tensor)
+            if functorch.is_batchedtensor(tensor):
+                copies *= inner.shape[functorch.maybe_get_bdim(tensor)]
+            tensor = inner
+    except (RuntimeError, IndexError, AttributeError):   # a wrapper of another kind: counted as it shows
+        pass
+    return copies
+
+
 def known_rows(mask: torch.Tensor, new: list[int], past: list[int]) -> torch.Tensor:
     """Tell the meter a forward's real tokens so that it need not read `mask` back from the device
     (on a GPU every read is a host sync, and decoding would pay one per step): per row, the real
@@ -212,6 +231,10 @@ def module_flops(module: torch.nn.Module, args: tuple, output=None) -> float:
     given by position).  Anything else costs 0 here: element-wise work is not counted anywhere,
     and a container's products run in its own `Linear`s and are counted there."""
     x = args[0] if args else None
+    return _module_products(module, args, x, output) * vmapped_copies(x)
+
+
+def _module_products(module: torch.nn.Module, args: tuple, x, output) -> float:
     if isinstance(module, torch.nn.Linear) and isinstance(x, torch.Tensor):
         return 2.0 * module.in_features * module.out_features * (x.numel() // max(module.in_features, 1))
     if isinstance(module, torch.nn.modules.conv._ConvNd) and isinstance(output, torch.Tensor):
@@ -337,18 +360,19 @@ class _BareProductWatch(torch.overrides.TorchFunctionMode):
         if priced is None or meter._counted_modules or _harness_depth:
             return func(*args, **kwargs)
         price, grads = priced
+        operands = _operands(func, args, kwargs)
+        copies = max((vmapped_copies(x) for x in operands if isinstance(x, torch.Tensor)), default=1)
         try:
-            cost = price(*args, **kwargs) if price is not None else None
+            cost = price(*args, **kwargs) * copies if price is not None else None
         except (TypeError, IndexError, AttributeError):   # arguments by name, or not tensors
             cost = None
         if cost is not None:
             meter._refuse_bare(func, cost)   # before the work, as a module's forward is refused
             output = func(*args, **kwargs)
         else:   # known once it ran: the product after it is refused if this one spent the cap
-            output, cost = _run_counted(func, args, kwargs)
+            output, cost = _run_counted(func, args, kwargs)   # torch's counter sees vmap's whole batch
         meter._charge(cost)
         if isinstance(output, torch.Tensor) and output.requires_grad:
-            operands = _operands(func, args, kwargs)
             picked = operands if grads is None else [operands[i] for i in grads if i < len(operands)]
             learning = sum(isinstance(x, torch.Tensor) and x.requires_grad for x in picked)
             if func is torch.nn.functional.scaled_dot_product_attention:
@@ -573,6 +597,10 @@ class Meter:
         def on_decoder(module, args, kwargs):
             self._mark_parts(module, args)
             call = self._real_tokens(args, kwargs)
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            copies = vmapped_copies(ids if ids is not None else kwargs.get("inputs_embeds"))
+            if copies > 1:   # one example's call under torch.func.vmap: the others run with it
+                call = _Call(call.new_mask, call.tokens * copies, call.context * copies, call.new_per_row)
             self._payer()._refuse_past_cap(module, call, width)   # raises before the forward runs
             self._call = call
         return on_decoder
@@ -621,8 +649,9 @@ class Meter:
             if self._call is not None:
                 tokens, context = self._call.tokens, self._call.context
             else:   # a layer called outside its decoder: every position counts
-                tokens = hidden.shape[0] * hidden.shape[1]
-                context = hidden.shape[0] * attention_context(0, hidden.shape[1])
+                copies = vmapped_copies(hidden)
+                tokens = copies * hidden.shape[0] * hidden.shape[1]
+                context = copies * hidden.shape[0] * attention_context(0, hidden.shape[1])
             weights, trainable = self._recounted(layer, linear_weights)
             self._charge(2.0 * weights * tokens + attention_flops(1, width, context))
             out = output[0] if isinstance(output, tuple) else output
@@ -641,6 +670,7 @@ class Meter:
                 and output.shape[0] == call.new_mask.shape[0] and output.shape[1] <= call.new_mask.shape[1]):
             kept = output.shape[1]   # logits_to_keep: the head ran on the last `kept` positions
             tokens = int(call.new_mask[:, -kept:].sum())
+        tokens *= vmapped_copies(output)
         weights = head.weight.numel()
         self._charge(2.0 * weights * tokens)
         if output.requires_grad:
