@@ -631,15 +631,21 @@ def test_bare_causal_attention_is_charged_the_formulas_attention_term(lm):
 
 
 def test_a_bare_product_past_the_cap_is_refused_before_it_runs(lm):
+    """A matmul is priced from its shapes, a convolution and an einsum by torch's counter on meta
+    copies: each is refused before it runs, and the spend stays where it was."""
     meter = Meter(Budget(flops=1e6))
     meter.attach(lm.model)
-    a = torch.randn(64, 64)
+    a, image, kernel = torch.randn(64, 64), torch.randn(1, 16, 16, 16), torch.randn(16, 16, 3, 3)
+    refused = {"matmul": lambda: a @ a,   # 524,288 FLOPs each
+               "conv2d": lambda: torch.nn.functional.conv2d(image, kernel, padding=1),   # 1,179,648
+               "einsum": lambda: torch.einsum("ij,jk->ik", a, a)}
     with meter.watching_other_work():
-        a @ a   # 524,288 FLOPs
-        with pytest.raises(BudgetExceeded, match="a bare matmul costing 5.24e"):
-            a @ a
+        a @ a
+        for name, product in refused.items():
+            with pytest.raises(BudgetExceeded, match=f"a bare {name} costing"):
+                product()
     meter.detach()
-    assert meter.flops == 2 * 64 ** 3 and meter.refusals == 1
+    assert meter.flops == 2 * 64 ** 3 and meter.refusals == 3
 
 
 def test_the_harness_decoder_and_the_models_modules_are_not_charged_again_by_the_watch(lm):

@@ -277,11 +277,14 @@ def _sdpa_flops(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fals
     return 2.0 * heads * pairs * (query.shape[-1] + value.shape[-1])
 
 
+_ON_META = "on meta"   # in `_bare_products`: priced by torch's counter on shapes only (`_priced_on_meta`)
+
+
 def _bare_products():
-    """Function -> (its FLOPs from its arguments' shapes, before it runs, or None: counted as it
-    runs (`_run_counted`); the positions of the operands whose gradients a backward computes, each
-    at the forward's cost).  The shape rules read arguments as torch names or orders them; one
-    given otherwise is counted as it runs."""
+    """Function -> (its FLOPs from its arguments' shapes, before it runs; the positions of the
+    operands whose gradients a backward computes, each at the forward's cost, or None: all).  The
+    shape rules read arguments as torch names or orders them; a call they cannot read is counted
+    as it runs (`_run_counted`), and the product after it is refused if it spent the cap."""
     F, T = torch.nn.functional, torch.Tensor
     table = {}
     for f in (torch.matmul, T.matmul, T.__matmul__, torch.linalg.matmul, torch.mm, T.mm, torch.bmm, T.bmm,
@@ -296,7 +299,7 @@ def _bare_products():
     for f in (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d):   # each input value meets a kernel slice
         table[f] = (lambda input, weight, *_, **__: 2.0 * input.numel() * weight[0].numel(), (0, 1))
     for f in (F.conv1d, F.conv2d, F.conv3d, torch.einsum, torch.tensordot, torch.linalg.multi_dot):
-        table[f] = (None, None)   # priced as they run (`_run_counted`)
+        table[f] = (_ON_META, None)
     return table
 
 
@@ -333,10 +336,29 @@ def _operands(func, args, kwargs) -> list:
     return list(args) + list(kwargs.values())
 
 
+def _priced_on_meta(func, args, kwargs) -> float | None:
+    """FLOPs of a product whose price its output shape (a convolution) or its contraction path
+    (einsum, tensordot, multi_dot) decides: torch's own counter (`torch.utils.flop_counter`) run
+    on meta copies of its arguments, which carry shapes and do no work.  None if it cannot run
+    there."""
+    from torch.utils.flop_counter import FlopCounterMode   # heavy import, rarely needed
+
+    def meta(x):
+        if isinstance(x, torch.Tensor):
+            return torch.empty_like(x, device="meta")
+        return type(x)(meta(y) for y in x) if isinstance(x, (list, tuple)) else x
+    counter = FlopCounterMode(display=False)
+    try:
+        with counter:
+            func(*meta(args), **{k: meta(v) for k, v in kwargs.items()})
+    except Exception:   # an argument meta tensors cannot stand for: counted as it runs instead
+        return None
+    return float(counter.get_total_flops())
+
+
 def _run_counted(func, args, kwargs):
-    """Run a product whose price its output shape (a convolution) or its contraction path
-    (einsum, tensordot, multi_dot) decides, or whose arguments the shape rules above do not read
-    (given by name), under torch's own counter: (output, FLOPs)."""
+    """Run a product the rules above could not price beforehand under torch's own counter:
+    (output, FLOPs)."""
     from torch.utils.flop_counter import FlopCounterMode   # heavy import, rarely needed
     counter = FlopCounterMode(display=False)
     with counter:
@@ -362,15 +384,18 @@ class _BareProductWatch(torch.overrides.TorchFunctionMode):
         price, grads = priced
         operands = _operands(func, args, kwargs)
         copies = max((vmapped_copies(x) for x in operands if isinstance(x, torch.Tensor)), default=1)
-        try:
-            cost = price(*args, **kwargs) * copies if price is not None else None
-        except (TypeError, IndexError, AttributeError):   # arguments by name, or not tensors
-            cost = None
+        if price is _ON_META:   # under vmap, counted as it runs: torch's counter sees the whole batch
+            cost = _priced_on_meta(func, args, kwargs) if copies == 1 else None
+        else:
+            try:
+                cost = price(*args, **kwargs) * copies
+            except (TypeError, IndexError, AttributeError):   # arguments by name, or not tensors
+                cost = None
         if cost is not None:
             meter._refuse_bare(func, cost)   # before the work, as a module's forward is refused
             output = func(*args, **kwargs)
         else:   # known once it ran: the product after it is refused if this one spent the cap
-            output, cost = _run_counted(func, args, kwargs)   # torch's counter sees vmap's whole batch
+            output, cost = _run_counted(func, args, kwargs)
         meter._charge(cost)
         if isinstance(output, torch.Tensor) and output.requires_grad:
             picked = operands if grads is None else [operands[i] for i in grads if i < len(operands)]
@@ -475,7 +500,7 @@ class Meter:
         flows, backward; and a product outside every counted module (`x @ w`, `F.linear`,
         `torch.einsum`, `F.conv2d`, `F.scaled_dot_product_attention`, ...) is charged by a torch
         function mode (`_BareProductWatch`), refused like a module when its price, known from its
-        arguments, would pass the cap.
+        arguments' shapes, would pass the cap.
 
         Why module hooks and a torch function mode that prices a few products, rather than
         `torch.utils.flop_counter.FlopCounterMode`, which sees every operation: that mode runs
