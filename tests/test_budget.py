@@ -1,4 +1,6 @@
 """The harness's compute meter: what it charges, that nothing escapes it, and the budget handle."""
+import contextlib
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -16,11 +18,14 @@ def lm():
     return load_model("random:tiny", device="cpu")
 
 
-def charged(lm, work) -> float:
+def charged(lm, work, watched: bool = False) -> float:
+    """What `work` costs on a meter attached to the run's model; `watched`: with the watch on
+    other modules and bare products that a task runs under."""
     meter = Meter()
     meter.attach(lm.model)
     try:
-        work()
+        with meter.watching_other_work() if watched else contextlib.nullcontext():
+            work()
     finally:
         meter.detach()
     return meter.flops
@@ -501,12 +506,7 @@ def test_an_adapter_on_the_runs_model_or_on_a_rebuilt_one_is_charged_once(lm):
     unwatched = charged(lm, on_the_runs_model)
     assert unwatched > 0
     for work in (on_the_runs_model, on_a_rebuilt_model):
-        meter = Meter()
-        meter.attach(lm.model)
-        with meter.watching_other_work():
-            work()
-        meter.detach()
-        assert meter.flops == unwatched
+        assert charged(lm, work, watched=True) == unwatched
 
 
 class OwnNetwork(Method):
@@ -605,12 +605,7 @@ def test_bare_products_are_charged_what_torch_counts(lm, trained):
     backward for an operand that learns nothing."""
     with FlopCounterMode(display=False) as counter:
         bare_work(trained)
-    meter = Meter()
-    meter.attach(lm.model)
-    with meter.watching_other_work():
-        bare_work(trained)
-    meter.detach()
-    assert meter.flops == counter.get_total_flops() > 0
+    assert charged(lm, lambda: bare_work(trained), watched=True) == counter.get_total_flops() > 0
 
 
 def test_bare_causal_attention_is_charged_the_formulas_attention_term(lm):
@@ -659,13 +654,7 @@ def test_the_harness_decoder_and_the_models_modules_are_not_charged_again_by_the
         with torch.no_grad():
             lm.model(input_ids=ids)
 
-    unwatched = charged(lm, work)
-    meter = Meter()
-    meter.attach(lm.model)
-    with meter.watching_other_work():
-        work()
-    meter.detach()
-    assert meter.flops == unwatched > 0
+    assert charged(lm, work, watched=True) == charged(lm, work) > 0
 
 
 class BareNetwork(Method):
@@ -717,12 +706,4 @@ def test_work_vmapped_one_row_at_a_time_is_charged_as_the_same_rows_in_a_batch(l
         "linear module": (lambda: linear(x), lambda: vmap(linear)(x)),
     }
     for name, (batched, vmapped) in pairs.items():
-        spent = []
-        for work in (batched, vmapped):
-            meter = Meter()
-            meter.attach(lm.model)
-            with meter.watching_other_work():
-                work()
-            meter.detach()
-            spent.append(meter.flops)
-        assert spent[0] == spent[1] > 0, name
+        assert charged(lm, batched, watched=True) == charged(lm, vmapped, watched=True) > 0, name
