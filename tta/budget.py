@@ -293,8 +293,8 @@ def _bare_products():
     table[T.__rmatmul__] = (lambda b, a, *_, **__: _matmul_flops(a, b), (0, 1))
     for f in (torch.addmm, T.addmm, torch.baddbmm, T.baddbmm, torch.addbmm, T.addbmm, torch.addmv, T.addmv):
         table[f] = (lambda _, a, b, *__, **___: _matmul_flops(a, b), (1, 2))
-    table[F.linear] = (lambda input, weight, *_, **__: 2.0 * input.numel() * (weight.shape[0] if weight.dim() > 1 else 1),
-                       (0, 1))
+    outputs = lambda weight: weight.shape[0] if weight.dim() > 1 else 1   # noqa: E731
+    table[F.linear] = (lambda input, weight, *_, **__: 2.0 * input.numel() * outputs(weight), (0, 1))
     table[F.scaled_dot_product_attention] = (_sdpa_flops, (0, 1, 2))
     for f in (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d):   # each input value meets a kernel slice
         table[f] = (lambda input, weight, *_, **__: 2.0 * input.numel() * weight[0].numel(), (0, 1))
@@ -336,34 +336,27 @@ def _operands(func, args, kwargs) -> list:
     return list(args) + list(kwargs.values())
 
 
-def _priced_on_meta(func, args, kwargs) -> float | None:
-    """FLOPs of a product whose price its output shape (a convolution) or its contraction path
-    (einsum, tensordot, multi_dot) decides: torch's own counter (`torch.utils.flop_counter`) run
-    on meta copies of its arguments, which carry shapes and do no work.  None if it cannot run
-    there."""
-    from torch.utils.flop_counter import FlopCounterMode   # heavy import, rarely needed
-
-    def meta(x):
-        if isinstance(x, torch.Tensor):
-            return torch.empty_like(x, device="meta")
-        return type(x)(meta(y) for y in x) if isinstance(x, (list, tuple)) else x
-    counter = FlopCounterMode(display=False)
-    try:
-        with counter:
-            func(*meta(args), **{k: meta(v) for k, v in kwargs.items()})
-    except Exception:   # an argument meta tensors cannot stand for: counted as it runs instead
-        return None
-    return float(counter.get_total_flops())
-
-
 def _run_counted(func, args, kwargs):
-    """Run a product the rules above could not price beforehand under torch's own counter:
-    (output, FLOPs)."""
+    """Run `func` under torch's own counter (`torch.utils.flop_counter`): (output, FLOPs)."""
     from torch.utils.flop_counter import FlopCounterMode   # heavy import, rarely needed
     counter = FlopCounterMode(display=False)
     with counter:
         output = func(*args, **kwargs)
     return output, float(counter.get_total_flops())
+
+
+def _priced_on_meta(func, args, kwargs) -> float | None:
+    """FLOPs of a product whose price its output shape (a convolution) or its contraction path
+    (einsum, tensordot, multi_dot) decides: torch's counter run on meta copies of its arguments,
+    which carry shapes and do no work.  None if it cannot run there."""
+    def meta(x):
+        if isinstance(x, torch.Tensor):
+            return torch.empty_like(x, device="meta")
+        return type(x)(meta(y) for y in x) if isinstance(x, (list, tuple)) else x
+    try:
+        return _run_counted(func, meta(args), {k: meta(v) for k, v in kwargs.items()})[1]
+    except Exception:   # an argument meta tensors cannot stand for: counted as it runs instead
+        return None
 
 
 class _BareProductWatch(torch.overrides.TorchFunctionMode):
@@ -392,7 +385,7 @@ class _BareProductWatch(torch.overrides.TorchFunctionMode):
             except (TypeError, IndexError, AttributeError):   # arguments by name, or not tensors
                 cost = None
         if cost is not None:
-            meter._refuse_bare(func, cost)   # before the work, as a module's forward is refused
+            meter._refuse_past(cost, f"a bare {getattr(func, '__name__', func)}")   # before the work, as a module's is
             output = func(*args, **kwargs)
         else:   # known once it ran: the product after it is refused if this one spent the cap
             output, cost = _run_counted(func, args, kwargs)
@@ -535,9 +528,6 @@ class Meter:
         cost = module_flops(module, args)   # 0 for a convolution until it ran: refused once the cap is spent
         self._refuse_past(cost, f"a forward of {type(module).__name__}")
         self._counted_modules.append(module)
-
-    def _refuse_bare(self, func, cost: float) -> None:
-        self._refuse_past(cost, f"a bare {getattr(func, '__name__', func)}")
 
     def _refuse_past(self, cost: float, what: str) -> None:
         cap = self.budget.flops
