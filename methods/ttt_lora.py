@@ -33,13 +33,13 @@ import numpy as np
 from tta.training.examples import held_out_demonstration, leave_one_out_examples
 from tta.method import AdapterMethod, register, setting
 from tta.budget import TaskBudget
-from tta.inference.predict import (ViewSettings, configured_views_cost, predict_with_views, view_predictions_with,
-                                   vote_per_test)
+from tta.inference.predict import (RoomForViews, ViewSettings, predict_with_views, room_for_views,
+                                   view_predictions_with, vote_per_test)
 from tta.training.finetune import HeldOutCheck, LoRASettings, new_adapter, train_adapter
 
 
 @dataclass
-class TTTConfig(LoRASettings, ViewSettings):
+class TTTConfig(LoRASettings, ViewSettings, RoomForViews):
     max_examples: int = setting(250, "augmented leave-one-out examples per task (paper: 250)", at_least=1)
     augment_passes: int = setting(1, "passes over the task's (leave-out split, transform) pairs, each copy with fresh "
                                      "colours and demonstration order, while fewer than max_examples (the reference "
@@ -127,7 +127,7 @@ class TTTLoRA(AdapterMethod):
                                           shorten_to_fit=c.shorten_to_fit, passes=c.augment_passes)
         self.adapter = new_adapter(self.lm, c, seed)
         # Priced with the adapter attached: prediction runs through it.
-        training = budget.holding_back(configured_views_cost(self.lm, task, budget, c))
+        training = room_for_views(self.lm, task, budget, c)
         report = train_adapter(self.lm, [e.encoded for e in examples], training, c, seed, held_out)
         info = {"train_examples": len(examples), **report.as_dict()}
         if c.select_on_demo:

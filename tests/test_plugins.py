@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from tta.cli import main
 from tta.method import REGISTRY, MethodError, get_method, load_plugin
 from tta.run.runner import read_results
+from tta.run import time_limit
 from conftest import GOOD, write_task
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "plugins.md"
@@ -260,3 +261,32 @@ def test_a_timeout_with_ray_is_refused_in_one_line(tmp_path):
                     "--executor", "ray", "--out", tmp_path / "r", "--quiet")
     assert result.exit_code != 0 and "--task-timeout: Ray runs tasks" in result.output
     assert "Traceback" not in result.output
+
+
+def test_a_seconds_cap_stops_a_method_that_never_asks_by_default(tmp_path, monkeypatch):
+    """Without --task-timeout, a seconds cap brings its own limit (twice the cap plus a minute;
+    here the minute is taken out so the test is quick): a method looping past its cap fails that
+    task with one line instead of holding the run for ever."""
+    monkeypatch.setattr(time_limit, "GUARD_SLACK_SECONDS", 0)
+    bounded = "import time as clock\nSTART = clock.monotonic()\n" + HANGS.replace(   # 15 s, not for ever, should the guard fail
+        'while task.id.startswith("hang"):', 'while task.id.startswith("hang") and clock.monotonic() - START < 15:')
+    assert bounded.count("clock.monotonic()") == 2
+    (tmp_path / "hangs.py").write_text(bounded)
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    for name in ("hang", "ok"):
+        write_task(tasks / f"{name}.json", GOOD)
+    result = invoke("run", "--method", f"{tmp_path / 'hangs.py'}:Hangs", "--dataset", tasks, "--budget-seconds", 0.5,
+                    "--out", tmp_path / "r", "--quiet")
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    records = {r["task_id"]: r for r in read_results(tmp_path / "r" / "results.jsonl")}
+    assert records["hang"]["error"] == ("TaskTimeout: the task ran past its time limit of 1 s (2 x its 0.5-s cap + 0 s, "
+                                        "the default without --task-timeout)")
+    assert 1 <= records["hang"]["seconds"] < 5 and records["ok"]["error"] is None
+    assert json.loads((tmp_path / "r" / "manifest.json").read_text())["task_timeout"] == 1
+
+
+def test_the_seconds_cap_guard_yields_to_a_given_timeout_and_is_absent_without_a_seconds_cap():
+    assert time_limit.task_limit(7, 100) == (7, "--task-timeout of 7 s")
+    assert time_limit.task_limit(None, 30)[0] == 2 * 30 + time_limit.GUARD_SLACK_SECONDS
+    assert time_limit.task_limit(None, None) == (None, "")

@@ -232,6 +232,28 @@ def test_a_run_resumes_after_the_method_gains_a_setting_only_at_its_old_behaviou
             progress=False)
 
 
+def test_a_setting_whose_old_behaviour_depends_on_the_budget_resumes_only_where_it_reproduces_it(tmp_path):
+    """`views_seconds_share` changes nothing under a FLOP cap and keeps time under a seconds cap.
+    Fails if a ttt_lora run recorded before it existed resumes under a seconds cap at today's
+    default (its tasks would then split their time two ways), or is refused under a FLOP cap."""
+    import dataclasses
+    from methods.ttt_lora import TTTConfig
+    from tta.method import get_method, make_config
+    from tta.run.solve import check_resumable
+    cls = get_method("ttt_lora")
+    old_config = {k: v for k, v in dataclasses.asdict(make_config(cls, [])).items() if k != "views_seconds_share"}
+    for budget, resumes_at in (({"flops": 5e11, "seconds": None}, 0.5), ({"flops": None, "seconds": 30.0}, 0.0)):
+        recorded = {"method": "ttt_lora", "config": old_config, "budget": budget, "model": "default",
+                    "model_sha256": "x", "dataset": "arc1-eval", "task_ids": ["a"], "seed": 0}
+        for share in (0.0, 0.5):
+            today = {**recorded, "config": dataclasses.asdict(make_config(cls, [f"views_seconds_share={share}"]))}
+            if share == resumes_at:
+                check_resumable(recorded, today, tmp_path, TTTConfig)
+            else:
+                with pytest.raises(RunError, match=r"different config \(views_seconds_share\)"):
+                    check_resumable(recorded, today, tmp_path, TTTConfig)
+
+
 def test_floors_need_no_model_and_score_as_expected(tmp_path):
     d = tmp_path / "floors"
     d.mkdir()

@@ -1,3 +1,6 @@
+import math
+import time
+
 import pytest
 import numpy as np
 import torch
@@ -353,3 +356,76 @@ def test_augment_passes_tops_up_a_small_task_and_keeps_the_first_pass():
     same = leave_one_out_examples(task, fmt, rng_three, max_examples=10, passes=3)
     assert [e.encoded.input_ids for e in capped] == [e.encoded.input_ids for e in same]
     assert rng_one.integers(1 << 30) == rng_three.integers(1 << 30)
+
+
+def test_under_a_seconds_cap_the_schedule_is_laid_over_the_steps_the_time_pays_for(monkeypatch):
+    """A seconds cap cannot price steps beforehand: an early step is timed and the cosine laid
+    over the steps the phase's seconds then pay for.  Fails if the schedule stays laid over the
+    wanted steps (training then ends near its peak learning rate, as it did: a 5-s cap ran 8 of
+    250 planned steps) or if the re-plan ignores the time this phase keeps for later."""
+    from tta.training import finetune
+    lm = load_model("random:tiny", device="cpu")
+    examples = [e.encoded for e in leave_one_out_examples(flip_task(), lm.format, np.random.default_rng(0), 24)]
+    tokens_per_second = 2000.0   # a scripted speed: each step sleeps for its tokens
+    lrs = []
+
+    def scripted_step(model, optimizer, batch, schedule):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        time.sleep(int(batch[1].sum()) / tokens_per_second)   # (ids, mask, positions, labels)
+        optimizer.step()
+        schedule.step()
+        return torch.tensor(0.0)
+
+    monkeypatch.setattr(finetune, "training_step", scripted_step)
+    adapter = finetune.attach_lora(lm, 4, 8, ["q_proj", "v_proj"])
+    try:
+        meter = Meter(Budget(seconds=2.0))
+        budget = meter.handle(lm.model).holding_back(share_of_rest=0.5)   # ~1 s for training
+        report = finetune.train(lm, examples, budget, lr=1e-3, epochs=10, batch_size=2)
+    finally:
+        finetune.detach_lora(lm, adapter)
+    seconds_per_step = sum(len(e) for e in examples) / len(examples) * 2 / tokens_per_second
+    assert report.wanted_steps == 120
+    assert 0.5 / seconds_per_step < report.planned_steps < 1.1 / seconds_per_step + 1
+    assert report.steps >= report.planned_steps - 1   # the clock may stop the last step on a loaded machine
+    n, warmup = report.planned_steps, math.ceil(0.1 * report.planned_steps)
+    expected = [1e-3 * (k / warmup if k < warmup else 0.5 * (1 + math.cos(math.pi * (k - warmup) / (n - warmup))))
+                for k in range(n)]
+    assert lrs[0] == 0 and lrs[2:] == pytest.approx(expected[2:len(lrs)], abs=1e-9)   # re-planned after 2 steps
+    assert lrs[-1] < 0.1 * 1e-3   # the cosine ran its course
+
+
+def test_holding_back_a_share_of_the_seconds_left_nests():
+    """`share_of_rest` keeps a share of the phase's remaining seconds: a member's half of the
+    task, then half of that for its views, leaves its training a quarter of the cap."""
+    meter = Meter(Budget(seconds=100.0))
+    meter._started = time.perf_counter() - 20   # 20 s spent
+    budget = meter.handle()
+    assert budget.seconds_left() == pytest.approx(80, abs=0.5)
+    member = budget.holding_back(share=0.5)   # ends at 50 s
+    training = member.holding_back(share_of_rest=0.5)   # ends half-way from 20 s to 50 s
+    assert member.seconds_left() == pytest.approx(30, abs=0.5)
+    assert training.seconds_left() == pytest.approx(15, abs=0.5)
+    assert meter.handle().holding_back(share_of_rest=1.0).seconds_left() == pytest.approx(0, abs=0.5)
+    assert Meter(Budget(flops=1e9)).handle().holding_back(share_of_rest=0.5).seconds_left() == float("inf")
+
+
+def test_under_a_seconds_cap_ttt_keeps_half_the_time_for_its_views():
+    """Fails if training runs to the seconds cap: ttt_lora at --budget-seconds 30 trained until
+    the cap and decoded no valid answer on 4 of 4 development tasks."""
+    lm = load_model("random:tiny", device="cpu")
+    method = TTTLoRA(TTTConfig(max_examples=24, rank=4, alpha=8, epochs=200, max_views=64), lm)
+    cap = 3.0
+    meter = Meter(Budget(seconds=cap))
+    meter.attach(lm.model)
+    budget = meter.handle(lm.model)
+    try:
+        record = method.adapt(flip_task(), budget, seed=0)
+        trained_for = meter.seconds
+        _, info = method.predict(flip_task(), budget, seed=0)
+        method.reset()
+    finally:
+        meter.detach()
+    assert record["planned_steps"] < record["wanted_steps"] == 2400
+    assert cap * 0.3 < trained_for < cap * 0.5 + 0.5
+    assert info["views"] > info["configured_views"] == 12   # the rest of the time bought more views

@@ -802,10 +802,22 @@ class TaskBudget:
     def exhausted(self) -> bool:
         return not self.can_afford(0.0) or self.remaining() <= 0
 
-    def holding_back(self, flops: float = 0.0, share: float = 0.0) -> "TaskBudget":
+    def holding_back(self, flops: float = 0.0, share: float = 0.0, share_of_rest: float = 0.0) -> "TaskBudget":
         """The same budget for a phase that must leave `flops` FLOPs (and `share` of a seconds
-        cap) to the phases after it.  Charging is untouched: this only makes the phase stop earlier."""
-        return TaskBudget(self._meter, self._model, self._keep_flops + flops, max(self._keep_share, share))
+        cap, or `share_of_rest` of the seconds this phase has left now) to the phases after it.
+        Charging is untouched: this only makes the phase stop earlier."""
+        keep_share = max(self._keep_share, share)
+        cap = self.cap.seconds
+        if cap and share_of_rest:   # the phase's end, as a share of the cap, moved toward now
+            end = (1 - keep_share) * cap
+            stop = min(end, self.seconds + max(0.0, end - self.seconds) * (1 - share_of_rest))
+            keep_share = 1 - stop / cap
+        return TaskBudget(self._meter, self._model, self._keep_flops + flops, keep_share)
+
+    def seconds_left(self) -> float:
+        """Wall seconds this phase may still run (inf without a seconds cap)."""
+        cap = self.cap.seconds
+        return float("inf") if cap is None else (1 - self._keep_share) * cap - self.seconds
 
     def charge(self, flops: float) -> None:
         """Add compute that does not run through the model (never negative)."""

@@ -18,7 +18,8 @@ def setting(default, help: str, before=_NONE, at_least=None, at_most=None):
     `before`, for a setting added after runs were recorded: the value that reproduces what the
     method did before the setting existed.  A run directory whose config lacks the setting is
     read as having that value, so it can still be resumed when the value matches (see
-    `as_recorded_now`)."""
+    `as_recorded_now`).  A setting whose effect depends on the run's budget may give a function
+    of the recorded budget (`{"flops": ..., "seconds": ...}`) instead."""
     metadata = {"help": help}
     if before is not _NONE:
         metadata["before"] = before
@@ -31,10 +32,11 @@ def setting(default, help: str, before=_NONE, at_least=None, at_most=None):
     return dataclasses.field(default=default, metadata=metadata)
 
 
-def as_recorded_now(config_cls, recorded: dict) -> dict:
-    """A config recorded by an earlier version of the method, with every setting added since
-    that declares a `before` value filled in with it (what the method then did)."""
-    added = {f.name: f.metadata["before"] for f in dataclasses.fields(config_cls)
+def as_recorded_now(config_cls, recorded: dict, budget: dict | None = None) -> dict:
+    """A config recorded by an earlier version of the method, under `budget`, with every setting
+    added since that declares a `before` value filled in with it (what the method then did)."""
+    before = lambda f: f.metadata["before"](budget or {}) if callable(f.metadata["before"]) else f.metadata["before"]
+    added = {f.name: before(f) for f in dataclasses.fields(config_cls)
              if "before" in f.metadata and f.name not in recorded}
     return {**recorded, **added}
 

@@ -38,13 +38,13 @@ import methods.less.gradients as gradients
 from tta.data.contamination import ContaminationError, describe_hits, fingerprint, overlap, to_drop
 from tta.training.examples import leave_one_out_examples
 from tta.method import AdapterMethod, MethodError, register, setting
-from tta.inference.predict import ViewSettings, configured_views_cost, predict_with_views
+from tta.inference.predict import RoomForViews, ViewSettings, predict_with_views, room_for_views
 from tta.data.datasets import load_dataset
 from tta.training.finetune import LoRASettings, new_adapter, train_adapter
 
 
 @dataclass
-class LESSConfig(LoRASettings, ViewSettings):
+class LESSConfig(LoRASettings, ViewSettings, RoomForViews):
     # ---- the pool
     pool: str = setting("arc1-train", "dataset the pool is drawn from (never the evaluated one), e.g. gen-train")
     pool_tasks: int = setting(100, "pool tasks, a seeded random subset (0 = all; paper: the whole pool; 100 keeps the CPU build to minutes)", at_least=0)
@@ -161,7 +161,7 @@ class LESS(AdapterMethod):
         c, lm, store = self.config, self.lm, self.store
         rng = np.random.default_rng(seed)
         # Priced with the adapter's rank: prediction runs through the adapter trained below.
-        after_selection = budget.holding_back(configured_views_cost(lm, task, budget, c))
+        after_selection = room_for_views(lm, task, budget, c)
 
         # 1. target gradients and scores (charged: metered forwards+backwards), within the budget
         started = time.perf_counter()
@@ -187,7 +187,7 @@ class LESS(AdapterMethod):
             data += [e.encoded for e in own_examples]
             own = len(own_examples)
         self.adapter = new_adapter(lm, c, seed)
-        report = train_adapter(lm, data, budget.holding_back(configured_views_cost(lm, task, budget, c)), c, seed)
+        report = train_adapter(lm, data, room_for_views(lm, task, budget, c), c, seed)
         picks = [{"task_id": store.examples[i]["task_id"], "augmentation": store.examples[i]["augmentation"],
                   "held_out": store.examples[i]["held_out"], "index": i, "score": round(float(scores[i]), 6)}
                  for i in selected]

@@ -23,6 +23,7 @@ from pathlib import Path
 from tta.data.datasets import Dataset
 from tta.run.record import (append_record, atomic_write_json, read_records, read_results,  # noqa: F401  (read_results: for callers)
                             rewrite_records, submission)
+from tta.run.time_limit import task_limit
 from tta.run.solve import (IDENTITY_KEYS, RunError, RunSpec, TaskRunner, config_hash, git_commit,  # noqa: F401
                            package_versions, prepare)
 
@@ -129,6 +130,8 @@ def _run(spec, progress, executor, ray_address, log, cls, config, dataset, out, 
             raise RunError("--task-timeout: Ray runs tasks outside a process's main thread, where no timer signal "
                            "reaches; use the local executor (with --workers)")
         session["task_timeout"] = spec.task_timeout
+    elif spec.budget.seconds and executor != "ray":   # the default guard of a seconds cap (tta.run.time_limit)
+        session["task_timeout"] = task_limit(None, spec.budget.seconds)[0]
     if workers is not None and workers < 1:
         raise RunError(f"--workers {workers}: expected at least 1")
     manifest.update({"executor": executor, "finished": None})
@@ -355,7 +358,7 @@ def _setting_differences(base: dict, rerun: dict) -> dict:
         from tta.settings import as_recorded_now
         load_plugins(base.get("plugins") or [])
         config_cls = get_method(base["method"]).Config
-        configs = [as_recorded_now(config_cls, c) for c in configs]
+        configs = [as_recorded_now(config_cls, c, m.get("budget")) for c, m in zip(configs, (base, rerun))]
     except Exception:   # a method that no longer loads: compare the configs as recorded
         pass
     old, new = configs

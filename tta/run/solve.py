@@ -31,7 +31,7 @@ from tta.data.tasks import Task, grid_to_list, without_answers
 from tta.data.datasets import Dataset, load_dataset, select
 from tta.run.contract import checked_attempts, json_record, predict_result
 from tta.run.record import TaskRecord, task_size
-from tta.run.time_limit import TaskTimeout, time_limit
+from tta.run.time_limit import TaskTimeout, task_limit, time_limit
 
 
 class RunError(ValueError):
@@ -66,7 +66,8 @@ class RunSpec:
     plugins: list[str] = field(default_factory=list)   # files or modules imported first (their @register methods)
     retry_failed: bool = False   # rerun the tasks whose record holds an error, replacing those records
     label: str | None = None   # what reports call this run's method (a variant, e.g. ttt_lora-lr3e-3); default: its name
-    task_timeout: float | None = None   # wall seconds after which a task is stopped and fails (tta.run.time_limit)
+    task_timeout: float | None = None   # wall seconds after which a task is stopped and fails (tta.run.time_limit;
+                                        # under a seconds cap, by default twice the cap plus 60 s)
 
 
 
@@ -107,7 +108,7 @@ def check_resumable(existing: dict, new: dict, out: Path, config_cls=None) -> No
     added to the method since the run was recorded counts as unchanged when the new run uses
     the value that reproduces the old behaviour (its `before`, `tta.settings.setting`)."""
     if config_cls is not None and isinstance(existing.get("config"), dict):
-        existing = {**existing, "config": as_recorded_now(config_cls, existing["config"])}
+        existing = {**existing, "config": as_recorded_now(config_cls, existing["config"], existing.get("budget"))}
     for key in IDENTITY_KEYS:
         if existing.get(key) != new[key]:
             detail = key
@@ -164,7 +165,7 @@ def true_answer_scores(lm: LoadedModel, task: Task) -> list:
 
 
 def run_task(method: Method, lm: LoadedModel | None, task: Task, budget: Budget, seed: int,
-             on_progress=None, timeout: float | None = None) -> TaskRecord:
+             on_progress=None, timeout: float | None = None, timeout_name: str | None = None) -> TaskRecord:
     seed = task_seed(seed, task.id)
     seed_everything(seed)
     reset_peak_memory()
@@ -174,7 +175,7 @@ def run_task(method: Method, lm: LoadedModel | None, task: Task, budget: Budget,
     budget_view = meter.handle(lm.model if lm is not None else None)   # what the method sees
     try:
         with meter.watching_other_work():   # a second model, a network of its own, bare products
-            return _solve_metered(method, lm, task, seed, meter, budget_view, timeout)
+            return _solve_metered(method, lm, task, seed, meter, budget_view, timeout, timeout_name)
     except (Exception, TaskTimeout) as e:   # the record of a failed task keeps what the method spent before it failed
         with contextlib.suppress(AttributeError):   # an exception type that takes no attributes
             e.tta_spent = meter.summary()
@@ -182,10 +183,10 @@ def run_task(method: Method, lm: LoadedModel | None, task: Task, budget: Budget,
 
 
 def _solve_metered(method: Method, lm: LoadedModel | None, task: Task, seed: int, meter: Meter, budget_view,
-                   timeout: float | None = None) -> TaskRecord:
+                   timeout: float | None = None, timeout_name: str | None = None) -> TaskRecord:
     try:
         visible = without_answers(task)   # the method never sees the test outputs
-        with time_limit(timeout):   # the method's work only: `reset` below always runs whole
+        with time_limit(timeout, timeout_name):   # the method's work only: `reset` below always runs whole
             adapt_info = json_record(method.adapt(visible, budget_view, seed), "adapt's record")
             attempts, predict_info = predict_result(method.predict(visible, budget_view, seed))
         attempts = checked_attempts(attempts, len(task.test))
@@ -326,7 +327,7 @@ class TaskRunner:
             return TaskRecord.failed_task(task_id, self.name, self.dataset.failures[task_id])
         try:
             return run_task(self.method, self.lm, task, self.spec.budget, self.spec.seed, self.on_progress,
-                            self.spec.task_timeout)
+                            *task_limit(self.spec.task_timeout, self.spec.budget.seconds))
         except (Exception, TaskTimeout) as e:  # one task's failure (bad data, NaN loss, out of memory, time) never ends the run
             return TaskRecord.failed_task(task_id, self.name, one_line(e), len(task.test), task=task,
                                           spent=getattr(e, "tta_spent", None))
