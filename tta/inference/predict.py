@@ -32,10 +32,11 @@ def _kept_before_the_setting(budget: dict) -> float:
 class RoomForViews:
     """What a method that adapts before it predicts (`room_for_views`) keeps for the prediction."""
     # Under a FLOP cap the configured views are priced and kept; their time cannot be priced so.
-    # Measured (ttt_lora at 5e11 FLOPs, the first 4 arc1-heldout tasks): prediction took 22%, 35%,
-    # 60% and 88% of a task's seconds, by its prompts' lengths; 0.5 is about their median.  Before
-    # this setting a seconds cap kept no time: ttt_lora at --budget-seconds 5 trained until the
-    # cap and then decoded no valid answer on 3 of 3 tasks.
+    # Measured (`python benchmarks/phase_seconds.py`: ttt_lora at 5e11 FLOPs, the first 4
+    # arc1-heldout tasks): prediction took 22%, 38%, 59% and 87% of a task's seconds, by its
+    # prompts' lengths; 0.5 is about their median.  Before this setting a seconds cap kept no
+    # time: ttt_lora at --budget-seconds 30 trained until the cap and then decoded no valid answer
+    # on 4 of 4 of those tasks (benchmarks/results/seconds_cap/).
     views_seconds_share: float = setting(0.5, "under a seconds cap (--budget-seconds): the share of the seconds left "
                                               "that adaptation keeps for prediction (a FLOP cap keeps the configured "
                                               "views' FLOPs instead); not in the paper, which has no seconds cap",
