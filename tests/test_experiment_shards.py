@@ -1,4 +1,5 @@
 import json
+import re
 import shutil
 
 import pytest
@@ -45,6 +46,27 @@ def test_bad_experiment_files(tmp_path):
     (tmp_path / "d.toml").write_text('dataset = "gen-eval"\ntask_timeout = "soon"\n[methods.icl]\n')
     with pytest.raises(RunError, match="d.toml: task_timeout must be a positive number of seconds, not 'soon'"):
         run_experiment(tmp_path / "d.toml", tmp_path, tmp_path)
+
+
+@pytest.mark.parametrize("line, says", [
+    ("budget_seconds = [-1]", 'budget_seconds must be positive numbers of seconds or "none", not -1'),
+    ('budget_seconds = ["soon"]', "budget_seconds must be positive numbers of seconds or \"none\", not 'soon'"),
+    ("budgets = [0]", 'budgets must be positive numbers of FLOPs or "none", not 0'),
+    ("budgets = 1e12", "budgets must be a list, e.g. budgets = [1e12], not 1000000000000.0"),
+    ("budgets = [1e12]\nbudget_seconds = [30]", "budgets (FLOPs) and budget_seconds are two kinds of cap"),
+    ('seeds = "0"', "seeds must be a list of whole numbers, e.g. seeds = [0, 1], not '0'"),
+    ('limit = "5"', "limit must be a whole number of tasks, at least 1, not '5'"),
+    ('tasks = "00576224"', "tasks must be a list of task ids"),
+    ("model = 3", "model must be a string, not 3"),
+])
+def test_a_plan_value_of_the_wrong_kind_is_one_line_before_any_cell_runs(tmp_path, line, says):
+    """Fails if a bad value reaches the cells: `budget_seconds = [-1]` ran every cell with each
+    task refused at once, and a plan giving both kinds of cap silently dropped its FLOPs."""
+    plan = tmp_path / "p.toml"
+    plan.write_text(f'dataset = "gen-eval"\n{line}\n[methods.copy_input]\n')
+    with pytest.raises(RunError, match=re.escape(f"{plan}: {says}")):
+        run_experiment(plan, tmp_path / "runs", tmp_path)
+    assert not (tmp_path / "runs").exists()
 
 
 def test_an_experiments_task_timeout_reaches_every_cell(tmp_path):

@@ -52,14 +52,48 @@ class Cell:
 
 
 def _budgets(plan: dict, where: str) -> list[Budget]:
-    if "budget_seconds" in plan:
-        return [Budget(seconds=None if b == "none" else float(b)) for b in plan["budget_seconds"]]
+    """The plan's caps: `budgets` (FLOPs) or `budget_seconds`, each a list of positive numbers or
+    "none".  Before these checks, `budget_seconds = [-1]` ran every cell with each task refused at
+    once (200 tasks scored 0 in 10 s), and a plan giving both kinds silently dropped its FLOPs."""
+    if "budgets" in plan and "budget_seconds" in plan:
+        raise RunError(f"{where}: budgets (FLOPs) and budget_seconds are two kinds of cap; give one of them")
+    key, unit = ("budget_seconds", "seconds") if "budget_seconds" in plan else ("budgets", "FLOPs")
+    values = plan.get(key, [DEFAULT_FLOPS])
+    if not isinstance(values, list) or not values:
+        raise RunError(f"{where}: {key} must be a list, e.g. {key} = [{'30' if unit == 'seconds' else '1e12'}], "
+                       f"not {values!r}")
     budgets = []
-    for b in plan.get("budgets", [DEFAULT_FLOPS]):
-        if b != "none" and not isinstance(b, (int, float)):
-            raise RunError(f"{where}: budgets must be numbers of FLOPs or \"none\", not {b!r}")
-        budgets.append(Budget(flops=None if b == "none" else float(b)))
+    for b in values:
+        if b != "none" and not _positive_number(b):
+            raise RunError(f"{where}: {key} must be positive numbers of {unit} or \"none\", not {b!r}")
+        cap = None if b == "none" else float(b)
+        budgets.append(Budget(seconds=cap) if unit == "seconds" else Budget(flops=cap))
     return budgets
+
+
+def _positive_number(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < value < float("inf")
+
+
+def _check_values(plan: dict, where: str) -> None:
+    """Each of the plan's keys holds the kind of value it takes (one-line RunError), so a typo in
+    a value costs nothing and does not surface part-way through the grid as a traceback."""
+    for key in ("name", "dataset", "model", "baseline"):
+        if key in plan and not (isinstance(plan[key], str) and plan[key]):
+            raise RunError(f"{where}: {key} must be a string, not {plan[key]!r}")
+    for key in ("limit", "sample"):
+        if key in plan and (isinstance(plan[key], bool) or not isinstance(plan[key], int) or plan[key] < 1):
+            raise RunError(f"{where}: {key} must be a whole number of tasks, at least 1, not {plan[key]!r}")
+    tasks = plan.get("tasks")
+    if tasks is not None and not (isinstance(tasks, list) and tasks and all(isinstance(t, str) for t in tasks)):
+        raise RunError(f"{where}: tasks must be a list of task ids, e.g. tasks = [\"00576224\"], not {tasks!r}")
+    seeds = plan.get("seeds", [0])
+    if not (isinstance(seeds, list) and seeds and all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)):
+        raise RunError(f"{where}: seeds must be a list of whole numbers, e.g. seeds = [0, 1], not {seeds!r}")
+    _budgets(plan, where)
+    timeout = plan.get("task_timeout")
+    if timeout is not None and not _positive_number(timeout):
+        raise RunError(f"{where}: task_timeout must be a positive number of seconds, not {timeout!r}")
 
 
 PLAN_KEYS = {"name", "dataset", "limit", "sample", "tasks", "model", "seeds", "budgets", "budget_seconds",
@@ -109,10 +143,9 @@ def _method_settings_label(name: str, table: dict) -> tuple[str, dict, str | Non
 
 
 def validate(plan: dict, where: str) -> None:
-    """Every method named and every setting typed before any cell runs (one-line RunError)."""
-    timeout = plan.get("task_timeout")
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
-        raise RunError(f"{where}: task_timeout must be a positive number of seconds, not {timeout!r}")
+    """The plan's values, every method named and every setting typed, before any cell runs
+    (one-line RunError)."""
+    _check_values(plan, where)
     for name, table in plan["methods"].items():
         if not isinstance(table, dict):
             raise RunError(f"{where}: methods.{name} must be a table ([methods.{name}])")
