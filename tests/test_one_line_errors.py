@@ -193,6 +193,13 @@ def test_report_on_an_unfinished_run_lists_tasks_not_run_and_prints_no_warning(t
     assert "2 task(s) not run" in failed_section and "b, c" in failed_section
 
 
+def test_an_out_that_is_a_file_is_one_line_and_the_file_stays(tasks_dir):
+    (tasks_dir.parent / "notes.txt").write_text("mine")
+    assert_one_line(invoke("run", "--method", "copy_input", "--dataset", tasks_dir, "--out", "notes.txt", "--quiet"),
+                    "notes.txt: is a file; --out names the run's directory")
+    assert (tasks_dir.parent / "notes.txt").read_text() == "mine"
+
+
 def test_select_on_demo_without_checks_is_one_line(tasks_dir):
     """Fails if checks=0 reaches training, where spreading no scorings over the steps divides by
     zero in the middle of a run (every task would fail with a Python error instead)."""

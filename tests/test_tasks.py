@@ -125,6 +125,8 @@ def test_select_by_ids_and_limit():
     d = load_dataset("arc1-eval")
     assert select(d, limit=3).ids == d.ids[:3]
     assert select(d, task_ids=[d.ids[5], d.ids[1]]).ids == [d.ids[5], d.ids[1]]
+    # an id named twice is one task: a run ran it twice, then stopped on its own duplicate record
+    assert select(d, task_ids=[d.ids[5], d.ids[1], d.ids[5]]).ids == [d.ids[5], d.ids[1]]
     with pytest.raises(TaskError, match="no task with id"):
         select(d, task_ids=["nope"])
 

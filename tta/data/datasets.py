@@ -153,7 +153,7 @@ def select(dataset: Dataset, task_ids: list[str] | None = None, limit: int | Non
         unknown = [i for i in task_ids if i not in by_id and i not in dataset.failures]
         if unknown:
             raise TaskError(f"{dataset.name}: no task with id {', '.join(unknown)}")
-        ids = list(task_ids)
+        ids = list(dict.fromkeys(task_ids))   # an id named twice is one task (a run records each task once)
     if sample is not None and sample < len(ids):
         ids = [ids[i * len(ids) // sample] for i in range(sample)]
     if limit is not None:

@@ -248,6 +248,8 @@ def prepare(spec: RunSpec):
     if not dataset.ids:
         raise RunError(f"{spec.dataset}: no tasks selected")
     out = Path(spec.out or default_out(cls.name, spec.dataset))
+    if out.exists() and not out.is_dir():
+        raise RunError(f"{out}: is a file; --out names the run's directory")
     manifest = {"method": cls.name, "config": dataclasses.asdict(config), "model": spec.model,
                 "model_sha256": weights_sha256(spec.model), "dataset": spec.dataset, "task_ids": dataset.ids, "budget": spec.budget.as_dict(),
                 "seed": spec.seed}
