@@ -58,6 +58,7 @@ def test_bad_experiment_files(tmp_path):
     ('limit = "5"', "limit must be a whole number of tasks, at least 1, not '5'"),
     ('tasks = "00576224"', "tasks must be a list of task ids"),
     ("model = 3", "model must be a string, not 3"),
+    ('baseline = "icll"', "baseline 'icll' is none of the plan's methods (copy_input)"),
 ])
 def test_a_plan_value_of_the_wrong_kind_is_one_line_before_any_cell_runs(tmp_path, line, says):
     """Fails if a bad value reaches the cells: `budget_seconds = [-1]` ran every cell with each

@@ -197,6 +197,17 @@ def test_paired_table_known_answers(three_runs):
     assert paired_table(load_runs(three_runs), baseline="sampling")["baseline"].tolist() == ["icl", "icl"]
 
 
+def test_a_baseline_the_user_names_must_name_a_run_or_a_method(tmp_path, three_runs):
+    """Fails if `tta compare --baseline sampling` (a typo, or a method none of the runs ran)
+    quietly compares with the first run, as it did; the default falls back as before."""
+    with pytest.raises(ReportError, match=r"--baseline sampling: no run and no method of these runs has that name "
+                                          r"\(methods: icl, less, ttt_lora"):
+        write_report(three_runs, tmp_path / "typo.md", baseline="sampling", baseline_given=True)
+    assert not (tmp_path / "typo.md").exists()
+    assert "baseline: method `icl`" in write_report(three_runs, tmp_path / "r.md", baseline="icl",
+                                                    baseline_given=True).read_text()
+
+
 def test_a_run_as_baseline_compares_two_settings_of_one_method(tmp_path):
     """Fails if `--baseline RUN` is read as a method name (then two runs of one method have
     nothing to compare), or if the paired NLL difference is missing or has the wrong sign."""

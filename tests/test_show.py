@@ -54,3 +54,7 @@ def test_show_refuses_what_it_cannot_draw(tmp_path):
     other = fake_run(tmp_path, "other", "gen-eval", [[None, None]])
     with pytest.raises(ShowError, match="different datasets"):
         show_runs([run, other], ["t"], tmp_path / "pics")
+    (tmp_path / "notes.txt").write_text("mine")   # --out naming a file: one line, the file kept (was FileExistsError)
+    with pytest.raises(ShowError, match="notes.txt: is a file; --out names the folder for the pictures"):
+        show_runs([run], ["t"], tmp_path / "notes.txt")
+    assert (tmp_path / "notes.txt").read_text() == "mine"

@@ -223,9 +223,9 @@ def _summary_line(records, aggregate) -> str:
 
 @main.command()
 @click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--baseline", default="icl", show_default=True,
-              help="method the others are compared with, or one run (its directory, or its name when that is no "
-                   "method's): every other run, of any method, is compared with it")
+@click.option("--baseline", help="method the others are compared with, or one run (its directory, or its name when "
+                                "that is no method's): every other run, of any method, is compared with it "
+                                "[default: icl, else the first run]")
 @click.option("--out", type=click.Path(path_type=Path), help="report path (default reports/compare-RUNS.md)")
 @click.option("--allow-mismatch", is_flag=True, help="compare runs over different tasks/models/budgets, saying so")
 def compare(runs, baseline, out, allow_mismatch):
@@ -233,7 +233,8 @@ def compare(runs, baseline, out, allow_mismatch):
     from tta.reporting.report import write_report
 
     out = out or Path("reports") / ("compare-" + "-vs-".join(Path(r).name for r in runs)[:120] + ".md")
-    path = write_report(list(runs), out, baseline=baseline, allow_mismatch=allow_mismatch, command=_command_line())
+    path = write_report(list(runs), out, baseline=baseline or "icl", allow_mismatch=allow_mismatch,
+                        command=_command_line(), baseline_given=baseline is not None)
     click.echo(f"report written to {path}")
 
 

@@ -146,6 +146,9 @@ def validate(plan: dict, where: str) -> None:
     """The plan's values, every method named and every setting typed, before any cell runs
     (one-line RunError)."""
     _check_values(plan, where)
+    named = set(plan["methods"]) | {t["method"] for t in plan["methods"].values() if isinstance(t, dict) and "method" in t}
+    if "baseline" in plan and plan["baseline"] not in named:   # found now, not after the grid has run
+        raise RunError(f"{where}: baseline {plan['baseline']!r} is none of the plan's methods ({', '.join(sorted(named))})")
     for name, table in plan["methods"].items():
         if not isinstance(table, dict):
             raise RunError(f"{where}: methods.{name} must be a table ([methods.{name}])")
@@ -197,4 +200,5 @@ def run_experiment(path: Path, runs_root: Path = Path("runs"), reports_root: Pat
     directories = [cell.directory(root) for cell in grid]
     several_budgets = len(_budgets(plan, str(path))) > 1
     return write_report(directories, reports_root / f"{plan['name']}.md", baseline=plan.get("baseline", "icl"),
-                        allow_mismatch=several_budgets, command=command or f"tta experiment {path}")
+                        allow_mismatch=several_budgets, command=command or f"tta experiment {path}",
+                        baseline_given="baseline" in plan)

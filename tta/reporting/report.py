@@ -859,15 +859,19 @@ AGGREGATIONS_NOTE = (
 
 
 def write_report(paths, out_md: str | Path, baseline: str = "icl",
-                 allow_mismatch: bool = False, command: str | None = None) -> Path:
+                 allow_mismatch: bool = False, command: str | None = None, baseline_given: bool = False) -> Path:
     """Write the comparison report for ``paths`` to ``out_md``; returns its path.
 
     Images go to ``<out_md without .md>_files/`` and are linked relatively.
     Raises :class:`ReportError` if the runs are not comparable and
-    ``allow_mismatch`` is false.
+    ``allow_mismatch`` is false, or if a ``baseline`` the user gave (``baseline_given``) names
+    no method and no run of them (the default, icl, falls back to the first run instead).
     """
     out_md = Path(out_md)
     df = load_runs(paths)
+    if baseline_given and baseline not in set(df["method"]) and baseline_run(df, baseline) is None:
+        raise ReportError(f"--baseline {baseline}: no run and no method of these runs has that name (methods: "
+                          f"{', '.join(sorted(set(df['method'])))}; runs: {', '.join(df['run'].unique())})")
     for run, g in _groups(df):
         if g["ungraded"].any():
             raise ReportError(f"{g['path'].iloc[0]}: {int(g['ungraded'].sum())} of its {len(g)} tasks are ungraded "

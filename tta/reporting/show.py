@@ -118,6 +118,8 @@ def show_runs(run_dirs: list[str | Path], task_ids: list[str] | None, out_dir: s
     """PNGs (one per task) of the tasks of `run_dirs` (all their tasks when `task_ids` is empty),
     each with every run's attempts; the runs must be over the same dataset."""
     run_dirs = [Path(d) for d in run_dirs]
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise ShowError(f"{out_dir}: is a file; --out names the folder for the pictures")
     loaded = [_run_answers(d) for d in run_dirs]
     datasets = {m["dataset"] for m, _ in loaded}
     if len(datasets) != 1:
