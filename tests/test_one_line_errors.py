@@ -193,6 +193,19 @@ def test_report_on_an_unfinished_run_lists_tasks_not_run_and_prints_no_warning(t
     assert "2 task(s) not run" in failed_section and "b, c" in failed_section
 
 
+def test_resuming_over_a_damaged_results_line_is_one_line_naming_it(tasks_dir):
+    """A torn last line is an interrupted write and is repaired; a damaged earlier line is not
+    ours to guess at.  Fails if `tta run` shows a traceback for it (it did: RecordError)."""
+    write_task(tasks_dir / "u.json", GOOD)
+    write_task(tasks_dir / "v.json", GOOD)
+    args = ("run", "--method", "copy_input", "--dataset", tasks_dir, "--out", "r", "--quiet")
+    assert invoke(*args).exit_code == 0
+    results = tasks_dir.parent / "r" / "results.jsonl"
+    lines = results.read_text().splitlines()
+    results.write_text("\n".join([lines[0], lines[1][:40], lines[2]]) + "\n")
+    assert_one_line(invoke(*args), "r/results.jsonl:2: invalid JSON")
+
+
 def test_an_out_that_is_a_file_is_one_line_and_the_file_stays(tasks_dir):
     (tasks_dir.parent / "notes.txt").write_text("mine")
     assert_one_line(invoke("run", "--method", "copy_input", "--dataset", tasks_dir, "--out", "notes.txt", "--quiet"),

@@ -23,10 +23,11 @@ def _user_errors():
     from tta.method import MethodError
     from tta.model.loading import ModelError
     from tta.reporting.report import ReportError
+    from tta.run.record import RecordError
     from tta.run.runner import RunError
     from tta.reporting.show import ShowError
     from tta.data.tasks import TaskError
-    return (TaskError, ModelError, MethodError, RunError, ReportError, ContaminationError, ShowError)
+    return (TaskError, ModelError, MethodError, RunError, RecordError, ReportError, ContaminationError, ShowError)
 
 
 def _interrupt(signum, frame):
