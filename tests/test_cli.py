@@ -116,6 +116,10 @@ def test_methods_lists_every_registered_method_with_each_settings_default():
             text = json.dumps(default) if isinstance(default, (list, dict)) else str(default)
             assert getattr(make_config(cls, [f"{f.name}={text}"]), f.name) == default, (name, f.name)
     assert any(line.startswith("    lr (float) = 0.003") for line in blocks["ttt_lora"])   # its own default, not the shared 8e-4
+    code, named = invoke("methods", "ttt_full", "icl")   # named ones only, in the order given
+    assert code == 0 and list(method_listing(named)) == ["ttt_full", "icl"]
+    assert method_listing(named)["icl"] == blocks["icl"]
+    assert_one_line_error(*invoke("methods", "icll"), "unknown method 'icll'")
     # every built-in method says how it spends a bigger budget, right under its name
     for name in ("icl", "ttt_lora", "less", "sampling"):
         assert re.search(rf"^{name}: .*\n  a bigger budget buys: \S", output, re.M), name

@@ -317,14 +317,15 @@ def datasets():
 
 
 @main.command()
+@click.argument("names", nargs=-1, metavar="[METHOD]...")
 @_plugin_option
-def methods(plugins):
-    """List the methods and their settings (change one with --set KEY=VALUE)."""
-    from tta.method import REGISTRY, discover, describe, load_plugins
+def methods(names, plugins):
+    """List the methods and their settings (change one with --set KEY=VALUE); name some to see only them."""
+    from tta.method import REGISTRY, discover, describe, get_method, load_plugins
     discover()
     load_plugins(plugins)
-    for name in sorted(REGISTRY):
-        cls = REGISTRY[name]
+    for name in names or sorted(REGISTRY):
+        cls = get_method(name)   # a name, module:Class or path/to/file.py:Class; an unknown one is one line
         doc = (cls.__module__ and sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
         click.echo(f"{name}: {doc[0] if doc else ''}")
         if cls.spends:
