@@ -439,6 +439,15 @@ def test_cost_table_shares_stops_and_reasons(tmp_path):
     run_text = write_run_report(capped)
     assert "| n0 |" in run_text and "max_samples reached" in run_text
 
+    # Under a seconds cap the share is of the seconds (it read "no FLOPs cap").
+    timed = make_run(tmp_path, "timed", "sampling", [task(f"n{i}", [False], seconds=s) for i, s in enumerate((30, 15))],
+                     budget_flops=None)
+    manifest = json.loads((timed / "manifest.json").read_text())
+    (timed / "manifest.json").write_text(json.dumps({**manifest, "budget": {"flops": None, "seconds": 30.0}}))
+    acc = accuracy_table(load_runs([timed]))
+    assert acc.loc["timed", "cap_share_mean"] == pytest.approx(0.75) and acc.loc["timed", "cap_share_min"] == 0.5
+    assert "75.0% / 50.0% of its seconds" in _row(write_run_report(timed), "timed")
+
 
 def test_one_off_cost_amortised_in_tables_and_plot(tmp_path, monkeypatch):
     # Per-task 5e12 plus a 2e13 one-off over 20 tasks = 6e12 per task, against icl's 1e12.

@@ -134,7 +134,7 @@ def _cost_fields(g: pd.DataFrame) -> dict:
     """Spend of one run: mean/median/max per task of flops (the per-task part),
     seconds and peak_memory_mb; the one-off cost per task; total_flops_mean
     (per-task + one-off part); cap_share_mean / cap_share_min over tasks of
-    total_flops / the FLOPs cap (NaN without a cap); how many tasks the cap
+    total_flops / the FLOPs cap (under a seconds cap, seconds / that cap; NaN without a cap); how many tasks the cap
     stopped (n_stopped_by_budget, of n_stop_recorded that record it) and the
     most common out_of_work reason with its count."""
     n_tasks = len(g)
@@ -148,7 +148,8 @@ def _cost_fields(g: pd.DataFrame) -> dict:
     # Wall time over the tasks that ran: with several workers, below the mean task seconds.
     row["wall_seconds_per_task"] = g["wall_seconds"].iloc[0] / max(1, int((~g["missing"]).sum()))
     row["total_flops_mean"] = g["total_flops"].mean()
-    share = g["total_flops"] / g["budget_flops"]
+    seconds_capped = g["budget_flops"].isna() & g["budget_seconds"].notna()
+    share = (g["seconds"] / g["budget_seconds"]) if seconds_capped.all() else g["total_flops"] / g["budget_flops"]
     row["cap_share_mean"], row["cap_share_min"] = share.mean(), share.min()
     row["n_budget_exhausted"] = int(g["budget_exhausted"].sum())
     row["n_stop_recorded"] = int(g["stopped_by_budget"].notna().sum())
@@ -548,7 +549,8 @@ COST_NOTE = (
     "Spend per task is the FLOPs the harness charged to the task (per-task part) plus the "
     "run's one-off cost, such as a datastore built once for all tasks, divided by its number "
     "of tasks (one-off part); spend comparisons and the accuracy-vs-FLOPs plot use this total. Share of cap: "
-    "total / the FLOPs cap per task, mean and lowest over tasks. Stopped by budget: tasks where "
+    "total / the FLOPs cap per task (under a seconds cap: seconds / that cap), mean and lowest over tasks. "
+    "Stopped by budget: tasks where "
     "the harness saw the cap cut the method's work. Out of work: the method's own reason for "
     "stopping below the cap, the most common one with its count. Runs made before the harness "
     "logged these show \"not recorded\". Seconds and peak memory are per task, as recorded. Wall s / task: "
@@ -581,9 +583,10 @@ def _cost_markdown(acc: pd.DataFrame) -> str:
 
 
 def _cap_share_cell(r) -> str:
-    if r.budget_flops != r.budget_flops:
-        return "no FLOPs cap" if r.budget_seconds == r.budget_seconds else "no cap"
-    return f"{_pct(r.cap_share_mean)} / {_pct(r.cap_share_min)}"
+    if r.budget_flops != r.budget_flops and r.budget_seconds != r.budget_seconds:
+        return "no cap"
+    of_seconds = " of its seconds" if r.budget_flops != r.budget_flops else ""
+    return f"{_pct(r.cap_share_mean)} / {_pct(r.cap_share_min)}{of_seconds}"
 
 
 def _out_of_work_cell(r) -> str:
