@@ -311,6 +311,17 @@ def plan_to_budget(plan: list[list[Encoded]], budget: TaskBudget, model) -> list
 TIMED_STEP = 2
 
 
+def _device_clock(device) -> float:
+    """The wall clock once the device has finished the work queued on it (a GPU runs a step
+    after Python has moved on, so an unsynchronised clock times only the launch)."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        torch.cuda.synchronize()
+    elif kind == "mps":
+        torch.mps.synchronize()
+    return time.perf_counter()
+
+
 def steps_in_time(plan: list[list[Encoded]], seconds: float, seconds_per_token: float) -> int:
     """How many of `plan`'s steps `seconds` pay for at `seconds_per_token` (timed on a first step:
     a step's time grows with its tokens)."""
@@ -357,12 +368,14 @@ def train(lm: LoadedModel, examples: list[Encoded], budget: TaskBudget, lr: floa
         if not budget.can_afford(budget.training_cost([len(e) for e in batch], model) + scorings_left):
             report.stopped_by_budget = True
             break
-        started = time.perf_counter()
+        timing = timed and report.steps == TIMED_STEP - 1 and len(plan) > TIMED_STEP
+        if timing:
+            started = _device_clock(lm.device)
         loss = training_step(model, optimizer, padded(lm, batch), schedule)
         losses.append(loss)   # kept on the device: no host sync inside the loop
         report.steps += 1
-        if timed and report.steps == TIMED_STEP and len(plan) > TIMED_STEP:
-            seconds_per_token = (time.perf_counter() - started) / max(1, sum(len(e) for e in batch))
+        if timing:
+            seconds_per_token = (_device_clock(lm.device) - started) / max(1, sum(len(e) for e in batch))
             plan = plan[:TIMED_STEP + steps_in_time(plan[TIMED_STEP:], budget.seconds_left(), seconds_per_token)]
             report.planned_steps = len(plan)
             report.stopped_by_budget = report.stopped_by_budget or len(plan) < len(wanted)
