@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import math
 import resource
+import threading
 import time
 import weakref
 from dataclasses import dataclass
@@ -372,7 +373,7 @@ class _BareProductWatch(torch.overrides.TorchFunctionMode):
         kwargs = kwargs or {}
         priced = _BARE_PRODUCTS.get(func)
         meter = self.meter
-        if priced is None or meter._counted_modules or _harness_depth:
+        if priced is None or meter._in_thread.counted_modules or _harness_depth:
             return func(*args, **kwargs)
         price, grads = priced
         operands = _operands(func, args, kwargs)
@@ -419,6 +420,15 @@ def _parameter_key(module: torch.nn.Module) -> tuple[int, int]:
     return count, trainable
 
 
+class _ForwardInProgress(threading.local):
+    """A meter's state for the forward under way in one thread."""
+
+    def __init__(self):
+        self.call: _Call | None = None
+        self.last_call: _Call | None = None
+        self.counted_modules: list = []
+
+
 class Meter:
     """Counts FLOPs, seconds and peak memory for the task at hand.  Owned by the harness."""
 
@@ -432,15 +442,17 @@ class Meter:
         self.out_of_work: str | None = None
         self._charging = True
         self._started = time.perf_counter()
-        self._call: _Call | None = None        # the decoder call in progress
-        self._last_call: _Call | None = None   # the one that finished last (for the output head)
+        # The forward under way is per thread: two threads running the model at once each read
+        # their own call's tokens.  Shared, a forward of 8 tokens and one of 200 in two threads were
+        # charged 6% less than the same forwards one after another (2.602e9 against 2.778e9).
+        self._in_thread = _ForwardInProgress()
+        self._charge_lock = threading.Lock()     # charges may come from several threads at once
         self._handles = []
         self._decoders = []   # the decoders it is attached to (see `charge_forward`)
         self._models = []     # the models they belong to, one per decoder
         self._detached = False   # hooked models once, no more (see `_payer`)
         self._shapes: dict[int, tuple[tuple, object]] = {}   # module id -> (parameter key, count)
         self._marked: dict[int, tuple[tuple, object]] = {}   # the same for `_mark_parts`
-        self._counted_modules: list = []   # modules running now whose work hooks count (see `_before_other`)
 
     # ---- attaching to models
     def attach(self, model: torch.nn.Module) -> None:
@@ -498,14 +510,14 @@ class Meter:
         Why module hooks and a torch function mode that prices a few products, rather than
         `torch.utils.flop_counter.FlopCounterMode`, which sees every operation: that mode runs
         Python on every aten operation of the run's model too.  Measured (`python
-        benchmarks/meter_overhead.py`, one thread, median of 3): 100 decode steps of 8 rows
-        through the embedded model's modules took 2.41 s plain, 2.87 s watched, 5.52 s under
-        FlopCounterMode; 5 training steps 4.82, 4.72 and 5.57 s (noisy); 100 steps of the
+        benchmarks/meter_overhead.py`, one thread, median of 3, 2026-12-03): 100 decode steps of
+        8 rows through the embedded model's modules took 1.24 s plain, 1.41 s watched, 2.88 s
+        under FlopCounterMode; 5 training steps 2.85, 2.87 and 3.34 s; 100 steps of the
         harness's fast decoder, which runs no modules and whose products the watch passes by
-        (`harness_products`), 1.80, 1.79 and 3.91 s."""
+        (`harness_products`), 0.86, 0.85 and 2.10 s."""
         hooks = [torch.nn.modules.module.register_module_forward_pre_hook(self._before_other),
                  torch.nn.modules.module.register_module_forward_hook(self._after_other, always_call=True)]
-        self._counted_modules = []
+        self._in_thread.counted_modules = []
         global _watches_on
         _watches_on += 1
         try:
@@ -515,19 +527,19 @@ class Meter:
             _watches_on -= 1
             for hook in hooks:
                 hook.remove()
-            self._counted_modules = []
+            self._in_thread.counted_modules = []
 
     def _before_other(self, module, args):
         """Refuse a counted module's forward past the cap; note the modules running now whose
-        work is counted (`_counted_modules`), so the bare-product watch passes their insides by."""
+        work is counted (`_ForwardInProgress.counted_modules`), so the bare-product watch passes their insides by."""
         if module.__dict__.get(_METERED) or self._hooked_on_first_forward(module):
-            self._counted_modules.append(module)
+            self._in_thread.counted_modules.append(module)
             return
         if not isinstance(module, COUNTED_MODULES):
             return
         cost = module_flops(module, args)   # 0 for a convolution until it ran: refused once the cap is spent
         self._refuse_past(cost, f"a forward of {type(module).__name__}")
-        self._counted_modules.append(module)
+        self._in_thread.counted_modules.append(module)
 
     def _refuse_past(self, cost: float, what: str) -> None:
         cap = self.budget.flops
@@ -554,8 +566,8 @@ class Meter:
             return False
 
     def _after_other(self, module, args, output):
-        if self._counted_modules and self._counted_modules[-1] is module:   # also after an exception
-            self._counted_modules.pop()
+        if self._in_thread.counted_modules and self._in_thread.counted_modules[-1] is module:   # also after an exception
+            self._in_thread.counted_modules.pop()
         if module.__dict__.get(_METERED) or output is None:
             return
         cost = module_flops(module, args, output)
@@ -617,7 +629,7 @@ class Meter:
             if copies > 1:   # one example's call under torch.func.vmap: the others run with it
                 call = _Call(call.new_mask, call.tokens * copies, call.context * copies, call.new_per_row)
             self._payer()._refuse_past_cap(module, call, width)   # raises before the forward runs
-            self._call = call
+            self._in_thread.call = call
         return on_decoder
 
     def _refuse_past_cap(self, decoder, call: _Call, width: int) -> None:
@@ -656,13 +668,13 @@ class Meter:
         return _Call(new_mask, int(new.sum()), int((new * past + new * (new + 1) // 2).sum()))
 
     def _after_decoder(self, module, args, output):
-        self._last_call, self._call = self._call, None   # the head, which runs next, reads it
+        self._in_thread.last_call, self._in_thread.call = self._in_thread.call, None   # the head, which runs next, reads it
 
     def _layer_hook(self, width: int):
         def hook(layer, args, kwargs, output):
             hidden = args[0] if args else kwargs["hidden_states"]
-            if self._call is not None:
-                tokens, context = self._call.tokens, self._call.context
+            if self._in_thread.call is not None:
+                tokens, context = self._in_thread.call.tokens, self._in_thread.call.context
             else:   # a layer called outside its decoder: every position counts
                 copies = vmapped_copies(hidden)
                 tokens = copies * hidden.shape[0] * hidden.shape[1]
@@ -677,7 +689,7 @@ class Meter:
 
     def _on_head(self, head, args, output):
         rows = output.shape[0] * output.shape[1] if output.dim() == 3 else output.shape[0]
-        call = self._last_call
+        call = self._in_thread.last_call
         tokens = rows
         if call is not None and call.new_per_row is not None and output.dim() == 3 and output.shape[0] == len(call.new_per_row):
             tokens = sum(min(n, output.shape[1]) for n in call.new_per_row)   # the last `kept` positions
@@ -702,12 +714,14 @@ class Meter:
         if payer is not self:
             return payer._charge(flops)
         if self._charging:
-            self.flops += flops
+            with self._charge_lock:
+                self.flops += flops
             if self.on_progress is not None and time.perf_counter() - self._last_progress > 0.5:
                 self._last_progress = time.perf_counter()
                 self.on_progress(self.progress())
         else:
-            self.uncharged_flops += flops
+            with self._charge_lock:
+                self.uncharged_flops += flops
 
     def progress(self) -> float | None:
         """Share of the cap spent so far: FLOPs, or seconds under a seconds cap (None: no cap)."""
