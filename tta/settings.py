@@ -35,7 +35,10 @@ def setting(default, help: str, before=_NONE, at_least=None, at_most=None):
 def as_recorded_now(config_cls, recorded: dict, budget: dict | None = None) -> dict:
     """A config recorded by an earlier version of the method, under `budget`, with every setting
     added since that declares a `before` value filled in with it (what the method then did)."""
-    before = lambda f: f.metadata["before"](budget or {}) if callable(f.metadata["before"]) else f.metadata["before"]
+    def before(f):
+        value = f.metadata["before"]
+        return value(budget or {}) if callable(value) else value
+
     added = {f.name: before(f) for f in dataclasses.fields(config_cls)
              if "before" in f.metadata and f.name not in recorded}
     return {**recorded, **added}

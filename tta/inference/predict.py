@@ -22,10 +22,13 @@ from tta.data.tasks import Task, grid_key
 from tta.inference.voting import hierarchical_vote, majority_vote
 
 
+VIEWS_SECONDS_SHARE = 0.5   # see RoomForViews
+
+
 def _kept_before_the_setting(budget: dict) -> float:
     """What a run recorded before `views_seconds_share` existed kept: no time under a seconds cap;
     under a FLOP cap the setting changes nothing, so such a run resumes at today's default."""
-    return 0.0 if budget.get("seconds") else 0.5
+    return 0.0 if budget.get("seconds") else VIEWS_SECONDS_SHARE
 
 
 @dataclass
@@ -37,7 +40,7 @@ class RoomForViews:
     # prompts' lengths; 0.5 is about their median.  Before this setting a seconds cap kept no
     # time: ttt_lora at --budget-seconds 30 trained until the cap and then decoded no valid answer
     # on 4 of 4 of those tasks (benchmarks/results/seconds_cap/).
-    views_seconds_share: float = setting(0.5, "under a seconds cap (--budget-seconds): the share of the seconds left "
+    views_seconds_share: float = setting(VIEWS_SECONDS_SHARE, "under a seconds cap (--budget-seconds): the share of the seconds left "
                                               "that adaptation keeps for prediction (a FLOP cap keeps the configured "
                                               "views' FLOPs instead); not in the paper, which has no seconds cap",
                                          at_least=0, at_most=1, before=_kept_before_the_setting)

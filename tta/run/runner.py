@@ -125,13 +125,12 @@ def _run(spec, progress, executor, ray_address, log, cls, config, dataset, out, 
                          "command": spec.command})
         session = manifest
     session["last_result"] = None   # recorded, so a session that ends before any result counts 0 s
-    if spec.task_timeout:
-        if executor == "ray":
-            raise RunError("--task-timeout: Ray runs tasks outside a process's main thread, where no timer signal "
-                           "reaches; use the local executor (with --workers)")
-        session["task_timeout"] = spec.task_timeout
-    elif spec.budget.seconds and executor != "ray":   # the default guard of a seconds cap (tta.run.time_limit)
-        session["task_timeout"] = task_limit(None, spec.budget.seconds)[0]
+    if spec.task_timeout and executor == "ray":
+        raise RunError("--task-timeout: Ray runs tasks outside a process's main thread, where no timer signal "
+                       "reaches; use the local executor (with --workers)")
+    limit = task_limit(spec.task_timeout, spec.budget.seconds)[0]   # given, or a seconds cap's default guard
+    if limit and executor != "ray":
+        session["task_timeout"] = limit
     if workers is not None and workers < 1:
         raise RunError(f"--workers {workers}: expected at least 1")
     manifest.update({"executor": executor, "finished": None})
