@@ -735,3 +735,72 @@ def test_forwards_from_two_threads_at_once_are_each_charged_their_own_shape(lm):
         assert charged(lm, side_by_side, watched=True) == pytest.approx(one_after_another, rel=1e-12)
     finally:
         sys.setswitchinterval(previous)
+
+
+@pytest.fixture()
+def threads_unwatched(monkeypatch):
+    """As in a fresh process: no thread yet starts under the watch (an earlier test may have set it)."""
+    import threading
+    import tta.budget
+    if tta.budget._unwatched_bootstrap is not None:
+        monkeypatch.setattr(threading.Thread, "_bootstrap_inner", tta.budget._unwatched_bootstrap)
+        monkeypatch.setattr(tta.budget, "_unwatched_bootstrap", None)
+
+
+def test_bare_products_in_a_thread_the_method_starts_are_charged(lm, threads_unwatched):
+    """A torch function mode holds only in the thread that entered it.  Fails if the watch is not
+    entered in threads started during a task: the product ran there uncharged (0 FLOPs)."""
+    import threading
+    a, b = torch.randn(16, 32), torch.randn(32, 8)
+    thread = threading.Thread(target=lambda: a @ b)
+    assert charged(lm, lambda: (thread.start(), thread.join()), watched=True) == 2 * 16 * 32 * 8
+
+
+def test_a_thread_pool_made_in_setup_charges_each_task_its_own_products(tmp_path, threads_unwatched):
+    """A method may make a pool once, in `setup`, and use it in every task.  Fails if the harness
+    starts watching threads only once a task runs (the pool's thread, started in setup, then
+    charged nothing), or if a pool thread charges the meter of the task that was running when it
+    started (the second task's product went to the first task's meter).  A product past the cap
+    in a pool thread is refused there, and the task fails with one line."""
+    import json
+    from click.testing import CliRunner
+    from tta.cli import main
+    from conftest import GOOD, write_task
+    (tmp_path / "pooled.py").write_text(
+        "from concurrent.futures import ThreadPoolExecutor\n"
+        "import torch\nfrom tta.method import Method\n\n"
+        "class Pooled(Method):\n"
+        "    def setup(self, tasks):\n"
+        "        self.pool = ThreadPoolExecutor(max_workers=1)\n"
+        "        self.pool.submit(torch.ones, 1).result()   # the pool's one thread starts here\n"
+        "        return {}\n\n"
+        "    def predict(self, task, budget, seed):\n"
+        "        size = 64 if task.id == 'heavy' else 16\n"
+        "        a = torch.randn(size, size)\n"
+        "        self.pool.submit(torch.matmul, a, a).result()\n"
+        "        return [[p.input, None] for p in task.test], {}\n")
+    (tmp_path / "tasks").mkdir()
+    for name in ("heavy", "light", "light2"):
+        write_task(tmp_path / "tasks" / f"{name}.json", GOOD)
+    result = CliRunner().invoke(main, ["run", "--method", f"{tmp_path / 'pooled.py'}:Pooled", "--model", "random:tiny",
+                                       "--dataset", str(tmp_path / "tasks"), "--budget-flops", "1e5",
+                                       "--out", str(tmp_path / "r"), "--quiet", "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    records = {r["task_id"]: r for r in map(json.loads, (tmp_path / "r" / "results.jsonl").read_text().splitlines())}
+    assert records["heavy"]["error"].startswith("BudgetExceeded: a bare matmul costing 5.24e+05")
+    for name in ("light", "light2"):
+        assert records[name]["error"] is None and records[name]["flops"] == 2 * 16 ** 3
+
+
+def test_a_task_run_from_a_thread_started_under_the_watch_is_charged_once(lm):
+    """A harness of the user's own may run tasks from threads it starts.  Fails if such a thread's
+    own watch (entered as it started) charges a product the task's watch has charged already."""
+    import threading
+    from tta.budget import watch_threads_started_from_now
+    watch_threads_started_from_now()
+    a = torch.randn(16, 16)
+    spent = []
+    thread = threading.Thread(target=lambda: spent.append(charged(lm, lambda: a @ a, watched=True)))
+    thread.start()
+    thread.join()
+    assert spent == [2 * 16 ** 3]

@@ -12,8 +12,8 @@ train or eval mode alike.  A deep copy of the model keeps charging the task's me
 too (`Meter.watching_other_work`): a model the method builds from the weights or loads again
 is hooked on its first forward like the run's model, and a network of the method's own is
 charged at its linear, convolution and attention modules, and so are the matrix products it
-writes as bare tensor operations (`x @ w`, `F.linear`, `torch.einsum`); under `torch.func.vmap`
-every count covers the whole batch (`vmapped_copies`).  The FLOP cap holds whether a method
+writes as bare tensor operations (`x @ w`, `F.linear`, `torch.einsum`), in its own threads
+too; under `torch.func.vmap` every count covers the whole batch (`vmapped_copies`).  The FLOP cap holds whether a method
 asks or not: a forward whose decoder layers alone would take the spend past it raises
 `BudgetExceeded` before it runs.
 
@@ -305,8 +305,18 @@ def _bare_products():
 
 
 _BARE_PRODUCTS = _bare_products()
-_harness_depth = 0   # > 0 while the harness runs products it charges by the formula (`harness_products`)
-_watches_on = 0      # bare-product watches entered now
+_watches_on = 0      # bare-product watches entered now, in any thread
+_task_meters: list["Meter"] = []   # the meters watching a task's work now (innermost last)
+
+
+class _ThisThread(threading.local):
+    """What the bare-product watches need to know about the thread they run in."""
+    harness_depth = 0   # > 0 while the harness runs products it charges by the formula (`harness_products`);
+    #                     per thread, so the harness's decoding does not hide a method thread's products
+    task_watches = 0    # `watching_other_work` entered in this thread: its own watch charges here
+
+
+_this_thread = _ThisThread()
 
 
 @contextlib.contextmanager
@@ -319,13 +329,12 @@ def harness_products():
     mode's Python call on every operation is the cost, not its work.  Measured (`python
     benchmarks/meter_overhead.py`, one thread, median of 3): 100 fast-decoder steps of 8 rows took
     1.84 s unwatched and 1.97 s with the watch returning early; switched off, 1.80 and 1.79 s."""
-    global _harness_depth
-    _harness_depth += 1
+    _this_thread.harness_depth += 1
     try:
         with torch._C.DisableTorchFunction() if _watches_on else contextlib.nullcontext():
             yield
     finally:
-        _harness_depth -= 1
+        _this_thread.harness_depth -= 1
 
 
 def _operands(func, args, kwargs) -> list:
@@ -367,13 +376,16 @@ class _BareProductWatch(torch.overrides.TorchFunctionMode):
 
     def __init__(self, meter: "Meter"):
         super().__init__()
-        self.meter = meter
+        self._meter = meter
+
+    def meter(self) -> "Meter | None":
+        return self._meter
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         priced = _BARE_PRODUCTS.get(func)
-        meter = self.meter
-        if priced is None or meter._in_thread.counted_modules or _harness_depth:
+        meter = self.meter() if priced is not None else None
+        if meter is None or meter._in_thread.counted_modules or _this_thread.harness_depth:
             return func(*args, **kwargs)
         price, grads = priced
         operands = _operands(func, args, kwargs)
@@ -399,6 +411,44 @@ class _BareProductWatch(torch.overrides.TorchFunctionMode):
             if learning:
                 output.register_hook(meter._backward_charger(cost * learning))
         return output
+
+
+class _WatchInStartedThread(_BareProductWatch):
+    """The watch on bare products in a thread started in this process after
+    `watch_threads_started_from_now`: it charges the task being watched when the product runs
+    (none between tasks), so a pool made once in a method's `setup` charges each task its own."""
+
+    def __init__(self):
+        super().__init__(None)
+
+    def meter(self) -> "Meter | None":
+        if _this_thread.task_watches:   # a task run from this thread: its own watch charges it
+            return None
+        return _task_meters[-1] if _task_meters else None
+
+
+_unwatched_bootstrap = None   # `threading.Thread._bootstrap_inner` before the watch wrapped it
+
+
+def watch_threads_started_from_now() -> None:
+    """Enter the bare-product watch in every Python thread this process starts from now on.
+
+    Why: a torch function mode holds only in the thread that entered it, so a method's products
+    in a thread of its own (`ThreadPoolExecutor.submit(torch.matmul, ...)`) ran uncharged.  Module
+    hooks are global and needed no help.  Why wrap the thread's start rather than its `run`: a
+    subclass's `run` replaces `Thread.run`, and `threading.setprofile` would take the place of a
+    user's profiler.  A thread already running when this is called stays unwatched, so the
+    harness calls it before a method's `setup`.  Idempotent."""
+    global _unwatched_bootstrap
+    if _unwatched_bootstrap is not None:
+        return
+    _unwatched_bootstrap = threading.Thread._bootstrap_inner
+
+    def bootstrap_watched(thread):
+        with _WatchInStartedThread():
+            _unwatched_bootstrap(thread)
+
+    threading.Thread._bootstrap_inner = bootstrap_watched
 
 
 def _parameter_key(module: torch.nn.Module) -> tuple[int, int]:
@@ -514,16 +564,25 @@ class Meter:
         8 rows through the embedded model's modules took 1.24 s plain, 1.41 s watched, 2.88 s
         under FlopCounterMode; 5 training steps 2.85, 2.87 and 3.34 s; 100 steps of the
         harness's fast decoder, which runs no modules and whose products the watch passes by
-        (`harness_products`), 0.86, 0.85 and 2.10 s."""
+        (`harness_products`), 0.86, 0.85 and 2.10 s.
+
+        Threads: module hooks hold in every thread; the bare-product watch holds in this thread and
+        in every thread started after the first watch or the run's setup
+        (`watch_threads_started_from_now`), where it charges whichever task is being watched."""
         hooks = [torch.nn.modules.module.register_module_forward_pre_hook(self._before_other),
                  torch.nn.modules.module.register_module_forward_hook(self._after_other, always_call=True)]
         self._in_thread.counted_modules = []
+        watch_threads_started_from_now()
         global _watches_on
         _watches_on += 1
+        _task_meters.append(self)
+        _this_thread.task_watches += 1
         try:
             with _BareProductWatch(self):
                 yield
         finally:
+            _this_thread.task_watches -= 1
+            _task_meters.remove(self)
             _watches_on -= 1
             for hook in hooks:
                 hook.remove()

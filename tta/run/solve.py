@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from tta import scoring
-from tta.budget import Budget, Meter, reset_peak_memory
+from tta.budget import Budget, Meter, reset_peak_memory, watch_threads_started_from_now
 from tta.inference.decoding import score_answers
 from tta.method import Method, get_method, load_plugins, make_config
 from tta.model.loading import LoadedModel, autocasts, check_device, load_model, weights_sha256
@@ -313,6 +313,7 @@ class TaskRunner:
     def setup(self) -> dict | None:
         """The method's one-off work, with its wall seconds added to its own record."""
         started = time.perf_counter()
+        watch_threads_started_from_now()   # a thread pool made in setup charges each task its products
         try:
             one_off = json_record(self.method.setup([without_answers(t) for t in self.dataset.tasks]), "setup's record")
         except Exception as e:   # every task needs it, so the run stops here, with nothing written
