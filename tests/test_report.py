@@ -149,8 +149,11 @@ def test_load_runs_columns_and_errors(tmp_path, three_runs):
     assert df.loc[df["run"] == "less", "cell_acc"].isna().all()  # not recorded: NaN, not 0
     assert df["budget_flops"].eq(1e15).all()
 
-    with pytest.raises(ReportError, match=r"nowhere.*not a run directory"):
+    with pytest.raises(ReportError, match=r"nowhere: not a run directory \(no such directory\)"):
         load_runs([tmp_path / "nowhere"])
+    (tmp_path / "results.jsonl").write_text("")   # a run's file given for its directory
+    with pytest.raises(ReportError, match=r"results.jsonl: not a run directory \(a file\)"):
+        load_runs([tmp_path / "results.jsonl"])
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "manifest.json").write_text("{}")
     with pytest.raises(ReportError, match=r"half.*missing results.jsonl"):

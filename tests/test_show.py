@@ -58,3 +58,21 @@ def test_show_refuses_what_it_cannot_draw(tmp_path):
     with pytest.raises(ShowError, match="notes.txt: is a file; --out names the folder for the pictures"):
         show_runs([run], ["t"], tmp_path / "notes.txt")
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_a_task_whose_file_does_not_load_is_left_out_with_one_line(tmp_path):
+    """A run records a task whose file is broken as failed.  Fails if drawing the run's tasks
+    stops with a KeyError on it (as it did) instead of drawing the others and naming it."""
+    data = tmp_path / "data"
+    data.mkdir()
+    write_task(data / "t.json", TASK)
+    (data / "broken.json").write_text("{not json")
+    run = fake_run(tmp_path, "r", data, [[None, None]])
+    manifest = json.loads((run / "manifest.json").read_text())
+    (run / "manifest.json").write_text(json.dumps({**manifest, "task_ids": ["broken", "t"]}))
+    with (run / "results.jsonl").open("a") as f:
+        f.write(json.dumps({"task_id": "broken", "attempts": [], "error": "not valid JSON"}) + "\n")
+    said = []
+    [png] = show_runs([run], None, tmp_path / "pics", say=said.append)
+    assert png.name == "t.png"
+    assert len(said) == 1 and said[0].startswith("task broken: not drawn, its file does not load (")

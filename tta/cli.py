@@ -247,7 +247,7 @@ def compare(runs, baseline, out, allow_mismatch):
 def show(runs, task_ids, out):
     """Draw tasks as pictures: demonstrations, test input, true output and each run's two attempts."""
     from tta.reporting.show import show_runs
-    pictures = show_runs(list(runs), list(task_ids), out)
+    pictures = show_runs(list(runs), list(task_ids), out, say=lambda line: click.echo(line, err=True))
     click.echo(f"{len(pictures)} pictures written to {out}/")
 
 

@@ -98,7 +98,7 @@ def _run_labels(paths: list[Path]) -> list[str]:
 def _read_manifest(path: Path) -> dict:
     """Read and minimally validate ``manifest.json``."""
     if not path.is_dir():
-        raise ReportError(f"{path}: not a run directory (no such directory)")
+        raise ReportError(f"{path}: not a run directory ({'a file' if path.exists() else 'no such directory'})")
     for name in ("manifest.json", "results.jsonl"):
         if not (path / name).is_file():
             raise ReportError(f"{path}: not a run directory (missing {name})")

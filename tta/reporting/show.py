@@ -114,9 +114,10 @@ def _run_answers(run_dir: Path) -> tuple[dict, dict[str, list]]:
 
 
 def show_runs(run_dirs: list[str | Path], task_ids: list[str] | None, out_dir: str | Path,
-              labels: list[str] | None = None) -> list[Path]:
+              labels: list[str] | None = None, say=lambda line: None) -> list[Path]:
     """PNGs (one per task) of the tasks of `run_dirs` (all their tasks when `task_ids` is empty),
-    each with every run's attempts; the runs must be over the same dataset."""
+    each with every run's attempts; the runs must be over the same dataset.  A task whose file
+    does not load (the runs recorded it as failed) is not drawn: `say` gets one line for it."""
     run_dirs = [Path(d) for d in run_dirs]
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise ShowError(f"{out_dir}: is a file; --out names the folder for the pictures")
@@ -129,9 +130,13 @@ def show_runs(run_dirs: list[str | Path], task_ids: list[str] | None, out_dir: s
     unknown = [t for t in wanted if not any(t in answers for _, answers in loaded)]
     if unknown:
         raise ShowError(f"{run_dirs[0]}: no result for task {unknown[0]}")
-    tasks = {t.id: t for t in select(load_dataset(datasets.pop()), wanted).tasks}
+    dataset = select(load_dataset(datasets.pop()), wanted)
+    tasks = {t.id: t for t in dataset.tasks}
     pictures = []
     for task_id in wanted:
+        if task_id not in tasks:
+            say(f"task {task_id}: not drawn, its file does not load ({dataset.failures.get(task_id, 'not found')})")
+            continue
         answers = {label: answers.get(task_id) for label, (_, answers) in zip(labels, loaded)}
         pictures.append(task_picture(tasks[task_id], answers, Path(out_dir) / f"{task_id}.png"))
     return pictures
