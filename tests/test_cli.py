@@ -2,13 +2,14 @@
 import dataclasses
 import json
 import re
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from tta.data import synthetic as generate
 from tta.cli import main
-from tta.method import REGISTRY, discover, make_config
+from tta.method import REGISTRY, MethodError, discover, make_config
 from tta.run.runner import read_results
 from tta.data.datasets import dataset_names
 from conftest import GOOD, write_task
@@ -150,3 +151,46 @@ def test_datasets_lists_every_dataset_with_its_counts():
     assert rows["gen-train-large"][1] is None and "generated when first used" in rows["gen-train-large"][2]
     assert rows["arc1-eval"][:2] == ("400", "419") and rows["arc1-heldout"][0] == "40"
     assert output.splitlines()[-1].startswith("or a PATH")
+
+
+def test_a_plugins_settings_of_every_common_type_take_text_and_resume(tmp_path, monkeypatch):
+    """A plugin's config may hold optional numbers, tuples and paths.  Fails if `--set x=none`
+    cannot clear an Optional (it took only JSON `null`), if `n=4.5` is truncated or `n=abc` gives
+    Python's message, if a tuple becomes a list or untyped items stay text, and if a tuple or
+    path setting breaks the run: a tuple read back from the manifest as a list made every resume
+    a 'different config'; a path gave a TypeError traceback."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "typed.py").write_text(
+        "from dataclasses import dataclass\nfrom pathlib import Path\nfrom typing import Optional\n"
+        "from tta.method import Method\n\n"
+        "@dataclass\nclass TypedConfig:\n"
+        "    n: int = 3\n    cap: Optional[float] = 0.5\n    cap2: 'float | None' = None\n"
+        "    pair: tuple = (1, 2)\n    where: Path = Path('/tmp')\n\n"
+        "class Typed(Method):\n    Config = TypedConfig\n    needs_model = False\n\n"
+        "    def predict(self, task, budget, seed):\n"
+        "        return [[p.input, None] for p in task.test], {}\n")
+    from tta.method import get_method
+    cls = get_method(f"{tmp_path / 'typed.py'}:Typed")
+    config = make_config(cls, ["n=1e2", "cap=none", "cap2=0.25", "pair=5,6", "where=/data"])
+    assert (config.n, config.cap, config.cap2, config.pair, config.where) == (100, None, 0.25, (5, 6), Path("/data"))
+    assert make_config(cls, ["cap=null"]).cap is None and make_config(cls, ["pair=[3, 4]"]).pair == (3, 4)
+    for setting, message in [("n=4.5", "n takes a whole number, not '4.5'"),
+                             ("n=abc", "n takes a whole number, not 'abc'"),
+                             ("cap=abc", "cap takes a number, not 'abc'")]:
+        with pytest.raises(MethodError, match=re.escape(message)):
+            make_config(cls, [setting])
+    from conftest import GOOD, write_task
+    (tmp_path / "tasks").mkdir()
+    for name in ("a", "b"):
+        write_task(tmp_path / "tasks" / f"{name}.json", GOOD)
+    run = ["run", "--method", f"{tmp_path / 'typed.py'}:Typed", "--dataset", str(tmp_path / "tasks"),
+           "--out", str(tmp_path / "r"), "--quiet", "--set", "pair=5,6", "--set", "where=/data"]
+    first = CliRunner().invoke(main, run)
+    assert first.exit_code == 0, first.output
+    manifest = json.loads((tmp_path / "r" / "manifest.json").read_text())
+    assert manifest["config"]["pair"] == [5, 6] and manifest["config"]["where"] == "/data"
+    results = tmp_path / "r" / "results.jsonl"
+    results.write_text(results.read_text().splitlines()[0] + "\n")   # as if stopped after its first task
+    resumed = CliRunner().invoke(main, run)
+    assert resumed.exit_code == 0, resumed.output
+    assert [json.loads(line)["task_id"] for line in results.read_text().splitlines()] == ["a", "b"]

@@ -233,11 +233,30 @@ def _element(kind: str, text: str):
         return int(text)
     if inner == "float":
         return float(text)
+    if inner in ("", "Any"):   # untyped: a number or true/false as JSON reads it, else the text
+        with contextlib.suppress(json.JSONDecodeError):
+            return json.loads(text)
     return text
 
 
+def _optional(kind: str) -> str | None:
+    """The X of an `Optional[X]` or `X | None` annotation, else None."""
+    if kind.startswith("Optional[") and kind.endswith("]"):
+        return kind[len("Optional["):-1]
+    parts = [part.strip() for part in kind.split("|")]
+    if len(parts) == 2 and "None" in parts:
+        return parts[1 - parts.index("None")]
+    return None
+
+
 def _coerce(field: dataclasses.Field, text: str):
-    kind = _kind(field)
+    return _coerce_kind(field.name, _kind(field), text)
+
+
+def _coerce_kind(name: str, kind: str, text: str):
+    inner = _optional(kind)
+    if inner is not None:   # none/null clears it, as --budget-flops none does
+        return None if text.strip().lower() in ("none", "null") else _coerce_kind(name, inner, text)
     if kind == "bool":
         if text.lower() in ("1", "true", "yes", "on"):
             return True
@@ -245,32 +264,47 @@ def _coerce(field: dataclasses.Field, text: str):
             return False
         raise ValueError(f"not a boolean: {text!r}")
     if kind == "int":
-        return int(float(text)) if "e" in text.lower() else int(text)
+        with contextlib.suppress(ValueError):
+            return int(text)   # exact, however large
+        try:
+            number = float(text)   # 1e4
+        except ValueError:
+            raise ValueError(f"{name} takes a whole number, not {text!r}") from None
+        if not number.is_integer():
+            raise ValueError(f"{name} takes a whole number, not {text!r}")
+        return int(number)
     if kind == "float":
-        return float(text)
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"{name} takes a number, not {text!r}") from None
     if kind == "str":
         return text
+    if kind in ("Path", "pathlib.Path"):
+        return Path(text)
     if kind.split("[")[0] in ("list", "tuple", "List", "Tuple"):
         # JSON (["identity", "rot90"]) or plain comma-separated text (identity,rot90)
         if not text.strip():
-            return []
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError:
-            value = [_element(kind, item.strip()) for item in text.split(",") if item.strip()]
-        return value if isinstance(value, list) else [value]
+            value = []
+        else:
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError:
+                value = [_element(kind, item.strip()) for item in text.split(",") if item.strip()]
+        value = value if isinstance(value, list) else [value]
+        return tuple(value) if kind.split("[")[0] in ("tuple", "Tuple") else value
     if kind.split("[")[0] in ("dict", "Dict"):
         try:
             value = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{field.name} takes a JSON object such as '{{\"key\": 1}}' ({e.msg} at char {e.pos})") from None
+            raise ValueError(f"{name} takes a JSON object such as '{{\"key\": 1}}' ({e.msg} at char {e.pos})") from None
         if not isinstance(value, dict):
-            raise ValueError(f"{field.name} takes a JSON object such as '{{\"key\": 1}}', not {text!r}")
+            raise ValueError(f"{name} takes a JSON object such as '{{\"key\": 1}}', not {text!r}")
         return value
     try:
         return json.loads(text)  # anything else: JSON
     except json.JSONDecodeError as e:
-        raise ValueError(f"{field.name} ({kind}) takes a JSON value ({e.msg} at char {e.pos})") from None
+        raise ValueError(f"{name} ({kind}) takes a JSON value ({e.msg} at char {e.pos})") from None
 
 
 def make_config(cls: type[Method], overrides: list[str] | dict | None = None):

@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 import random
 import re
 import subprocess
@@ -22,7 +23,7 @@ import torch
 from tta import scoring
 from tta.budget import Budget, Meter, reset_peak_memory, watch_threads_started_from_now
 from tta.inference.decoding import score_answers
-from tta.method import Method, get_method, load_plugins, make_config
+from tta.method import Method, MethodError, get_method, load_plugins, make_config
 from tta.model.loading import LoadedModel, autocasts, check_device, load_model, weights_sha256
 from tta.settings import as_recorded_now
 from tta.threads import set_threads
@@ -97,6 +98,19 @@ IDENTITY_KEYS = ("method", "config", "model", "model_sha256", "dataset", "task_i
 
 def identity(manifest: dict) -> dict:
     return {k: manifest[k] for k in IDENTITY_KEYS}
+
+
+def config_record(cls, config) -> dict:
+    """The config as the manifest holds it: JSON values, so that a resumed run's config compares
+    equal to the recorded one (a tuple setting reads back as a list, a path as its text)."""
+    def as_text(value):
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+        raise TypeError(f"{type(value).__name__} {value!r} is not JSON")
+    try:
+        return json.loads(json.dumps(dataclasses.asdict(config), default=as_text))
+    except (TypeError, ValueError) as e:
+        raise MethodError(f"{cls.name}: a setting's value cannot be recorded as JSON ({e})") from None
 
 
 def config_hash(manifest: dict) -> str:
@@ -250,7 +264,7 @@ def prepare(spec: RunSpec):
     out = Path(spec.out or default_out(cls.name, spec.dataset))
     if out.exists() and not out.is_dir():
         raise RunError(f"{out}: is a file; --out names the run's directory")
-    manifest = {"method": cls.name, "config": dataclasses.asdict(config), "model": spec.model,
+    manifest = {"method": cls.name, "config": config_record(cls, config), "model": spec.model,
                 "model_sha256": weights_sha256(spec.model), "dataset": spec.dataset, "task_ids": dataset.ids, "budget": spec.budget.as_dict(),
                 "seed": spec.seed}
     manifest["config_hash"] = config_hash(manifest)
