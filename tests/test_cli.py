@@ -179,7 +179,16 @@ def test_a_plugins_settings_of_every_common_type_take_text_and_resume(tmp_path, 
                              ("cap=abc", "cap takes a number, not 'abc'")]:
         with pytest.raises(MethodError, match=re.escape(message)):
             make_config(cls, [setting])
-    from conftest import GOOD, write_task
+    # An experiment file's values come typed from TOML: checked against the setting's type too
+    # (k = 2.5 or k = true for a whole-number setting ran as given).
+    typed = make_config(cls, {"n": 4.0, "cap": 1, "cap2": None, "pair": [7, 8]})
+    assert (typed.n, typed.cap, typed.cap2, typed.pair) == (4, 1.0, None, (7, 8)) and isinstance(typed.cap, float)
+    for value, message in [(2.5, "n takes a whole number, not 2.5"), (True, "n takes a whole number, not True"),
+                           ([1], "n takes a whole number, not [1]")]:
+        with pytest.raises(MethodError, match=re.escape(message)):
+            make_config(cls, {"n": value})
+    with pytest.raises(MethodError, match=re.escape("cap takes a number, not 'high'")):   # text: read as --set reads it
+        make_config(cls, {"cap": "high"})
     (tmp_path / "tasks").mkdir()
     for name in ("a", "b"):
         write_task(tmp_path / "tasks" / f"{name}.json", GOOD)

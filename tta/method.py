@@ -307,6 +307,29 @@ def _coerce_kind(name: str, kind: str, text: str):
         raise ValueError(f"{name} ({kind}) takes a JSON value ({e.msg} at char {e.pos})") from None
 
 
+def _checked(field: dataclasses.Field, value):
+    """A value an experiment file gives as TOML (not text), checked against the setting's type: a
+    float for a whole-number setting ran as given (k = 2.5)."""
+    kind = _kind(field)
+    inner = _optional(kind)
+    if inner is not None:
+        if value is None:
+            return None
+        kind = inner
+    if kind == "int":
+        if isinstance(value, int) and not isinstance(value, bool) or isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ValueError(f"{field.name} takes a whole number, not {value!r}")
+    if kind == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    wanted = {"int": int, "float": float, "bool": bool, "str": str}.get(kind)
+    if wanted is not None and not isinstance(value, wanted):
+        raise ValueError(f"{field.name} takes a {kind}, not {value!r}")
+    if kind.split("[")[0] in ("tuple", "Tuple") and isinstance(value, list):
+        return tuple(value)
+    return value
+
+
 def make_config(cls: type[Method], overrides: list[str] | dict | None = None):
     """The method's config with `key=value` overrides applied; unknown keys are an error."""
     fields = {f.name: f for f in dataclasses.fields(cls.Config)}
@@ -325,7 +348,7 @@ def make_config(cls: type[Method], overrides: list[str] | dict | None = None):
         if key not in fields:
             raise MethodError(f"{flag}{key}: {cls.name} has no setting {key!r} (settings: {', '.join(fields) or 'none'})")
         try:
-            values[key] = _coerce(fields[key], value) if isinstance(value, str) else value
+            values[key] = _coerce(fields[key], value) if isinstance(value, str) else _checked(fields[key], value)
         except (ValueError, json.JSONDecodeError) as e:
             raise MethodError(f"{flag}{key}={value}: {e}") from None
     try:
