@@ -804,3 +804,43 @@ def test_a_task_run_from_a_thread_started_under_the_watch_is_charged_once(lm):
     thread.start()
     thread.join()
     assert spent == [2 * 16 ** 3]
+
+
+def test_products_torch_wraps_in_python_and_dense_linear_algebra_are_charged(lm):
+    """Fails if work escapes the watch: a function torch writes in Python around its products
+    (`F.multi_head_attention_forward`: the watch sees only the outer call) was charged 0, as were
+    `torch.inner`, `torch.cdist`, `F.bilinear`, an in-place `addmm_` and every decomposition (an
+    SVD of any size cost nothing).  The functional attention costs what the module does."""
+    a, b, x = torch.randn(64, 64), torch.randn(64, 32), torch.randn(64, 1, 64)
+    attention = torch.nn.MultiheadAttention(64, 4)
+    n = 64
+    expected = {   # work -> FLOPs: products as torch counts them; decompositions by their textbook counts
+        "module attention": (lambda: attention(x, x, x, need_weights=False), None),
+        "functional attention": (lambda: torch.nn.functional.multi_head_attention_forward(
+            x, x, x, 64, 4, attention.in_proj_weight, attention.in_proj_bias, None, None, False, 0.0,
+            attention.out_proj.weight, attention.out_proj.bias, need_weights=False), None),
+        "inner": (lambda: torch.inner(a, b.T), 2 * 64 * 64 * 32),
+        "cdist": (lambda: torch.cdist(a, b.T[:, :64]), 2 * 64 * 32 * 64),
+        "bilinear": (lambda: torch.nn.functional.bilinear(a, a, torch.randn(8, 64, 64)), 2 * 64 * 8 * 64 * 64),
+        "addmm_": (lambda: torch.zeros(64, 32).addmm_(a, b), 2 * 64 * 64 * 32),
+        "svd": (lambda: torch.linalg.svd(a), 21 * n ** 3),
+        "thin svd of a tall matrix": (lambda: torch.linalg.svd(torch.randn(128, n), full_matrices=False),
+                                      14 * 128 * n * n + 8 * n ** 3),
+        "solve": (lambda: torch.linalg.solve(a, b), 2 * n ** 3 / 3 + 2 * n * n * 32),
+        "batched inverse": (lambda: torch.inverse(torch.randn(3, n, n)), 3 * 2 * n ** 3),
+        "eigh": (lambda: torch.linalg.eigh(a @ a.T), 2 * n ** 3 + 9 * n ** 3),
+    }
+    spent = {}
+    for name, (work, _) in expected.items():
+        with torch.no_grad():
+            spent[name] = charged(lm, work, watched=True)
+    assert spent["functional attention"] == spent["module attention"] > 0
+    for name, (_, flops) in expected.items():
+        if flops is not None:
+            assert spent[name] == pytest.approx(flops, rel=1e-9), name
+    meter = Meter(Budget(flops=1e6))   # priced before it runs, so refused like any product
+    meter.attach(lm.model)
+    with meter.watching_other_work(), pytest.raises(BudgetExceeded, match="a bare linalg_svd costing"):
+        torch.linalg.svd(a)
+    meter.detach()
+    assert meter.flops == 0

@@ -12,8 +12,8 @@ train or eval mode alike.  A deep copy of the model keeps charging the task's me
 too (`Meter.watching_other_work`): a model the method builds from the weights or loads again
 is hooked on its first forward like the run's model, and a network of the method's own is
 charged at its linear, convolution and attention modules, and so are the matrix products it
-writes as bare tensor operations (`x @ w`, `F.linear`, `torch.einsum`), in its own threads
-too; under `torch.func.vmap` every count covers the whole batch (`vmapped_copies`).  The FLOP cap holds whether a method
+writes as bare tensor operations (`x @ w`, `F.linear`, `torch.einsum`) and the dense linear
+algebra it runs (`torch.linalg.svd`, ...), in its own threads too; under `torch.func.vmap` every count covers the whole batch (`vmapped_copies`).  The FLOP cap holds whether a method
 asks or not: a forward whose decoder layers alone would take the spend past it raises
 `BudgetExceeded` before it runs.
 
@@ -299,9 +299,67 @@ def _bare_products():
     table[F.scaled_dot_product_attention] = (_sdpa_flops, (0, 1, 2))
     for f in (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d):   # each input value meets a kernel slice
         table[f] = (lambda input, weight, *_, **__: 2.0 * input.numel() * weight[0].numel(), (0, 1))
-    for f in (F.conv1d, F.conv2d, F.conv3d, torch.einsum, torch.tensordot, torch.linalg.multi_dot):
+    for f in (T.addmm_, T.baddbmm_, T.addbmm_, T.addmv_):   # in place: the same product
+        table[f] = table[getattr(T, f.__name__.rstrip("_"))]
+    table[torch.inner] = (lambda a, b, *_, **__: 2.0 * a.numel() * max(b.numel() // max(b.shape[-1], 1), 1)
+                          if a.dim() and b.dim() else 2.0, (0, 1))
+    table[torch.linalg.vecdot] = (lambda x, y, *_, **__: 2.0 * math.prod(torch.broadcast_shapes(x.shape, y.shape)), (0, 1))
+    table[torch.cdist] = (_cdist_flops, (0, 1))
+    table[F.bilinear] = (lambda x1, x2, weight, *_, **__: 2.0 * x1.numel() * weight.shape[0] * x2.shape[-1], (0, 1, 2))
+    # Functions written in Python around products: the watch sees only the outer call (its own
+    # calls run with the watch set aside), so torch's counter prices the whole on meta copies.
+    for f in (F.conv1d, F.conv2d, F.conv3d, torch.einsum, torch.tensordot, torch.linalg.multi_dot,
+              torch.chain_matmul, F.multi_head_attention_forward, torch.linalg.matrix_power, torch.matrix_power,
+              T.matrix_power, torch.svd_lowrank, torch.pca_lowrank):
         table[f] = (_ON_META, None)
+    table.update(_decompositions())
     return table
+
+
+def _cdist_flops(x1, x2, *_, **__) -> float:
+    """`torch.cdist`: every pair of rows, a difference, a power and a sum over the features: priced
+    as the product of the same shapes (2 per pair and feature)."""
+    batch = math.prod(torch.broadcast_shapes(x1.shape[:-2], x2.shape[:-2]))
+    return 2.0 * batch * x1.shape[-2] * x2.shape[-2] * x1.shape[-1]
+
+
+def _decompositions() -> dict:
+    """Dense linear algebra, at the leading terms of the textbook operation counts (Golub and Van
+    Loan, Matrix Computations, 4th ed.; a multiply-add is 2 FLOPs) for an m x n matrix, m >= n (a
+    wide one is counted as its transpose), times its batch.  torch's counter prices none of these
+    (0 FLOPs for an SVD), and a method could otherwise decompose large matrices for free.  The
+    backward is charged once more when the matrix learns."""
+    L, T = torch.linalg, torch.Tensor
+
+    def priced(count):   # count(long side m, short side n, right-hand columns k, the call's kwargs)
+        def price(A, B=None, *_, **kwargs):
+            m, n = max(A.shape[-2:]), min(A.shape[-2:])
+            batch = A.numel() // max(A.shape[-2] * A.shape[-1], 1)
+            k = (B.shape[-1] if B.dim() == A.dim() else 1) if isinstance(B, torch.Tensor) else 0
+            return float(batch * count(m, n, k, kwargs))
+        return price
+
+    svd = lambda m, n, k, kw: (4 * m * m * n + 8 * m * n * n + 9 * n ** 3 if kw.get("full_matrices", True)   # noqa: E731
+                               else 14 * m * n * n + 8 * n ** 3)
+    counts = {
+        (L.cholesky, L.cholesky_ex, torch.cholesky, T.cholesky): lambda m, n, k, kw: n ** 3 / 3,
+        (L.lu_factor, L.lu_factor_ex, L.lu, L.det, torch.det, T.det, L.slogdet, torch.slogdet, T.slogdet,
+         torch.logdet, T.logdet): lambda m, n, k, kw: m * n * n - n ** 3 / 3,
+        (L.solve, L.solve_ex): lambda m, n, k, kw: 2 * n ** 3 / 3 + 2 * n * n * k,
+        (L.solve_triangular,): lambda m, n, k, kw: n * n * k,
+        (L.inv, L.inv_ex, torch.inverse, T.inverse): lambda m, n, k, kw: 2 * n ** 3,
+        (L.qr, torch.qr, T.qr): lambda m, n, k, kw: 4 * m * n * n - 4 * n ** 3 / 3,
+        (L.lstsq,): lambda m, n, k, kw: 2 * m * n * n - 2 * n ** 3 / 3 + 4 * m * n * k,
+        (L.eigh,): lambda m, n, k, kw: 9 * n ** 3,
+        (L.eigvalsh,): lambda m, n, k, kw: 4 * n ** 3 / 3,
+        (L.eig,): lambda m, n, k, kw: 25 * n ** 3,
+        (L.eigvals,): lambda m, n, k, kw: 10 * n ** 3,
+        (L.svd,): svd,
+        (torch.svd, T.svd): lambda m, n, k, kw: svd(m, n, k, {"full_matrices": not kw.get("some", True)}),
+        (L.svdvals, L.matrix_rank): lambda m, n, k, kw: 4 * m * n * n - 4 * n ** 3 / 3,
+        (L.pinv, torch.pinverse, T.pinverse): lambda m, n, k, kw: 14 * m * n * n + 8 * n ** 3,
+    }
+    return {f: (priced(count), (0,)) for functions, count in counts.items() for f in functions}
 
 
 _BARE_PRODUCTS = _bare_products()
