@@ -109,3 +109,17 @@ def test_run_directories_name_a_module_or_file_method_without_a_colon():
     assert default_out("plugins/x.py:X", "arc1-eval") == Path("runs") / "x.X-arc1-eval"
     cell = Cell(method="plugins/x.py:X", settings={}, budget=Budget(flops=1e12), seed=0)
     assert cell.directory(Path("r")) == Path("r") / "x.X-f1e12-seed0"
+
+
+def test_a_subclass_of_a_built_in_method_loaded_by_path_keeps_its_own_name(tmp_path):
+    """A researcher's variant of ttt_lora is another method.  Fails if it inherits the name
+    `ttt_lora`: its runs were then recorded as ttt_lora, a ttt_lora run directory resumed with
+    it, and a comparison took it for the paper's method."""
+    from tta.method import get_method
+    (tmp_path / "variant.py").write_text("from methods.ttt_lora import TTTLoRA\n\n\nclass MyTTT(TTTLoRA):\n    pass\n")
+    variant = get_method(f"{tmp_path / 'variant.py'}:MyTTT")
+    assert variant.name == "MyTTT" and get_method("ttt_lora").name == "ttt_lora"
+    (tmp_path / "registered.py").write_text(
+        "from methods.ttt_lora import TTTLoRA\nfrom tta.method import register\n\n\n"
+        "@register('my_ttt')\nclass Registered(TTTLoRA):\n    pass\n")
+    assert get_method(f"{tmp_path / 'registered.py'}:Registered").name == "my_ttt"

@@ -128,7 +128,7 @@ def discover() -> None:
             _broken[ep.name] = f"entry point {ep.name} = {ep.value} cannot be loaded ({_one_line(e)})"
             continue
         if isinstance(target, type) and issubclass(target, Method):
-            target.name = target.name or ep.name
+            target.name = target.__dict__.get("name") or ep.name   # its own, not a parent method's
             REGISTRY.setdefault(ep.name, target)
     if not any(ep.value.startswith("methods.") for ep in found):
         # Running from a source tree that was never installed: no entry points, so import the
@@ -211,7 +211,7 @@ def get_method(name: str) -> type[Method]:
             raise MethodError(f"{module_name} has no class {class_name!r} (methods there: {', '.join(found) or 'none'})")
         if not (isinstance(cls, type) and issubclass(cls, Method)):
             raise MethodError(f"{name} is not a subclass of tta.method.Method")
-        cls.name = cls.name or class_name
+        cls.name = cls.__dict__.get("name") or class_name   # its own: a subclass of ttt_lora is not ttt_lora
         return cls
     raise MethodError(f"unknown method {name!r} (known: {', '.join(sorted(REGISTRY))}; or module:Class, "
                       "path/to/file.py:Class, or --plugin FILE_OR_MODULE)")
