@@ -385,3 +385,25 @@ def test_a_method_whose_reset_leaves_the_model_changed_stops_the_run_after_that_
     # the answers of every task that finished stand: with two workers, each worker's first task
     expected = ["a"] if workers == 1 else ["a", "b"]
     assert sorted(r["task_id"] for r in read_results(tmp_path / "r" / "results.jsonl")) == expected
+
+
+def test_every_task_starts_in_the_base_models_modes(tmp_path):
+    """A method may leave the model in train mode or its weights learning (neither changes a
+    weight, so the weights check passes).  Fails if the next task then starts that way: decoding
+    with dropout, and backward passes charged for weights it never meant to train."""
+    (tmp_path / "modes.py").write_text(
+        "from tta.method import Method\n\nclass Modes(Method):\n"
+        "    def predict(self, task, budget, seed):\n"
+        "        model = self.lm.model\n"
+        "        seen = {'training': model.training, 'learning': sum(p.requires_grad for p in model.parameters())}\n"
+        "        model.train()\n        model.requires_grad_(not next(model.parameters()).requires_grad)\n"
+        "        return [[p.input, None] for p in task.test], seen\n")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    for name in ("a", "b", "c"):
+        write_task(tasks / f"{name}.json", GOOD)
+    result = CliRunner().invoke(main, ["run", "--method", f"{tmp_path / 'modes.py'}:Modes", "--model", "random:tiny",
+                                       "--dataset", str(tasks), "--out", str(tmp_path / "r"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    seen = [r["extra"]["predict"] for r in read_results(tmp_path / "r" / "results.jsonl")]
+    assert seen == [seen[0]] * 3 and seen[0]["training"] is False   # each task as the first found it

@@ -322,6 +322,7 @@ class TaskRunner:
     on_progress = None   # called inside a task with the share of its cap spent (the progress bar)
 
     base_weights = None   # the model's `weights_signature` after setup: what every task starts from
+    base_modes = None     # its `model_modes` then: put back after every task
     model_changed = None   # why the run must stop: the task after which `reset` left the model changed
 
     def setup(self) -> dict | None:
@@ -334,6 +335,7 @@ class TaskRunner:
             raise RunError(f"method {self.name}: setup failed: {one_line(e)}") from None
         if self.lm is not None:   # after setup: a one-off change made for all tasks is part of the base
             self.base_weights = weights_signature(self.lm.model)
+            self.base_modes = model_modes(self.lm.model)
         return {"seconds": round(time.perf_counter() - started, 3), **one_off} if one_off else None
 
     def solve(self, task_id: str) -> TaskRecord:
@@ -357,6 +359,7 @@ class TaskRunner:
         next task."""
         if self.base_weights is None:
             return
+        restore_modes(self.lm.model, self.base_modes)
         now = weights_signature(self.lm.model)
         if now != self.base_weights:
             self.model_changed = (
@@ -364,6 +367,24 @@ class TaskRunner:
                 f"({describe_change(self.base_weights, now)}): reset() did not undo what the task changed, so every "
                 "later task would start from another model; the run stops here (fix reset, then rerun the same "
                 "command to resume)")
+
+
+def model_modes(model: torch.nn.Module) -> tuple[dict[str, bool], dict[str, bool]]:
+    """Which modules are in training mode and which weights learn.  Neither changes a weight, so
+    `weights_signature` does not see them, yet a task left in train mode decodes the next task
+    with dropout, and weights left learning change what its backward passes cost."""
+    return ({name: m.training for name, m in model.named_modules()},
+            {name: p.requires_grad for name, p in model.named_parameters()})
+
+
+def restore_modes(model: torch.nn.Module, modes: tuple[dict[str, bool], dict[str, bool]]) -> None:
+    training, learning = modes
+    for name, m in model.named_modules():
+        if name in training:
+            m.training = training[name]
+    for name, p in model.named_parameters():
+        if name in learning and p.requires_grad != learning[name]:
+            p.requires_grad_(learning[name])
 
 
 def weights_signature(model: torch.nn.Module) -> dict[str, tuple]:
