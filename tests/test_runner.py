@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from dataclasses import dataclass
 
@@ -407,3 +408,26 @@ def test_every_task_starts_in_the_base_models_modes(tmp_path):
     assert result.exit_code == 0, result.output
     seen = [r["extra"]["predict"] for r in read_results(tmp_path / "r" / "results.jsonl")]
     assert seen == [seen[0]] * 3 and seen[0]["training"] is False   # each task as the first found it
+
+
+def test_torch_settings_a_task_changes_by_a_plain_call_are_put_back(tmp_path):
+    """Fails if a method's `torch.set_grad_enabled(False)`, float64 default dtype, thread count or
+    anomaly detection, set by a plain call in one task, reach the next task."""
+    (tmp_path / "global.py").write_text(
+        "import torch\nfrom tta.method import Method\n\nclass Global(Method):\n"
+        "    def predict(self, task, budget, seed):\n"
+        "        seen = {'grad': torch.is_grad_enabled(), 'dtype': str(torch.get_default_dtype()),\n"
+        "                'threads': torch.get_num_threads(), 'anomaly': torch.is_anomaly_enabled()}\n"
+        "        torch.set_grad_enabled(False)\n        torch.set_default_dtype(torch.float64)\n"
+        "        torch.set_num_threads(torch.get_num_threads() + 1)\n        torch.set_anomaly_enabled(True)\n"
+        "        return [[p.input, None] for p in task.test], seen\n")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    for name in ("a", "b", "c"):
+        write_task(tasks / f"{name}.json", GOOD)
+    result = CliRunner().invoke(main, ["run", "--method", f"{tmp_path / 'global.py'}:Global", "--model", "random:tiny",
+                                       "--dataset", str(tasks), "--out", str(tmp_path / "r"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    seen = [r["extra"]["predict"] for r in read_results(tmp_path / "r" / "results.jsonl")]
+    assert seen == [seen[0]] * 3 and seen[0]["grad"] is True and seen[0]["dtype"] == "torch.float32"
+    assert torch.get_default_dtype() == torch.float32 and torch.is_grad_enabled()

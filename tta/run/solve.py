@@ -196,11 +196,32 @@ def run_task(method: Method, lm: LoadedModel | None, task: Task, budget: Budget,
         raise
 
 
+@contextlib.contextmanager
+def torch_settings_kept():
+    """Put back torch's process-wide settings a method may change by a plain call rather than a
+    `with` block: a `torch.set_grad_enabled(False)` left on made the next task's training fail,
+    a float64 default dtype doubled its memory, a thread count changed its speed (and so what a
+    seconds cap buys), and anomaly detection slowed every later task."""
+    kept = (torch.is_grad_enabled(), torch.get_default_dtype(), torch.get_num_threads(), torch.is_anomaly_enabled(),
+            torch.are_deterministic_algorithms_enabled())
+    try:
+        yield
+    finally:
+        grad, dtype, threads, anomaly, deterministic = kept
+        torch.set_grad_enabled(grad)
+        torch.set_default_dtype(dtype)
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        torch.set_anomaly_enabled(anomaly)
+        if torch.are_deterministic_algorithms_enabled() != deterministic:
+            torch.use_deterministic_algorithms(deterministic)
+
+
 def _solve_metered(method: Method, lm: LoadedModel | None, task: Task, seed: int, meter: Meter, budget_view,
                    timeout: float | None = None, timeout_name: str | None = None) -> TaskRecord:
     try:
         visible = without_answers(task)   # the method never sees the test outputs
-        with time_limit(timeout, timeout_name):   # the method's work only: `reset` below always runs whole
+        with time_limit(timeout, timeout_name), torch_settings_kept():   # the method's work only: `reset` below always runs whole
             adapt_info = json_record(method.adapt(visible, budget_view, seed), "adapt's record")
             attempts, predict_info = predict_result(method.predict(visible, budget_view, seed))
         attempts = checked_attempts(attempts, len(task.test))
@@ -208,7 +229,8 @@ def _solve_metered(method: Method, lm: LoadedModel | None, task: Task, seed: int
         spent = meter.summary()   # before the graded metrics, which are measurement, not method
         metrics = graded_metrics(lm, task, attempts, meter) if task.has_solutions else {}
     finally:
-        method.reset()
+        with torch_settings_kept():
+            method.reset()
         meter.detach()
     spent.update(eval_flops=meter.uncharged_flops, peak_memory_mb=meter.summary()["peak_memory_mb"])
     correct = [scoring.solved(a, p.output) for a, p in zip(attempts, task.test)] if task.has_solutions else []
