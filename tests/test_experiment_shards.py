@@ -260,3 +260,21 @@ def test_a_run_label_is_kept_on_resume_and_another_label_is_refused(tmp_path):
     assert json.loads((tmp_path / "r" / "manifest.json").read_text())["label"] == "floor"
     with pytest.raises(RunError, match="holds a run with a different label"):
         run(RunSpec(**spec, label="other"), progress=False, log=lambda _: None)
+
+
+def test_a_cell_whose_method_cannot_run_stops_alone_and_the_grid_goes_on(tmp_path):
+    """One method's setup failing is that method's problem.  Fails if the experiment stops there
+    (the plan's later cells never ran), if it then ends without an error, or if its report
+    leaves the stopped cell out without saying so."""
+    (tmp_path / "broken.py").write_text(
+        "from tta.method import Method\n\nclass Broken(Method):\n    needs_model = False\n\n"
+        "    def setup(self, tasks):\n        raise RuntimeError('no data store here')\n")
+    plan = tmp_path / "grid.toml"
+    plan.write_text(f'name = "g"\ndataset = "gen-eval"\nlimit = 2\nbudgets = [1e9]\n'
+                    f'[methods.broken]\nmethod = "{tmp_path / "broken.py"}:Broken"\n[methods.copy_input]\n')
+    with pytest.raises(RunError, match=r"1 of 2 cells stopped, first \S+broken-f1e09-seed0: method Broken: setup "
+                                       r"failed: RuntimeError: no data store here; the report \S+g.md covers"):
+        run_experiment(plan, tmp_path / "runs", tmp_path / "reports", progress=False, log=lambda _: None)
+    assert len(read_results(tmp_path / "runs" / "g" / "copy_input-f1e09-seed0" / "results.jsonl")) == 2
+    text = (tmp_path / "reports" / "g.md").read_text()
+    assert re.search(r"## Runs missing from this report\n\n.*\n\n- `\S+broken-f1e09-seed0`: method Broken: setup failed", text)

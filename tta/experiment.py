@@ -181,7 +181,7 @@ def run_experiment(path: Path, runs_root: Path = Path("runs"), reports_root: Pat
                     plugins=list(plugins or []), label=cell.label, task_timeout=plan.get("task_timeout")),
             progress=progress, log=log, wait_for_directory=wait, workers=workers)
 
-    busy = []
+    busy, failed = [], {}
     for cell in grid:
         log(f"== {cell.directory(root)}")
         try:
@@ -194,11 +194,22 @@ def run_experiment(path: Path, runs_root: Path = Path("runs"), reports_root: Pat
         except DirectoryBusy as e:
             log(f"   busy, coming back to it last: {e}")
             busy.append(cell)
+        except RunError as e:   # this cell's method cannot run (its setup failed, its reset leaks): the others go on
+            log(f"   error: {e}")
+            failed[cell.directory(root)] = str(e)
     for cell in busy:   # whatever the other process left undone, once it lets go
         log(f"== {cell.directory(root)} (waiting for the other process)")
         run_cell(cell, wait=True)
-    directories = [cell.directory(root) for cell in grid]
+    directories = [cell.directory(root) for cell in grid if cell.directory(root) not in failed]
     several_budgets = len(_budgets(plan, str(path))) > 1
-    return write_report(directories, reports_root / f"{plan['name']}.md", baseline=plan.get("baseline", "icl"),
-                        allow_mismatch=several_budgets, command=command or f"tta experiment {path}",
-                        baseline_given="baseline" in plan)
+    report = None
+    if directories:
+        report = write_report(directories, reports_root / f"{plan['name']}.md", baseline=plan.get("baseline", "icl"),
+                              allow_mismatch=several_budgets or bool(failed), command=command or f"tta experiment {path}",
+                              baseline_given="baseline" in plan and not failed, missing=failed)
+    if failed:
+        directory, reason = next(iter(failed.items()))
+        covered = f"; the report {report} covers the other cells" if report else ""
+        raise RunError(f"{len(failed)} of {len(grid)} cells stopped, first {directory}: {reason}{covered} "
+                       "(fix it, then rerun the same command: finished cells are kept)")
+    return report

@@ -862,8 +862,10 @@ AGGREGATIONS_NOTE = (
 
 
 def write_report(paths, out_md: str | Path, baseline: str = "icl",
-                 allow_mismatch: bool = False, command: str | None = None, baseline_given: bool = False) -> Path:
-    """Write the comparison report for ``paths`` to ``out_md``; returns its path.
+                 allow_mismatch: bool = False, command: str | None = None, baseline_given: bool = False,
+                 missing: dict[str, str] | None = None) -> Path:
+    """Write the comparison report for ``paths`` to ``out_md``; returns its path.  ``missing``:
+    runs that should have been here and why they are not (an experiment's stopped cells).
 
     Images go to ``<out_md without .md>_files/`` and are linked relatively.
     Raises :class:`ReportError` if the runs are not comparable and
@@ -906,6 +908,12 @@ def write_report(paths, out_md: str | Path, baseline: str = "icl",
     s.append(f"- Package versions: {_versions_markdown(manifests)}")
     s.append(f"- {AGGREGATIONS_NOTE}")
     s.append(f"- {INTERVALS_NOTE}\n")
+
+    if missing:
+        s.append("## Runs missing from this report\n")
+        s.append("These runs of the plan stopped with an error (what they finished is in their directories):\n")
+        s += [f"- `{run}`: {why}" for run, why in missing.items()]
+        s.append("")
 
     if diffs:
         s.append("## Differences between runs\n")
