@@ -844,3 +844,31 @@ def test_products_torch_wraps_in_python_and_dense_linear_algebra_are_charged(lm)
         torch.linalg.svd(a)
     meter.detach()
     assert meter.flops == 0
+
+
+class Scripted(Method):
+    """Runs a network of its own through TorchScript, traced in the task or scripted in setup."""
+    name = "scripted"
+
+    def setup(self, tasks):
+        self.scripted = torch.jit.script(torch.nn.Linear(16, 16))
+
+    def predict(self, task, budget, seed):
+        x = torch.randn(4, 16)
+        net = torch.jit.trace(torch.nn.Linear(16, 16), x) if task.id.endswith("traced") else self.scripted
+        net(x)
+        return [[p.input, None] for p in task.test], {}
+
+
+@pytest.mark.parametrize("how", ["traced", "scripted"])
+def test_torchscript_work_the_meter_cannot_see_is_refused(lm, how):
+    """Fails if a TorchScript module runs during a task: neither module hooks nor the watch on bare
+    products see inside it (a traced copy of the model cost 0 FLOPs a forward)."""
+    from tta.data.tasks import Task
+    method = Scripted(None, lm)
+    method.setup([])
+    task = flip_task()
+    task = Task(f"{task.id}-{how}", task.train, task.test)
+    with pytest.raises(Exception, match="a TorchScript module .* runs work the harness cannot count") as caught:
+        run_task(method, lm, task, Budget(), seed=0)
+    assert type(caught.value).__name__ == "UncountedWork"

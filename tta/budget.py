@@ -135,6 +135,12 @@ class Budget:
         return {"flops": self.flops, "seconds": self.seconds}
 
 
+class UncountedWork(RuntimeError):
+    """Work the meter cannot count, refused before it runs: a TorchScript module (`torch.jit.script`
+    or `torch.jit.trace`) runs its insides where neither module hooks nor the bare-product watch
+    see them (a traced copy of the embedded model was charged 0 FLOPs a forward)."""
+
+
 class BudgetExceeded(RuntimeError):
     """A forward of the model that would take the task past its FLOP cap, refused by the harness
     before it ran.  The built-in methods ask the budget first and never meet it; a method of one's
@@ -649,6 +655,9 @@ class Meter:
     def _before_other(self, module, args):
         """Refuse a counted module's forward past the cap; note the modules running now whose
         work is counted (`_ForwardInProgress.counted_modules`), so the bare-product watch passes their insides by."""
+        if isinstance(module, torch.jit.ScriptModule):
+            raise UncountedWork(f"a TorchScript module ({type(module).__name__}) runs work the harness cannot count; "
+                                "run the network as an ordinary module (torch.compile is counted)")
         if module.__dict__.get(_METERED) or self._hooked_on_first_forward(module):
             self._in_thread.counted_modules.append(module)
             return
