@@ -860,6 +860,7 @@ class Scripted(Method):
         return [[p.input, None] for p in task.test], {}
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")   # tracing under the watch: harmless here
 @pytest.mark.parametrize("how", ["traced", "scripted"])
 def test_torchscript_work_the_meter_cannot_see_is_refused(lm, how):
     """Fails if a TorchScript module runs during a task: neither module hooks nor the watch on bare
