@@ -873,3 +873,29 @@ def test_torchscript_work_the_meter_cannot_see_is_refused(lm, how):
     with pytest.raises(Exception, match="a TorchScript module .* runs work the harness cannot count") as caught:
         run_task(method, lm, task, Budget(), seed=0)
     assert type(caught.value).__name__ == "UncountedWork"
+
+
+@pytest.mark.filterwarnings("ignore:LSTM with projections")
+def test_a_methods_own_recurrent_network_is_charged(lm):
+    """An LSTM, GRU or RNN runs its steps inside one C++ call the watch cannot see.  Fails if
+    they cost 0 (as they did), or if a layer, direction, gate or projection is priced wrongly:
+    torch's counter prices each (except a plain LSTM, at 0 there) the same."""
+    x = torch.randn(10, 4, 32)
+    networks = {"gru": torch.nn.GRU(32, 64), "rnn": torch.nn.RNN(32, 64),
+                "two-layer bidirectional gru": torch.nn.GRU(32, 64, num_layers=2, bidirectional=True),
+                "lstm with a projection": torch.nn.LSTM(32, 64, proj_size=16)}
+    for name, network in networks.items():
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            network(x)
+        with torch.no_grad():
+            assert charged(lm, lambda: network(x), watched=True) == counter.get_total_flops() > 0, name
+    with torch.no_grad():   # four gates' weights against a GRU's three
+        lstm = charged(lm, lambda: torch.nn.LSTM(32, 64)(x), watched=True)
+    assert lstm == 4 / 3 * charged(lm, lambda: networks["gru"](x), watched=True)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, [10, 8, 5, 2])   # 25 steps, not 40
+    with torch.no_grad():
+        assert charged(lm, lambda: networks["gru"](packed), watched=True) == 2 * 3 * 64 * (32 + 64) * 25
+    # training: the backward is charged twice the forward (inputs' and weights' gradients)
+    gru = networks["gru"]
+    forward = charged(lm, lambda: gru(x), watched=True)
+    assert charged(lm, lambda: gru(x)[0].sum().backward(), watched=True) == 3 * forward

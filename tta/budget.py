@@ -229,13 +229,16 @@ def _hookable_decoder(module: torch.nn.Module):
 
 
 # The modules whose work is charged when they run outside every hooked model (`module_flops`).
-COUNTED_MODULES = (torch.nn.Linear, torch.nn.modules.conv._ConvNd, torch.nn.MultiheadAttention)
+COUNTED_MODULES = (torch.nn.Linear, torch.nn.modules.conv._ConvNd, torch.nn.MultiheadAttention,
+                   torch.nn.RNNBase)
+_RNN_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}   # weight matrices per layer and direction
 
 
 def module_flops(module: torch.nn.Module, args: tuple, output=None) -> float:
     """FLOPs of one forward of a module outside every hooked model, counted at its matrix
     products: `nn.Linear`, `nn.Conv*` (known once it ran) and `nn.MultiheadAttention` (inputs
-    given by position).  Anything else costs 0 here: element-wise work is not counted anywhere,
+    given by position) and `nn.LSTM`/`nn.GRU`/`nn.RNN` (their steps run inside one C++ call, where
+    the watch on bare products cannot see them).  Anything else costs 0 here: element-wise work is not counted anywhere,
     and a container's products run in its own `Linear`s and are counted there."""
     x = args[0] if args else None
     return _module_products(module, args, x, output) * vmapped_copies(x)
@@ -255,7 +258,28 @@ def _module_products(module: torch.nn.Module, args: tuple, x, output) -> float:
         queries, n_keys = x.numel() // width, keys.numel() // keys.shape[-1]
         projections = 2.0 * width * width * (2 * queries + 2 * n_keys)   # q and output; k and v
         return projections + 4.0 * width * (queries // batch) * (n_keys // batch) * batch
+    if isinstance(module, torch.nn.RNNBase):
+        return _recurrent_flops(module, x)
     return 0.0
+
+
+def _recurrent_flops(rnn: torch.nn.RNNBase, x) -> float:
+    """Every step of every layer and direction multiplies its input and the previous state by its
+    gates' weights (as torch's counter prices a GRU), plus an LSTM's projection of the state."""
+    packed = isinstance(x, torch.nn.utils.rnn.PackedSequence)
+    if not packed and not isinstance(x, torch.Tensor):
+        return 0.0
+    steps = x.data.shape[0] if packed else x.numel() // max(rnn.input_size, 1)   # time steps x batch
+    state = rnn.proj_size or rnn.hidden_size          # what a step passes on
+    directions = 2 if rnn.bidirectional else 1
+    total = 0.0
+    for layer in range(rnn.num_layers):
+        inputs = rnn.input_size if layer == 0 else state * directions
+        per_step = 2.0 * _RNN_GATES.get(rnn.mode, 1) * rnn.hidden_size * (inputs + state)
+        if rnn.proj_size:
+            per_step += 2.0 * rnn.hidden_size * rnn.proj_size
+        total += per_step * directions * steps
+    return total
 
 
 # ---------------------------------------------------------------- bare products
