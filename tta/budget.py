@@ -8,14 +8,16 @@ by `lm_head`, training or inference, a method's own call or the harness's.  A
 layer whose output carries a gradient graph gets a tensor hook that charges the
 backward pass when (and only when) a backward actually flows through it, in
 train or eval mode alike.  A deep copy of the model keeps charging the task's meter
-(`Meter.__deepcopy__`).  While a task runs, work through any other torch module is charged
-too (`Meter.watching_other_work`): a model the method builds from the weights or loads again
-is hooked on its first forward like the run's model, and a network of the method's own is
-charged at its linear, convolution, attention and recurrent modules, and so are the matrix products it
+(`Meter.__deepcopy__`). While a task runs, work through any other torch module is charged too
+(`Meter.watching_other_work`): a model the method builds from the weights or loads again is
+hooked on its first forward like the run's model, and a network of the method's own is charged
+at its linear, convolution, attention and recurrent modules, and so are the matrix products it
 writes as bare tensor operations (`x @ w`, `F.linear`, `torch.einsum`) and the dense linear
-algebra it runs (`torch.linalg.svd`, ...), in its own threads too; under `torch.func.vmap` every count covers the whole batch (`vmapped_copies`).  The FLOP cap holds whether a method
-asks or not: a forward whose decoder layers alone would take the spend past it raises
-`BudgetExceeded` before it runs.
+algebra it runs (`torch.linalg.svd`, ...), in its own threads too; under `torch.func.vmap` every
+count covers the whole batch (`vmapped_copies`). The FLOP cap holds whether a method asks or
+not: a forward whose decoder layers alone would take the spend past it raises `BudgetExceeded`
+before it runs.  A TorchScript module, whose insides nothing here can see, is refused
+(`UncountedWork`).
 
 Methods never hold the meter.  They get a `TaskBudget`: it answers questions
 (what is left, would this fit, keep X back for a later phase), lets a method add
