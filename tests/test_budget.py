@@ -899,3 +899,32 @@ def test_a_methods_own_recurrent_network_is_charged(lm):
     gru = networks["gru"]
     forward = charged(lm, lambda: gru(x), watched=True)
     assert charged(lm, lambda: gru(x)[0].sum().backward(), watched=True) == 3 * forward
+
+
+def test_training_steps_of_a_method_that_never_asks_stay_inside_the_cap(lm):
+    """A backward cannot be refused half way, so a forward with gradients on is admitted only if
+    its backward fits too.  Fails if the forward alone is priced: a plugin's training loop (as
+    transformers' Trainer runs it) then passed the cap by the last step's backward (121%)."""
+    ids = torch.randint(3, 10, (2, 40))
+    lm.model.requires_grad_(True)
+    meter = Meter()
+    meter.attach(lm.model)
+    lm.model(input_ids=ids, labels=ids).loss.backward()
+    step = meter.flops
+    with torch.no_grad():
+        lm.model(input_ids=ids)
+    forward = meter.flops - step
+    meter.detach()
+    cap = 2.5 * step   # room for two steps and half of a third: its forward fits, its backward does not
+    meter = Meter(Budget(flops=cap))
+    meter.attach(lm.model)
+    steps = 0
+    with pytest.raises(BudgetExceeded, match="and .* for the backward it allows"):
+        while True:
+            lm.model(input_ids=ids, labels=ids).loss.backward()
+            steps += 1
+    assert steps == 2 and meter.flops <= cap
+    with torch.no_grad():   # without gradients only the forward is priced: it fits
+        lm.model(input_ids=ids)
+    meter.detach()
+    assert meter.flops == pytest.approx(2 * step + forward) and meter.flops <= cap

@@ -147,7 +147,9 @@ class BudgetExceeded(RuntimeError):
     """A forward of the model that would take the task past its FLOP cap, refused by the harness
     before it ran.  The built-in methods ask the budget first and never meet it; a method of one's
     own that does not ask fails the task with this error, or catches it and answers with what it
-    has.  (Only FLOP caps are enforced so: a seconds cap cannot be checked before a forward runs.)"""
+    has.  With gradients on and weights that learn, the forward is refused unless the backward it
+    allows fits too.  (Only FLOP caps are enforced so: a seconds cap cannot be checked before a
+    forward runs.)"""
 
 
 @dataclass
@@ -791,13 +793,22 @@ class Meter:
         cap = self.budget.flops
         if cap is None or not self._charging:
             return
-        weights = self._recounted(decoder, lambda d: sum(linear_weights(layer)[0] for layer in d.layers))
-        cost = 2.0 * weights * call.tokens + attention_flops(len(decoder.layers), width, call.context)
-        if self.flops + cost > cap * (1 + 1e-9):   # the slack: float rounding of a method's own pricing
+        weights, trainable = self._recounted(decoder, lambda d: tuple(map(sum, zip(*(linear_weights(layer)
+                                                                                      for layer in d.layers)))))
+        attention = attention_flops(len(decoder.layers), width, call.context)
+        cost = 2.0 * weights * call.tokens + attention
+        # With gradients on and weights that learn, a backward can follow, and it cannot be
+        # stopped half way: the forward is admitted only if its backward fits too.  Priced on the
+        # forward alone, a plugin's training step (transformers' Trainer) ended at 121% of the cap.
+        backward = (2.0 * (weights + trainable) * call.tokens + 2 * attention
+                    if trainable and torch.is_grad_enabled() else 0.0)
+        if self.flops + cost + backward > cap * (1 + 1e-9):   # the slack: float rounding of a method's own pricing
             self.refusals += 1   # the cap cut the method's work, as a refused `can_afford` does
+            with_backward = (f" (and {backward:.3g} for the backward it allows: gradients are on and weights "
+                             "learn; under torch.no_grad() only the forward is priced)") if backward else ""
             raise BudgetExceeded(
-                f"a forward of {cost:.3g} FLOPs with {self.flops:.3g} of the task's {cap:.3g}-FLOP cap spent "
-                "would pass the cap; ask budget.can_afford(flops) before calling the model, or catch "
+                f"a forward of {cost:.3g} FLOPs{with_backward} with {self.flops:.3g} of the task's {cap:.3g}-FLOP "
+                "cap spent would pass the cap; ask budget.can_afford(flops) before calling the model, or catch "
                 "tta.budget.BudgetExceeded and answer with what you have")
 
     @staticmethod
