@@ -928,3 +928,26 @@ def test_training_steps_of_a_method_that_never_asks_stay_inside_the_cap(lm):
         lm.model(input_ids=ids)
     meter.detach()
     assert meter.flops == pytest.approx(2 * step + forward) and meter.flops <= cap
+
+
+def test_a_methods_own_network_trained_without_asking_stays_inside_the_cap(lm):
+    """The same for a network of the method's own, through a counted module and through a bare
+    product.  Fails if only their forwards are priced before they run: the last step's backward
+    then took the spend past the cap."""
+    x = torch.randn(16, 32)
+    linear, weight = torch.nn.Linear(32, 32, bias=False), torch.randn(32, 32, requires_grad=True)
+    forward = 2 * 16 * 32 * 32
+    for name, step, passes in (("module", lambda: linear(x).sum().backward(), 3),   # forward, inputs' and weights' gradients
+                               ("bare product", lambda: (x @ weight).sum().backward(), 2)):   # x learns nothing
+        one_step = charged(lm, step, watched=True)
+        assert one_step == passes * forward, name
+        cap = 2.5 * one_step
+        meter = Meter(Budget(flops=cap))
+        meter.attach(lm.model)
+        steps = 0
+        with meter.watching_other_work(), pytest.raises(BudgetExceeded):
+            while True:
+                step()
+                steps += 1
+        meter.detach()
+        assert steps == 2 and meter.flops <= cap, name

@@ -489,20 +489,25 @@ class _BareProductWatch(torch.overrides.TorchFunctionMode):
                 cost = price(*args, **kwargs) * copies
             except (TypeError, IndexError, AttributeError):   # arguments by name, or not tensors
                 cost = None
-        if cost is not None:
-            meter._refuse_past(cost, f"a bare {getattr(func, '__name__', func)}")   # before the work, as a module's is
+        learning = _learning_operands(func, operands, grads) if torch.is_grad_enabled() else 0
+        if cost is not None:   # before the work, as a module's is, with the backward it allows
+            meter._refuse_past(cost * (1 + learning), f"a bare {getattr(func, '__name__', func)}")
             output = func(*args, **kwargs)
         else:   # known once it ran: the product after it is refused if this one spent the cap
             output, cost = _run_counted(func, args, kwargs)
         meter._charge(cost)
-        if isinstance(output, torch.Tensor) and output.requires_grad:
-            picked = operands if grads is None else [operands[i] for i in grads if i < len(operands)]
-            learning = sum(isinstance(x, torch.Tensor) and x.requires_grad for x in picked)
-            if func is torch.nn.functional.scaled_dot_product_attention:
-                learning = 2   # the formula's backward: twice the forward attention term
-            if learning:
-                output.register_hook(meter._backward_charger(cost * learning))
+        if isinstance(output, torch.Tensor) and output.requires_grad and learning:
+            output.register_hook(meter._backward_charger(cost * learning))
         return output
+
+
+def _learning_operands(func, operands: list, grads) -> int:
+    """How many forward costs a product's backward takes: one per operand that learns."""
+    picked = operands if grads is None else [operands[i] for i in grads if i < len(operands)]
+    learning = sum(isinstance(x, torch.Tensor) and x.requires_grad for x in picked)
+    if learning and func is torch.nn.functional.scaled_dot_product_attention:
+        return 2   # the formula's backward: twice the forward attention term
+    return learning
 
 
 class _WatchInStartedThread(_BareProductWatch):
@@ -692,6 +697,11 @@ class Meter:
         if not isinstance(module, COUNTED_MODULES):
             return
         cost = module_flops(module, args)   # 0 for a convolution until it ran: refused once the cap is spent
+        if torch.is_grad_enabled():   # with the backward it allows, as `_after_other` would charge it
+            trains = any(p.requires_grad for p in module.parameters(recurse=False))
+            x = args[0] if args else None
+            if trains or (isinstance(x, torch.Tensor) and x.requires_grad):
+                cost *= 3 if trains else 2
         self._refuse_past(cost, f"a forward of {type(module).__name__}")
         self._in_thread.counted_modules.append(module)
 
