@@ -388,6 +388,18 @@ def test_a_method_whose_reset_leaves_the_model_changed_stops_the_run_after_that_
     assert sorted(r["task_id"] for r in read_results(tmp_path / "r" / "results.jsonl")) == expected
 
 
+def what_three_tasks_saw(tmp_path, method: str) -> list[dict]:
+    """Run a plugin in `tmp_path` (FILE:Class) over three tasks; each task's predict record."""
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    for name in ("a", "b", "c"):
+        write_task(tasks / f"{name}.json", GOOD)
+    result = CliRunner().invoke(main, ["run", "--method", str(tmp_path / method), "--model", "random:tiny",
+                                       "--dataset", str(tasks), "--out", str(tmp_path / "r"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    return [r["extra"]["predict"] for r in read_results(tmp_path / "r" / "results.jsonl")]
+
+
 def test_every_task_starts_in_the_base_models_modes(tmp_path):
     """A method may leave the model in train mode or its weights learning (neither changes a
     weight, so the weights check passes).  Fails if the next task then starts that way: decoding
@@ -399,14 +411,7 @@ def test_every_task_starts_in_the_base_models_modes(tmp_path):
         "        seen = {'training': model.training, 'learning': sum(p.requires_grad for p in model.parameters())}\n"
         "        model.train()\n        model.requires_grad_(not next(model.parameters()).requires_grad)\n"
         "        return [[p.input, None] for p in task.test], seen\n")
-    tasks = tmp_path / "tasks"
-    tasks.mkdir()
-    for name in ("a", "b", "c"):
-        write_task(tasks / f"{name}.json", GOOD)
-    result = CliRunner().invoke(main, ["run", "--method", f"{tmp_path / 'modes.py'}:Modes", "--model", "random:tiny",
-                                       "--dataset", str(tasks), "--out", str(tmp_path / "r"), "--quiet"])
-    assert result.exit_code == 0, result.output
-    seen = [r["extra"]["predict"] for r in read_results(tmp_path / "r" / "results.jsonl")]
+    seen = what_three_tasks_saw(tmp_path, "modes.py:Modes")
     assert seen == [seen[0]] * 3 and seen[0]["training"] is False   # each task as the first found it
 
 
@@ -421,13 +426,6 @@ def test_torch_settings_a_task_changes_by_a_plain_call_are_put_back(tmp_path):
         "        torch.set_grad_enabled(False)\n        torch.set_default_dtype(torch.float64)\n"
         "        torch.set_num_threads(torch.get_num_threads() + 1)\n        torch.set_anomaly_enabled(True)\n"
         "        return [[p.input, None] for p in task.test], seen\n")
-    tasks = tmp_path / "tasks"
-    tasks.mkdir()
-    for name in ("a", "b", "c"):
-        write_task(tasks / f"{name}.json", GOOD)
-    result = CliRunner().invoke(main, ["run", "--method", f"{tmp_path / 'global.py'}:Global", "--model", "random:tiny",
-                                       "--dataset", str(tasks), "--out", str(tmp_path / "r"), "--quiet"])
-    assert result.exit_code == 0, result.output
-    seen = [r["extra"]["predict"] for r in read_results(tmp_path / "r" / "results.jsonl")]
+    seen = what_three_tasks_saw(tmp_path, "global.py:Global")
     assert seen == [seen[0]] * 3 and seen[0]["grad"] is True and seen[0]["dtype"] == "torch.float32"
     assert torch.get_default_dtype() == torch.float32 and torch.is_grad_enabled()
