@@ -438,7 +438,7 @@ def test_cost_table_shares_stops_and_reasons(tmp_path):
     cells = _row(text, "new")
     assert "70.0% / 20.0%" in cells and "3/6" in cells and "every distinct view used (2/6)" in cells
     cells = _row(text, "old")
-    assert "no cap" in cells and cells.count("not recorded") == 2
+    assert "no cap" in cells and cells.count("not recorded") == 3   # stops, reasons, CPU seconds
     run_text = write_run_report(capped)
     assert "| n0 |" in run_text and "max_samples reached" in run_text
 

@@ -429,3 +429,25 @@ def test_torch_settings_a_task_changes_by_a_plain_call_are_put_back(tmp_path):
     seen = what_three_tasks_saw(tmp_path, "global.py:Global")
     assert seen == [seen[0]] * 3 and seen[0]["grad"] is True and seen[0]["dtype"] == "torch.float32"
     assert torch.get_default_dtype() == torch.float32 and torch.is_grad_enabled()
+
+
+def test_work_the_meter_cannot_see_still_shows_in_cpu_seconds(tmp_path):
+    """Fails if the record's CPU seconds miss a method's NumPy work or its child processes (the
+    check that points to compute beside the counted FLOPs), or count the harness's own grading."""
+    (tmp_path / "numpy_work.py").write_text(
+        "import subprocess, sys, time\nimport numpy as np\nfrom tta.method import Method\n\n"
+        "class NumpyWork(Method):\n    needs_model = False\n\n"
+        "    def predict(self, task, budget, seed):\n"
+        "        a, started = np.random.rand(200, 200), time.process_time()\n"
+        "        while time.process_time() - started < 0.3:\n            a @ a\n"
+        "        subprocess.run([sys.executable, '-c', 'import time\\nt = time.process_time()\\n"
+        "while time.process_time() - t < 0.3: pass'], check=True)\n"
+        "        return [[p.input, None] for p in task.test], {}\n")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    write_task(tasks / "a.json", GOOD)
+    result = CliRunner().invoke(main, ["run", "--method", f"{tmp_path / 'numpy_work.py'}:NumpyWork",
+                                       "--dataset", str(tasks), "--out", str(tmp_path / "r"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    [record] = read_results(tmp_path / "r" / "results.jsonl")
+    assert record["flops"] == 0 and record["cpu_seconds"] >= 0.6

@@ -35,7 +35,7 @@ class ReportError(ValueError):
 RUN_COLUMNS = ["run", "path", "method", "config_hash", "model", "dataset", "seed",
                "budget_flops", "budget_seconds"]
 TASK_COLUMNS = ["task_id", "n_outputs", "n_solved", "all_solved", "score", "flops",
-                "seconds", "peak_memory_mb", "error", "failed", "missing", "ungraded",
+                "seconds", "cpu_seconds", "peak_memory_mb", "error", "failed", "missing", "ungraded",
                 "budget_exhausted", "stopped_by_budget", "out_of_work", "n_demos", "n_tokens",
                 *GRADED_METRICS]
 
@@ -46,7 +46,7 @@ def load_runs(paths: Iterable[str | Path] | str | Path) -> pd.DataFrame:
     Columns: run (directory name, or the full path when two runs share a
     name), path, method, config_hash, model, dataset, seed, budget_flops,
     budget_seconds, task_id, n_outputs, n_solved, all_solved, score, flops,
-    seconds, peak_memory_mb, error, failed, missing (never ran: "not run"), ungraded (the
+    seconds, cpu_seconds (NaN when not recorded), peak_memory_mb, error, failed, missing (never ran: "not run"), ungraded (the
     dataset gave no solution, so nothing was scored), budget_exhausted,
     stopped_by_budget (1.0 / 0.0, NaN when not recorded), out_of_work (the
     method's own reason for stopping below the cap, or None), n_demos,
@@ -141,6 +141,7 @@ def _task_row(record: TaskRecord) -> dict:
         "score": n_solved / n_outputs if n_outputs else 0.0,
         "flops": unknown if record.missing else _float(record.flops),
         "seconds": unknown if record.missing else _float(record.seconds),
+        "cpu_seconds": math.nan if record.missing else _float(record.cpu_seconds),
         "peak_memory_mb": unknown if record.missing else _float(record.peak_memory_mb),
         "error": record.error,
         "failed": record.failed,

@@ -139,7 +139,7 @@ def _cost_fields(g: pd.DataFrame) -> dict:
     most common out_of_work reason with its count."""
     n_tasks = len(g)
     row = {"budget_flops": g["budget_flops"].iloc[0], "budget_seconds": g["budget_seconds"].iloc[0]}
-    for col in ("flops", "seconds", "peak_memory_mb"):
+    for col in ("flops", "seconds", "cpu_seconds", "peak_memory_mb"):
         row[f"{col}_mean"] = g[col].mean()
         row[f"{col}_median"] = g[col].median()
         row[f"{col}_max"] = g[col].max()
@@ -553,7 +553,9 @@ COST_NOTE = (
     "Stopped by budget: tasks where "
     "the harness saw the cap cut the method's work. Out of work: the method's own reason for "
     "stopping below the cap, the most common one with its count. Runs made before the harness "
-    "logged these show \"not recorded\". Seconds and peak memory are per task, as recorded. Wall s / task: "
+    "logged these show \"not recorded\". Seconds and peak memory are per task, as recorded. CPU s / task: the mean CPU "
+    "seconds of the method's work, every thread and child processes that ended; well above seconds "
+    "times the threads a run was given, it points to work beside the counted FLOPs. Wall s / task: "
     "the run's wall-clock time (each session from its start to its last result; work in flight when a "
     "session was stopped is not counted) over the tasks that ran; with several worker processes it is "
     "below the seconds per task. Runs made before sessions recorded their last result show \"not recorded\"."
@@ -576,6 +578,8 @@ def _cost_markdown(acc: pd.DataFrame) -> str:
         table[f"{label} mean / median / max"] = [
             f"{_num(a)} / {_num(b)} / {_num(c)}"
             for a, b, c in zip(acc[f"{col}_mean"], acc[f"{col}_median"], acc[f"{col}_max"])]
+        if col == "seconds":
+            table["CPU s / task"] = [_num(x) if x == x else "not recorded" for x in acc["cpu_seconds_mean"]]
     table["one-off s / task"] = [_num(x) if x == x else "none" for x in acc["one_off_seconds_per_task"]]
     table["wall s / task"] = [_num(x) if x == x else "not recorded" for x in acc["wall_seconds_per_task"]]
     table["budget exhausted"] = [f"{k}/{n}" for k, n in zip(acc["n_budget_exhausted"], acc["n_tasks"])]
@@ -1035,7 +1039,7 @@ def write_run_report(path: str | Path, out: str | Path | None = None) -> str:
                  if n_ungraded else "") + "\n"]
     if df.attrs.get("assumed_one_output") and not ungraded_run:
         s.append("Tasks not run count as one test output each in the Kaggle accuracy (their number is unknown).\n")
-    per_task = df[["task_id", "n_outputs", "n_solved", "score", "flops", "seconds", "peak_memory_mb",
+    per_task = df[["task_id", "n_outputs", "n_solved", "score", "flops", "seconds", "cpu_seconds", "peak_memory_mb",
                    "budget_exhausted", "stopped_by_budget", "out_of_work"]].assign(
         score=[("not run" if m else "ungraded" if u else f"{x:.3g}")
                for x, m, u in zip(df["score"], df["missing"], df["ungraded"])],

@@ -41,6 +41,7 @@ class TaskRecord:
     eval_flops: float = 0.0          # the graded metrics' forward passes (measurement, not charged)
     seconds: float = 0.0
     peak_memory_mb: float = 0.0
+    cpu_seconds: float | None = None   # the method's work in CPU seconds: every thread, and child processes that ended (None: not recorded)
     budget_share: float | None = None   # flops / cap
     stopped_by_budget: bool | None = None   # the method wanted more work than the cap paid for (None: not recorded)
     out_of_work: str | None = None      # why the method stopped below its cap, in its words
@@ -94,7 +95,7 @@ class TaskRecord:
                    n_tokens=task_size(task) if task is not None else 0,
                    attempts=[[None, None] for _ in range(n_outputs)],
                    correct=[False] * n_outputs if graded else [], graded=graded, error=error,
-                   flops=spent.get("flops", 0.0), seconds=spent.get("seconds", 0.0),
+                   flops=spent.get("flops", 0.0), seconds=spent.get("seconds", 0.0), cpu_seconds=spent.get("cpu_seconds"),
                    peak_memory_mb=spent.get("peak_memory_mb", 0.0), budget_share=spent.get("budget_share"),
                    stopped_by_budget=spent.get("stopped_by_budget", False))
 

@@ -239,7 +239,7 @@ def _solve_metered(method: Method, lm: LoadedModel | None, task: Task, seed: int
         attempts=[[grid_to_list(a) for a in pair] for pair in attempts],
         correct=correct, score=scoring.task_score(correct), graded=task.has_solutions,
         flops=spent["flops"], eval_flops=spent["eval_flops"], seconds=spent["seconds"],
-        peak_memory_mb=spent["peak_memory_mb"], budget_share=spent["budget_share"],
+        peak_memory_mb=spent["peak_memory_mb"], cpu_seconds=spent["cpu_seconds"], budget_share=spent["budget_share"],
         stopped_by_budget=spent["stopped_by_budget"], out_of_work=spent["out_of_work"],
         budget_exhausted=spent["stopped_by_budget"], metrics=metrics,
         extra={"adapt": adapt_info, "predict": predict_info})
