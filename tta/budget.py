@@ -238,6 +238,12 @@ COUNTED_MODULES = (torch.nn.Linear, torch.nn.modules.conv._ConvNd, torch.nn.Mult
 _RNN_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}   # weight matrices per layer and direction
 
 
+def _backward_passes(module: torch.nn.Module) -> int:
+    """Forward costs a counted module's backward takes: its input's gradient, and its own weights'
+    when they learn."""
+    return 2 if any(p.requires_grad for p in module.parameters(recurse=False)) else 1
+
+
 def module_flops(module: torch.nn.Module, args: tuple, output=None) -> float:
     """FLOPs of one forward of a module outside every hooked model, counted at its matrix
     products: `nn.Linear`, `nn.Conv*` (known once it ran) and `nn.MultiheadAttention` (inputs
@@ -699,10 +705,9 @@ class Meter:
             return
         cost = module_flops(module, args)   # 0 for a convolution until it ran: refused once the cap is spent
         if torch.is_grad_enabled():   # with the backward it allows, as `_after_other` would charge it
-            trains = any(p.requires_grad for p in module.parameters(recurse=False))
-            x = args[0] if args else None
-            if trains or (isinstance(x, torch.Tensor) and x.requires_grad):
-                cost *= 3 if trains else 2
+            passes, x = _backward_passes(module), args[0] if args else None
+            if passes == 2 or (isinstance(x, torch.Tensor) and x.requires_grad):
+                cost *= 1 + passes
         self._refuse_past(cost, f"a forward of {type(module).__name__}")
         self._in_thread.counted_modules.append(module)
 
@@ -741,8 +746,7 @@ class Meter:
         self._charge(cost)
         out = output[0] if isinstance(output, tuple) else output
         if isinstance(out, torch.Tensor) and out.requires_grad:
-            trains = any(p.requires_grad for p in module.parameters(recurse=False))
-            out.register_hook(self._backward_charger(cost * (2 if trains else 1)))
+            out.register_hook(self._backward_charger(cost * _backward_passes(module)))
 
     # ---- copies of a metered model
     # Meters attached now, in this process (the latest last): where the hooks of a model copied in

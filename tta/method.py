@@ -249,6 +249,13 @@ def _optional(kind: str) -> str | None:
     return None
 
 
+def _whole_number(name: str, value, given) -> int:
+    """`value` as an int if it is a whole number (an int, not a bool, or an integral float)."""
+    if isinstance(value, int) and not isinstance(value, bool) or isinstance(value, float) and value.is_integer():
+        return int(value)
+    raise ValueError(f"{name} takes a whole number, not {given!r}")
+
+
 def _coerce(field: dataclasses.Field, text: str):
     return _coerce_kind(field.name, _kind(field), text)
 
@@ -269,10 +276,8 @@ def _coerce_kind(name: str, kind: str, text: str):
         try:
             number = float(text)   # 1e4
         except ValueError:
-            raise ValueError(f"{name} takes a whole number, not {text!r}") from None
-        if not number.is_integer():
-            raise ValueError(f"{name} takes a whole number, not {text!r}")
-        return int(number)
+            number = None
+        return _whole_number(name, number, text)
     if kind == "float":
         try:
             return float(text)
@@ -317,9 +322,7 @@ def _checked(field: dataclasses.Field, value):
             return None
         kind = inner
     if kind == "int":
-        if isinstance(value, int) and not isinstance(value, bool) or isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ValueError(f"{field.name} takes a whole number, not {value!r}")
+        return _whole_number(field.name, value, value)
     if kind == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     wanted = {"int": int, "float": float, "bool": bool, "str": str}.get(kind)

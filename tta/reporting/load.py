@@ -141,7 +141,7 @@ def _task_row(record: TaskRecord) -> dict:
         "score": n_solved / n_outputs if n_outputs else 0.0,
         "flops": unknown if record.missing else _float(record.flops),
         "seconds": unknown if record.missing else _float(record.seconds),
-        "cpu_seconds": math.nan if record.missing else _float(record.cpu_seconds),
+        "cpu_seconds": unknown if record.missing else _float(record.cpu_seconds),
         "peak_memory_mb": unknown if record.missing else _float(record.peak_memory_mb),
         "error": record.error,
         "failed": record.failed,
