@@ -193,8 +193,9 @@ def test_the_method_handle_cannot_switch_counting_off(lm):
     try:
         for name in ("uncharged", "detach", "attach", "flops"):
             assert not hasattr(handle, name)
-        with pytest.raises(ValueError):
-            handle.charge(-1.0)
+        for wrong in (-1.0, float("nan"), float("inf")):   # NaN would have made every later cap check false
+            with pytest.raises(ValueError, match="finite, non-negative"):
+                handle.charge(wrong)
         well_behaved(lm)
         handle.charge(10.0)   # compute outside the model can only be added
         assert handle.spent == meter.flops == forward_flops(model_shape(lm.model), 8, 36) + 10
@@ -919,7 +920,7 @@ def test_training_steps_of_a_method_that_never_asks_stay_inside_the_cap(lm):
     meter = Meter(Budget(flops=cap))
     meter.attach(lm.model)
     steps = 0
-    with pytest.raises(BudgetExceeded, match="and .* for the backward it allows"):
+    with pytest.raises(BudgetExceeded, match="and .* for the head and the backward they allow"):
         while True:
             lm.model(input_ids=ids, labels=ids).loss.backward()
             steps += 1
@@ -928,6 +929,61 @@ def test_training_steps_of_a_method_that_never_asks_stay_inside_the_cap(lm):
         lm.model(input_ids=ids)
     meter.detach()
     assert meter.flops == pytest.approx(2 * step + forward) and meter.flops <= cap
+
+
+def big_head_model() -> torch.nn.Module:
+    """A general LLM's proportions: the output head (4,000 x 32) outweighs the decoder layers."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=4000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=128)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_an_inference_forward_whose_head_would_pass_the_cap_is_refused_before_the_head_runs():
+    """Fails if the head is left out of the refusal: the decoder layers fit, and the head, a
+    large share of a general LLM's forward, ran past the cap."""
+    model, ids = big_head_model(), torch.randint(0, 4000, (2, 30))
+    meter = Meter()
+    meter.attach(model)
+    with torch.no_grad():
+        model(input_ids=ids)
+    one = meter.flops
+    meter.detach()
+    layers = one - 2.0 * model.lm_head.weight.numel() * ids.numel()
+    assert layers < 0.5 * one   # the head is most of this forward
+    cap = one + layers + 1   # a second forward's layers fit, its head does not
+    meter = Meter(Budget(flops=cap))
+    meter.attach(model)
+    with torch.no_grad():
+        model(input_ids=ids)
+        with pytest.raises(BudgetExceeded, match="output head"):
+            model(input_ids=ids)
+    meter.detach()
+    assert meter.flops == pytest.approx(one + layers) and meter.flops <= cap and meter.refusals == 1
+
+
+def test_a_training_forward_is_priced_with_the_heads_logits_and_their_backward():
+    """Fails if a training forward's price leaves the head out: with a big head the layers and
+    their backward fit, and the head's forward and backward then passed the cap."""
+    model, ids = big_head_model(), torch.randint(0, 4000, (2, 30))
+    model.requires_grad_(True)
+    meter = Meter()
+    meter.attach(model)
+    model(input_ids=ids, labels=ids).loss.backward()
+    step = meter.flops
+    meter.detach()
+    head_share = 2.0 * 3 * model.lm_head.weight.numel() * ids.numel()   # forward, and its two backward products
+    cap = 2 * step + (step - head_share) + 1   # a third step's layers fit with their backward; its head does not
+    meter = Meter(Budget(flops=cap))
+    meter.attach(model)
+    steps = 0
+    with pytest.raises(BudgetExceeded, match="for the head and the backward they allow"):
+        while True:
+            model(input_ids=ids, labels=ids).loss.backward()
+            steps += 1
+    meter.detach()
+    assert steps == 2 and meter.flops == pytest.approx(2 * step) and meter.flops <= cap
 
 
 def test_a_methods_own_network_trained_without_asking_stays_inside_the_cap(lm):

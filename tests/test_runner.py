@@ -451,3 +451,37 @@ def test_work_the_meter_cannot_see_still_shows_in_cpu_seconds(tmp_path):
     assert result.exit_code == 0, result.output
     [record] = read_results(tmp_path / "r" / "results.jsonl")
     assert record["flops"] == 0 and record["cpu_seconds"] >= 0.6
+
+
+def test_a_method_that_changes_its_tasks_grids_in_place_changes_only_its_own_copy(tmp_path):
+    """Fails if the method's tasks share their grids with the harness's: zeroing the
+    demonstrations in `setup` and the test inputs in `predict` (in-place augmentation) then
+    changed the prompts the true-answer NLL is measured with, and what the next task saw."""
+    (tmp_path / "grids.py").write_text(
+        "from tta.method import Method\n\nclass Honest(Method):\n"
+        "    def predict(self, task, budget, seed):\n"
+        "        seen = int(sum(p.input.sum() + p.output.sum() for p in task.train))\n"
+        "        answers = [[p.input.copy(), None] for p in task.test]\n"
+        "        self.change(task)\n"
+        "        return answers, {'demonstration_cells': seen}\n\n"
+        "    def change(self, task):\n        pass\n\n"
+        "class InPlace(Honest):\n"
+        "    def setup(self, tasks):\n"
+        "        for task in tasks:\n"
+        "            for p in task.train:\n                p.input[...] = 0\n                p.output[...] = 0\n"
+        "        return {}\n\n"
+        "    def change(self, task):\n"
+        "        for p in task.test:\n            p.input[...] = 0\n")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    for i in range(3):
+        data = json.loads(json.dumps(GOOD))
+        data["test"][0]["input"][0][0] = i + 1
+        write_task(tasks / f"t{i}.json", data)
+    records = {}
+    for cls in ("Honest", "InPlace"):
+        result = CliRunner().invoke(main, ["run", "--method", f"{tmp_path / 'grids.py'}:{cls}", "--model", "random:tiny",
+                                           "--dataset", str(tasks), "--out", str(tmp_path / cls), "--quiet"])
+        assert result.exit_code == 0, result.output
+        records[cls] = [(r["extra"]["predict"], r["metrics"]) for r in read_results(tmp_path / cls / "results.jsonl")]
+    assert records["InPlace"] == records["Honest"] and records["Honest"][0][0]["demonstration_cells"] > 0

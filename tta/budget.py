@@ -616,14 +616,14 @@ class Meter:
         if decoder is None or layers is None:
             raise ValueError(f"cannot meter {type(model).__name__}: no decoder with .layers")
         width = attention_width(model.config)
-        self._handles += [decoder.register_forward_pre_hook(self._decoder_hook(width), with_kwargs=True),
+        head = model.get_output_embeddings()
+        self._handles += [decoder.register_forward_pre_hook(self._decoder_hook(width, head), with_kwargs=True),
                           decoder.register_forward_hook(self._after_decoder)]
         for layer in layers:
             self._handles += [layer.register_forward_pre_hook(self._mark_parts),
                               layer.register_forward_hook(self._layer_hook(width), with_kwargs=True)]
-        head = model.get_output_embeddings()
         if head is not None:
-            self._handles += [head.register_forward_pre_hook(self._mark_parts),
+            self._handles += [head.register_forward_pre_hook(self._before_head),
                               head.register_forward_hook(self._on_head)]
         _METERS_OF.setdefault(decoder, []).append(self)
         self._decoders.append(decoder)
@@ -789,7 +789,7 @@ class Meter:
         return self._recounted(model, model_shape)
 
     # ---- the hooks
-    def _decoder_hook(self, width: int):
+    def _decoder_hook(self, width: int, head: torch.nn.Module | None):
         def on_decoder(module, args, kwargs):
             self._mark_parts(module, args)
             call = self._real_tokens(args, kwargs)
@@ -797,14 +797,16 @@ class Meter:
             copies = vmapped_copies(ids if ids is not None else kwargs.get("inputs_embeds"))
             if copies > 1:   # one example's call under torch.func.vmap: the others run with it
                 call = _Call(call.new_mask, call.tokens * copies, call.context * copies, call.new_per_row)
-            self._payer()._refuse_past_cap(module, call, width)   # raises before the forward runs
+            self._payer()._refuse_past_cap(module, call, width, head)   # raises before the forward runs
             self._in_thread.call = call
         return on_decoder
 
-    def _refuse_past_cap(self, decoder, call: _Call, width: int) -> None:
-        """Raise `BudgetExceeded` before a forward whose decoder layers alone (the output head may
-        run on fewer positions, so it is left out) would take the spend past the FLOP cap: the
-        cap holds whether or not a method asks.  Measurement (`uncharged`) is never refused."""
+    def _refuse_past_cap(self, decoder, call: _Call, width: int, head: torch.nn.Module | None) -> None:
+        """Raise `BudgetExceeded` before a forward whose decoder layers would take the spend past the
+        FLOP cap: the cap holds whether or not a method asks.  In inference the output head may run
+        on fewer positions (`logits_to_keep`), so it is priced apart, before it runs
+        (`_before_head`); a training forward's price includes it on every position, with the
+        backward.  Measurement (`uncharged`) is never refused."""
         cap = self.budget.flops
         if cap is None or not self._charging:
             return
@@ -817,9 +819,12 @@ class Meter:
         # forward alone, a plugin's training step (transformers' Trainer) ended at 121% of the cap.
         backward = (2.0 * (weights + trainable) * call.tokens + 2 * attention
                     if trainable and torch.is_grad_enabled() else 0.0)
+        if backward and head is not None:   # a training forward: the head's logits, and their backward, come with it
+            head_weights = head.weight.numel()
+            backward += 2.0 * (2 * head_weights + (head_weights if head.weight.requires_grad else 0)) * call.tokens
         if self.flops + cost + backward > cap * (1 + 1e-9):   # the slack: float rounding of a method's own pricing
             self.refusals += 1   # the cap cut the method's work, as a refused `can_afford` does
-            with_backward = (f" (and {backward:.3g} for the backward it allows: gradients are on and weights "
+            with_backward = (f" (and {backward:.3g} for the head and the backward they allow: gradients are on and weights "
                              "learn; under torch.no_grad() only the forward is priced)") if backward else ""
             raise BudgetExceeded(
                 f"a forward of {cost:.3g} FLOPs{with_backward} with {self.flops:.3g} of the task's {cap:.3g}-FLOP "
@@ -865,17 +870,37 @@ class Meter:
                 out.register_hook(self._backward_charger(backward))
         return hook
 
-    def _on_head(self, head, args, output):
-        rows = output.shape[0] * output.shape[1] if output.dim() == 3 else output.shape[0]
+    def _head_tokens(self, logits_shape: torch.Size) -> int:
+        """Positions the head computes logits for: the real (not padding) tokens of the decoder
+        call that just ran, or every row given when that call is not known."""
+        rows = logits_shape[0] * logits_shape[1] if len(logits_shape) == 3 else logits_shape[0]
         call = self._in_thread.last_call
-        tokens = rows
-        if call is not None and call.new_per_row is not None and output.dim() == 3 and output.shape[0] == len(call.new_per_row):
-            tokens = sum(min(n, output.shape[1]) for n in call.new_per_row)   # the last `kept` positions
-        elif (call is not None and call.new_mask is not None and output.dim() == 3
-                and output.shape[0] == call.new_mask.shape[0] and output.shape[1] <= call.new_mask.shape[1]):
-            kept = output.shape[1]   # logits_to_keep: the head ran on the last `kept` positions
-            tokens = int(call.new_mask[:, -kept:].sum())
-        tokens *= vmapped_copies(output)
+        if call is not None and call.new_per_row is not None and len(logits_shape) == 3 and logits_shape[0] == len(call.new_per_row):
+            return sum(min(n, logits_shape[1]) for n in call.new_per_row)   # the last `kept` positions
+        if (call is not None and call.new_mask is not None and len(logits_shape) == 3
+                and logits_shape[0] == call.new_mask.shape[0] and logits_shape[1] <= call.new_mask.shape[1]):
+            kept = logits_shape[1]   # logits_to_keep: the head ran on the last `kept` positions
+            return int(call.new_mask[:, -kept:].sum())
+        return rows
+
+    def _before_head(self, head, args):
+        """Refuse the head's forward (with the backward it allows) when it would pass the cap.
+        The decoder's refusal leaves the head out; with the embedded model's 16-token vocabulary
+        that is 0.1% of a forward, but with a general LLM's (49,152 x 576 for SmolLM-135M, by its
+        config) the head is a fifth of it, and one call could pass the cap by that much."""
+        self._mark_parts(head)
+        cap, hidden = self._payer().budget.flops, args[0] if args else None
+        if cap is None or not isinstance(hidden, torch.Tensor) or hidden.dim() < 2:
+            return
+        tokens = self._head_tokens(hidden.shape) * vmapped_copies(hidden)
+        weights = head.weight.numel()
+        cost = 2.0 * weights * tokens
+        if torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad):
+            cost += 2.0 * (weights + (weights if head.weight.requires_grad else 0)) * tokens
+        self._payer()._refuse_past(cost, "the output head's forward (with the backward it allows)")
+
+    def _on_head(self, head, args, output):
+        tokens = self._head_tokens(output.shape) * vmapped_copies(output)
         weights = head.weight.numel()
         self._charge(2.0 * weights * tokens)
         if output.requires_grad:
@@ -1013,10 +1038,13 @@ class TaskBudget:
         return float("inf") if cap is None else (1 - self._keep_share) * cap - self.seconds
 
     def charge(self, flops: float) -> None:
-        """Add compute that does not run through the model (never negative)."""
-        if flops < 0:
-            raise ValueError("a charge cannot be negative")
-        self._meter._charge(float(flops))
+        """Add compute that does not run through the model (a finite number, never negative: a
+        NaN charge made the spend NaN, and every later comparison with the cap false, so the cap
+        stopped refusing anything)."""
+        flops = float(flops)
+        if not math.isfinite(flops) or flops < 0:
+            raise ValueError(f"a charge must be a finite, non-negative number of FLOPs, not {flops}")
+        self._meter._charge(flops)
 
     def out_of_work(self, reason: str) -> None:
         self._meter.out_of_work = reason

@@ -106,10 +106,12 @@ def task_from_dict(task_id: str, data, source: str = "") -> Task:
 
 
 def without_answers(task: Task) -> Task:
-    """The task as a method sees it: its test outputs (the answers) taken out."""
-    if all(p.output is None for p in task.test):
-        return task
-    return Task(task.id, task.train, tuple(Pair(p.input, None) for p in task.test), task.source, task.meta)
+    """The task as a method sees it: its test outputs (the answers) taken out, and every grid a
+    copy.  A method that augments grids in place (NumPy code often does) then changes its own view
+    only: before, a plugin that zeroed its demonstrations in `setup` changed the prompts the
+    harness measures every task's true-answer NLL with."""
+    return Task(task.id, tuple(Pair(p.input.copy(), p.output.copy()) for p in task.train),
+                tuple(Pair(p.input.copy(), None) for p in task.test), task.source, dict(task.meta))
 
 
 def task_to_dict(task: Task) -> dict:
