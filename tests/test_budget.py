@@ -458,6 +458,57 @@ def test_a_method_that_ignores_the_cap_fails_that_task_with_one_line_and_the_run
     assert 0 < heavy["flops"] <= 1e8 and heavy["budget_share"] <= 1 and heavy["stopped_by_budget"]
 
 
+def layer_by_hand(model):
+    """One call of the first decoder layer outside its decoder, as early-exit decoding makes."""
+    hidden = model.model.embed_tokens(torch.ones(1, 24, dtype=torch.long))
+    return lambda: model.model.layers[0](hidden, position_embeddings=model.model.rotary_emb(hidden, torch.arange(24)[None]))
+
+
+def test_a_decoder_layer_called_by_hand_is_refused_before_it_would_pass_the_cap(lm):
+    """Fails if layers run outside their decoder are charged but never refused: a plugin looping
+    over the first layer spent 222 times its cap, and its task passed."""
+    with torch.no_grad():
+        call = layer_by_hand(lm.model)
+        one = charged(lm, call)
+        meter = Meter(Budget(flops=3.5 * one))
+        meter.attach(lm.model)
+        calls = 0
+        with pytest.raises(BudgetExceeded, match="decoder layer's forward .* called by hand"):
+            for _ in range(10):
+                call()
+                calls += 1
+        meter.detach()
+    assert calls == 3 and meter.flops == pytest.approx(3 * one)
+
+
+class ChargesWithoutAsking(WellBehaved):
+    def adapt(self, task, budget, seed):
+        return {}
+
+    def predict(self, task, budget, seed):
+        budget.charge(2 * budget.cap.flops)   # e.g. a similarity search it priced itself
+        return [[p.input, None] for p in task.test], {}
+
+
+class ConvolvesWithoutAsking(ChargesWithoutAsking):
+    def predict(self, task, budget, seed):   # a convolution is priced once it ran
+        torch.nn.Conv2d(3, 64, 3)(torch.zeros(1, 3, 64, 64))
+        return [[p.input, None] for p in task.test], {}
+
+
+@pytest.mark.parametrize("cls", [ChargesWithoutAsking, ConvolvesWithoutAsking])
+def test_work_charged_after_it_ran_past_the_cap_fails_the_task_with_its_spend(lm, cls):
+    """Fails if a task whose spend passed the cap through work priced only after it ran (an
+    explicit charge, a first convolution) is recorded as answered: its share of the cap was 2.0."""
+    cap = 1e6
+    with pytest.raises(BudgetExceeded, match="past its 1e\\+06-FLOP cap"):
+        try:
+            run_task(cls(None, lm), lm, flip_task(), Budget(flops=cap), seed=0)
+        except BudgetExceeded as e:
+            assert e.tta_spent["flops"] > cap   # recorded as it is
+            raise
+
+
 def test_no_cap_refuses_nothing(lm):
     record = run_task(NeverAsks(None, lm), lm, flip_task(), Budget(), seed=0)
     assert record.error is None and record.extra["predict"]["forwards"] == 50

@@ -617,10 +617,12 @@ class Meter:
             raise ValueError(f"cannot meter {type(model).__name__}: no decoder with .layers")
         width = attention_width(model.config)
         head = model.get_output_embeddings()
+        # always_call: a decoder forward that raised must not leave its call behind for the layers
+        # a method runs by hand afterwards to be priced by
         self._handles += [decoder.register_forward_pre_hook(self._decoder_hook(width, head), with_kwargs=True),
-                          decoder.register_forward_hook(self._after_decoder)]
+                          decoder.register_forward_hook(self._after_decoder, always_call=True)]
         for layer in layers:
-            self._handles += [layer.register_forward_pre_hook(self._mark_parts),
+            self._handles += [layer.register_forward_pre_hook(self._layer_pre_hook(width), with_kwargs=True),
                               layer.register_forward_hook(self._layer_hook(width), with_kwargs=True)]
         if head is not None:
             self._handles += [head.register_forward_pre_hook(self._before_head),
@@ -853,15 +855,37 @@ class Meter:
     def _after_decoder(self, module, args, output):
         self._in_thread.last_call, self._in_thread.call = self._in_thread.call, None   # the head, which runs next, reads it
 
+    def _layer_positions(self, hidden: torch.Tensor) -> tuple[int, int]:
+        """Tokens a decoder layer computes, and the positions they attend to: its decoder's real
+        tokens, or every position when the layer is called outside its decoder."""
+        if self._in_thread.call is not None:
+            return self._in_thread.call.tokens, self._in_thread.call.context
+        copies = vmapped_copies(hidden)
+        return (copies * hidden.shape[0] * hidden.shape[1],
+                copies * hidden.shape[0] * attention_context(0, hidden.shape[1]))
+
+    def _layer_pre_hook(self, width: int):
+        def before_layer(layer, args, kwargs):
+            """Refuse a decoder layer called by hand (early exit, layer skipping, a logit lens)
+            whose forward, with the backward it allows, would pass the cap.  Inside its decoder a
+            layer was priced with the whole forward.  Before, such calls were charged and never
+            refused: a plugin looping over the first layer spent 222x its cap and its task passed."""
+            self._mark_parts(layer)
+            hidden = args[0] if args else kwargs.get("hidden_states")
+            if self._in_thread.call is not None or not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+                return
+            tokens, context = self._layer_positions(hidden)
+            weights, trainable = self._recounted(layer, linear_weights)
+            cost = 2.0 * weights * tokens + attention_flops(1, width, context)
+            if torch.is_grad_enabled() and (trainable or hidden.requires_grad):
+                cost += 2.0 * (weights + trainable) * tokens + 2 * attention_flops(1, width, context)
+            self._payer()._refuse_past(cost, "a decoder layer's forward (with the backward it allows), called by hand,")
+        return before_layer
+
     def _layer_hook(self, width: int):
         def hook(layer, args, kwargs, output):
             hidden = args[0] if args else kwargs["hidden_states"]
-            if self._in_thread.call is not None:
-                tokens, context = self._in_thread.call.tokens, self._in_thread.call.context
-            else:   # a layer called outside its decoder: every position counts
-                copies = vmapped_copies(hidden)
-                tokens = copies * hidden.shape[0] * hidden.shape[1]
-                context = copies * hidden.shape[0] * attention_context(0, hidden.shape[1])
+            tokens, context = self._layer_positions(hidden)
             weights, trainable = self._recounted(layer, linear_weights)
             self._charge(2.0 * weights * tokens + attention_flops(1, width, context))
             out = output[0] if isinstance(output, tuple) else output
@@ -962,6 +986,16 @@ class Meter:
             self.refusals += 1
         return fits
 
+    def fail_if_past_cap(self) -> None:
+        """Raise `BudgetExceeded` if the task's spend has passed its FLOP cap.  Work is refused
+        before it runs wherever its price is known beforehand; this catches what is charged only
+        after it ran (`budget.charge`, a convolution's first call), so no task is recorded as
+        solved with more than its cap."""
+        cap = self.budget.flops
+        if cap is not None and self._charging and self.flops > cap * (1 + 1e-9):
+            raise BudgetExceeded(f"the task spent {self.flops:.3g} FLOPs, past its {cap:.3g}-FLOP cap, on work charged "
+                                 "after it ran; ask budget.can_afford(flops) before such work")
+
     def spent_cap(self) -> bool:
         if self.budget.seconds is not None and self.seconds >= self.budget.seconds:
             return True
@@ -1045,6 +1079,7 @@ class TaskBudget:
         if not math.isfinite(flops) or flops < 0:
             raise ValueError(f"a charge must be a finite, non-negative number of FLOPs, not {flops}")
         self._meter._charge(flops)
+        self._meter.fail_if_past_cap()   # the work is done; the task stops here, its spend recorded as it is
 
     def out_of_work(self, reason: str) -> None:
         self._meter.out_of_work = reason

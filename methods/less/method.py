@@ -169,11 +169,12 @@ class LESS(AdapterMethod):
         afford = lambda e: after_selection.can_afford(after_selection.training_cost([len(e)]))
         feats = store.target_features(lm, [t.encoded for t in targets], afford) if targets else np.zeros((0, 0, 0))
         selected, scores = [], None
-        if feats.shape[0] > 0:
-            groups = [t.held_out[0] for t in targets]
+        groups = [t.held_out[0] for t in targets]
+        n_groups = len(set(groups)) if c.aggregate == "max" else 1
+        dot_products = 2.0 * feats.shape[0] * n_groups * len(store) * feats.shape[2] if feats.shape[0] > 0 else 0.0
+        if feats.shape[0] > 0 and budget.can_afford(dot_products):   # asked first: a charge past the cap fails the task
             scores = gradients.score(store.features, store.lrs, feats, groups, c.aggregate)
-            n_groups = len(set(groups)) if c.aggregate == "max" else 1
-            budget.charge(2.0 * feats.shape[0] * n_groups * len(store) * feats.shape[2])   # the dot products
+            budget.charge(dot_products)
             order = [int(i) for i in np.argsort(-scores, kind="stable")]
             lengths = [len(store.encoded(i)) for i in range(len(store))]
             selected = select_within(order, lengths, after_selection, c.epochs, c.top_k, c.max_selected)

@@ -224,6 +224,7 @@ def _solve_metered(method: Method, lm: LoadedModel | None, task: Task, seed: int
         with time_limit(timeout, timeout_name), torch_settings_kept():   # the method's work only: `reset` below always runs whole
             adapt_info = json_record(method.adapt(visible, budget_view, seed), "adapt's record")
             attempts, predict_info = predict_result(method.predict(visible, budget_view, seed))
+        meter.fail_if_past_cap()
         attempts = checked_attempts(attempts, len(task.test))
         predict_info = json_record(predict_info, "predict's record")
         spent = meter.summary()   # before the graded metrics, which are measurement, not method
