@@ -485,3 +485,40 @@ def test_a_method_that_changes_its_tasks_grids_in_place_changes_only_its_own_cop
         assert result.exit_code == 0, result.output
         records[cls] = [(r["extra"]["predict"], r["metrics"]) for r in read_results(tmp_path / cls / "results.jsonl")]
     assert records["InPlace"] == records["Honest"] and records["Honest"][0][0]["demonstration_cells"] > 0
+
+
+def test_the_compute_a_method_spends_in_setup_is_measured_and_recorded_as_the_runs_one_off_cost(tmp_path):
+    """Fails if only the method's own word about its setup is recorded: a plugin that ran the
+    model over every task's demonstrations in `setup` (transductive training does) and said
+    nothing, or said less, showed no one-off cost, and its reported spend per task was too low."""
+    (tmp_path / "setup_work.py").write_text(
+        "import torch\nfrom tta.method import Method\n\nclass SetupWork(Method):\n"
+        "    said = None\n\n"
+        "    def setup(self, tasks):\n"
+        "        with torch.no_grad():\n"
+        "            for _ in tasks:\n"
+        "                self.lm.model(input_ids=torch.ones(1, 32, dtype=torch.long))\n"
+        "        torch.ones(64, 64) @ torch.ones(64, 64)\n"
+        "        return None if self.said is None else {'flops': self.said}\n\n"
+        "    def predict(self, task, budget, seed):\n"
+        "        return [[p.input, None] for p in task.test], {}\n\n"
+        "class SaysLess(SetupWork):\n    said = 1.0\n\n"
+        "class SaysMore(SetupWork):\n    said = 1e15\n")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    for name in ("a", "b", "c"):
+        write_task(tasks / f"{name}.json", GOOD)
+    one_offs = {}
+    for cls in ("SetupWork", "SaysLess", "SaysMore"):
+        result = CliRunner().invoke(main, ["run", "--method", f"{tmp_path / 'setup_work.py'}:{cls}", "--model", "random:tiny",
+                                           "--dataset", str(tasks), "--out", str(tmp_path / cls), "--quiet"])
+        assert result.exit_code == 0, result.output
+        one_offs[cls] = json.loads((tmp_path / cls / "manifest.json").read_text())["one_off"]
+    measured = one_offs["SetupWork"]["flops"]
+    from tta.budget import forward_flops, attention_context, model_shape
+    from tta.model.loading import load_model
+    forward = forward_flops(model_shape(load_model("random:tiny", device="cpu").model), 32, attention_context(0, 32))
+    assert measured == pytest.approx(3 * forward + 2 * 64 ** 3) and one_offs["SetupWork"]["flops_measured"] == measured
+    assert one_offs["SaysLess"]["flops"] == measured   # never less than was measured
+    assert one_offs["SaysMore"]["flops"] == 1e15 and one_offs["SaysMore"]["flops_measured"] == measured
+    assert one_offs["SetupWork"]["cpu_seconds"] > 0

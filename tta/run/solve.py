@@ -349,17 +349,24 @@ class TaskRunner:
     model_changed = None   # why the run must stop: the task after which `reset` left the model changed
 
     def setup(self) -> dict | None:
-        """The method's one-off work, with its wall seconds added to its own record."""
+        """The method's one-off work, metered like a task's but without a cap, with its wall
+        seconds and FLOPs added to its own record (reports divide them over the run's tasks)."""
         started = time.perf_counter()
         watch_threads_started_from_now()   # a thread pool made in setup charges each task its products
+        meter = Meter()   # uncapped: one-off work is shown beside the per-task spend, not refused
+        if self.lm is not None:
+            meter.attach(self.lm.model)
         try:
-            one_off = json_record(self.method.setup([without_answers(t) for t in self.dataset.tasks]), "setup's record")
+            with meter.watching_other_work():
+                one_off = json_record(self.method.setup([without_answers(t) for t in self.dataset.tasks]), "setup's record")
         except Exception as e:   # every task needs it, so the run stops here, with nothing written
             raise RunError(f"method {self.name}: setup failed: {one_line(e)}") from None
+        finally:
+            meter.detach()
         if self.lm is not None:   # after setup: a one-off change made for all tasks is part of the base
             self.base_weights = weights_signature(self.lm.model)
             self.base_modes = model_modes(self.lm.model)
-        return {"seconds": round(time.perf_counter() - started, 3), **one_off} if one_off else None
+        return one_off_record(one_off or {}, meter.summary(), time.perf_counter() - started)
 
     def solve(self, task_id: str) -> TaskRecord:
         if self.model_changed is not None:
@@ -390,6 +397,25 @@ class TaskRunner:
                 f"({describe_change(self.base_weights, now)}): reset() did not undo what the task changed, so every "
                 "later task would start from another model; the run stops here (fix reset, then rerun the same "
                 "command to resume)")
+
+
+def one_off_record(reported: dict, measured: dict, seconds: float) -> dict | None:
+    """The run's one-off cost: what the harness measured in `setup`, and what the method says of
+    itself.  The FLOPs are the larger of the two: a method may declare work it did not redo here
+    (LESS's datastore, found cached), but never less than was measured.  Before, only the method's
+    own word was recorded, so a plugin that trained the model on every task's demonstrations in
+    `setup` showed no cost at all."""
+    if not reported and not measured["flops"]:
+        return None
+    record = {"seconds": round(seconds, 3), **reported}
+    claimed = reported.get("flops")
+    number = isinstance(claimed, (int, float)) and not isinstance(claimed, bool) and claimed == claimed
+    record["flops"] = max(measured["flops"], float(claimed)) if number else measured["flops"]
+    record["flops_measured"] = measured["flops"]
+    if claimed is not None and not number:
+        record["flops_reported"] = claimed
+    record["cpu_seconds"] = measured["cpu_seconds"]
+    return record
 
 
 def model_modes(model: torch.nn.Module) -> tuple[dict[str, bool], dict[str, bool]]:
