@@ -522,3 +522,27 @@ def test_the_compute_a_method_spends_in_setup_is_measured_and_recorded_as_the_ru
     assert one_offs["SaysLess"]["flops"] == measured   # never less than was measured
     assert one_offs["SaysMore"]["flops"] == 1e15 and one_offs["SaysMore"]["flops_measured"] == measured
     assert one_offs["SetupWork"]["cpu_seconds"] > 0
+
+
+def test_the_work_a_method_does_in_reset_is_charged_to_its_task(tmp_path):
+    """Fails if the spend is read before `reset` runs: model forwards there (work for a later
+    task, say) were free."""
+    (tmp_path / "reset_work.py").write_text(
+        "import torch\nfrom tta.method import Method\n\nclass ResetWork(Method):\n"
+        "    def predict(self, task, budget, seed):\n"
+        "        return [[p.input, None] for p in task.test], {}\n\n"
+        "    def reset(self):\n"
+        "        with torch.no_grad():\n"
+        "            for _ in range(2):\n"
+        "                self.lm.model(input_ids=torch.ones(1, 16, dtype=torch.long))\n")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    write_task(tasks / "a.json", GOOD)
+    result = CliRunner().invoke(main, ["run", "--method", f"{tmp_path / 'reset_work.py'}:ResetWork", "--model", "random:tiny",
+                                       "--dataset", str(tasks), "--out", str(tmp_path / "r"), "--budget-flops", "1e9", "--quiet"])
+    assert result.exit_code == 0, result.output
+    from tta.budget import forward_flops, attention_context, model_shape
+    from tta.model.loading import load_model
+    forward = forward_flops(model_shape(load_model("random:tiny", device="cpu").model), 16, attention_context(0, 16))
+    (record,) = read_results(tmp_path / "r" / "results.jsonl")
+    assert record["flops"] == pytest.approx(2 * forward) and record["budget_share"] == pytest.approx(2 * forward / 1e9, abs=1e-4)

@@ -233,7 +233,9 @@ def _solve_metered(method: Method, lm: LoadedModel | None, task: Task, seed: int
         with torch_settings_kept():
             method.reset()
         meter.detach()
-    spent.update(eval_flops=meter.uncharged_flops, peak_memory_mb=meter.summary()["peak_memory_mb"])
+    after_reset = meter.summary()   # reset's own work is the task's too (a method could compute the next task's part there)
+    spent.update(flops=after_reset["flops"], budget_share=after_reset["budget_share"], eval_flops=meter.uncharged_flops,
+                 peak_memory_mb=after_reset["peak_memory_mb"])
     correct = [scoring.solved(a, p.output) for a, p in zip(attempts, task.test)] if task.has_solutions else []
     return TaskRecord(
         task_id=task.id, method=method.name, n_demos=len(task.train), n_tokens=task_size(task),
