@@ -546,3 +546,24 @@ def test_the_work_a_method_does_in_reset_is_charged_to_its_task(tmp_path):
     forward = forward_flops(model_shape(load_model("random:tiny", device="cpu").model), 16, attention_context(0, 16))
     (record,) = read_results(tmp_path / "r" / "results.jsonl")
     assert record["flops"] == pytest.approx(2 * forward) and record["budget_share"] == pytest.approx(2 * forward / 1e9, abs=1e-4)
+
+
+def test_results_are_strict_json_when_a_method_records_a_nan(tmp_path):
+    """Fails if a non-finite number is written as Python's NaN/Infinity: jq and other strict
+    readers then refuse the whole results.jsonl."""
+    (tmp_path / "nan.py").write_text(
+        "from tta.method import Method\n\nclass NaN(Method):\n    needs_model = False\n\n"
+        "    def predict(self, task, budget, seed):\n"
+        "        return [[p.input, None] for p in task.test], {'loss': float('nan'), 'curve': [0.5, float('inf')]}\n")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    write_task(tasks / "a.json", GOOD)
+    result = CliRunner().invoke(main, ["run", "--method", f"{tmp_path / 'nan.py'}:NaN", "--dataset", str(tasks),
+                                       "--out", str(tmp_path / "r"), "--quiet"])
+    assert result.exit_code == 0, result.output
+
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+    (line,) = (tmp_path / "r" / "results.jsonl").read_text().splitlines()
+    record = json.loads(line, parse_constant=refuse)
+    assert record["extra"]["predict"] == {"loss": None, "curve": [0.5, None]}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -154,9 +155,26 @@ def read_results(path: Path) -> list[dict]:
     return [r.to_json() for r in read_records(path)]
 
 
+def record_line(record: TaskRecord) -> str:
+    """A record as one line of strict JSON: a number that is not finite (a NaN loss in a method's
+    record, an NLL that overflowed) is written as null.  Python writes NaN by default, which jq,
+    JavaScript and other strict readers refuse, so one such number made the whole file unreadable to them."""
+    return json.dumps(_finite_or_null(record.to_json()), allow_nan=False) + "\n"
+
+
+def _finite_or_null(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    return value
+
+
 def append_record(path: Path, record: TaskRecord) -> None:
     """One os.write of one complete line, then fsync: a kill leaves whole records only."""
-    line = (json.dumps(record.to_json()) + "\n").encode()
+    line = record_line(record).encode()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, line)
@@ -169,7 +187,7 @@ def rewrite_records(path: Path, records: list[TaskRecord]) -> None:
     """Replace results.jsonl with `records` in one atomic step (a kill leaves the old file or the new)."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
-        f.write("".join(json.dumps(r.to_json()) + "\n" for r in records))
+        f.write("".join(record_line(r) for r in records))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
