@@ -1,5 +1,6 @@
 """The harness's compute meter: what it charges, that nothing escapes it, and the budget handle."""
 import contextlib
+import math
 
 import pytest
 import torch
@@ -856,6 +857,36 @@ def test_a_task_run_from_a_thread_started_under_the_watch_is_charged_once(lm):
     thread.start()
     thread.join()
     assert spent == [2 * 16 ** 3]
+
+
+def test_similarities_sparse_products_transforms_and_spectral_norms_are_charged(lm):
+    """Fails if work a method could write as one call escapes: a cosine-similarity search over a
+    data store, a covariance, `pdist`, `vdot`, a sparse product (charged at its stored values,
+    not the dense count), the FFT family, a spectral norm (an SVD's values) and the matrix
+    exponential all cost 0 before.  Entry-wise norms stay element-wise work (free)."""
+    n = 64
+    a, v = torch.randn(n, n), torch.randn(n)
+    sparse = (torch.randn(n, n) * (torch.rand(n, n) < 0.1)).to_sparse()
+    expected = {
+        "cosine similarity search": (lambda: torch.nn.functional.cosine_similarity(a[:8, None], a[None], dim=-1),
+                                     2 * 8 * n * n),
+        "covariance": (lambda: torch.cov(a[:16]), 2 * 16 * 16 * n),
+        "pdist": (lambda: torch.nn.functional.pdist(a[:10]), 10 * 9 * n),
+        "vdot": (lambda: torch.vdot(v, v), 2 * n),
+        "sparse product": (lambda: torch.sparse.mm(sparse, a), 2 * sparse._nnz() * n),
+        "sparse @": (lambda: sparse @ a, 2 * sparse._nnz() * n),
+        "fft2": (lambda: torch.fft.fft2(a), 5 * n * n * math.log2(n * n)),
+        "rfft of 8 rows": (lambda: torch.fft.rfft(a[:8]), 2.5 * 8 * n * math.log2(n)),
+        "spectral norm": (lambda: torch.linalg.matrix_norm(a, 2), 4 * n ** 3 - 4 * n ** 3 / 3),
+        "Frobenius norm": (lambda: torch.linalg.matrix_norm(a), 0),
+        "torch.norm, p=2 (the entries' norm)": (lambda: torch.norm(a, p=2), 0),
+        "matrix exponential, 1-norm under 3.01": (lambda: torch.linalg.matrix_exp(torch.eye(n)), 6 * 2 * n ** 3),
+        "matrix exponential, 1-norm 12: two squarings": (lambda: torch.linalg.matrix_exp(12 * torch.eye(n)),
+                                                          8 * 2 * n ** 3),
+    }
+    for name, (work, flops) in expected.items():
+        with torch.no_grad():
+            assert charged(lm, work, watched=True) == pytest.approx(flops, rel=1e-9), name
 
 
 def test_products_torch_wraps_in_python_and_dense_linear_algebra_are_charged(lm):

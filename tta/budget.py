@@ -295,9 +295,15 @@ def _recurrent_flops(rnn: torch.nn.RNNBase, x) -> float:
 # ---------------------------------------------------------------- bare products
 
 def _matmul_flops(a: torch.Tensor, b: torch.Tensor) -> float:
-    """`a @ b` with torch's broadcasting: 2 * (rows of a) * (contracted) * (columns of b) per batch."""
+    """`a @ b` with torch's broadcasting: 2 * (rows of a) * (contracted) * (columns of b) per batch.
+    A sparse operand multiplies only its stored values: 2 * (stored values) * (the other side's
+    free dimension), as a sparse random projection costs."""
     rows = a.shape[-2] if a.dim() > 1 else 1
     columns = b.shape[-1] if b.dim() > 1 else 1
+    if a.layout != torch.strided:
+        return 2.0 * a._nnz() * columns
+    if b.layout != torch.strided:
+        return 2.0 * b._nnz() * rows
     batch = math.prod(torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]))
     return 2.0 * batch * rows * a.shape[-1] * columns
 
@@ -329,10 +335,11 @@ def _bare_products():
     F, T = torch.nn.functional, torch.Tensor
     table = {}
     for f in (torch.matmul, T.matmul, T.__matmul__, torch.linalg.matmul, torch.mm, T.mm, torch.bmm, T.bmm,
-              torch.mv, T.mv, torch.dot, T.dot):
+              torch.mv, T.mv, torch.dot, T.dot, torch.vdot, T.vdot, torch.sparse.mm, torch.smm, T.smm):
         table[f] = (lambda a, b, *_, **__: _matmul_flops(a, b), (0, 1))
     table[T.__rmatmul__] = (lambda b, a, *_, **__: _matmul_flops(a, b), (0, 1))
-    for f in (torch.addmm, T.addmm, torch.baddbmm, T.baddbmm, torch.addbmm, T.addbmm, torch.addmv, T.addmv):
+    for f in (torch.addmm, T.addmm, torch.baddbmm, T.baddbmm, torch.addbmm, T.addbmm, torch.addmv, T.addmv,
+              torch.sparse.addmm):
         table[f] = (lambda _, a, b, *__, **___: _matmul_flops(a, b), (1, 2))
     outputs = lambda weight: weight.shape[0] if weight.dim() > 1 else 1   # noqa: E731
     table[F.linear] = (lambda input, weight, *_, **__: 2.0 * input.numel() * outputs(weight), (0, 1))
@@ -346,6 +353,14 @@ def _bare_products():
     table[torch.linalg.vecdot] = (lambda x, y, *_, **__: 2.0 * math.prod(torch.broadcast_shapes(x.shape, y.shape)), (0, 1))
     table[torch.cdist] = (_cdist_flops, (0, 1))
     table[F.bilinear] = (lambda x1, x2, weight, *_, **__: 2.0 * x1.numel() * weight.shape[0] * x2.shape[-1], (0, 1, 2))
+    # Products written as one call over broadcast shapes: a similarity search over a data store
+    # (`F.cosine_similarity(queries[:, None], store[None], dim=-1)`) was free before.
+    table[F.cosine_similarity] = (lambda x1, x2, *_, **__: 2.0 * math.prod(torch.broadcast_shapes(x1.shape, x2.shape)),
+                                  (0, 1))
+    table[F.pdist] = (lambda x, *_, **__: float(x.shape[0] * (x.shape[0] - 1) * x.shape[1]), (0,))   # half of cdist's
+    for f in (torch.cov, T.cov, torch.corrcoef, T.corrcoef):   # the centred rows times their transpose
+        table[f] = (lambda x, *_, **__: 2.0 * (x.shape[0] if x.dim() > 1 else 1) ** 2 * x.shape[-1], (0,))
+    table.update(_fourier_transforms())
     # Functions written in Python around products: the watch sees only the outer call (its own
     # calls run with the watch set aside), so torch's counter prices the whole on meta copies.
     for f in (F.conv1d, F.conv2d, F.conv3d, torch.einsum, torch.tensordot, torch.linalg.multi_dot,
@@ -379,6 +394,7 @@ def _decompositions() -> dict:
             return float(batch * count(m, n, k, kwargs))
         return price
 
+    spectral = lambda m, n, k, kw: 4 * m * n * n - 4 * n ** 3 / 3   # noqa: E731  (the singular values)
     svd = lambda m, n, k, kw: (4 * m * m * n + 8 * m * n * n + 9 * n ** 3 if kw.get("full_matrices", True)   # noqa: E731
                                else 14 * m * n * n + 8 * n ** 3)
     counts = {
@@ -396,10 +412,65 @@ def _decompositions() -> dict:
         (L.eigvals,): lambda m, n, k, kw: 10 * n ** 3,
         (L.svd,): svd,
         (torch.svd, T.svd): lambda m, n, k, kw: svd(m, n, k, {"full_matrices": not kw.get("some", True)}),
-        (L.svdvals, L.matrix_rank): lambda m, n, k, kw: 4 * m * n * n - 4 * n ** 3 / 3,
+        (L.svdvals, L.matrix_rank): spectral,
         (L.pinv, torch.pinverse, T.pinverse): lambda m, n, k, kw: 14 * m * n * n + 8 * n ** 3,
     }
-    return {f: (priced(count), (0,)) for functions, count in counts.items() for f in functions}
+    table = {f: (priced(count), (0,)) for functions, count in counts.items() for f in functions}
+
+    def norm_price(spectral_orders):   # a spectral or nuclear norm is the sum or the end of an SVD's values
+        def price(A, ord=None, dim=None, *_, **kwargs):
+            ord, dim = kwargs.get("p", kwargs.get("ord", ord)), kwargs.get("dim", dim)
+            if A.dim() < 2 or ord not in spectral_orders or isinstance(dim, int) or (dim is not None and len(dim) != 2):
+                return 0.0   # a vector or entry-wise norm (Frobenius included): element-wise work
+            return priced(spectral)(A)
+        return price
+    for f in (L.matrix_norm, L.norm):
+        table[f] = (norm_price((2, -2, "nuc")), (0,))
+    for f in (torch.norm, T.norm):   # its p=2 is the entries' vector norm; only "nuc" is a matrix norm
+        table[f] = (norm_price(("nuc",)), (0,))
+    table[L.cond] = (lambda A, p=None, *_, **__: priced(spectral)(A) if p in (None, 2, -2, "nuc")
+                     else priced(counts[(L.inv, L.inv_ex, torch.inverse, T.inverse)])(A), (0,))
+
+    def exponential_price(A, *_, **__):
+        """torch's matrix exponential: a Taylor polynomial of degree up to 18 in at most 6
+        products, then one squaring per halving of the matrix needed to bring its 1-norm under
+        3.01 (the degree-18 bound), so the price reads that norm (O(n^2)) first."""
+        n = A.shape[-1]
+        norm = float(A.detach().abs().sum(dim=-2).amax()) if A.numel() else 0.0
+        squarings = max(0, math.ceil(math.log2(norm / 3.01))) if norm > 3.01 else 0
+        return float(A.numel() // max(n * n, 1)) * (6 + squarings) * 2.0 * n ** 3
+    for f in (L.matrix_exp, torch.matrix_exp, T.matrix_exp):
+        table[f] = (exponential_price, (0,))
+    return table
+
+
+def _fourier_transforms() -> dict:
+    """The FFT family at the textbook count of a radix-2 transform, 5 N log2 N FLOPs for N complex
+    points, half that when the input or output is real (`rfft`, `irfft`, `hfft`, ...), times the
+    transforms the batch holds.  torch's counter prices them at 0."""
+    ft = torch.fft
+
+    def price(dims_given: int | None, real: bool):   # dims_given: 1 (fft), 2 (fft2), None (fftn: all)
+        def fft_price(input, size=None, dim=None, *_, **kwargs):
+            size = kwargs.get("n", kwargs.get("s", size))
+            if dim is None:
+                dim = -1 if dims_given == 1 else ((-2, -1) if dims_given == 2 else tuple(range(input.dim())))
+            dims = (dim,) if isinstance(dim, int) else tuple(dim)
+            if size is None:
+                lengths = [input.shape[d] for d in dims]
+            else:
+                lengths = [size] if isinstance(size, int) else [s_ if s_ != -1 else input.shape[d] for s_, d in zip(size, dims)]
+            points = math.prod(lengths)
+            transforms = input.numel() // max(math.prod(input.shape[d] for d in dims), 1)
+            return (2.5 if real else 5.0) * transforms * points * math.log2(max(points, 2))
+        return fft_price
+    table = {}
+    for names, dims in ((("fft", "ifft", "rfft", "irfft", "hfft", "ihfft"), 1),
+                        (("fft2", "ifft2", "rfft2", "irfft2", "hfft2", "ihfft2"), 2),
+                        (("fftn", "ifftn", "rfftn", "irfftn", "hfftn", "ihfftn"), None)):
+        for name in names:
+            table[getattr(ft, name)] = (price(dims, real="r" in name or "h" in name), (0,))
+    return table
 
 
 _BARE_PRODUCTS = _bare_products()
