@@ -889,6 +889,28 @@ def test_similarities_sparse_products_transforms_and_spectral_norms_are_charged(
             assert charged(lm, work, watched=True) == pytest.approx(flops, rel=1e-9), name
 
 
+def test_products_called_by_hand_as_aten_operators_are_charged_as_the_functions_are(lm):
+    """Fails if `torch.ops.aten.mm(a, b)` and its kin cost 0 (they did): the watch sees them
+    under their own names, any overload, and a backward is charged when the operand learns."""
+    aten, a, b, v, q = torch.ops.aten, torch.randn(8, 16), torch.randn(16, 4), torch.randn(16), torch.randn(1, 2, 6, 8)
+    pairs = {   # an aten operator by hand -> the same work through the function the watch prices
+        "mm": (lambda: aten.mm(a, b), lambda: torch.mm(a, b)),
+        "mm.default": (lambda: aten.mm.default(a, b), lambda: a @ b),
+        "matmul, a composite": (lambda: aten.matmul(a[None].expand(3, 8, 16), b), lambda: torch.matmul(a[None].expand(3, 8, 16), b)),
+        "mv": (lambda: aten.mv(a, v), lambda: torch.mv(a, v)),
+        "dot": (lambda: aten.dot(v, v), lambda: torch.dot(v, v)),
+        "the CPU's fused attention": (lambda: aten._scaled_dot_product_flash_attention_for_cpu(q, q, q),
+                                      lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q)),
+        "conv2d": (lambda: aten.conv2d(torch.randn(1, 3, 8, 8), torch.randn(5, 3, 3, 3)),
+                   lambda: torch.nn.functional.conv2d(torch.randn(1, 3, 8, 8), torch.randn(5, 3, 3, 3))),
+    }
+    for name, (by_hand, function) in pairs.items():
+        with torch.no_grad():
+            assert charged(lm, by_hand, watched=True) == charged(lm, function, watched=True) > 0, name
+    learning = a.clone().requires_grad_(True)
+    assert charged(lm, lambda: aten.mm(learning, b).sum().backward(), watched=True) == 2 * 2 * 8 * 16 * 4
+
+
 def test_products_torch_wraps_in_python_and_dense_linear_algebra_are_charged(lm):
     """Fails if work escapes the watch: a function torch writes in Python around its products
     (`F.multi_head_attention_forward`: the watch sees only the outer call) was charged 0, as were

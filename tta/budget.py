@@ -368,6 +368,30 @@ def _bare_products():
               T.matrix_power, torch.svd_lowrank, torch.pca_lowrank):
         table[f] = (_ON_META, None)
     table.update(_decompositions())
+    table.update(_aten_products())
+    return table
+
+
+def _aten_products() -> dict:
+    """The same products called by hand as aten operators (`torch.ops.aten.mm(a, b)`), which the
+    watch sees under their own names: priced by torch's counter on meta copies, which counts the
+    products a composite operator (`aten.matmul`, `aten.einsum`) breaks into; `mv`, `dot` and the
+    CPU's fused attention, which that counter prices at 0, by the rules above.  Every overload of
+    each (`aten.mm.default`, `aten.mm.out`) is priced alike.  Before, each cost 0."""
+    aten = torch.ops.aten
+    rules = {packet: (_ON_META, None) for packet in (
+        aten.mm, aten.bmm, aten.addmm, aten.baddbmm, aten.addbmm, aten.matmul, aten.linear, aten.einsum,
+        aten.tensordot, aten.bilinear, aten.convolution, aten._convolution, aten.conv1d, aten.conv2d, aten.conv3d,
+        aten.conv_transpose1d, aten.conv_transpose2d, aten.conv_transpose3d, aten.scaled_dot_product_attention)}
+    for packet in (aten.mv, aten.dot, aten.vdot):
+        rules[packet] = (lambda a, b, *_, **__: _matmul_flops(a, b), (0, 1))
+    rules[aten.addmv] = (lambda _, a, b, *__, **___: _matmul_flops(a, b), (1, 2))
+    rules[aten._scaled_dot_product_flash_attention_for_cpu] = (_sdpa_flops, (0, 1, 2))
+    table = {}
+    for packet, rule in rules.items():
+        table[packet] = rule
+        for overload in packet.overloads():
+            table[getattr(packet, overload)] = rule
     return table
 
 
