@@ -273,6 +273,13 @@ def _module_products(module: torch.nn.Module, args: tuple, x, output) -> float:
     return 0.0
 
 
+def _head_costs(head: torch.nn.Module, tokens: int) -> tuple[float, float]:
+    """The output head's forward and backward FLOPs on `tokens` positions (the backward: the
+    hidden states' gradient, and the head's own when it learns)."""
+    weights = head.weight.numel()
+    return 2.0 * weights * tokens, 2.0 * (weights + (weights if head.weight.requires_grad else 0)) * tokens
+
+
 def _recurrent_flops(rnn: torch.nn.RNNBase, x) -> float:
     """Every step of every layer and direction multiplies its input and the previous state by its
     gates' weights (as torch's counter prices a GRU), plus an LSTM's projection of the state."""
@@ -419,6 +426,7 @@ def _decompositions() -> dict:
         return price
 
     spectral = lambda m, n, k, kw: 4 * m * n * n - 4 * n ** 3 / 3   # noqa: E731  (the singular values)
+    inverse = lambda m, n, k, kw: 2 * n ** 3   # noqa: E731
     svd = lambda m, n, k, kw: (4 * m * m * n + 8 * m * n * n + 9 * n ** 3 if kw.get("full_matrices", True)   # noqa: E731
                                else 14 * m * n * n + 8 * n ** 3)
     counts = {
@@ -427,7 +435,7 @@ def _decompositions() -> dict:
          torch.logdet, T.logdet): lambda m, n, k, kw: m * n * n - n ** 3 / 3,
         (L.solve, L.solve_ex): lambda m, n, k, kw: 2 * n ** 3 / 3 + 2 * n * n * k,
         (L.solve_triangular,): lambda m, n, k, kw: n * n * k,
-        (L.inv, L.inv_ex, torch.inverse, T.inverse): lambda m, n, k, kw: 2 * n ** 3,
+        (L.inv, L.inv_ex, torch.inverse, T.inverse): inverse,
         (L.qr, torch.qr, T.qr): lambda m, n, k, kw: 4 * m * n * n - 4 * n ** 3 / 3,
         (L.lstsq,): lambda m, n, k, kw: 2 * m * n * n - 2 * n ** 3 / 3 + 4 * m * n * k,
         (L.eigh,): lambda m, n, k, kw: 9 * n ** 3,
@@ -453,7 +461,7 @@ def _decompositions() -> dict:
     for f in (torch.norm, T.norm):   # its p=2 is the entries' vector norm; only "nuc" is a matrix norm
         table[f] = (norm_price(("nuc",)), (0,))
     table[L.cond] = (lambda A, p=None, *_, **__: priced(spectral)(A) if p in (None, 2, -2, "nuc")
-                     else priced(counts[(L.inv, L.inv_ex, torch.inverse, T.inverse)])(A), (0,))
+                     else priced(inverse)(A), (0,))
 
     def exponential_price(A, *_, **__):
         """torch's matrix exponential: a Taylor polynomial of degree up to 18 in at most 6
@@ -808,12 +816,17 @@ class Meter:
         self._refuse_past(cost, f"a forward of {type(module).__name__}")
         self._in_thread.counted_modules.append(module)
 
-    def _refuse_past(self, cost: float, what: str) -> None:
+    def _passes_cap(self, cost: float = 0.0) -> bool:
+        """Whether `cost` more FLOPs would take the spend past the FLOP cap (never while measuring,
+        `uncharged`).  The slack: float rounding of a method's own pricing."""
         cap = self.budget.flops
-        if cap is not None and self._charging and self.flops + cost > cap * (1 + 1e-9):
+        return cap is not None and self._charging and self.flops + cost > cap * (1 + 1e-9)
+
+    def _refuse_past(self, cost: float, what: str) -> None:
+        if self._passes_cap(cost):
             self.refusals += 1
             raise BudgetExceeded(f"{what} costing {cost:.3g} FLOPs with {self.flops:.3g} of the task's "
-                                 f"{cap:.3g}-FLOP cap spent would pass the cap")
+                                 f"{self.budget.flops:.3g}-FLOP cap spent would pass the cap")
 
     def _hooked_on_first_forward(self, module) -> bool:
         """Whether `module` is a transformers decoder model, now hooked as the run's model is (or
@@ -917,9 +930,8 @@ class Meter:
         backward = (2.0 * (weights + trainable) * call.tokens + 2 * attention
                     if trainable and torch.is_grad_enabled() else 0.0)
         if backward and head is not None:   # a training forward: the head's logits, and their backward, come with it
-            head_weights = head.weight.numel()
-            backward += 2.0 * (2 * head_weights + (head_weights if head.weight.requires_grad else 0)) * call.tokens
-        if self.flops + cost + backward > cap * (1 + 1e-9):   # the slack: float rounding of a method's own pricing
+            backward += sum(_head_costs(head, call.tokens))
+        if self._passes_cap(cost + backward):
             self.refusals += 1   # the cap cut the method's work, as a refused `can_afford` does
             with_backward = (f" (and {backward:.3g} for the head and the backward they allow: gradients are on and weights "
                              "learn; under torch.no_grad() only the forward is priced)") if backward else ""
@@ -959,6 +971,13 @@ class Meter:
         return (copies * hidden.shape[0] * hidden.shape[1],
                 copies * hidden.shape[0] * attention_context(0, hidden.shape[1]))
 
+    def _layer_costs(self, layer, width: int, hidden: torch.Tensor) -> tuple[float, float, int]:
+        """One decoder layer's forward and backward FLOPs on `hidden`, and its weights that learn."""
+        tokens, context = self._layer_positions(hidden)
+        weights, trainable = self._recounted(layer, linear_weights)
+        attention = attention_flops(1, width, context)
+        return 2.0 * weights * tokens + attention, 2.0 * (weights + trainable) * tokens + 2 * attention, trainable
+
     def _layer_pre_hook(self, width: int):
         def before_layer(layer, args, kwargs):
             """Refuse a decoder layer called by hand (early exit, layer skipping, a logit lens)
@@ -969,23 +988,18 @@ class Meter:
             hidden = args[0] if args else kwargs.get("hidden_states")
             if self._in_thread.call is not None or not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
                 return
-            tokens, context = self._layer_positions(hidden)
-            weights, trainable = self._recounted(layer, linear_weights)
-            cost = 2.0 * weights * tokens + attention_flops(1, width, context)
-            if torch.is_grad_enabled() and (trainable or hidden.requires_grad):
-                cost += 2.0 * (weights + trainable) * tokens + 2 * attention_flops(1, width, context)
-            self._payer()._refuse_past(cost, "a decoder layer's forward (with the backward it allows), called by hand,")
+            forward, backward, trainable = self._layer_costs(layer, width, hidden)
+            learning = torch.is_grad_enabled() and (trainable or hidden.requires_grad)
+            self._payer()._refuse_past(forward + backward * learning,
+                                       "a decoder layer's forward (with the backward it allows), called by hand,")
         return before_layer
 
     def _layer_hook(self, width: int):
         def hook(layer, args, kwargs, output):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            tokens, context = self._layer_positions(hidden)
-            weights, trainable = self._recounted(layer, linear_weights)
-            self._charge(2.0 * weights * tokens + attention_flops(1, width, context))
+            forward, backward, _ = self._layer_costs(layer, width, args[0] if args else kwargs["hidden_states"])
+            self._charge(forward)
             out = output[0] if isinstance(output, tuple) else output
             if isinstance(out, torch.Tensor) and out.requires_grad:
-                backward = 2.0 * (weights + trainable) * tokens + 2 * attention_flops(1, width, context)
                 out.register_hook(self._backward_charger(backward))
         return hook
 
@@ -1011,20 +1025,15 @@ class Meter:
         cap, hidden = self._payer().budget.flops, args[0] if args else None
         if cap is None or not isinstance(hidden, torch.Tensor) or hidden.dim() < 2:
             return
-        tokens = self._head_tokens(hidden.shape) * vmapped_copies(hidden)
-        weights = head.weight.numel()
-        cost = 2.0 * weights * tokens
-        if torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad):
-            cost += 2.0 * (weights + (weights if head.weight.requires_grad else 0)) * tokens
-        self._payer()._refuse_past(cost, "the output head's forward (with the backward it allows)")
+        forward, backward = _head_costs(head, self._head_tokens(hidden.shape) * vmapped_copies(hidden))
+        learning = torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad)
+        self._payer()._refuse_past(forward + backward * learning, "the output head's forward (with the backward it allows)")
 
     def _on_head(self, head, args, output):
-        tokens = self._head_tokens(output.shape) * vmapped_copies(output)
-        weights = head.weight.numel()
-        self._charge(2.0 * weights * tokens)
+        forward, backward = _head_costs(head, self._head_tokens(output.shape) * vmapped_copies(output))
+        self._charge(forward)
         if output.requires_grad:
-            trainable = weights if head.weight.requires_grad else 0
-            output.register_hook(self._backward_charger(2.0 * (weights + trainable) * tokens))
+            output.register_hook(self._backward_charger(backward))
 
     def _backward_charger(self, flops: float):
         def charge_backward(grad):
@@ -1086,9 +1095,8 @@ class Meter:
         before it runs wherever its price is known beforehand; this catches what is charged only
         after it ran (`budget.charge`, a convolution's first call), so no task is recorded as
         solved with more than its cap."""
-        cap = self.budget.flops
-        if cap is not None and self._charging and self.flops > cap * (1 + 1e-9):
-            raise BudgetExceeded(f"the task spent {self.flops:.3g} FLOPs, past its {cap:.3g}-FLOP cap, on work charged "
+        if self._passes_cap():
+            raise BudgetExceeded(f"the task spent {self.flops:.3g} FLOPs, past its {self.budget.flops:.3g}-FLOP cap, on work charged "
                                  "after it ran; ask budget.can_afford(flops) before such work")
 
     def spent_cap(self) -> bool:

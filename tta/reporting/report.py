@@ -39,6 +39,9 @@ BOOT_SEED = 0
 
 
 
+BUDGETS_DIFFER = "runs differ in budget"   # how `check_comparable` opens a budget sweep's line
+
+
 def check_comparable(df: pd.DataFrame, allow_mismatch: bool = False) -> list[str]:
     """Differences that make the runs in ``df`` unfair to compare.
 
@@ -51,11 +54,13 @@ def check_comparable(df: pd.DataFrame, allow_mismatch: bool = False) -> list[str
     diffs = []
     for field in ("model", "dataset", "budget"):
         values = {r.path: _describe(field, r) for r in runs.itertuples()}
-        if len(set(values.values())) > 1 and field == "budget":   # a sweep: say which budgets, not every run's
+        if len(set(values.values())) == 1:
+            continue
+        if field == "budget":   # a sweep: say which budgets, not every run's
             counts = pd.Series(list(values.values())).value_counts(sort=False)
             budgets = [f"{budget} ({n} {'runs' if n > 1 else 'run'})" for budget, n in counts.items()]
-            diffs.append(f"runs differ in budget: {', '.join(budgets)}")
-        elif len(set(values.values())) > 1:
+            diffs.append(f"{BUDGETS_DIFFER}: {', '.join(budgets)}")
+        else:
             uses = ", ".join(f"{p} uses {v}" for p, v in values.items())
             diffs.append(f"runs differ in {field}: {uses}")
     diffs += _task_set_differences(df)
@@ -923,7 +928,7 @@ def write_report(paths, out_md: str | Path, baseline: str = "icl",
         s += [f"- `{run}`: {why}" for run, why in missing.items()]
         s.append("")
 
-    if diffs and all(d.startswith("runs differ in budget:") for d in diffs):
+    if diffs and all(d.startswith(BUDGETS_DIFFER) for d in diffs):
         s.append("## Budgets\n")
         s.append("The runs span several budgets. Each run is paired with the baseline run of its own budget "
                  "(and seed) where there is one.\n")
