@@ -862,8 +862,8 @@ def test_a_task_run_from_a_thread_started_under_the_watch_is_charged_once(lm):
 def test_similarities_sparse_products_transforms_and_spectral_norms_are_charged(lm):
     """Fails if work a method could write as one call escapes: a cosine-similarity search over a
     data store, a covariance, `pdist`, `vdot`, a sparse product (charged at its stored values,
-    not the dense count), the FFT family, a spectral norm (an SVD's values) and the matrix
-    exponential all cost 0 before.  Entry-wise norms stay element-wise work (free)."""
+    not the dense count), the FFT family and `stft`, a spectral norm (an SVD's values), the matrix
+    exponential and solves with a factor made before all cost 0 before.  Entry-wise norms stay element-wise work (free)."""
     n = 64
     a, v = torch.randn(n, n), torch.randn(n)
     sparse = (torch.randn(n, n) * (torch.rand(n, n) < 0.1)).to_sparse()
@@ -883,6 +883,15 @@ def test_similarities_sparse_products_transforms_and_spectral_norms_are_charged(
         "matrix exponential, 1-norm under 3.01": (lambda: torch.linalg.matrix_exp(torch.eye(n)), 6 * 2 * n ** 3),
         "matrix exponential, 1-norm 12: two squarings": (lambda: torch.linalg.matrix_exp(12 * torch.eye(n)),
                                                           8 * 2 * n ** 3),
+        # 4,096 samples centred (padded by 128 each side), a frame every 64: 65 frames of 256 points
+        "stft": (lambda: torch.stft(torch.randn(4096), 256, hop_length=64, window=torch.hann_window(256),
+                                    return_complex=True), 2.5 * 65 * 256 * 8),
+        "istft of those frames": (lambda: torch.istft(torch.randn(129, 65, dtype=torch.complex64), 256, hop_length=64,
+                                                      window=torch.hann_window(256)), 2.5 * 65 * 256 * 8),
+        "cholesky_solve, 4 columns": (lambda: torch.cholesky_solve(v[:, None].expand(n, 4), torch.eye(n)), 2 * n * n * 4),
+        "lu_solve, batch of 2": (lambda: torch.linalg.lu_solve(*torch.linalg.lu_factor(torch.eye(n)), torch.randn(2, n, 3)),
+                                 (n ** 3 - n ** 3 / 3) + 2 * 2 * n * n * 3),
+        "cholesky_inverse": (lambda: torch.cholesky_inverse(torch.eye(n)), 2 * n ** 3 / 3),
     }
     for name, (work, flops) in expected.items():
         with torch.no_grad():

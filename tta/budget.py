@@ -473,13 +473,26 @@ def _decompositions() -> dict:
         return float(A.numel() // max(n * n, 1)) * (6 + squarings) * 2.0 * n ** 3
     for f in (L.matrix_exp, torch.matrix_exp, T.matrix_exp):
         table[f] = (exponential_price, (0,))
+
+    # Solves with a factor made before (by a call priced above): two triangular solves, n^2 k each
+    # for k right-hand columns; an inverse from a Cholesky factor, L^-1 then its product.
+    def factor_solve(factor, B):
+        n, k = factor.shape[-1], B.shape[-1] if B.dim() > 1 else 1
+        return 2.0 * n * n * k * (B.numel() // max(B.shape[-2] * k, 1) if B.dim() > 1 else 1)
+    for f in (torch.cholesky_solve, T.cholesky_solve):
+        table[f] = (lambda B, factor, *_, **__: factor_solve(factor, B), (0, 1))
+    table[L.lu_solve] = (lambda LU, pivots, B, *_, **__: factor_solve(LU, B), (0, 2))
+    for f in (torch.cholesky_inverse, T.cholesky_inverse):
+        table[f] = (lambda factor, *_, **__: float(factor.numel() // max(factor.shape[-1] ** 2, 1))
+                    * 2 * factor.shape[-1] ** 3 / 3, (0,))
     return table
 
 
 def _fourier_transforms() -> dict:
     """The FFT family at the textbook count of a radix-2 transform, 5 N log2 N FLOPs for N complex
     points, half that when the input or output is real (`rfft`, `irfft`, `hfft`, ...), times the
-    transforms the batch holds.  torch's counter prices them at 0."""
+    transforms the batch holds; `stft` and `istft` at one transform per frame.  torch's counter
+    prices them at 0."""
     ft = torch.fft
 
     def price(dims_given: int | None, real: bool):   # dims_given: 1 (fft), 2 (fft2), None (fftn: all)
@@ -502,6 +515,25 @@ def _fourier_transforms() -> dict:
                         (("fftn", "ifftn", "rfftn", "irfftn", "hfftn", "ihfftn"), None)):
         for name in names:
             table[getattr(ft, name)] = (price(dims, real="r" in name or "h" in name), (0,))
+
+    def frames_price(input, n_fft, hop_length=None, win_length=None, window=None, center=True, pad_mode="reflect",
+                     normalized=False, onesided=None, *_, **__):
+        """`torch.stft`: one transform of n_fft points per frame, a frame every hop_length samples
+        (n_fft // 4 by default), the signal padded by n_fft // 2 on each side when centred."""
+        hop = hop_length or n_fft // 4
+        length = input.shape[-1] + (2 * (n_fft // 2) if center else 0)
+        frames = 1 + max(length - n_fft, 0) // hop
+        real = not input.is_complex() and onesided is not False
+        return (2.5 if real else 5.0) * (input.numel() // max(input.shape[-1], 1)) * frames * n_fft * math.log2(max(n_fft, 2))
+
+    def inverse_frames_price(input, n_fft, *_, **__):   # `torch.istft`: one inverse per frame given
+        frames, real = input.shape[-1], input.shape[-2] != n_fft   # a one-sided spectrum makes a real signal
+        return ((2.5 if real else 5.0) * (input.numel() // max(input.shape[-1] * input.shape[-2], 1))
+                * frames * n_fft * math.log2(max(n_fft, 2)))
+    for f in (torch.stft, torch.Tensor.stft):
+        table[f] = (frames_price, (0,))
+    for f in (torch.istft, torch.Tensor.istft):
+        table[f] = (inverse_frames_price, (0,))
     return table
 
 
