@@ -1120,3 +1120,50 @@ def test_a_methods_own_network_trained_without_asking_stays_inside_the_cap(lm):
                 steps += 1
         meter.detach()
         assert steps == 2 and meter.flops <= cap, name
+
+
+def test_forward_mode_ad_is_charged_its_tangents(lm):
+    """Forward-mode AD (`torch.func.jvp`, a `forward_ad` dual level) computes every product once
+    more per tangent it carries: the tangent of x W is dx W + x dW.  Fails if a jvp costs what the
+    plain forward does (it did: a forward-gradient method trained at the price of inference), if
+    a decoder layer or the head misses the tangent, or if the cap does not price it in before a
+    forward runs."""
+    import torch.autograd.forward_ad as forward_ad
+    from tta.budget import attention_flops, model_shape
+    a, b = torch.randn(8, 16), torch.randn(16, 4)
+    product = 2 * 8 * 16 * 4
+
+    def dual_level():
+        with forward_ad.dual_level():
+            forward_ad.make_dual(a, torch.ones_like(a)) @ b
+    linear = torch.nn.Linear(16, 4)
+    weights = dict(linear.named_parameters())
+    by_weights = lambda: torch.func.jvp(lambda w: torch.func.functional_call(linear, w, (a,)), (weights,),   # noqa: E731
+                                        ({k: torch.ones_like(v) for k, v in weights.items()},))
+    expected = {"a plain product": (lambda: a @ b, product),
+                "one operand with a tangent": (lambda: torch.func.jvp(lambda x: x @ b, (a,), (a,)), 2 * product),
+                "both operands": (lambda: torch.func.jvp(lambda x, y: x @ y, (a, b), (a, b)), 3 * product),
+                "a forward_ad dual level": (dual_level, 2 * product),
+                "a Linear against its input": (lambda: torch.func.jvp(linear, (a,), (a,)), 2 * product),
+                "a Linear against its weights": (by_weights, 2 * product)}
+    for name, (work, flops) in expected.items():
+        assert charged(lm, work, watched=True) == flops, name
+
+    # The model, with eager attention (the CPU's fused kernel has no forward-mode rule).
+    lm.model.config._attn_implementation = "eager"
+    ids = torch.randint(0, 10, (1, 40))
+    with torch.no_grad():
+        forward = charged(lm, lambda: lm.model(input_ids=ids))
+    embeds = lm.model.get_input_embeddings()(ids).detach()
+    along_embeds = lambda: torch.func.jvp(lambda e: lm.model(inputs_embeds=e).logits, (embeds,), (torch.randn_like(embeds),))   # noqa: E731
+    shape = model_shape(lm.model)
+    # Every layer's and the head's products once more, and the attention's twice more.
+    assert charged(lm, along_embeds) == pytest.approx(2 * forward + attention_flops(shape.n_layer, shape.d_model, 40 * 41 // 2))
+    meter = Meter(Budget(flops=1.5 * forward))
+    meter.attach(lm.model)
+    try:
+        with pytest.raises(BudgetExceeded, match="a forward of"):
+            along_embeds()
+    finally:
+        meter.detach()
+    assert meter.flops == 0   # refused before any layer ran

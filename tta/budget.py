@@ -14,7 +14,8 @@ hooked on its first forward like the run's model, and a network of the method's 
 at its linear, convolution, attention and recurrent modules, and so are the matrix products it
 writes as bare tensor operations (`x @ w`, `F.linear`, `torch.einsum`) and the dense linear
 algebra it runs (`torch.linalg.svd`, ...), in its own threads too; under `torch.func.vmap` every
-count covers the whole batch (`vmapped_copies`). The FLOP cap holds whether a method asks or
+count covers the whole batch (`vmapped_copies`), and under forward-mode AD every product is
+charged once more per tangent it carries (`tangents`). The FLOP cap holds whether a method asks or
 not: a forward whose decoder layers alone would take the spend past it raises `BudgetExceeded`
 before it runs.  A TorchScript module, whose insides nothing here can see, is refused
 (`UncountedWork`).
@@ -52,6 +53,7 @@ import weakref
 from dataclasses import dataclass
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 
 # ---------------------------------------------------------------- the formula
@@ -244,6 +246,20 @@ def _backward_passes(module: torch.nn.Module) -> int:
     return 2 if any(p.requires_grad for p in module.parameters(recurse=False)) else 1
 
 
+def tangents(x=None, module: torch.nn.Module | None = None) -> int:
+    """Tangents forward-mode AD (`torch.func.jvp`, `jacfwd`, a `torch.autograd.forward_ad`
+    dual level) carries through a product: one when the input `x` carries a tangent, one when the
+    weights of `module` do (the tangent of x W is dx W + x dW).  Each costs the product once
+    more, so a forward with tangents is charged (1 + tangents) times its products.  Without this
+    a jvp of a matmul, or of the model's forward against its weights (forward-gradient training),
+    was charged as the plain forward.  Outside forward-mode AD this is one attribute read."""
+    if _forward_ad._current_level < 0:
+        return 0
+    dual = lambda t: isinstance(t, torch.Tensor) and _forward_ad.unpack_dual(t).tangent is not None   # noqa: E731
+    weights = module is not None and any(dual(p) for p in module.parameters())
+    return int(dual(x)) + int(weights)
+
+
 def module_flops(module: torch.nn.Module, args: tuple, output=None) -> float:
     """FLOPs of one forward of a module outside every hooked model, counted at its matrix
     products: `nn.Linear`, `nn.Conv*` (known once it ran) and `nn.MultiheadAttention` (inputs
@@ -271,6 +287,13 @@ def _module_products(module: torch.nn.Module, args: tuple, x, output) -> float:
     if isinstance(module, torch.nn.RNNBase):
         return _recurrent_flops(module, x)
     return 0.0
+
+
+def _tangent_costs(streams: int, weights: int, tokens: int, attention: float) -> float:
+    """The tangents' work in a decoder layer (see `tangents`): each linear map once more per
+    tangent, and the attention's two products on tangents of both their operands, twice the
+    forward's attention term, as the backward's activation gradients take."""
+    return 2.0 * weights * tokens * streams + 2 * attention if streams else 0.0
 
 
 def _head_costs(head: torch.nn.Module, tokens: int) -> tuple[float, float]:
@@ -631,12 +654,13 @@ class _BareProductWatch(torch.overrides.TorchFunctionMode):
             except (TypeError, IndexError, AttributeError):   # arguments by name, or not tensors
                 cost = None
         learning = _learning_operands(func, operands, grads) if torch.is_grad_enabled() else 0
+        tangent = sum(tangents(x) for x in operands)   # forward-mode AD: the product again per tangent
         if cost is not None:   # before the work, as a module's is, with the backward it allows
-            meter._refuse_past(cost * (1 + learning), f"a bare {getattr(func, '__name__', func)}")
+            meter._refuse_past(cost * (1 + tangent + learning), f"a bare {getattr(func, '__name__', func)}")
             output = func(*args, **kwargs)
         else:   # known once it ran: the product after it is refused if this one spent the cap
             output, cost = _run_counted(func, args, kwargs)
-        meter._charge(cost)
+        meter._charge(cost * (1 + tangent))
         if isinstance(output, torch.Tensor) and output.requires_grad and learning:
             output.register_hook(meter._backward_charger(cost * learning))
         return output
@@ -841,11 +865,13 @@ class Meter:
         if not isinstance(module, COUNTED_MODULES):
             return
         cost = module_flops(module, args)   # 0 for a convolution until it ran: refused once the cap is spent
+        x = args[0] if args else None
+        allowed = cost * (1 + tangents(x, module))
         if torch.is_grad_enabled():   # with the backward it allows, as `_after_other` would charge it
-            passes, x = _backward_passes(module), args[0] if args else None
+            passes = _backward_passes(module)
             if passes == 2 or (isinstance(x, torch.Tensor) and x.requires_grad):
-                cost *= 1 + passes
-        self._refuse_past(cost, f"a forward of {type(module).__name__}")
+                allowed += cost * passes
+        self._refuse_past(allowed, f"a forward of {type(module).__name__}")
         self._in_thread.counted_modules.append(module)
 
     def _passes_cap(self, cost: float = 0.0) -> bool:
@@ -885,7 +911,7 @@ class Meter:
         cost = module_flops(module, args, output)
         if not cost:
             return
-        self._charge(cost)
+        self._charge(cost * (1 + tangents(args[0] if args else None, module)))
         out = output[0] if isinstance(output, tuple) else output
         if isinstance(out, torch.Tensor) and out.requires_grad:
             out.register_hook(self._backward_charger(cost * _backward_passes(module)))
@@ -939,11 +965,12 @@ class Meter:
             copies = vmapped_copies(ids if ids is not None else kwargs.get("inputs_embeds"))
             if copies > 1:   # one example's call under torch.func.vmap: the others run with it
                 call = _Call(call.new_mask, call.tokens * copies, call.context * copies, call.new_per_row)
-            self._payer()._refuse_past_cap(module, call, width, head)   # raises before the forward runs
+            self._payer()._refuse_past_cap(module, call, width, head, kwargs.get("inputs_embeds"))   # raises before it runs
             self._in_thread.call = call
         return on_decoder
 
-    def _refuse_past_cap(self, decoder, call: _Call, width: int, head: torch.nn.Module | None) -> None:
+    def _refuse_past_cap(self, decoder, call: _Call, width: int, head: torch.nn.Module | None,
+                         embeds: torch.Tensor | None = None) -> None:
         """Raise `BudgetExceeded` before a forward whose decoder layers would take the spend past the
         FLOP cap: the cap holds whether or not a method asks.  In inference the output head may run
         on fewer positions (`logits_to_keep`), so it is priced apart, before it runs
@@ -955,7 +982,7 @@ class Meter:
         weights, trainable = self._recounted(decoder, lambda d: tuple(map(sum, zip(*(linear_weights(layer)
                                                                                       for layer in d.layers)))))
         attention = attention_flops(len(decoder.layers), width, call.context)
-        cost = 2.0 * weights * call.tokens + attention
+        cost = 2.0 * weights * call.tokens + attention + self._decoder_tangents(decoder, call, width, embeds)
         # With gradients on and weights that learn, a backward can follow, and it cannot be
         # stopped half way: the forward is admitted only if its backward fits too.  Priced on the
         # forward alone, a plugin's training step (transformers' Trainer) ended at 121% of the cap.
@@ -971,6 +998,20 @@ class Meter:
                 f"a forward of {cost:.3g} FLOPs{with_backward} with {self.flops:.3g} of the task's {cap:.3g}-FLOP "
                 "cap spent would pass the cap; ask budget.can_afford(flops) before calling the model, or catch "
                 "tta.budget.BudgetExceeded and answer with what you have")
+
+    def _decoder_tangents(self, decoder, call: _Call, width: int, embeds) -> float:
+        """The tangents' work in a forward under forward-mode AD, layer by layer as the layers'
+        hooks charge it: a tangent on the input embeddings flows through every layer, and one on a
+        layer's weights joins it there and flows on (0 outside forward-mode AD)."""
+        if _forward_ad._current_level < 0:
+            return 0.0
+        flowing, total = tangents(embeds), 0.0
+        for layer in decoder.layers:
+            own = tangents(module=layer)
+            total += _tangent_costs(min(flowing, 1) + own, self._recounted(layer, linear_weights)[0], call.tokens,
+                                    attention_flops(1, width, call.context))
+            flowing = min(flowing, 1) + own
+        return total   # the head's are priced with its own forward (`_before_head`)
 
     @staticmethod
     def _real_tokens(args, kwargs) -> _Call:
@@ -1004,11 +1045,14 @@ class Meter:
                 copies * hidden.shape[0] * attention_context(0, hidden.shape[1]))
 
     def _layer_costs(self, layer, width: int, hidden: torch.Tensor) -> tuple[float, float, int]:
-        """One decoder layer's forward and backward FLOPs on `hidden`, and its weights that learn."""
+        """One decoder layer's forward FLOPs on `hidden` (with the tangents forward-mode AD carries
+        through it), its backward's, and its weights that learn."""
         tokens, context = self._layer_positions(hidden)
         weights, trainable = self._recounted(layer, linear_weights)
         attention = attention_flops(1, width, context)
-        return 2.0 * weights * tokens + attention, 2.0 * (weights + trainable) * tokens + 2 * attention, trainable
+        forward = 2.0 * weights * tokens + attention
+        return (forward + _tangent_costs(tangents(hidden, layer), weights, tokens, attention),
+                2.0 * (weights + trainable) * tokens + 2 * attention, trainable)
 
     def _layer_pre_hook(self, width: int):
         def before_layer(layer, args, kwargs):
@@ -1059,11 +1103,12 @@ class Meter:
             return
         forward, backward = _head_costs(head, self._head_tokens(hidden.shape) * vmapped_copies(hidden))
         learning = torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad)
-        self._payer()._refuse_past(forward + backward * learning, "the output head's forward (with the backward it allows)")
+        self._payer()._refuse_past(forward * (1 + tangents(hidden, head)) + backward * learning,
+                                   "the output head's forward (with the backward it allows)")
 
     def _on_head(self, head, args, output):
         forward, backward = _head_costs(head, self._head_tokens(output.shape) * vmapped_copies(output))
-        self._charge(forward)
+        self._charge(forward * (1 + tangents(args[0] if args else None, head)))
         if output.requires_grad:
             output.register_hook(self._backward_charger(backward))
 
