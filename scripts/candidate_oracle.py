@@ -1,5 +1,6 @@
 """Is the true answer among the candidates, and does the vote pick it?  A diagnostic for
-`ttt_full` (or `ttt_lora`): for each task, train as the method does under the cap, decode the
+`ttt_full` (or `ttt_lora`, or `icl`, which trains nothing): for each task, train as the method
+does under the cap, decode the
 views as its prediction does (configured views, then more while the budget pays), and report per
 test output: the views decoded, the distinct answers, whether the true answer is among them,
 and its rank under the hierarchical vote and under product-of-experts scoring (the 8 best by
@@ -14,6 +15,7 @@ cannot help; more or better candidates (or a better model) must.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -74,8 +76,9 @@ def main():
         meter.attach(lm.model)
         try:
             method.adapt(task, meter.handle(lm.model), seed)
-            with method.merged():
+            with getattr(method, "merged", contextlib.nullcontext)():   # icl has no adapter
                 views, decoded = candidates(lm, method, task, meter.handle(lm.model), seed)
+                meter.detach()   # the candidates are in; scoring them is the diagnostic's, not the cap's
                 unmetered = Meter(Budget())
                 unmetered.attach(lm.model)
                 for i, pair in enumerate(task.test):
