@@ -246,6 +246,12 @@ def _backward_passes(module: torch.nn.Module) -> int:
     return 2 if any(p.requires_grad for p in module.parameters(recurse=False)) else 1
 
 
+def _forward_ad_on() -> bool:
+    """Whether a forward-mode AD level is open (torch.func.jvp opens one too).  A torch without
+    the private level counter is asked tensor by tensor instead."""
+    return getattr(_forward_ad, "_current_level", 0) >= 0
+
+
 def tangents(x=None, module: torch.nn.Module | None = None) -> int:
     """Tangents forward-mode AD (`torch.func.jvp`, `jacfwd`, a `torch.autograd.forward_ad`
     dual level) carries through a product: one when the input `x` carries a tangent, one when the
@@ -253,7 +259,7 @@ def tangents(x=None, module: torch.nn.Module | None = None) -> int:
     more, so a forward with tangents is charged (1 + tangents) times its products.  Without this
     a jvp of a matmul, or of the model's forward against its weights (forward-gradient training),
     was charged as the plain forward.  Outside forward-mode AD this is one attribute read."""
-    if _forward_ad._current_level < 0:
+    if not _forward_ad_on():
         return 0
     dual = lambda t: isinstance(t, torch.Tensor) and _forward_ad.unpack_dual(t).tangent is not None   # noqa: E731
     weights = module is not None and any(dual(p) for p in module.parameters())
@@ -1003,7 +1009,7 @@ class Meter:
         """The tangents' work in a forward under forward-mode AD, layer by layer as the layers'
         hooks charge it: a tangent on the input embeddings flows through every layer, and one on a
         layer's weights joins it there and flows on (0 outside forward-mode AD)."""
-        if _forward_ad._current_level < 0:
+        if not _forward_ad_on():
             return 0.0
         flowing, total = tangents(embeds), 0.0
         for layer in decoder.layers:
