@@ -49,7 +49,7 @@ from tta.training.examples import leave_one_out_examples
 from tta.inference.decoding import generate
 from tta.method import AdapterMethod, MethodError, register, setting
 from tta.inference.predict import MoreViews, answer_room, build_views, is_capped, vote
-from tta.inference.search import PromptCache, dfs_many
+from tta.inference.search import PromptCache, dfs_many, poe_rank, scoring_reserve
 from tta.data.tasks import MAX_SIZE, grid_key
 from tta.training.finetune import LoRASettings, new_adapter, train_adapter
 
@@ -105,37 +105,6 @@ class Candidate:
     view: str            # the view's transform, for the hierarchical vote
     grid: np.ndarray     # in the original frame
     logprob: float       # under the view that produced it
-
-
-def poe_rank(lm, views, ranked: list[np.ndarray], budget, max_scored: int):
-    """Product of experts: the summed NLL of each candidate (a grid in the original frame) under
-    every view of its test input, lowest first.  Each view's prompt is computed once -- as many
-    views as the budget can pay for along with scoring the leading candidate in them; then the
-    first `max_scored` candidates of `ranked` are teacher-forced after every such view's prompt,
-    one candidate at a time while the budget can pay.  The unscored follow in `ranked` order.
-    Returns (candidates best first, NLLs of the scored).  A single candidate is not scored."""
-    if len(ranked) < 2:
-        return ranked, []
-    lead = len(lm.format.answer_ids(ranked[0]))
-    caches, scoring_lead = [], 0.0
-    for v in views:
-        scoring_lead += PromptCache.answer_cost(budget, len(v.prompt), lead)
-        if not budget.can_afford(PromptCache.prompt_cost(budget, len(v.prompt)) + scoring_lead):
-            break
-        caches.append(PromptCache(lm, v.prompt))
-    views = views[:len(caches)]
-    scored = []
-    for grid in ranked[:max_scored]:
-        answers = [(cache, lm.format.answer_ids(v.augmentation.grid(grid))) for v, cache in zip(views, caches)]
-        answers = [(cache, a) for cache, a in answers if len(a) <= lm.max_context - cache.n]
-        cost = sum(PromptCache.answer_cost(budget, cache.n, len(a)) for cache, a in answers)
-        if not answers or not budget.can_afford(cost):
-            break
-        nlls = [cache.nll(a) for cache, a in answers]
-        # A view whose context is too short for this answer counts as the mean of the others.
-        scored.append((sum(nlls) * len(views) / len(nlls), grid))
-    order = sorted(range(len(scored)), key=lambda i: scored[i][0])
-    return [scored[i][1] for i in order] + ranked[len(scored):], [scored[i][0] for i in order]
 
 
 def most_probable_first(candidates: list[Candidate]) -> list[np.ndarray]:
@@ -267,15 +236,6 @@ class Sampling(AdapterMethod):
 
     # ---------------------------------------------------------------- 3. select
 
-    def scoring_reserve(self, views, room, budget) -> tuple[float, float]:
-        """What generation leaves for product-of-experts scoring: the FLOPs to score `reserve_scored`
-        full-length candidates in every view (at most half the budget), or a quarter of a seconds budget."""
-        flops = sum(PromptCache.prompt_cost(budget, len(v.prompt))
-                    + self.config.reserve_scored * PromptCache.answer_cost(budget, len(v.prompt), room) for v in views)
-        if budget.cap.flops is not None:
-            flops = min(flops, 0.5 * budget.remaining())   # generation always gets half of what is left
-        return flops, 0.25
-
     def predict(self, task, budget, seed):
         with self.merged():
             return self.predict_merged(task, budget, seed)
@@ -284,7 +244,7 @@ class Sampling(AdapterMethod):
         c = self.config
         views = self.views(task, seed)
         room = answer_room(self.lm.format, task)
-        generation = budget.holding_back(*self.scoring_reserve(views, room, budget)) if c.select == "poe" else budget
+        generation = budget.holding_back(*scoring_reserve(views, room, budget, c.reserve_scored)) if c.select == "poe" else budget
         if c.search == "sample":
             candidates, info = self.sample(views, room, generation, seed)
         else:

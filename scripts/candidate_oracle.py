@@ -24,13 +24,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from methods.sampling import poe_rank  # noqa: E402
 from tta.budget import Budget, Meter  # noqa: E402
 from tta.data.augment import transforms_from_names  # noqa: E402
 from tta.data.datasets import load_dataset  # noqa: E402
 from tta.data.tasks import TaskError  # noqa: E402
 from tta.data.tasks import grid_key  # noqa: E402
 from tta.inference.predict import decode_augmented  # noqa: E402
+from tta.inference.search import poe_rank  # noqa: E402
 from tta.inference.voting import hierarchical_vote  # noqa: E402
 from tta.method import discover, get_method, make_config  # noqa: E402
 from tta.model.loading import load_model  # noqa: E402

@@ -489,3 +489,40 @@ def test_copies_read_each_prompt_once_and_draw_independent_answers(tiny):
 
     sampled = generate(tiny, [prompts[0]], max_new_tokens=8, temperature=1.5, seed=0, copies=8)
     assert len(sampled) == 8 and len({tuple(g.tokens) for g in sampled}) > 1
+
+
+def test_poe_selection_ranks_the_votes_shortlist_by_nll_summed_over_the_configured_views():
+    """`--set select=poe` for any method predicting with views.  Fails if the attempts are not the
+    vote's `scored` best answers in the order of their NLL summed over the test input's configured
+    views (each view's answer mapped into that view's frame; computed here by plain teacher
+    forcing), or if the scoring is not held back from filling views (the spend passes the cap)."""
+    from tta.budget import Budget, Meter
+    from tta.data.augment import transforms_from_names
+    from tta.inference.predict import ViewSettings, build_views, predict_with_views, view_predictions_with, vote
+
+    from tta.model.loading import load_model
+    lm = load_model("default", device="cpu")   # a random model finishes no grid to vote on
+    task = flip_task(n_train=3, size=4, seed=3)
+    settings = ViewSettings(select="poe", scored=4, fill_views=False)
+    meter = Meter(Budget(flops=1e12))
+    meter.attach(lm.model)
+    attempts, info = predict_with_views(lm, task, meter.handle(lm.model), settings, seed=0)
+    meter.detach()
+
+    predictions, _ = view_predictions_with(lm, task, None, settings, seed=0)
+    shortlist = [g for g in vote(predictions[0], n_attempts=4) if g is not None]
+    views = build_views(lm, task, transforms_from_names(settings.transforms), settings.orders, np.random.default_rng(0))
+    fmt = lm.format
+    summed = [sum(score_answers(lm, [v.prompt], [fmt.answer_ids(v.augmentation.grid(g))])[0].nll for v in views)
+              for g in shortlist]
+    assert len(shortlist) == 4 and len(info["poe_nll"][0]) == 4
+    by_nll = [shortlist[i] for i in np.argsort(summed)]
+    assert [a.tolist() for a in attempts[0]] == [g.tolist() for g in by_nll[:2]]
+    assert info["poe_nll"][0] == pytest.approx(sorted(summed), rel=1e-3)
+    assert by_nll[0].tolist() != shortlist[0].tolist()   # the case the test is for: the vote's first loses
+
+    capped = Meter(Budget(flops=1e11))
+    capped.attach(lm.model)
+    _, filled = predict_with_views(lm, task, capped.handle(lm.model), ViewSettings(select="poe", scored=4), seed=0)
+    capped.detach()
+    assert filled["views"] > 12 and len(filled["poe_nll"][0]) >= 2 and capped.flops <= 1e11

@@ -223,7 +223,7 @@ def test_dfs_respects_length_limit_and_budget():
 # ---------------------------------------------------------------- product of experts
 
 def test_poe_prefers_an_answer_likely_under_every_view_to_one_likely_under_one():
-    from methods.sampling import poe_rank
+    from tta.inference.search import poe_rank
 
     symmetric, lopsided = grid(["11", "11"]), grid(["12", "34"])
     # The stub ignores the view: "12/34" is likely as written, i.e. only in the identity view;
@@ -270,7 +270,7 @@ def test_scoring_after_a_cached_prompt_matches_score_answers():
 
 
 def test_poe_stops_scoring_when_the_budget_runs_out():
-    from methods.sampling import poe_rank
+    from tta.inference.search import poe_rank
 
     lm = stub_lm({answer(["12", "34"]): 0.6, answer(["11", "11"]): 0.4})
     views = build_views(lm, small_task(), transforms_from_names(["identity", "rot90"]), 1, np.random.default_rng(0))

@@ -32,6 +32,7 @@ import copy
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from tta.budget import attention_context
@@ -300,3 +301,45 @@ class PromptCache:
             target = torch.tensor(answer[1:], device=logprobs.device)
             total -= float(logprobs.gather(1, target[:, None]).sum())
         return total
+
+
+def poe_rank(lm, views, ranked: list[np.ndarray], budget, max_scored: int):
+    """Product of experts: the summed NLL of each candidate (a grid in the original frame) under
+    every view of its test input, lowest first.  Each view's prompt is computed once -- as many
+    views as the budget can pay for along with scoring the leading candidate in them; then the
+    first `max_scored` candidates of `ranked` are teacher-forced after every such view's prompt,
+    one candidate at a time while the budget can pay.  The unscored follow in `ranked` order.
+    Returns (candidates best first, NLLs of the scored).  A single candidate is not scored."""
+    if len(ranked) < 2:
+        return ranked, []
+    lead = len(lm.format.answer_ids(ranked[0]))
+    caches, scoring_lead = [], 0.0
+    for v in views:
+        scoring_lead += PromptCache.answer_cost(budget, len(v.prompt), lead)
+        if not budget.can_afford(PromptCache.prompt_cost(budget, len(v.prompt)) + scoring_lead):
+            break
+        caches.append(PromptCache(lm, v.prompt))
+    views = views[:len(caches)]
+    scored = []
+    for grid in ranked[:max_scored]:
+        answers = [(cache, lm.format.answer_ids(v.augmentation.grid(grid))) for v, cache in zip(views, caches)]
+        answers = [(cache, a) for cache, a in answers if len(a) <= lm.max_context - cache.n]
+        cost = sum(PromptCache.answer_cost(budget, cache.n, len(a)) for cache, a in answers)
+        if not answers or not budget.can_afford(cost):
+            break
+        nlls = [cache.nll(a) for cache, a in answers]
+        # A view whose context is too short for this answer counts as the mean of the others.
+        scored.append((sum(nlls) * len(views) / len(nlls), grid))
+    order = sorted(range(len(scored)), key=lambda i: scored[i][0])
+    return [scored[i][1] for i in order] + ranked[len(scored):], [scored[i][0] for i in order]
+
+
+def scoring_reserve(views, room: int, budget, candidates: int) -> tuple[float, float]:
+    """What generation leaves for product-of-experts scoring (`poe_rank`): the FLOPs to read every
+    view's prompt and score `candidates` full-length answers (`room` tokens) in each (at most half
+    the budget), or a quarter of a seconds budget."""
+    flops = sum(PromptCache.prompt_cost(budget, len(v.prompt))
+                + candidates * PromptCache.answer_cost(budget, len(v.prompt), room) for v in views)
+    if budget.cap.flops is not None:
+        flops = min(flops, 0.5 * budget.remaining())   # generation always gets half of what is left
+    return flops, 0.25
