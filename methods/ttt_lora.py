@@ -63,6 +63,11 @@ class TTTConfig(LoRASettings, ViewSettings, RoomForViews):
                               "with ttt_full at 4e12 won 1 and lost 2 of 80 development tasks against one training, "
                               "and took 1.07x the time on 4 of them", at_least=1, before=1)
 
+    def __post_init__(self) -> None:
+        if self.members > 1 and self.select == "poe":   # the members' answers meet in one vote, after their adapters are gone
+            raise ValueError("--set select=poe scores answers under one trained model; with members > 1 use select=vote")
+        super().__post_init__()
+
 
 @register("ttt_lora")
 class TTTLoRA(AdapterMethod):

@@ -221,6 +221,14 @@ def test_select_on_demo_without_checks_is_one_line(tasks_dir):
     assert_one_line(result, "checks=0", "at least 1")
 
 
+def test_poe_selection_with_several_members_is_one_line(tasks_dir):
+    """Fails if select=poe with members=2 runs: the members' answers meet in one vote after their
+    adapters are gone, so the scoring would be silently skipped."""
+    result = invoke("run", "--method", "ttt_full", "--set", "members=2", "--set", "select=poe",
+                    "--dataset", tasks_dir, "--quiet")
+    assert_one_line(result, "select=poe", "members")
+
+
 @pytest.mark.parametrize("method, bad", [("icl", "max_views=0"), ("ttt_lora", "warmup_ratio=1.5"),
                                          ("sampling", "top_p=2"), ("sampling", "max_forwards=0"),
                                          ("ttt_full", "epochs=0"), ("less", "proj_dim=0")])
