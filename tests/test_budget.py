@@ -1126,8 +1126,9 @@ def test_forward_mode_ad_is_charged_its_tangents(lm):
     """Forward-mode AD (`torch.func.jvp`, a `forward_ad` dual level) computes every product once
     more per tangent it carries: the tangent of x W is dx W + x dW.  Fails if a jvp costs what the
     plain forward does (it did: a forward-gradient method trained at the price of inference), if
-    a decoder layer or the head misses the tangent, or if the cap does not price it in before a
-    forward runs."""
+    a Jacobian (`jacfwd`, `jacrev`: one tangent or backward per element, batched) costs two
+    products (it did), if a decoder layer or the head misses the tangent, or if the cap does not
+    price it in before a forward runs."""
     import torch.autograd.forward_ad as forward_ad
     from tta.budget import attention_flops, model_shape
     a, b = torch.randn(8, 16), torch.randn(16, 4)
@@ -1145,7 +1146,14 @@ def test_forward_mode_ad_is_charged_its_tangents(lm):
                 "both operands": (lambda: torch.func.jvp(lambda x, y: x @ y, (a, b), (a, b)), 3 * product),
                 "a forward_ad dual level": (dual_level, 2 * product),
                 "a Linear against its input": (lambda: torch.func.jvp(linear, (a,), (a,)), 2 * product),
-                "a Linear against its weights": (by_weights, 2 * product)}
+                "a Linear against its weights": (by_weights, 2 * product),
+                # one primal, a tangent (or a backward) per input (output) element, batched
+                "jacfwd over 128 inputs": (lambda: torch.func.jacfwd(lambda x: x @ b)(a), (1 + 128) * product),
+                "jacrev over 32 outputs": (lambda: torch.func.jacrev(lambda x: x @ b)(a), (1 + 32) * product),
+                "vmap over 5 tangents": (lambda: torch.func.vmap(lambda t: torch.func.jvp(lambda x: x @ b, (a,), (t,)))(
+                    torch.randn(5, 8, 16)), (1 + 5) * product),
+                "per-example gradients, for comparison": (lambda: torch.func.vmap(torch.func.grad(lambda x: (x @ b).sum()))(
+                    torch.randn(5, 8, 16)), 5 * 2 * product)}
     for name, (work, flops) in expected.items():
         assert charged(lm, work, watched=True) == flops, name
 

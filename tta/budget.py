@@ -252,18 +252,28 @@ def _forward_ad_on() -> bool:
     return getattr(_forward_ad, "_current_level", 0) >= 0
 
 
-def tangents(x=None, module: torch.nn.Module | None = None) -> int:
+def tangents(x=None, module: torch.nn.Module | None = None) -> float:
+    """The tangents a product carries (see `tangent_parts`), the input's and the weights' together."""
+    return sum(tangent_parts(x, module))
+
+
+def tangent_parts(x=None, module: torch.nn.Module | None = None) -> tuple[float, float]:
     """Tangents forward-mode AD (`torch.func.jvp`, `jacfwd`, a `torch.autograd.forward_ad`
     dual level) carries through a product: one when the input `x` carries a tangent, one when the
-    weights of `module` do (the tangent of x W is dx W + x dW).  Each costs the product once
-    more, so a forward with tangents is charged (1 + tangents) times its products.  Without this
-    a jvp of a matmul, or of the model's forward against its weights (forward-gradient training),
-    was charged as the plain forward.  Outside forward-mode AD this is one attribute read."""
+    weights of `module` do (the tangent of x W is dx W + x dW), each times the copies its tangent
+    is batched into beyond the primal's (`jacfwd` pushes one tangent per input element through a
+    single primal).  Each costs the product once more, so a forward with tangents is charged
+    (1 + tangents) times its products.  Without this a jvp of a matmul, or of the model's forward
+    against its weights (forward-gradient training), was charged as the plain forward, and a
+    jacfwd over 128 inputs as two.  Outside forward-mode AD this is one attribute read."""
     if not _forward_ad_on():
-        return 0
-    dual = lambda t: isinstance(t, torch.Tensor) and _forward_ad.unpack_dual(t).tangent is not None   # noqa: E731
-    weights = module is not None and any(dual(p) for p in module.parameters())
-    return int(dual(x)) + int(weights)
+        return 0.0, 0.0
+
+    def streams(t) -> float:   # 0, or the tangent's copies per copy of its primal (jacfwd: one per input element)
+        tangent = _forward_ad.unpack_dual(t).tangent if isinstance(t, torch.Tensor) else None
+        return 0.0 if tangent is None else max(1.0, vmapped_copies(tangent) / vmapped_copies(t))
+    weights = max((streams(p) for p in module.parameters()), default=0.0) if module is not None else 0.0
+    return streams(x), weights
 
 
 def module_flops(module: torch.nn.Module, args: tuple, output=None) -> float:
@@ -295,11 +305,12 @@ def _module_products(module: torch.nn.Module, args: tuple, x, output) -> float:
     return 0.0
 
 
-def _tangent_costs(streams: int, weights: int, tokens: int, attention: float) -> float:
-    """The tangents' work in a decoder layer (see `tangents`): each linear map once more per
-    tangent, and the attention's two products on tangents of both their operands, twice the
-    forward's attention term, as the backward's activation gradients take."""
-    return 2.0 * weights * tokens * streams + 2 * attention if streams else 0.0
+def _tangent_costs(parts: tuple[float, float], weights: int, tokens: int, attention: float) -> float:
+    """The tangents' work in a decoder layer (`tangent_parts`: the input's, the weights'): each
+    linear map once more per tangent, and the attention's two products on tangents of both their
+    operands, twice the forward's attention term (as the backward's activation gradients take),
+    once per copy the tangents are batched into."""
+    return 2.0 * weights * tokens * sum(parts) + 2 * attention * max(parts)
 
 
 def _head_costs(head: torch.nn.Module, tokens: int) -> tuple[float, float]:
@@ -668,7 +679,7 @@ class _BareProductWatch(torch.overrides.TorchFunctionMode):
             output, cost = _run_counted(func, args, kwargs)
         meter._charge(cost * (1 + tangent))
         if isinstance(output, torch.Tensor) and output.requires_grad and learning:
-            output.register_hook(meter._backward_charger(cost * learning))
+            output.register_hook(meter._backward_charger(cost * learning, output))
         return output
 
 
@@ -920,7 +931,7 @@ class Meter:
         self._charge(cost * (1 + tangents(args[0] if args else None, module)))
         out = output[0] if isinstance(output, tuple) else output
         if isinstance(out, torch.Tensor) and out.requires_grad:
-            out.register_hook(self._backward_charger(cost * _backward_passes(module)))
+            out.register_hook(self._backward_charger(cost * _backward_passes(module), out))
 
     # ---- copies of a metered model
     # Meters attached now, in this process (the latest last): where the hooks of a model copied in
@@ -1011,12 +1022,12 @@ class Meter:
         layer's weights joins it there and flows on (0 outside forward-mode AD)."""
         if not _forward_ad_on():
             return 0.0
-        flowing, total = tangents(embeds), 0.0
+        flowing, total = tangents(embeds), 0.0   # the tangent copies the hidden states carry
         for layer in decoder.layers:
-            own = tangents(module=layer)
-            total += _tangent_costs(min(flowing, 1) + own, self._recounted(layer, linear_weights)[0], call.tokens,
+            own = tangent_parts(module=layer)[1]
+            total += _tangent_costs((flowing, own), self._recounted(layer, linear_weights)[0], call.tokens,
                                     attention_flops(1, width, call.context))
-            flowing = min(flowing, 1) + own
+            flowing = max(flowing, own)
         return total   # the head's are priced with its own forward (`_before_head`)
 
     @staticmethod
@@ -1057,7 +1068,7 @@ class Meter:
         weights, trainable = self._recounted(layer, linear_weights)
         attention = attention_flops(1, width, context)
         forward = 2.0 * weights * tokens + attention
-        return (forward + _tangent_costs(tangents(hidden, layer), weights, tokens, attention),
+        return (forward + _tangent_costs(tangent_parts(hidden, layer), weights, tokens, attention),
                 2.0 * (weights + trainable) * tokens + 2 * attention, trainable)
 
     def _layer_pre_hook(self, width: int):
@@ -1082,7 +1093,7 @@ class Meter:
             self._charge(forward)
             out = output[0] if isinstance(output, tuple) else output
             if isinstance(out, torch.Tensor) and out.requires_grad:
-                out.register_hook(self._backward_charger(backward))
+                out.register_hook(self._backward_charger(backward, out))
         return hook
 
     def _head_tokens(self, logits_shape: torch.Size) -> int:
@@ -1116,11 +1127,16 @@ class Meter:
         forward, backward = _head_costs(head, self._head_tokens(output.shape) * vmapped_copies(output))
         self._charge(forward * (1 + tangents(args[0] if args else None, head)))
         if output.requires_grad:
-            output.register_hook(self._backward_charger(backward))
+            output.register_hook(self._backward_charger(backward, output))
 
-    def _backward_charger(self, flops: float):
+    def _backward_charger(self, flops: float, output: torch.Tensor):
+        """Charge `flops` when the backward reaches `output`, times the cotangents it carries beyond
+        the output's own batch: `torch.func.jacrev` (or `vmap` over `vjp`) runs one backward per
+        output element at once, and was charged as one backward."""
+        copies = vmapped_copies(output)
+
         def charge_backward(grad):
-            self._charge(flops)
+            self._charge(flops * max(1.0, vmapped_copies(grad) / copies))
         return charge_backward
 
     def _charge(self, flops: float) -> None:
