@@ -49,7 +49,7 @@ from tta.training.examples import leave_one_out_examples
 from tta.inference.decoding import generate
 from tta.method import AdapterMethod, MethodError, register, setting
 from tta.inference.predict import MoreViews, answer_room, build_views, is_capped, vote
-from tta.inference.search import PromptCache, dfs_many, poe_rank, scoring_reserve
+from tta.inference.search import dfs_many, poe_rank, scoring_reserve
 from tta.data.tasks import MAX_SIZE, grid_key
 from tta.training.finetune import LoRASettings, new_adapter, train_adapter
 

@@ -351,9 +351,9 @@ def predict_with_poe(lm: LoadedModel, task: Task, budget: TaskBudget | None, vie
     ranks low but every view finds likely can win."""
     configured = build_views(lm, task, transforms_from_names(views.transforms), views.orders,
                              np.random.default_rng(seed), views.leave_one_out_prompts)   # the draw decoding makes first
-    scoring = budget.holding_back(*scoring_reserve(configured, answer_room(lm.format, task), budget, views.scored)) \
-        if is_capped(budget) else budget
-    per_test, info = view_predictions_with(lm, task, scoring, views, seed)
+    decoding = budget.holding_back(*scoring_reserve(configured, answer_room(lm.format, task), budget, views.scored)) \
+        if is_capped(budget) else budget   # leaves the scoring's FLOPs
+    per_test, info = view_predictions_with(lm, task, decoding, views, seed)
     attempts, info["poe_nll"] = [], []
     for i, predictions in enumerate(per_test):
         shortlist = [g for g in vote(predictions, views.vote, views.top_per_group, n_attempts=views.scored) if g is not None]
