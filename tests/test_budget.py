@@ -619,7 +619,10 @@ def test_linear_and_convolution_backwards_are_charged_the_gradients_torch_comput
         return net
 
     cases = {"all learn": mlp(), "the last learns": learning([4]), "the first learns": learning([0]),
-             "the first and last learn": learning([0, 4])}
+             "the first and last learn": learning([0, 4]),
+             # its weight lives in a child module: the layer's own parameters are none
+             "a weight under a parametrization": torch.nn.utils.parametrizations.weight_norm(
+                 torch.nn.Linear(32, 64, bias=False))}
     for name, net in cases.items():
         with FlopCounterMode(display=False) as counter:
             net(x).sum().backward()

@@ -241,6 +241,13 @@ COUNTED_MODULES = (torch.nn.Linear, torch.nn.modules.conv._ConvNd, torch.nn.Mult
 _RNN_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}   # weight matrices per layer and direction
 
 
+def _learns(module: torch.nn.Module) -> bool:
+    """Whether a counted module's weights learn, those held by its parts included: a weight under
+    a parametrization (`weight_norm`, `spectral_norm`) lives in a child module, and an attention
+    layer's output projection is one."""
+    return any(p.requires_grad for p in module.parameters())
+
+
 def _backward_passes(module: torch.nn.Module, x=None) -> int:
     """Forward costs a counted module's backward takes: its input's gradient, and its own weights'
     when they learn.  A linear or convolution layer computes each gradient as one product the size
@@ -250,7 +257,7 @@ def _backward_passes(module: torch.nn.Module, x=None) -> int:
     counter for a 2-layer MLP's training step.  Attention and recurrent layers keep two passes
     whenever anything learns: the gradients of their inner products (scores, hidden states) run
     whether or not the input needs one."""
-    learns = any(p.requires_grad for p in module.parameters(recurse=False))
+    learns = _learns(module)
     if isinstance(module, (torch.nn.Linear, torch.nn.modules.conv._ConvNd)):
         return int(learns) + int(isinstance(x, torch.Tensor) and x.requires_grad)
     return 2 if learns else 1
@@ -909,8 +916,7 @@ class Meter:
         x = args[0] if args else None
         allowed = cost * (1 + tangents(x, module))
         if torch.is_grad_enabled():   # with the backward it allows, as `_after_other` would charge it
-            learns = any(p.requires_grad for p in module.parameters(recurse=False))
-            if learns or (isinstance(x, torch.Tensor) and x.requires_grad):
+            if _learns(module) or (isinstance(x, torch.Tensor) and x.requires_grad):
                 allowed += cost * _backward_passes(module, x)
         self._refuse_past(allowed, f"a forward of {type(module).__name__}")
         self._in_thread.counted_modules.append(module)
