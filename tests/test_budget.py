@@ -1075,6 +1075,51 @@ def test_a_methods_own_recurrent_network_is_charged(lm):
     assert charged(lm, lambda: gru(x)[0].sum().backward(), watched=True) == 3 * forward
 
 
+class LoRALinear(torch.nn.Linear):
+    """A LoRA layer as loralib writes one: `nn.Linear` with a forward of its own."""
+    def __init__(self, width: int, rank: int = 8):
+        super().__init__(width, width)
+        self.A, self.B = torch.nn.Parameter(torch.randn(rank, width)), torch.nn.Parameter(torch.randn(width, rank))
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight, self.bias) + x @ self.A.t() @ self.B.t()
+
+
+class TenTimes(torch.nn.Linear):
+    def forward(self, x):
+        for _ in range(10):
+            x = torch.nn.functional.linear(x, self.weight)
+        return x
+
+
+class OutputsOnlyLSTM(torch.nn.LSTM):
+    def forward(self, x):
+        return super().forward(x)[0]
+
+
+def test_a_counted_layers_subclass_with_a_forward_of_its_own_is_charged_its_own_products(lm):
+    """A subclass of `nn.Linear` was charged as the plain layer whatever its forward did (ten
+    products charged as one; a LoRA layer's adapter free), since the watch passed its insides by.
+    Fails if such a layer is charged other than torch's count, forward and training step; if a
+    recurrent subclass (its steps in one C++ call, `torch.lstm`) is not charged as the plain
+    module; or if a subclass that keeps torch's forward is charged differently from its base."""
+    x = torch.randn(16, 64)
+    for network in (LoRALinear(64), TenTimes(64, 64)):
+        for name, work in (("forward", lambda: network(x)), ("step", lambda: network(x).sum().backward())):
+            with FlopCounterMode(display=False) as counter:
+                work()
+            assert charged(lm, work, watched=True) == counter.get_total_flops(), (type(network).__name__, name)
+    sequence = torch.randn(5, 3, 64)
+    mine, plain = OutputsOnlyLSTM(64, 32, num_layers=2, bidirectional=True), torch.nn.LSTM(64, 32, num_layers=2, bidirectional=True)
+    forward = charged(lm, lambda: plain(sequence), watched=True)
+    assert forward > 0 and charged(lm, lambda: mine(sequence), watched=True) == forward
+    assert charged(lm, lambda: mine(sequence).sum().backward(), watched=True) == 3 * forward
+    packed = torch.nn.utils.rnn.pack_padded_sequence(sequence, [5, 4, 2])
+    assert charged(lm, lambda: mine(packed), watched=True) == charged(lm, lambda: plain(packed), watched=True) < forward
+    named = type("Named", (torch.nn.Linear,), {})(64, 64)   # torch's forward, under another name
+    assert charged(lm, lambda: named(x).sum().backward(), watched=True) == 2 * 2 * 16 * 64 * 64
+
+
 def test_training_steps_of_a_method_that_never_asks_stay_inside_the_cap(lm):
     """A backward cannot be refused half way, so a forward with gradients on is admitted only if
     its backward fits too.  Fails if the forward alone is priced: a plugin's training loop (as

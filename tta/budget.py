@@ -241,6 +241,15 @@ COUNTED_MODULES = (torch.nn.Linear, torch.nn.modules.conv._ConvNd, torch.nn.Mult
 _RNN_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}   # weight matrices per layer and direction
 
 
+def counted_as_a_module(module: torch.nn.Module) -> bool:
+    """Whether a module outside the hooked models is charged at its own products (`module_flops`)
+    rather than at the products inside it: one of `COUNTED_MODULES` running torch's own forward.
+    A subclass that writes its own forward (a LoRA layer written as `nn.Linear` plus `x @ A @ B`,
+    a quantised layer) can do any work, and a subclass of `nn.Linear` whose forward made ten
+    products was charged one; its products are charged one by one instead, by the watch."""
+    return isinstance(module, COUNTED_MODULES) and type(module).forward.__module__.startswith("torch.nn.modules.")
+
+
 def _learns(module: torch.nn.Module) -> bool:
     """Whether a counted module's weights learn, those held by its parts included: a weight under
     a parametrization (`weight_norm`, `spectral_norm`) lives in a child module, and an attention
@@ -372,6 +381,26 @@ def _recurrent_flops(rnn: torch.nn.RNNBase, x) -> float:
 
 # ---------------------------------------------------------------- bare products
 
+_RECURRENT_CALLS = (torch.lstm, torch.gru, torch.rnn_tanh, torch.rnn_relu)
+
+
+def _recurrent_call_parts(input, second, *rest, **__) -> tuple[int, list, list]:
+    """(time steps x batch, the weights, the initial states) of `torch.lstm`/`gru`/`rnn_tanh`/
+    `rnn_relu`, the call an `nn.LSTM`/`GRU`/`RNN` forward makes: (input, hx, weights, ...), or
+    for a packed sequence (data, batch sizes, hx, weights, ...)."""
+    packed = isinstance(second, torch.Tensor) and second.dim() == 1 and not second.is_floating_point()
+    hx, weights = (rest[0], rest[1]) if packed else (second, rest[0])
+    steps = input.shape[0] if packed else input.numel() // max(input.shape[-1], 1)
+    states = list(hx) if isinstance(hx, (list, tuple)) else [hx]
+    return steps, list(weights), states
+
+
+def _recurrent_call_flops(*args, **kwargs) -> float:
+    """Every step multiplies its input and state by every weight matrix of its layer and direction
+    (gates, and an LSTM's projection), as `_recurrent_flops` counts a module."""
+    steps, weights, _ = _recurrent_call_parts(*args, **kwargs)
+    return 2.0 * steps * sum(w.numel() for w in weights if w.dim() == 2)
+
 def _matmul_flops(a: torch.Tensor, b: torch.Tensor) -> float:
     """`a @ b` with torch's broadcasting: 2 * (rows of a) * (contracted) * (columns of b) per batch.
     A sparse operand multiplies only its stored values: 2 * (stored values) * (the other side's
@@ -438,6 +467,8 @@ def _bare_products():
     table[F.pdist] = (lambda x, *_, **__: float(x.shape[0] * (x.shape[0] - 1) * x.shape[1]), (0,))   # half of cdist's
     for f in (torch.cov, T.cov, torch.corrcoef, T.corrcoef):   # the centred rows times their transpose
         table[f] = (lambda x, *_, **__: 2.0 * (x.shape[0] if x.dim() > 1 else 1) ** 2 * x.shape[-1], (0,))
+    for f in (torch.lstm, torch.gru, torch.rnn_tanh, torch.rnn_relu):
+        table[f] = (_recurrent_call_flops, None)
     table.update(_fourier_transforms())
     # Functions written in Python around products: the watch sees only the outer call (its own
     # calls run with the watch set aside), so torch's counter prices the whole on meta copies.
@@ -647,6 +678,9 @@ def _operands(func, args, kwargs) -> list:
         return list(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else list(args[1:])
     if func is torch.linalg.multi_dot:
         return list(args[0])
+    if func in _RECURRENT_CALLS:
+        steps, weights, states = _recurrent_call_parts(*args, **kwargs)
+        return [args[0], *states, *weights]
     return list(args) + list(kwargs.values())
 
 
@@ -709,13 +743,18 @@ class _BareProductWatch(torch.overrides.TorchFunctionMode):
         else:   # known once it ran: the product after it is refused if this one spent the cap
             output, cost = _run_counted(func, args, kwargs)
         meter._charge(cost * (1 + tangent))
-        if isinstance(output, torch.Tensor) and output.requires_grad and learning:
-            output.register_hook(meter._backward_charger(cost * learning, output))
+        out = output[0] if isinstance(output, tuple) and output else output   # a recurrent call: (outputs, states)
+        if isinstance(out, torch.Tensor) and out.requires_grad and learning:
+            out.register_hook(meter._backward_charger(cost * learning, out))
         return output
 
 
 def _learning_operands(func, operands: list, grads) -> int:
     """How many forward costs a product's backward takes: one per operand that learns."""
+    if func in _RECURRENT_CALLS:   # as a recurrent module's backward (`_backward_passes`)
+        if any(isinstance(w, torch.Tensor) and w.dim() == 2 and w.requires_grad for w in operands):
+            return 2
+        return int(any(isinstance(x, torch.Tensor) and x.requires_grad for x in operands))
     picked = operands if grads is None else [operands[i] for i in grads if i < len(operands)]
     learning = sum(isinstance(x, torch.Tensor) and x.requires_grad for x in picked)
     if learning and func is torch.nn.functional.scaled_dot_product_attention:
@@ -910,7 +949,7 @@ class Meter:
         if module.__dict__.get(_METERED) or self._hooked_on_first_forward(module):
             self._in_thread.counted_modules.append(module)
             return
-        if not isinstance(module, COUNTED_MODULES):
+        if not counted_as_a_module(module):
             return
         cost = module_flops(module, args)   # 0 for a convolution until it ran: refused once the cap is spent
         x = args[0] if args else None
@@ -956,7 +995,7 @@ class Meter:
         kwargs, output = kwargs_and_output if len(kwargs_and_output) == 2 else ({}, kwargs_and_output[0])
         if self._in_thread.counted_modules and self._in_thread.counted_modules[-1] is module:   # also after an exception
             self._in_thread.counted_modules.pop()
-        if module.__dict__.get(_METERED) or output is None or not isinstance(module, COUNTED_MODULES):
+        if module.__dict__.get(_METERED) or output is None or not counted_as_a_module(module):
             return
         args = _positional(module, args, kwargs)
         cost = module_flops(module, args, output)
