@@ -56,7 +56,8 @@ from tta.training.finetune import LoRASettings, new_adapter, train_adapter
 
 @dataclass
 class SamplingConfig(LoRASettings):
-    search: str = setting("sample", "how candidates are made: sample (temperature sampling) | dfs (all above threshold)")
+    search: str = setting("sample", "how candidates are made: sample (temperature sampling) | dfs (all above threshold; "
+                                    "without training, 5/40 against icl's 4/40 on arc1-heldout at 1e12 FLOPs)")
     select: str = setting("poe", "how the 2 attempts are chosen: vote | poe (product of experts, Franzen et al.)")
     adapt: str = setting("none", "none | ttt (first train a per-task LoRA as ttt_lora does, with the LoRA settings here)")
     max_examples: int = setting(250, "adapt=ttt: augmented leave-one-out examples per task (paper: 250)", at_least=1)
