@@ -93,6 +93,39 @@ def test_an_interrupted_run_ends_its_workers_at_once(tmp_path):
     assert not (tmp_path / "r" / "results.jsonl").exists() or not read_results(tmp_path / "r" / "results.jsonl")
 
 
+def test_workers_of_a_run_killed_outright_end_with_it(tmp_path):
+    # SIGKILL (kill -9, the out-of-memory killer) gives the run no chance to stop its workers,
+    # and the fork server outlives it: without a watch on the run's process, both workers slept
+    # on in their tasks (and a real method's workers computed on, beside a resumed run).
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    tests_dir = str(Path(__file__).parent)
+    env = dict(os.environ, TTA_TEST_PIDS=str(pids),
+               PYTHONPATH=os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")])))
+    command = [sys.executable, "-c", "from tta.cli import main; main()", "run", "--method",
+               "ray_helpers:SleepForever", "--dataset", "gen-eval", "--limit", "4", "--workers", "2",
+               "--quiet", "--out", str(tmp_path / "r")]
+    run_process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while len(list(pids.iterdir())) < 2:
+            assert run_process.poll() is None, run_process.communicate()
+            assert time.monotonic() < deadline, "the two workers never started their tasks"
+            time.sleep(0.2)
+        run_process.kill()
+        run_process.wait(timeout=30)   # not communicate(): live workers hold its pipes open
+        workers = [int(p.name) for p in pids.iterdir()]
+        deadline = time.monotonic() + 10
+        while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(pid) for pid in workers)
+    finally:   # a failing test must not leave its workers sleeping
+        run_process.kill()
+        for pid in [int(p.name) for p in pids.iterdir()]:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
 def test_stopping_a_pool_mid_task_returns_after_its_manager_thread_has_closed_the_wake_up_pipe():
     # Python 3.11's exit hook writes to the manager thread's wake-up pipe without the pool's lock;
     # if the thread closes the pipe meanwhile, the interrupted run printed a traceback after its

@@ -33,6 +33,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sys
+import threading
+import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 
@@ -50,12 +52,13 @@ _one_off: dict | None = None
 _startup_error: BaseException | None = None
 
 
-def _start_worker(spec: RunSpec, threads: int, environment: dict, import_path: list[str]) -> None:
+def _start_worker(spec: RunSpec, threads: int, environment: dict, import_path: list[str], run_pid: int) -> None:
     """Load the model and the method once, under the run process's environment and import path.
     An error (a model that cannot load, a contaminated dataset) is kept and raised by the first
     call, so it reaches the user as the same one-line error a one-process run gives, not as a pool
     that broke for no stated reason."""
     global _runner, _one_off, _startup_error
+    _end_with_the_run(run_pid)
     os.environ.clear()
     os.environ.update(environment)
     sys.path[:] = import_path
@@ -67,6 +70,35 @@ def _start_worker(spec: RunSpec, threads: int, environment: dict, import_path: l
         _one_off = _runner.setup()
     except BaseException as e:  # noqa: BLE001  (given back to the parent by _solve)
         _startup_error = e
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie has ended: only its parent has not read its status)."""
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):   # gone, or its number taken by another user's process
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):   # no /proc (macOS): signal 0 answered
+        return True
+
+
+def _end_with_the_run(run_pid: int, every_seconds: float = 1.0) -> None:
+    """End this worker within `every_seconds` of the run's process ending.  A run killed outright
+    (`kill -9`, the out-of-memory killer, a scheduler's hard limit) cannot stop its workers, and
+    the fork server they come from outlives it too: measured, both workers of a killed icl run
+    went on computing tasks nobody would record for minutes, and a resumed run shared the cores
+    with them.  POSIX only: on Windows `os.kill(pid, 0)` would end the run's process."""
+    if os.name != "posix":
+        return
+
+    def watch():
+        while _process_alive(run_pid):
+            time.sleep(every_seconds)
+        os._exit(1)
+    threading.Thread(target=watch, name="tta-end-with-the-run", daemon=True).start()
 
 
 def _started():
@@ -96,7 +128,7 @@ def _pool(spec: RunSpec, workers: int, threads: int) -> ProcessPoolExecutor:
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(SERVER_IMPORTS)
     return ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_start_worker,
-                               initargs=(spec, threads, _worker_environment(), list(sys.path)))
+                               initargs=(spec, threads, _worker_environment(), list(sys.path), os.getpid()))
 
 
 def _worker_environment() -> dict:
