@@ -2,6 +2,7 @@
 results, one record per task; a worker killed mid-task loses only that task; a worker that
 cannot start stops the run with the one-line error a one-process run gives; an interrupted run
 ends its workers at once."""
+import contextlib
 import json
 import os
 import signal
@@ -58,10 +59,10 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_an_interrupted_run_ends_its_workers_at_once(tmp_path):
-    # SIGTERM to the run's process alone (as `kill` or a batch scheduler sends it) stops it as
-    # Ctrl-C does (SIGINT takes the same path from KeyboardInterrupt on): the pool's own shutdown
-    # would wait for both workers to finish tasks that never end.
+@contextlib.contextmanager
+def two_workers_sleeping_in_tasks(tmp_path):
+    """A run of `--workers 2` whose two workers sleep in their tasks: (the run's process, the
+    workers' pids).  Afterwards no worker is left sleeping, whatever the test found."""
     pids = tmp_path / "pids"
     pids.mkdir()
     tests_dir = str(Path(__file__).parent)
@@ -77,19 +78,30 @@ def test_an_interrupted_run_ends_its_workers_at_once(tmp_path):
             assert run_process.poll() is None, run_process.communicate()
             assert time.monotonic() < deadline, "the two workers never started their tasks"
             time.sleep(0.2)
-        run_process.send_signal(signal.SIGTERM)
-        _, stderr = run_process.communicate(timeout=30)
-    finally:   # a failing run must not leave its workers sleeping
+        yield run_process, [int(p.name) for p in pids.iterdir()]
+    finally:
         run_process.kill()
         for pid in [int(p.name) for p in pids.iterdir()]:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
-    assert run_process.returncode == 130 and "error: interrupted" in stderr and "Traceback" not in stderr
-    workers = [int(p.name) for p in pids.iterdir()]
-    deadline = time.monotonic() + 10
-    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+
+
+def ended_within(seconds: float, pids: list[int]) -> bool:
+    deadline = time.monotonic() + seconds
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not any(_alive(pid) for pid in workers)
+    return not any(_alive(pid) for pid in pids)
+
+
+def test_an_interrupted_run_ends_its_workers_at_once(tmp_path):
+    # SIGTERM to the run's process alone (as `kill` or a batch scheduler sends it) stops it as
+    # Ctrl-C does (SIGINT takes the same path from KeyboardInterrupt on): the pool's own shutdown
+    # would wait for both workers to finish tasks that never end.
+    with two_workers_sleeping_in_tasks(tmp_path) as (run_process, workers):
+        run_process.send_signal(signal.SIGTERM)
+        _, stderr = run_process.communicate(timeout=30)
+        assert run_process.returncode == 130 and "error: interrupted" in stderr and "Traceback" not in stderr
+        assert ended_within(10, workers)
     assert not (tmp_path / "r" / "results.jsonl").exists() or not read_results(tmp_path / "r" / "results.jsonl")
 
 
@@ -97,33 +109,10 @@ def test_workers_of_a_run_killed_outright_end_with_it(tmp_path):
     # SIGKILL (kill -9, the out-of-memory killer) gives the run no chance to stop its workers,
     # and the fork server outlives it: without a watch on the run's process, both workers slept
     # on in their tasks (and a real method's workers computed on, beside a resumed run).
-    pids = tmp_path / "pids"
-    pids.mkdir()
-    tests_dir = str(Path(__file__).parent)
-    env = dict(os.environ, TTA_TEST_PIDS=str(pids),
-               PYTHONPATH=os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")])))
-    command = [sys.executable, "-c", "from tta.cli import main; main()", "run", "--method",
-               "ray_helpers:SleepForever", "--dataset", "gen-eval", "--limit", "4", "--workers", "2",
-               "--quiet", "--out", str(tmp_path / "r")]
-    run_process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 180
-        while len(list(pids.iterdir())) < 2:
-            assert run_process.poll() is None, run_process.communicate()
-            assert time.monotonic() < deadline, "the two workers never started their tasks"
-            time.sleep(0.2)
+    with two_workers_sleeping_in_tasks(tmp_path) as (run_process, workers):
         run_process.kill()
         run_process.wait(timeout=30)   # not communicate(): live workers hold its pipes open
-        workers = [int(p.name) for p in pids.iterdir()]
-        deadline = time.monotonic() + 10
-        while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not any(_alive(pid) for pid in workers)
-    finally:   # a failing test must not leave its workers sleeping
-        run_process.kill()
-        for pid in [int(p.name) for p in pids.iterdir()]:
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        assert ended_within(10, workers)
 
 
 def test_stopping_a_pool_mid_task_returns_after_its_manager_thread_has_closed_the_wake_up_pipe():
