@@ -401,6 +401,7 @@ def _recurrent_call_flops(*args, **kwargs) -> float:
     steps, weights, _ = _recurrent_call_parts(*args, **kwargs)
     return 2.0 * steps * sum(w.numel() for w in weights if w.dim() == 2)
 
+
 def _matmul_flops(a: torch.Tensor, b: torch.Tensor) -> float:
     """`a @ b` with torch's broadcasting: 2 * (rows of a) * (contracted) * (columns of b) per batch.
     A sparse operand multiplies only its stored values: 2 * (stored values) * (the other side's
@@ -679,8 +680,11 @@ def _operands(func, args, kwargs) -> list:
     if func is torch.linalg.multi_dot:
         return list(args[0])
     if func in _RECURRENT_CALLS:
-        steps, weights, states = _recurrent_call_parts(*args, **kwargs)
-        return [args[0], *states, *weights]
+        try:
+            _, weights, states = _recurrent_call_parts(*args, **kwargs)
+            return [args[0], *states, *weights]
+        except (TypeError, IndexError, AttributeError):   # a call these rules cannot read: priced as it runs
+            pass
     return list(args) + list(kwargs.values())
 
 
