@@ -1,5 +1,6 @@
 """The harness's compute meter: what it charges, that nothing escapes it, and the budget handle."""
 import contextlib
+import itertools
 import math
 
 import pytest
@@ -1069,10 +1070,38 @@ def test_a_methods_own_recurrent_network_is_charged(lm):
     packed = torch.nn.utils.rnn.pack_padded_sequence(x, [10, 8, 5, 2])   # 25 steps, not 40
     with torch.no_grad():
         assert charged(lm, lambda: networks["gru"](packed), watched=True) == 2 * 3 * 64 * (32 + 64) * 25
-    # training: the backward is charged twice the forward (inputs' and weights' gradients)
-    gru = networks["gru"]
-    forward = charged(lm, lambda: gru(x), watched=True)
-    assert charged(lm, lambda: gru(x)[0].sum().backward(), watched=True) == 3 * forward
+
+
+@pytest.mark.filterwarnings("ignore:LSTM with projections")
+@pytest.mark.parametrize("kind", ["gru", "lstm with a projection"])
+def test_a_recurrent_networks_training_step_is_charged_the_gradients_torch_computes(lm, kind):
+    """A recurrent backward was charged two forwards whenever anything learned; torch computes
+    1.6 for a 1-layer GRU whose input is data (no input gradient, no state gradient into h0).
+    Fails if any of these gradients is charged where torch skips it, or missed where it runs:
+    weights learning or frozen, an input or an h0 that needs a gradient, a second layer, the
+    reverse direction, a packed sequence (whose directions start from different rows)."""
+    width, hidden = 16, 24
+    projection = 8 if kind != "gru" else 0
+    cases = itertools.product((1, 2), (False, True), (False, True), (False, True), (False, True), (False, True))
+    for layers, bidirectional, packed, x_learns, weights_learn, h0_learns in cases:
+        if not (x_learns or weights_learn or h0_learns):
+            continue
+        network = (torch.nn.LSTM(width, hidden, num_layers=layers, bidirectional=bidirectional, proj_size=projection)
+                   if projection else torch.nn.GRU(width, hidden, num_layers=layers, bidirectional=bidirectional))
+        network.requires_grad_(weights_learn)
+        x = torch.randn(6, 3, width, requires_grad=x_learns)
+        h0 = torch.zeros(layers * (2 if bidirectional else 1), 3, projection or hidden, requires_grad=h0_learns)
+        state = (h0, torch.zeros(*h0.shape[:2], hidden)) if projection else h0
+
+        def step():
+            inputs = torch.nn.utils.rnn.pack_padded_sequence(x, [6, 4, 1]) if packed else x
+            outputs = network(inputs, state)[0]
+            (outputs.data if packed else outputs).sum().backward()
+        with FlopCounterMode(display=False) as counter:
+            step()
+        case = dict(layers=layers, bidirectional=bidirectional, packed=packed, x_learns=x_learns,
+                    weights_learn=weights_learn, h0_learns=h0_learns)
+        assert charged(lm, step, watched=True) == counter.get_total_flops(), case
 
 
 class LoRALinear(torch.nn.Linear):
@@ -1113,7 +1142,12 @@ def test_a_counted_layers_subclass_with_a_forward_of_its_own_is_charged_its_own_
     mine, plain = OutputsOnlyLSTM(64, 32, num_layers=2, bidirectional=True), torch.nn.LSTM(64, 32, num_layers=2, bidirectional=True)
     forward = charged(lm, lambda: plain(sequence), watched=True)
     assert forward > 0 and charged(lm, lambda: mine(sequence), watched=True) == forward
-    assert charged(lm, lambda: mine(sequence).sum().backward(), watched=True) == 3 * forward
+    # (torch's counter prices a plain LSTM at 0.)  Its backward: every weight's gradient (the
+    # forward again), the second layer's input gradient in both directions on all 15 rows, and
+    # the states' gradients of 4 layer-directions on the 12 rows after each one's first step.
+    step = 2 * forward + 2 * (2 * 4 * 32 * 64) * 15 + 4 * (2 * 4 * 32 * 32) * 12
+    assert charged(lm, lambda: plain(sequence)[0].sum().backward(), watched=True) == step
+    assert charged(lm, lambda: mine(sequence).sum().backward(), watched=True) == step
     packed = torch.nn.utils.rnn.pack_padded_sequence(sequence, [5, 4, 2])
     assert charged(lm, lambda: mine(packed), watched=True) == charged(lm, lambda: plain(packed), watched=True) < forward
     named = type("Named", (torch.nn.Linear,), {})(64, 64)   # torch's forward, under another name

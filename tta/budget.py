@@ -52,6 +52,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.autograd.forward_ad as _forward_ad
@@ -236,9 +237,10 @@ def _hookable_decoder(module: torch.nn.Module):
 
 
 # The modules whose work is charged when they run outside every hooked model (`module_flops`).
-COUNTED_MODULES = (torch.nn.Linear, torch.nn.modules.conv._ConvNd, torch.nn.MultiheadAttention,
-                   torch.nn.RNNBase)
-_RNN_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}   # weight matrices per layer and direction
+# An `nn.LSTM`/`GRU`/`RNN` is not one of them: its steps run in one call (`torch.lstm`, ...)
+# that the watch on bare products prices with its backward (`_recurrent_call_flops`), a subclass's
+# and a hand-made call's alike.
+COUNTED_MODULES = (torch.nn.Linear, torch.nn.modules.conv._ConvNd, torch.nn.MultiheadAttention)
 
 
 def counted_as_a_module(module: torch.nn.Module) -> bool:
@@ -263,9 +265,8 @@ def _backward_passes(module: torch.nn.Module, x=None) -> int:
     of its forward, and only the gradients asked for: its input's only when the input requires
     grad (not a network's first layer, whose input is data; not a learning layer after frozen
     ones).  Before, every layer with learning weights was charged both, 29% more than torch's own
-    counter for a 2-layer MLP's training step.  Attention and recurrent layers keep two passes
-    whenever anything learns: the gradients of their inner products (scores, hidden states) run
-    whether or not the input needs one."""
+    counter for a 2-layer MLP's training step.  An attention layer keeps two passes whenever
+    anything learns: the gradients of its scores run whether or not the input needs one."""
     learns = _learns(module)
     if isinstance(module, (torch.nn.Linear, torch.nn.modules.conv._ConvNd)):
         return int(learns) + int(isinstance(x, torch.Tensor) and x.requires_grad)
@@ -318,10 +319,9 @@ def _positional(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple:
 
 def module_flops(module: torch.nn.Module, args: tuple, output=None) -> float:
     """FLOPs of one forward of a module outside every hooked model, counted at its matrix
-    products: `nn.Linear`, `nn.Conv*` (known once it ran) and `nn.MultiheadAttention` (inputs
-    given by position) and `nn.LSTM`/`nn.GRU`/`nn.RNN` (their steps run inside one C++ call, where
-    the watch on bare products cannot see them).  Anything else costs 0 here: element-wise work is not counted anywhere,
-    and a container's products run in its own `Linear`s and are counted there."""
+    products: `nn.Linear`, `nn.Conv*` (known once it ran) and `nn.MultiheadAttention`.  Anything
+    else costs 0 here: element-wise work is not counted anywhere, and a container's products run
+    in its own `Linear`s and are counted there."""
     x = args[0] if args else None
     return _module_products(module, args, x, output) * vmapped_copies(x)
 
@@ -340,8 +340,6 @@ def _module_products(module: torch.nn.Module, args: tuple, x, output) -> float:
         queries, n_keys = x.numel() // width, keys.numel() // keys.shape[-1]
         projections = 2.0 * width * width * (2 * queries + 2 * n_keys)   # q and output; k and v
         return projections + 4.0 * width * (queries // batch) * (n_keys // batch) * batch
-    if isinstance(module, torch.nn.RNNBase):
-        return _recurrent_flops(module, x)
     return 0.0
 
 
@@ -360,46 +358,76 @@ def _head_costs(head: torch.nn.Module, tokens: int) -> tuple[float, float]:
     return 2.0 * weights * tokens, 2.0 * (weights + (weights if head.weight.requires_grad else 0)) * tokens
 
 
-def _recurrent_flops(rnn: torch.nn.RNNBase, x) -> float:
-    """Every step of every layer and direction multiplies its input and the previous state by its
-    gates' weights (as torch's counter prices a GRU), plus an LSTM's projection of the state."""
-    packed = isinstance(x, torch.nn.utils.rnn.PackedSequence)
-    if not packed and not isinstance(x, torch.Tensor):
-        return 0.0
-    steps = x.data.shape[0] if packed else x.numel() // max(rnn.input_size, 1)   # time steps x batch
-    state = rnn.proj_size or rnn.hidden_size          # what a step passes on
-    directions = 2 if rnn.bidirectional else 1
-    total = 0.0
-    for layer in range(rnn.num_layers):
-        inputs = rnn.input_size if layer == 0 else state * directions
-        per_step = 2.0 * _RNN_GATES.get(rnn.mode, 1) * rnn.hidden_size * (inputs + state)
-        if rnn.proj_size:
-            per_step += 2.0 * rnn.hidden_size * rnn.proj_size
-        total += per_step * directions * steps
-    return total
-
-
 # ---------------------------------------------------------------- bare products
 
 _RECURRENT_CALLS = (torch.lstm, torch.gru, torch.rnn_tanh, torch.rnn_relu)
 
 
-def _recurrent_call_parts(input, second, *rest, **__) -> tuple[int, list, list]:
-    """(time steps x batch, the weights, the initial states) of `torch.lstm`/`gru`/`rnn_tanh`/
-    `rnn_relu`, the call an `nn.LSTM`/`GRU`/`RNN` forward makes: (input, hx, weights, ...), or
-    for a packed sequence (data, batch sizes, hx, weights, ...)."""
-    packed = isinstance(second, torch.Tensor) and second.dim() == 1 and not second.is_floating_point()
-    hx, weights = (rest[0], rest[1]) if packed else (second, rest[0])
-    steps = input.shape[0] if packed else input.numel() // max(input.shape[-1], 1)
-    states = list(hx) if isinstance(hx, (list, tuple)) else [hx]
-    return steps, list(weights), states
+class _RecurrentCall(NamedTuple):
+    """What `torch.lstm`/`gru`/`rnn_tanh`/`rnn_relu` (the call an `nn.LSTM`/`GRU`/`RNN` forward
+    makes) multiplies: (input, hx, weights, has_biases, layers, dropout, train, bidirectional,
+    batch_first), or for a packed sequence (data, batch sizes, hx, weights, has_biases, layers,
+    dropout, train, bidirectional)."""
+    input: torch.Tensor
+    states: list            # h0, and an LSTM's c0
+    matrices: list          # per layer and direction: w_ih, w_hh, and an LSTM's projection w_hr
+    layers: int
+    directions: int
+    rows: int               # time steps x batch (a packed sequence: its data's rows)
+    first_rows: tuple       # rows of the step each direction starts from, whose state is hx
+
+    @classmethod
+    def read(cls, input, second, *rest, **__) -> "_RecurrentCall":
+        packed = isinstance(second, torch.Tensor) and second.dim() == 1 and not second.is_floating_point()
+        hx, weights, _, layers, _, _, bidirectional = (rest if packed else (second, *rest))[:7]
+        states = list(hx) if isinstance(hx, (list, tuple)) else [hx]
+        if packed:
+            rows, first_rows = input.shape[0], (int(second[0]), int(second[-1]))
+        else:
+            batch = states[0].shape[-2] if states[0].dim() == 3 else 1
+            rows, first_rows = input.numel() // max(input.shape[-1], 1), (batch, batch)
+        return cls(input, states, [w for w in weights if w.dim() == 2], int(layers),
+                   2 if bidirectional else 1, rows, first_rows)
+
+    def forward_flops(self) -> float:
+        """Every row (a time step of one sequence) multiplies its input and state by every weight
+        matrix of its layer and direction: the gates', and an LSTM's projection."""
+        return 2.0 * self.rows * sum(w.numel() for w in self.matrices)
 
 
 def _recurrent_call_flops(*args, **kwargs) -> float:
-    """Every step multiplies its input and state by every weight matrix of its layer and direction
-    (gates, and an LSTM's projection), as `_recurrent_flops` counts a module."""
-    steps, weights, _ = _recurrent_call_parts(*args, **kwargs)
-    return 2.0 * steps * sum(w.numel() for w in weights if w.dim() == 2)
+    return _RecurrentCall.read(*args, **kwargs).forward_flops()
+
+
+def _recurrent_backward_flops(call: _RecurrentCall) -> float:
+    """The products a recurrent call's backward runs, as torch computes them (measured with its
+    counter, every case of
+    `test_a_recurrent_networks_training_step_is_charged_the_gradients_torch_computes`): per layer and
+    direction, each learning matrix's gradient on every row; the input's gradient through w_ih
+    where the layer's input needs one (the network's input, or a layer above one that learns);
+    and where anything below the states learns or needs a gradient, the state's gradient through
+    w_hh on every row but those of the first step (whose state is hx, unless hx needs a gradient)
+    and through the projection on every row.  Before, a training step was charged two passes:
+    for a 1-layer GRU whose input is data torch computes 1.6, so its backward was charged 25% over."""
+    per_group = len(call.matrices) // max(call.layers * call.directions, 1)
+    states_learn = any(isinstance(h, torch.Tensor) and h.requires_grad for h in call.states)
+    input_needs_grad = call.input.requires_grad
+    flops = 0.0
+    for layer in range(call.layers):
+        layer_learns = False
+        for direction in range(call.directions):
+            group = (layer * call.directions + direction) * per_group
+            w_ih, w_hh, *projection = call.matrices[group:group + per_group]
+            learns = any(w.requires_grad for w in (w_ih, w_hh, *projection))
+            layer_learns |= learns
+            flops += 2.0 * call.rows * sum(w.numel() for w in (w_ih, w_hh, *projection) if w.requires_grad)
+            if input_needs_grad:
+                flops += 2.0 * call.rows * w_ih.numel()
+            if learns or input_needs_grad or states_learn:
+                state_rows = call.rows - (0 if states_learn else call.first_rows[direction])
+                flops += 2.0 * (state_rows * w_hh.numel() + call.rows * sum(w.numel() for w in projection))
+        input_needs_grad = input_needs_grad or layer_learns or states_learn   # the next layer's input
+    return flops
 
 
 def _matmul_flops(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -681,9 +709,9 @@ def _operands(func, args, kwargs) -> list:
         return list(args[0])
     if func in _RECURRENT_CALLS:
         try:
-            _, weights, states = _recurrent_call_parts(*args, **kwargs)
-            return [args[0], *states, *weights]
-        except (TypeError, IndexError, AttributeError):   # a call these rules cannot read: priced as it runs
+            call = _RecurrentCall.read(*args, **kwargs)
+            return [call.input, *call.states, *call.matrices]
+        except (TypeError, ValueError, IndexError, AttributeError):   # a call these rules cannot read: priced as it runs
             pass
     return list(args) + list(kwargs.values())
 
@@ -739,7 +767,7 @@ class _BareProductWatch(torch.overrides.TorchFunctionMode):
                 cost = price(*args, **kwargs) * copies
             except (TypeError, IndexError, AttributeError):   # arguments by name, or not tensors
                 cost = None
-        learning = _learning_operands(func, operands, grads) if torch.is_grad_enabled() else 0
+        learning = _backward_share(func, args, kwargs, operands, grads) if torch.is_grad_enabled() else 0
         tangent = sum(tangents(x) for x in operands)   # forward-mode AD: the product again per tangent
         if cost is not None:   # before the work, as a module's is, with the backward it allows
             meter._refuse_past(cost * (1 + tangent + learning), f"a bare {getattr(func, '__name__', func)}")
@@ -753,12 +781,15 @@ class _BareProductWatch(torch.overrides.TorchFunctionMode):
         return output
 
 
-def _learning_operands(func, operands: list, grads) -> int:
-    """How many forward costs a product's backward takes: one per operand that learns."""
-    if func in _RECURRENT_CALLS:   # as a recurrent module's backward (`_backward_passes`)
-        if any(isinstance(w, torch.Tensor) and w.dim() == 2 and w.requires_grad for w in operands):
-            return 2
-        return int(any(isinstance(x, torch.Tensor) and x.requires_grad for x in operands))
+def _backward_share(func, args, kwargs, operands: list, grads) -> float:
+    """How many forward costs a product's backward takes: one per operand that learns; a recurrent
+    call's, its backward's own count (`_recurrent_backward_flops`) over its forward's."""
+    if func in _RECURRENT_CALLS:
+        try:
+            call = _RecurrentCall.read(*args, **kwargs)
+            return _recurrent_backward_flops(call) / call.forward_flops() if call.forward_flops() else 0.0
+        except (TypeError, ValueError, IndexError, AttributeError):   # unreadable: both passes when anything learns
+            return 2.0 if any(isinstance(x, torch.Tensor) and x.requires_grad for x in operands) else 0.0
     picked = operands if grads is None else [operands[i] for i in grads if i < len(operands)]
     learning = sum(isinstance(x, torch.Tensor) and x.requires_grad for x in picked)
     if learning and func is torch.nn.functional.scaled_dot_product_attention:
