@@ -415,6 +415,31 @@ def test_every_task_starts_in_the_base_models_modes(tmp_path):
     assert seen == [seen[0]] * 3 and seen[0]["training"] is False   # each task as the first found it
 
 
+def test_buffers_and_config_a_task_changes_are_put_back(tmp_path):
+    """A method that rescales the rotary frequencies (a buffer, not a weight: position
+    interpolation) or sets config fields in one task and never undoes it decoded every later
+    task with the change, and the weights check passed.  Fails if the next task sees the change:
+    a buffer changed in place or replaced, a config field changed or added."""
+    (tmp_path / "stretch.py").write_text(
+        "import torch\nfrom tta.method import Method\n\nclass Stretch(Method):\n"
+        "    def predict(self, task, budget, seed):\n"
+        "        model, config = self.lm.model, self.lm.model.config\n"
+        "        buffers = dict(model.named_buffers())\n"
+        "        seen = {'buffers': {n: b.sum().item() for n, b in buffers.items()}, 'use_cache': config.use_cache,\n"
+        "                'added': hasattr(config, 'stretched')}\n"
+        "        first, *rest = buffers\n"
+        "        with torch.no_grad():\n"
+        "            buffers[first].mul_(0.5)\n"
+        "            for name in rest:\n"
+        "                owner, _, leaf = name.rpartition('.')\n"
+        "                model.get_submodule(owner).register_buffer(leaf, torch.zeros(3))\n"
+        "        config.use_cache, config.stretched = not config.use_cache, True\n"
+        "        return [[p.input, None] for p in task.test], seen\n")
+    seen = what_three_tasks_saw(tmp_path, "stretch.py:Stretch")
+    assert len(seen[0]["buffers"]) >= 2 and not seen[0]["added"], seen[0]   # the tiny model's rotary frequencies
+    assert seen == [seen[0]] * 3
+
+
 def test_torch_settings_a_task_changes_by_a_plain_call_are_put_back(tmp_path):
     """Fails if a method's `torch.set_grad_enabled(False)`, float64 default dtype, thread count or
     anomaly detection, set by a plain call in one task, reach the next task."""

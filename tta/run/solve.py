@@ -4,6 +4,7 @@ model and method loaded once, solving tasks by id; one per process, or per Ray w
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import json
@@ -347,7 +348,7 @@ class TaskRunner:
     on_progress = None   # called inside a task with the share of its cap spent (the progress bar)
 
     base_weights = None   # the model's `weights_signature` after setup: what every task starts from
-    base_modes = None     # its `model_modes` then: put back after every task
+    base_state = None     # its `ModelState` then (modes, buffers, config): put back after every task
     model_changed = None   # why the run must stop: the task after which `reset` left the model changed
 
     def setup(self) -> dict | None:
@@ -367,7 +368,7 @@ class TaskRunner:
             meter.detach()
         if self.lm is not None:   # after setup: a one-off change made for all tasks is part of the base
             self.base_weights = weights_signature(self.lm.model)
-            self.base_modes = model_modes(self.lm.model)
+            self.base_state = ModelState.of(self.lm.model)
         return one_off_record(one_off or {}, meter.summary(), time.perf_counter() - started)
 
     def solve(self, task_id: str) -> TaskRecord:
@@ -391,7 +392,7 @@ class TaskRunner:
         next task."""
         if self.base_weights is None:
             return
-        restore_modes(self.lm.model, self.base_modes)
+        self.base_state.put_back(self.lm.model)
         now = weights_signature(self.lm.model)
         if now != self.base_weights:
             self.model_changed = (
@@ -420,22 +421,55 @@ def one_off_record(reported: dict, measured: dict, seconds: float) -> dict | Non
     return record
 
 
-def model_modes(model: torch.nn.Module) -> tuple[dict[str, bool], dict[str, bool]]:
-    """Which modules are in training mode and which weights learn.  Neither changes a weight, so
-    `weights_signature` does not see them, yet a task left in train mode decodes the next task
-    with dropout, and weights left learning change what its backward passes cost."""
-    return ({name: m.training for name, m in model.named_modules()},
-            {name: p.requires_grad for name, p in model.named_parameters()})
+@dataclass
+class ModelState:
+    """What a task may change in the model besides its weights, and the harness puts back after
+    every task: which modules are in training mode and which weights learn; the buffers; the
+    config.  None of them changes a weight, so `weights_signature` does not see them, yet a task
+    left in train mode decodes the next task with dropout, weights left learning change what its
+    backward passes cost, and a method that rescales the rotary frequencies (`inv_freq`, a
+    buffer: position interpolation for a longer context) or sets a config field in one task and
+    forgets to undo it decoded every later task with that change, unnoticed.  Buffers and the
+    config are small (the embedded model's two buffers hold 64 floats), so they are kept whole."""
+    training: dict[str, bool]
+    learning: dict[str, bool]
+    buffers: dict[str, torch.Tensor]
+    config: dict
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> "ModelState":
+        config = getattr(model, "config", None)
+        return cls({name: m.training for name, m in model.named_modules()},
+                   {name: p.requires_grad for name, p in model.named_parameters()},
+                   {name: b.detach().clone() for name, b in model.named_buffers()},
+                   copy.deepcopy(vars(config)) if config is not None else {})
+
+    def put_back(self, model: torch.nn.Module) -> None:
+        for name, m in model.named_modules():
+            if name in self.training:
+                m.training = self.training[name]
+        for name, p in model.named_parameters():
+            if name in self.learning and p.requires_grad != self.learning[name]:
+                p.requires_grad_(self.learning[name])
+        for name, b in model.named_buffers():
+            kept = self.buffers.get(name)
+            if kept is not None and not _same_tensor(b, kept):
+                owner, _, leaf = name.rpartition(".")
+                model.get_submodule(owner)._buffers[leaf] = kept.clone()   # a replaced buffer may differ in shape
+        config = getattr(model, "config", None)
+        if config is not None and self.config and vars(config) != self.config:
+            for key in set(vars(config)) - set(self.config):   # fields a task added
+                delattr(config, key)
+            for key, value in self.config.items():
+                if vars(config).get(key, _MISSING) != value:
+                    vars(config)[key] = copy.deepcopy(value)   # as stored: past any property's checks
 
 
-def restore_modes(model: torch.nn.Module, modes: tuple[dict[str, bool], dict[str, bool]]) -> None:
-    training, learning = modes
-    for name, m in model.named_modules():
-        if name in training:
-            m.training = training[name]
-    for name, p in model.named_parameters():
-        if name in learning and p.requires_grad != learning[name]:
-            p.requires_grad_(learning[name])
+_MISSING = object()
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and bool(torch.equal(a, b))
 
 
 def weights_signature(model: torch.nn.Module) -> dict[str, tuple]:
