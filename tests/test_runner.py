@@ -415,18 +415,21 @@ def test_every_task_starts_in_the_base_models_modes(tmp_path):
     assert seen == [seen[0]] * 3 and seen[0]["training"] is False   # each task as the first found it
 
 
-def test_buffers_and_config_a_task_changes_are_put_back(tmp_path):
+def test_buffers_config_and_hooks_a_task_leaves_are_put_back(tmp_path):
     """A method that rescales the rotary frequencies (a buffer, not a weight: position
-    interpolation) or sets config fields in one task and never undoes it decoded every later
-    task with the change, and the weights check passed.  Fails if the next task sees the change:
-    a buffer changed in place or replaced, a config field changed or added."""
+    interpolation), sets config fields or adds a steering hook in one task and never undoes it
+    decoded every later task with the change, and the weights check passed.  Fails if the next
+    task sees the change: a buffer changed in place or replaced, a config field changed or added,
+    a module's forward hook or a weight's gradient hook left behind."""
     (tmp_path / "stretch.py").write_text(
         "import torch\nfrom tta.method import Method\n\nclass Stretch(Method):\n"
         "    def predict(self, task, budget, seed):\n"
         "        model, config = self.lm.model, self.lm.model.config\n"
-        "        buffers = dict(model.named_buffers())\n"
+        "        buffers, embeddings = dict(model.named_buffers()), model.get_input_embeddings()\n"
+        "        weight = next(model.parameters())\n"
         "        seen = {'buffers': {n: b.sum().item() for n, b in buffers.items()}, 'use_cache': config.use_cache,\n"
-        "                'added': hasattr(config, 'stretched')}\n"
+        "                'added': hasattr(config, 'stretched'), 'hooks': len(embeddings._forward_hooks),\n"
+        "                'gradient hooks': len(weight._backward_hooks or {})}\n"
         "        first, *rest = buffers\n"
         "        with torch.no_grad():\n"
         "            buffers[first].mul_(0.5)\n"
@@ -434,9 +437,12 @@ def test_buffers_and_config_a_task_changes_are_put_back(tmp_path):
         "                owner, _, leaf = name.rpartition('.')\n"
         "                model.get_submodule(owner).register_buffer(leaf, torch.zeros(3))\n"
         "        config.use_cache, config.stretched = not config.use_cache, True\n"
+        "        embeddings.register_forward_hook(lambda module, args, out: out * 1.5)\n"
+        "        weight.register_hook(lambda grad: grad * 0)\n"
         "        return [[p.input, None] for p in task.test], seen\n")
     seen = what_three_tasks_saw(tmp_path, "stretch.py:Stretch")
     assert len(seen[0]["buffers"]) >= 2 and not seen[0]["added"], seen[0]   # the tiny model's rotary frequencies
+    assert seen[0]["hooks"] == seen[0]["gradient hooks"] == 0
     assert seen == [seen[0]] * 3
 
 

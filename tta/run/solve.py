@@ -430,11 +430,14 @@ class ModelState:
     backward passes cost, and a method that rescales the rotary frequencies (`inv_freq`, a
     buffer: position interpolation for a longer context) or sets a config field in one task and
     forgets to undo it decoded every later task with that change, unnoticed.  Buffers and the
-    config are small (the embedded model's two buffers hold 64 floats), so they are kept whole."""
+    config are small (the embedded model's two buffers hold 64 floats), so they are kept whole.
+    Hooks a task left on the model's modules or weights (a steering hook on the embeddings, a
+    gradient mask) are removed: one left in `adapt` ran in every later task, one more per task."""
     training: dict[str, bool]
     learning: dict[str, bool]
     buffers: dict[str, torch.Tensor]
     config: dict
+    hooks: dict[tuple[str, str], set]   # (module or weight name, hook table) -> the hooks' ids then
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> "ModelState":
@@ -442,7 +445,8 @@ class ModelState:
         return cls({name: m.training for name, m in model.named_modules()},
                    {name: p.requires_grad for name, p in model.named_parameters()},
                    {name: b.detach().clone() for name, b in model.named_buffers()},
-                   copy.deepcopy(vars(config)) if config is not None else {})
+                   copy.deepcopy(vars(config)) if config is not None else {},
+                   {place: set(table) for place, table in _hook_tables(model)})
 
     def put_back(self, model: torch.nn.Module) -> None:
         for name, m in model.named_modules():
@@ -463,6 +467,28 @@ class ModelState:
             for key, value in self.config.items():
                 if vars(config).get(key, _MISSING) != value:
                     vars(config)[key] = copy.deepcopy(value)   # as stored: past any property's checks
+        for place, table in _hook_tables(model):
+            for left in set(table) - self.hooks.get(place, set()):
+                del table[left]
+
+
+# Where torch keeps a module's hooks (the `with_kwargs`/`always_call` tables are keyed by the same
+# ids), and a weight's.
+_MODULE_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+                 "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs")
+_TENSOR_HOOKS = ("_backward_hooks", "_post_accumulate_grad_hooks")
+
+
+def _hook_tables(model: torch.nn.Module):
+    """((module or weight name, table name), the table) for every hook table the model holds."""
+    for name, module in model.named_modules():
+        for table in _MODULE_HOOKS:
+            if getattr(module, table, None):
+                yield (name, table), getattr(module, table)
+    for name, weight in model.named_parameters():
+        for table in _TENSOR_HOOKS:
+            if getattr(weight, table, None):
+                yield (name, table), getattr(weight, table)
 
 
 _MISSING = object()
