@@ -362,7 +362,9 @@ def test_each_session_records_when_its_last_result_landed(tmp_path):
 
 @pytest.mark.parametrize("change, needle, workers", [
     ("next(self.lm.model.parameters()).add_(0.01)", "1 of", 1),                        # trained, never restored
-    ("self.lm.model.leftover = torch.nn.Parameter(torch.zeros(2))", "1 parameters added", 1),   # an adapter left attached
+    ("self.lm.model.leftover = torch.nn.Parameter(torch.zeros(2))", "1 weight tensors added", 1),   # an adapter left attached
+    # an activation swapped (no weight moves), never swapped back
+    ("self.lm.model.model.layers[0].mlp.act_fn = torch.nn.ReLU()", "layers.0.mlp.act_fn is a ReLU, not the", 1),
     # two workers, each kept busy long enough that both take a task: the second worker's is not lost
     # when the first worker's stop comes in
     ("time.sleep(1.5); next(self.lm.model.parameters()).add_(0.01)", "1 of", 2),
@@ -420,7 +422,7 @@ def test_buffers_config_and_hooks_a_task_leaves_are_put_back(tmp_path):
     interpolation), sets config fields or adds a steering hook in one task and never undoes it
     decoded every later task with the change, and the weights check passed.  Fails if the next
     task sees the change: a buffer changed in place or replaced, a config field changed or added,
-    a module's forward hook or a weight's gradient hook left behind."""
+    a module's forward hook or a weight's gradient hook left behind, a module's forward patched."""
     (tmp_path / "stretch.py").write_text(
         "import torch\nfrom tta.method import Method\n\nclass Stretch(Method):\n"
         "    def predict(self, task, budget, seed):\n"
@@ -429,7 +431,7 @@ def test_buffers_config_and_hooks_a_task_leaves_are_put_back(tmp_path):
         "        weight = next(model.parameters())\n"
         "        seen = {'buffers': {n: b.sum().item() for n, b in buffers.items()}, 'use_cache': config.use_cache,\n"
         "                'added': hasattr(config, 'stretched'), 'hooks': len(embeddings._forward_hooks),\n"
-        "                'gradient hooks': len(weight._backward_hooks or {})}\n"
+        "                'gradient hooks': len(weight._backward_hooks or {}), 'patched': 'forward' in vars(embeddings)}\n"
         "        first, *rest = buffers\n"
         "        with torch.no_grad():\n"
         "            buffers[first].mul_(0.5)\n"
@@ -439,10 +441,11 @@ def test_buffers_config_and_hooks_a_task_leaves_are_put_back(tmp_path):
         "        config.use_cache, config.stretched = not config.use_cache, True\n"
         "        embeddings.register_forward_hook(lambda module, args, out: out * 1.5)\n"
         "        weight.register_hook(lambda grad: grad * 0)\n"
+        "        embeddings.forward = lambda ids, forward=embeddings.forward: forward(ids) * 2\n"
         "        return [[p.input, None] for p in task.test], seen\n")
     seen = what_three_tasks_saw(tmp_path, "stretch.py:Stretch")
     assert len(seen[0]["buffers"]) >= 2 and not seen[0]["added"], seen[0]   # the tiny model's rotary frequencies
-    assert seen[0]["hooks"] == seen[0]["gradient hooks"] == 0
+    assert seen[0]["hooks"] == seen[0]["gradient hooks"] == 0 and not seen[0]["patched"]
     assert seen == [seen[0]] * 3
 
 

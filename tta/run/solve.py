@@ -432,12 +432,14 @@ class ModelState:
     forgets to undo it decoded every later task with that change, unnoticed.  Buffers and the
     config are small (the embedded model's two buffers hold 64 floats), so they are kept whole.
     Hooks a task left on the model's modules or weights (a steering hook on the embeddings, a
-    gradient mask) are removed: one left in `adapt` ran in every later task, one more per task."""
+    gradient mask) are removed: one left in `adapt` ran in every later task, one more per task;
+    so is a `forward` a task set on a module instance (`module.forward = patched`)."""
     training: dict[str, bool]
     learning: dict[str, bool]
     buffers: dict[str, torch.Tensor]
     config: dict
     hooks: dict[tuple[str, str], set]   # (module or weight name, hook table) -> the hooks' ids then
+    forwards: dict[str, object]         # module name -> the `forward` set on that instance then
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> "ModelState":
@@ -446,7 +448,8 @@ class ModelState:
                    {name: p.requires_grad for name, p in model.named_parameters()},
                    {name: b.detach().clone() for name, b in model.named_buffers()},
                    copy.deepcopy(vars(config)) if config is not None else {},
-                   {place: set(table) for place, table in _hook_tables(model)})
+                   {place: set(table) for place, table in _hook_tables(model)},
+                   {name: m.__dict__["forward"] for name, m in model.named_modules() if "forward" in m.__dict__})
 
     def put_back(self, model: torch.nn.Module) -> None:
         for name, m in model.named_modules():
@@ -470,6 +473,13 @@ class ModelState:
         for place, table in _hook_tables(model):
             for left in set(table) - self.hooks.get(place, set()):
                 del table[left]
+        for name, m in model.named_modules():
+            patched, kept = m.__dict__.get("forward"), self.forwards.get(name)
+            if patched is not kept:
+                if kept is None:
+                    del m.__dict__["forward"]
+                else:
+                    m.__dict__["forward"] = kept
 
 
 # Where torch keeps a module's hooks (the `with_kwargs`/`always_call` tables are keyed by the same
@@ -510,15 +520,33 @@ def weights_signature(model: torch.nn.Module) -> dict[str, tuple]:
         return float(total), float(squares)   # one read from the device per tensor
 
     with torch.no_grad():
-        return {name: (tuple(p.shape), *sums(p)) for name, p in model.named_parameters()}
+        weights = {name: (tuple(p.shape), *sums(p)) for name, p in model.named_parameters()}
+    # A module swapped for another kind without weights (an activation) changes no weight: it is
+    # part of the signature by its class, so a task that swaps one and never swaps it back shows.
+    return weights | {f"{name or 'the model'}{_MODULE}": type(m).__qualname__ for name, m in model.named_modules()}
+
+
+_MODULE = " (a module)"   # how `weights_signature` names a module's entry
 
 
 def describe_change(before: dict, after: dict) -> str:
-    added, removed = sorted(set(after) - set(before)), sorted(set(before) - set(after))
-    changed = [n for n in before if n in after and before[n] != after[n]]
-    parts = [f"{len(added)} parameters added, e.g. {added[0]}" if added else "",
-             f"{len(removed)} removed, e.g. {removed[0]}" if removed else "",
-             f"{len(changed)} of {len(before)} weight tensors changed, e.g. {changed[0]}" if changed else ""]
-    return "; ".join(p for p in parts if p)
+    """What differs between two `weights_signature`s in a few words: the weights, or where no
+    weight moved, the modules."""
+    def differences(kind: str, before: dict, after: dict) -> list[str]:
+        added, removed = sorted(set(after) - set(before)), sorted(set(before) - set(after))
+        changed = [n for n in before if n in after and before[n] != after[n]]
+        return [f"{len(added)} {kind} added, e.g. {added[0]}" if added else "",
+                f"{len(removed)} {kind} removed, e.g. {removed[0]}" if removed else "",
+                f"{len(changed)} of {len(before)} {kind} changed, e.g. {changed[0]}" if changed else ""]
+
+    def part(signature: dict, modules: bool) -> dict:
+        return {n.removesuffix(_MODULE): v for n, v in signature.items() if n.endswith(_MODULE) == modules}
+    parts = [p for p in differences("weight tensors", part(before, False), part(after, False)) if p]
+    if not parts:
+        modules_before, modules_after = part(before, True), part(after, True)
+        swapped = [n for n in modules_before if n in modules_after and modules_before[n] != modules_after[n]]
+        parts = [f"{n} is a {modules_after[n]}, not the {modules_before[n]} it was" for n in swapped[:1]]
+        parts += [p for p in differences("modules", modules_before, modules_after)[:2] if p]
+    return "; ".join(parts)
 
 
