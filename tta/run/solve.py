@@ -447,7 +447,7 @@ class ModelState:
         return cls({name: m.training for name, m in model.named_modules()},
                    {name: p.requires_grad for name, p in model.named_parameters()},
                    {name: b.detach().clone() for name, b in model.named_buffers()},
-                   copy.deepcopy(vars(config)) if config is not None else {},
+                   _config_fields(config),
                    {place: set(table) for place, table in _hook_tables(model)},
                    {name: m.__dict__["forward"] for name, m in model.named_modules() if "forward" in m.__dict__})
 
@@ -464,11 +464,11 @@ class ModelState:
                 owner, _, leaf = name.rpartition(".")
                 model.get_submodule(owner)._buffers[leaf] = kept.clone()   # a replaced buffer may differ in shape
         config = getattr(model, "config", None)
-        if config is not None and self.config and vars(config) != self.config:
+        if config is not None and self.config and not _equal(vars(config), self.config):
             for key in set(vars(config)) - set(self.config):   # fields a task added
-                delattr(config, key)
+                del vars(config)[key]
             for key, value in self.config.items():
-                if vars(config).get(key, _MISSING) != value:
+                if not _equal(vars(config).get(key, _MISSING), value):
                     vars(config)[key] = copy.deepcopy(value)   # as stored: past any property's checks
         for place, table in _hook_tables(model):
             for left in set(table) - self.hooks.get(place, set()):
@@ -502,6 +502,21 @@ def _hook_tables(model: torch.nn.Module):
 
 
 _MISSING = object()
+
+
+def _config_fields(config) -> dict:
+    """A copy of a config's fields; none (nothing put back) for a config Python cannot copy."""
+    try:
+        return copy.deepcopy(vars(config)) if config is not None else {}
+    except Exception:   # a user model's config holding a lock, a file, a device handle
+        return {}
+
+
+def _equal(a, b) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:   # values that cannot be compared (tensors): taken as changed, and put back
+        return False
 
 
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
