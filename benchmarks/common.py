@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmarks: the model to measure and a timer."""
+"""Helpers shared by the benchmarks: the model to measure, a timer, and what the meter charges
+for some work beside torch's own count of it."""
 from __future__ import annotations
 
 import time
@@ -31,3 +32,21 @@ def timed(fn, repeats: int = 3) -> float:
         fn()
         best = min(best, time.perf_counter() - start)
     return best
+
+
+def meter_charge(work) -> float:
+    """FLOPs the harness's meter charges for `work` run as a task's other work (a method's own
+    network, bare products)."""
+    from tta.budget import Meter
+    meter = Meter()
+    with meter.watching_other_work():
+        work()
+    return meter.flops
+
+
+def torch_count(work) -> float:
+    """FLOPs torch's own counter (`torch.utils.flop_counter`) gives `work`."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        work()
+    return counter.get_total_flops()

@@ -6,30 +6,19 @@ subclasses of counted layers with a forward of their own.
     python benchmarks/results/own_network_charges/charges.py                                 # this checkout
     PYTHONPATH=/tmp/old python benchmarks/results/own_network_charges/charges.py             # a worktree of an older commit
 """
+import sys
 import warnings
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
-from tta.budget import Meter
+sys.path.insert(0, str(Path(__file__).parents[2]))
+from common import meter_charge as meter, torch_count  # noqa: E402
 
 warnings.filterwarnings("ignore")
 torch.manual_seed(0)
-
-
-def meter(work) -> float:
-    m = Meter()
-    with m.watching_other_work():
-        work()
-    return m.flops
-
-
-def torch_count(work) -> float:
-    with FlopCounterMode(display=False) as counter:
-        work()
-    return counter.get_total_flops()
 
 
 class LoRALinear(nn.Linear):   # as loralib writes one

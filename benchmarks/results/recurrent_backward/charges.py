@@ -5,29 +5,18 @@ two forwards whenever anything learned; now it is charged the gradients torch co
     python benchmarks/results/recurrent_backward/charges.py                        # this checkout
     PYTHONPATH=/tmp/old python benchmarks/results/recurrent_backward/charges.py    # a worktree of an older commit
 """
+import sys
 import warnings
+from pathlib import Path
 
 import torch
 import torch.nn as nn
-from torch.utils.flop_counter import FlopCounterMode
 
-from tta.budget import Meter
+sys.path.insert(0, str(Path(__file__).parents[2]))
+from common import meter_charge as meter, torch_count  # noqa: E402
 
 warnings.filterwarnings("ignore")
 torch.manual_seed(0)
-
-
-def meter(work) -> float:
-    m = Meter()
-    with m.watching_other_work():
-        work()
-    return m.flops
-
-
-def torch_count(work) -> float:
-    with FlopCounterMode(display=False) as counter:
-        work()
-    return counter.get_total_flops()
 
 
 def step(network, x, packed=False):
