@@ -417,10 +417,11 @@ def _recurrent_backward_flops(call: _RecurrentCall) -> float:
         layer_learns = False
         for direction in range(call.directions):
             group = (layer * call.directions + direction) * per_group
-            w_ih, w_hh, *projection = call.matrices[group:group + per_group]
-            learns = any(w.requires_grad for w in (w_ih, w_hh, *projection))
+            matrices = call.matrices[group:group + per_group]
+            w_ih, w_hh, *projection = matrices
+            learns = any(w.requires_grad for w in matrices)
             layer_learns |= learns
-            flops += 2.0 * call.rows * sum(w.numel() for w in (w_ih, w_hh, *projection) if w.requires_grad)
+            flops += 2.0 * call.rows * sum(w.numel() for w in matrices if w.requires_grad)
             if input_needs_grad:
                 flops += 2.0 * call.rows * w_ih.numel()
             if learns or input_needs_grad or states_learn:
@@ -496,7 +497,7 @@ def _bare_products():
     table[F.pdist] = (lambda x, *_, **__: float(x.shape[0] * (x.shape[0] - 1) * x.shape[1]), (0,))   # half of cdist's
     for f in (torch.cov, T.cov, torch.corrcoef, T.corrcoef):   # the centred rows times their transpose
         table[f] = (lambda x, *_, **__: 2.0 * (x.shape[0] if x.dim() > 1 else 1) ** 2 * x.shape[-1], (0,))
-    for f in (torch.lstm, torch.gru, torch.rnn_tanh, torch.rnn_relu):
+    for f in _RECURRENT_CALLS:
         table[f] = (_recurrent_call_flops, None)
     table.update(_fourier_transforms())
     # Functions written in Python around products: the watch sees only the outer call (its own
@@ -787,7 +788,8 @@ def _backward_share(func, args, kwargs, operands: list, grads) -> float:
     if func in _RECURRENT_CALLS:
         try:
             call = _RecurrentCall.read(*args, **kwargs)
-            return _recurrent_backward_flops(call) / call.forward_flops() if call.forward_flops() else 0.0
+            forward = call.forward_flops()
+            return _recurrent_backward_flops(call) / forward if forward else 0.0
         except (TypeError, ValueError, IndexError, AttributeError):   # unreadable: both passes when anything learns
             return 2.0 if any(isinstance(x, torch.Tensor) and x.requires_grad for x in operands) else 0.0
     picked = operands if grads is None else [operands[i] for i in grads if i < len(operands)]

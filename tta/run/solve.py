@@ -455,6 +455,12 @@ class ModelState:
         for name, m in model.named_modules():
             if name in self.training:
                 m.training = self.training[name]
+            patched, kept = m.__dict__.get("forward"), self.forwards.get(name)
+            if patched is not kept:
+                if kept is None:
+                    del m.__dict__["forward"]
+                else:
+                    m.__dict__["forward"] = kept
         for name, p in model.named_parameters():
             if name in self.learning and p.requires_grad != self.learning[name]:
                 p.requires_grad_(self.learning[name])
@@ -473,13 +479,6 @@ class ModelState:
         for place, table in _hook_tables(model):
             for left in set(table) - self.hooks.get(place, set()):
                 del table[left]
-        for name, m in model.named_modules():
-            patched, kept = m.__dict__.get("forward"), self.forwards.get(name)
-            if patched is not kept:
-                if kept is None:
-                    del m.__dict__["forward"]
-                else:
-                    m.__dict__["forward"] = kept
 
 
 # Where torch keeps a module's hooks (the `with_kwargs`/`always_call` tables are keyed by the same
@@ -523,10 +522,12 @@ def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and bool(torch.equal(a, b))
 
 
-def weights_signature(model: torch.nn.Module) -> dict[str, tuple]:
+def weights_signature(model: torch.nn.Module) -> tuple[dict[str, tuple], dict[str, str]]:
     """Each parameter's shape, sum and sum of squares (float64): a change to any weight, an adapter
     left attached or a parameter removed shows.  About 5 ms for the embedded model's 3.4M weights;
-    a copy of the weights would cost their memory again."""
+    a copy of the weights would cost their memory again.  Beside them, each module's class: a
+    module swapped for another kind without weights (an activation) changes no weight, and a task
+    that swapped one and never swapped it back went unseen."""
     def sums(p: torch.Tensor) -> tuple[float, float]:
         total = squares = 0.0
         for chunk in p.detach().reshape(-1).split(1 << 22):   # float64 copies of 32 MB at most
@@ -536,15 +537,10 @@ def weights_signature(model: torch.nn.Module) -> dict[str, tuple]:
 
     with torch.no_grad():
         weights = {name: (tuple(p.shape), *sums(p)) for name, p in model.named_parameters()}
-    # A module swapped for another kind without weights (an activation) changes no weight: it is
-    # part of the signature by its class, so a task that swaps one and never swaps it back shows.
-    return weights | {f"{name or 'the model'}{_MODULE}": type(m).__qualname__ for name, m in model.named_modules()}
+    return weights, {name or "the model": type(m).__qualname__ for name, m in model.named_modules()}
 
 
-_MODULE = " (a module)"   # how `weights_signature` names a module's entry
-
-
-def describe_change(before: dict, after: dict) -> str:
+def describe_change(before: tuple[dict, dict], after: tuple[dict, dict]) -> str:
     """What differs between two `weights_signature`s in a few words: the weights, or where no
     weight moved, the modules."""
     def differences(kind: str, before: dict, after: dict) -> list[str]:
@@ -554,11 +550,9 @@ def describe_change(before: dict, after: dict) -> str:
                 f"{len(removed)} {kind} removed, e.g. {removed[0]}" if removed else "",
                 f"{len(changed)} of {len(before)} {kind} changed, e.g. {changed[0]}" if changed else ""]
 
-    def part(signature: dict, modules: bool) -> dict:
-        return {n.removesuffix(_MODULE): v for n, v in signature.items() if n.endswith(_MODULE) == modules}
-    parts = [p for p in differences("weight tensors", part(before, False), part(after, False)) if p]
+    (weights_before, modules_before), (weights_after, modules_after) = before, after
+    parts = [p for p in differences("weight tensors", weights_before, weights_after) if p]
     if not parts:
-        modules_before, modules_after = part(before, True), part(after, True)
         swapped = [n for n in modules_before if n in modules_after and modules_before[n] != modules_after[n]]
         parts = [f"{n} is a {modules_after[n]}, not the {modules_before[n]} it was" for n in swapped[:1]]
         parts += [p for p in differences("modules", modules_before, modules_after)[:2] if p]
