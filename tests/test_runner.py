@@ -449,6 +449,44 @@ def test_buffers_config_and_hooks_a_task_leaves_are_put_back(tmp_path):
     assert seen == [seen[0]] * 3
 
 
+def test_module_settings_and_the_loaded_models_fields_a_task_leaves_are_put_back(tmp_path):
+    """Fails if the next task sees what this one changed outside weights, buffers' values and
+    config fields: an attention's `scaling` halved (each task saw half the last's), a flag
+    (`gradient_checkpointing`), an attribute or a buffer added, the model's config replaced, an
+    activation swapped for one of its own class with another slope, the format's
+    `grid_positions`, the loaded model's `spec`."""
+    (tmp_path / "settings.py").write_text(
+        "import copy, torch\nfrom tta.method import Method\n\nclass Settings(Method):\n"
+        "    def predict(self, task, budget, seed):\n"
+        "        lm, model = self.lm, self.lm.model\n"
+        "        layer = model.model.layers[0]\n"
+        "        attention, mlp = layer.self_attn, layer.mlp\n"
+        "        seen = {'scaling': attention.scaling, 'checkpointing': model.model.gradient_checkpointing,\n"
+        "                'added': hasattr(attention, 'temperature'), 'buffers': sorted(dict(model.named_buffers())),\n"
+        "                'shared config': model.config is attention.config, 'act': repr(mlp.act_fn),\n"
+        "                'grid positions': lm.format.grid_positions, 'spec': lm.spec}\n"
+        "        attention.scaling *= 0.5\n"
+        "        model.model.gradient_checkpointing = not model.model.gradient_checkpointing\n"
+        "        attention.temperature = 2.0\n"
+        "        attention.register_buffer('mask', torch.ones(2), persistent=False)\n"
+        "        model.config = copy.deepcopy(model.config)\n"
+        "        if isinstance(mlp.act_fn, torch.nn.LeakyReLU):\n"
+        "            mlp.act_fn = torch.nn.LeakyReLU(mlp.act_fn.negative_slope * 2)\n"
+        "        else:\n"
+        "            mlp.act_fn.extra = 1\n"
+        "        lm.format.grid_positions = not lm.format.grid_positions\n"
+        "        lm.spec += '!'\n"
+        "        return [[p.input, None] for p in task.test], seen\n\n"
+        "    def setup(self, tasks):   # a same-class swap needs a module with a setting: a LeakyReLU, for all tasks\n"
+        "        for layer in self.lm.model.model.layers:\n"
+        "            layer.mlp.act_fn = torch.nn.LeakyReLU(0.1)\n")
+    seen = what_three_tasks_saw(tmp_path, "settings.py:Settings")
+    assert seen[0]["scaling"] > 0 and not seen[0]["checkpointing"] and not seen[0]["added"], seen[0]
+    assert seen[0]["shared config"] and seen[0]["grid positions"] and seen[0]["spec"] == "random:tiny"
+    assert "mask" not in " ".join(seen[0]["buffers"]) and seen[0]["act"] == "LeakyReLU(negative_slope=0.1)"
+    assert seen == [seen[0]] * 3
+
+
 def test_torch_settings_a_task_changes_by_a_plain_call_are_put_back(tmp_path):
     """Fails if a method's `torch.set_grad_enabled(False)`, float64 default dtype, thread count or
     anomaly detection, set by a plain call in one task, reach the next task."""

@@ -348,7 +348,7 @@ class TaskRunner:
     on_progress = None   # called inside a task with the share of its cap spent (the progress bar)
 
     base_weights = None   # the model's `weights_signature` after setup: what every task starts from
-    base_state = None     # its `ModelState` then (modes, buffers, config): put back after every task
+    base_state = None     # its `ModelState` then (modes, settings, buffers, config, hooks): put back after every task
     model_changed = None   # why the run must stop: the task after which `reset` left the model changed
 
     def setup(self) -> dict | None:
@@ -368,7 +368,7 @@ class TaskRunner:
             meter.detach()
         if self.lm is not None:   # after setup: a one-off change made for all tasks is part of the base
             self.base_weights = weights_signature(self.lm.model)
-            self.base_state = ModelState.of(self.lm.model)
+            self.base_state = ModelState.of(self.lm)
         return one_off_record(one_off or {}, meter.summary(), time.perf_counter() - started)
 
     def solve(self, task_id: str) -> TaskRecord:
@@ -392,7 +392,7 @@ class TaskRunner:
         next task."""
         if self.base_weights is None:
             return
-        self.base_state.put_back(self.lm.model)
+        self.base_state.put_back(self.lm)
         now = weights_signature(self.lm.model)
         if now != self.base_weights:
             self.model_changed = (
@@ -424,50 +424,58 @@ def one_off_record(reported: dict, measured: dict, seconds: float) -> dict | Non
 @dataclass
 class ModelState:
     """What a task may change in the model besides its weights, and the harness puts back after
-    every task: which modules are in training mode and which weights learn; the buffers; the
-    config.  None of them changes a weight, so `weights_signature` does not see them, yet a task
-    left in train mode decodes the next task with dropout, weights left learning change what its
-    backward passes cost, and a method that rescales the rotary frequencies (`inv_freq`, a
-    buffer: position interpolation for a longer context) or sets a config field in one task and
-    forgets to undo it decoded every later task with that change, unnoticed.  Buffers and the
-    config are small (the embedded model's two buffers hold 64 floats), so they are kept whole.
-    Hooks a task left on the model's modules or weights (a steering hook on the embeddings, a
-    gradient mask) are removed: one left in `adapt` ran in every later task, one more per task;
-    so is a `forward` a task set on a module instance (`module.forward = patched`)."""
-    training: dict[str, bool]
+    every task.  None of it changes a weight, so `weights_signature` does not see it, yet each
+    change, left by one task, reached every later one unnoticed:
+    - each module's own attributes: its mode (a task left in train mode decodes the next with
+      dropout), its settings (halving an attention's `scaling` in each task gave the three tasks of
+      a run 0.354, 0.177 and 0.088), a flag such as `gradient_checkpointing`, a `forward` set on the
+      instance, an attribute a task added, the model's `config` replaced;
+    - which weights learn (a weight left learning is charged backward passes it was never meant to
+      have);
+    - the buffers (a method that rescales the rotary frequencies, `inv_freq`, for position
+      interpolation); they are small (the embedded model's two hold 64 floats), so kept whole;
+    - the config's fields, a field set or added;
+    - hooks left on the model's modules or weights (a steering hook on the embeddings ran in every
+      later task, one more per task);
+    - the loaded model's own fields (`lm.format`, `lm.tokenizer`, ...) and the format's settings
+      (its `grid_positions`).
+    Attributes are put back by identity: an object a task changed in place (a list appended to)
+    stays changed, except the config, which is kept as a copy.  The tokenizer's insides are not
+    kept."""
+    attributes: dict[str, dict]          # module name -> its own attributes then (see `_own_attributes`)
     learning: dict[str, bool]
     buffers: dict[str, torch.Tensor]
     config: dict
     hooks: dict[tuple[str, str], set]   # (module or weight name, hook table) -> the hooks' ids then
-    forwards: dict[str, object]         # module name -> the `forward` set on that instance then
+    loaded: dict                        # the LoadedModel's fields, then its format's
 
     @classmethod
-    def of(cls, model: torch.nn.Module) -> "ModelState":
-        config = getattr(model, "config", None)
-        return cls({name: m.training for name, m in model.named_modules()},
+    def of(cls, lm: LoadedModel) -> "ModelState":
+        model = lm.model
+        return cls({name: _own_attributes(m) for name, m in model.named_modules()},
                    {name: p.requires_grad for name, p in model.named_parameters()},
                    {name: b.detach().clone() for name, b in model.named_buffers()},
-                   _config_fields(config),
+                   _config_fields(getattr(model, "config", None)),
                    {place: set(table) for place, table in _hook_tables(model)},
-                   {name: m.__dict__["forward"] for name, m in model.named_modules() if "forward" in m.__dict__})
+                   {"lm": dict(vars(lm)), "format": dict(vars(lm.format))})
 
-    def put_back(self, model: torch.nn.Module) -> None:
+    def put_back(self, lm: LoadedModel) -> None:
+        _put_back_attributes(lm, self.loaded["lm"])
+        _put_back_attributes(lm.format, self.loaded["format"])
+        model = lm.model
         for name, m in model.named_modules():
-            if name in self.training:
-                m.training = self.training[name]
-            patched, kept = m.__dict__.get("forward"), self.forwards.get(name)
-            if patched is not kept:
-                if kept is None:
-                    del m.__dict__["forward"]
-                else:
-                    m.__dict__["forward"] = kept
+            if name in self.attributes:
+                _put_back_attributes(m, self.attributes[name], _own_attributes(m))
         for name, p in model.named_parameters():
             if name in self.learning and p.requires_grad != self.learning[name]:
                 p.requires_grad_(self.learning[name])
-        for name, b in model.named_buffers():
+        for name, b in list(model.named_buffers()):
             kept = self.buffers.get(name)
-            if kept is not None and not _same_tensor(b, kept):
-                owner, _, leaf = name.rpartition(".")
+            owner, _, leaf = name.rpartition(".")
+            if kept is None:   # a buffer a task added
+                del model.get_submodule(owner)._buffers[leaf]
+                model.get_submodule(owner)._non_persistent_buffers_set.discard(leaf)
+            elif not _same_tensor(b, kept):
                 model.get_submodule(owner)._buffers[leaf] = kept.clone()   # a replaced buffer may differ in shape
         config = getattr(model, "config", None)
         if config is not None and self.config and not _equal(vars(config), self.config):
@@ -479,6 +487,23 @@ class ModelState:
         for place, table in _hook_tables(model):
             for left in set(table) - self.hooks.get(place, set()):
                 del table[left]
+
+
+def _own_attributes(module: torch.nn.Module) -> dict:
+    """A module's attributes besides the tables torch changes in place (its weights, buffers,
+    submodules and hooks, each kept on its own): `training`, settings, a patched `forward`, ..."""
+    return {key: value for key, value in vars(module).items()
+            if key not in ("_parameters", "_buffers", "_modules") and key not in _MODULE_HOOKS}
+
+
+def _put_back_attributes(obj, kept: dict, now: dict | None = None) -> None:
+    """Set `obj`'s attributes back to the objects `kept` held; remove those a task added."""
+    now = vars(obj) if now is None else now
+    for key in [key for key in now if key not in kept]:
+        del vars(obj)[key]
+    for key, value in kept.items():
+        if vars(obj).get(key, _MISSING) is not value:
+            vars(obj)[key] = value
 
 
 # Where torch keeps a module's hooks (the `with_kwargs`/`always_call` tables are keyed by the same
