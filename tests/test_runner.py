@@ -487,6 +487,52 @@ def test_module_settings_and_the_loaded_models_fields_a_task_leaves_are_put_back
     assert seen == [seen[0]] * 3
 
 
+THREADED = (
+    "import threading, time, torch\nfrom concurrent.futures import ThreadPoolExecutor\nfrom dataclasses import dataclass\n"
+    "from tta.method import Method\n\n"
+    "@dataclass\nclass Leave:\n    leave: bool = False\n\n"
+    "class Threaded(Method):\n"
+    "    Config, pool = Leave, None\n\n"
+    "    def forwards(self, seconds):\n"
+    "        ids, end = torch.ones(1, 32, dtype=torch.long), time.time() + seconds\n"
+    "        with torch.no_grad():\n"
+    "            while time.time() < end:\n"
+    "                self.lm.model(input_ids=ids)\n\n"
+    "    def predict(self, task, budget, seed):\n"
+    "        if self.config.leave:   # fire and forget: still computing when the task ends\n"
+    "            threading.Thread(target=self.forwards, args=(3,), daemon=True).start()\n"
+    "        else:   # a pool kept for later tasks: its threads wait, idle, between tasks\n"
+    "            self.pool = self.pool or ThreadPoolExecutor(2)\n"
+    "            self.pool.submit(self.forwards, 0.2).result()\n"
+    "        return [[p.input, None] for p in task.test], {}\n")
+
+
+def test_a_thread_a_task_leaves_computing_fails_that_task_and_stops_the_run(tmp_path):
+    """A method whose thread ran forwards after `predict` returned had each task charged 0 FLOPs,
+    and the run's exit aborted in torch (code 134).  Fails if that task's record stands, if the
+    run goes on to the next task, if the exit is not the one-line error with code 2, or if a
+    method's idle pool threads, kept between tasks, are taken for work left running (their
+    forwards, inside the task, are charged to it)."""
+    (tmp_path / "threaded.py").write_text(THREADED)
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    for name in ("a", "b", "c"):
+        write_task(tasks / f"{name}.json", GOOD)
+    command = [sys.executable, "-m", "tta.cli", "run", "--method", f"{tmp_path / 'threaded.py'}:Threaded",
+               "--model", "random:tiny", "--dataset", str(tasks), "--quiet", "--workers", "1"]
+    left = subprocess.run(command + ["--out", str(tmp_path / "left"), "--set", "leave=1"],
+                          capture_output=True, text=True, timeout=300)
+    errors = [line for line in left.stderr.splitlines() if line.startswith("error")]
+    assert left.returncode == 2 and len(errors) == 1 and "terminate" not in left.stderr, left.stderr
+    assert "left 1 thread(s) computing after the task ended" in errors[0] and "stops after task a" in errors[0]
+    [record] = read_results(tmp_path / "left" / "results.jsonl")
+    assert record["task_id"] == "a" and record["error"].startswith("ThreadsLeftWorking")
+    pooled = CliRunner().invoke(main, command[3:] + ["--out", str(tmp_path / "pooled")])
+    assert pooled.exit_code == 0, pooled.output
+    records = read_results(tmp_path / "pooled" / "results.jsonl")
+    assert len(records) == 3 and all(r["error"] is None and r["flops"] > 0 for r in records)
+
+
 def test_torch_settings_a_task_changes_by_a_plain_call_are_put_back(tmp_path):
     """Fails if a method's `torch.set_grad_enabled(False)`, float64 default dtype, thread count or
     anomaly detection, set by a plain call in one task, reach the next task."""

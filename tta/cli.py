@@ -374,5 +374,25 @@ def pretrain(out, minutes, steps, size, init, positions, data, exclude, drop_ove
     click.echo(f"{state['step']} steps, {state['tokens']:,} tokens; model in {out}")
 
 
+def entry():
+    """The `tta` command: `main`, and an exit that a thread still computing cannot spoil.  A
+    method's thread left running forwards (a run stops on one; see `tta.threads`) made Python's
+    exit abort inside torch ("terminate called without an active exception", exit code 134
+    instead of the run's 2), and a non-daemon one made it wait for the thread to end.  With such
+    a thread alive, the exit handlers run and the process ends at once, with the command's code."""
+    try:
+        main()
+    except SystemExit as e:
+        from tta.threads import threads_left_working
+        if threads_left_working({threading.main_thread()}):
+            import atexit
+            import os
+            atexit._run_exitfuncs()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(e.code if isinstance(e.code, int) else (0 if e.code is None else 1))
+        raise
+
+
 if __name__ == "__main__":
-    main()
+    entry()

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import math
 import os
+import threading
+import time
 from pathlib import Path
 
 _chosen: int | None = None   # set by --threads
@@ -82,3 +84,32 @@ def set_threads() -> int:
     elif "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(default_threads())
     return torch.get_num_threads()
+
+
+def threads_left_working(before: set, window: float = 0.1) -> list[str]:
+    """The names of the Python threads started since `before` (a set of threads) that still
+    compute: more than a tenth of `window` seconds of CPU time in the next `window` seconds.
+    Why: a thread a method leaves working after its task spends compute no cap sees, charged to
+    whichever task runs next (the meter charges a forward in any thread to the task being
+    measured) or to none: a plugin whose thread ran forwards for 3 s after `predict` returned had
+    each of three tasks charged 0 FLOPs.  Idle threads (a pool kept for later tasks, a progress
+    bar's monitor) use no CPU and are not named.  Needs per-thread CPU clocks (Linux, macOS);
+    elsewhere none is named."""
+    started = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+    if not started or not hasattr(time, "pthread_getcpuclockid"):
+        return []
+
+    def cpu_seconds(thread):
+        try:
+            return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+        except (OSError, OverflowError, TypeError):   # the thread ended in the meantime
+            return None
+
+    first = {t: cpu_seconds(t) for t in started}
+    time.sleep(window)
+    working = []
+    for t in started:
+        now = cpu_seconds(t)
+        if first[t] is not None and now is not None and now - first[t] > window / 10:
+            working.append(t.name)
+    return working

@@ -13,6 +13,7 @@ import random
 import re
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from tta.inference.decoding import score_answers
 from tta.method import Method, MethodError, get_method, load_plugins, make_config
 from tta.model.loading import LoadedModel, autocasts, check_device, load_model, weights_sha256
 from tta.settings import as_recorded_now
-from tta.threads import set_threads
+from tta.threads import set_threads, threads_left_working
 from tta.inference.predict import fit_prompt
 from tta.data.tasks import Task, grid_to_list, without_answers
 from tta.data.datasets import Dataset, load_dataset, select
@@ -218,8 +219,13 @@ def torch_settings_kept():
             torch.use_deterministic_algorithms(deterministic)
 
 
+class ThreadsLeftWorking(RuntimeError):
+    """A task ended with threads it started still computing: the run cannot go on honestly."""
+
+
 def _solve_metered(method: Method, lm: LoadedModel | None, task: Task, seed: int, meter: Meter, budget_view,
                    timeout: float | None = None, timeout_name: str | None = None) -> TaskRecord:
+    threads_before = set(threading.enumerate())
     try:
         visible = without_answers(task)   # the method never sees the test outputs
         with time_limit(timeout, timeout_name), torch_settings_kept():   # the method's work only: `reset` below always runs whole
@@ -233,7 +239,13 @@ def _solve_metered(method: Method, lm: LoadedModel | None, task: Task, seed: int
     finally:
         with torch_settings_kept():
             method.reset()
+        working = threads_left_working(threads_before)   # the meter still on: what they do meanwhile is this task's
         meter.detach()
+        if working:
+            raise ThreadsLeftWorking(
+                f"method {method.name} left {len(working)} thread(s) computing after the task ended "
+                f"({', '.join(working[:3])}): their compute escapes the task's budget and would be charged to "
+                "later tasks; join them before predict returns")
     after_reset = meter.summary()   # reset's own work is the task's too (a method could compute the next task's part there)
     spent.update(flops=after_reset["flops"], budget_share=after_reset["budget_share"], eval_flops=meter.uncharged_flops,
                  peak_memory_mb=after_reset["peak_memory_mb"])
@@ -349,7 +361,7 @@ class TaskRunner:
 
     base_weights = None   # the model's `weights_signature` after setup: what every task starts from
     base_state = None     # its `ModelState` then (modes, settings, buffers, config, hooks): put back after every task
-    model_changed = None   # why the run must stop: the task after which `reset` left the model changed
+    must_stop = None   # why the run must stop: a task left the model changed, or threads computing
 
     def setup(self) -> dict | None:
         """The method's one-off work, metered like a task's but without a cap, with its wall
@@ -372,8 +384,8 @@ class TaskRunner:
         return one_off_record(one_off or {}, meter.summary(), time.perf_counter() - started)
 
     def solve(self, task_id: str) -> TaskRecord:
-        if self.model_changed is not None:
-            raise RunError(self.model_changed)
+        if self.must_stop is not None:
+            raise RunError(self.must_stop)
         task = self.by_id.get(task_id)
         if task is None:
             return TaskRecord.failed_task(task_id, self.name, self.dataset.failures[task_id])
@@ -381,6 +393,8 @@ class TaskRunner:
             return run_task(self.method, self.lm, task, self.spec.budget, self.spec.seed, self.on_progress,
                             *task_limit(self.spec.task_timeout, self.spec.budget.seconds))
         except (Exception, TaskTimeout) as e:  # one task's failure (bad data, NaN loss, out of memory, time) never ends the run
+            if isinstance(e, ThreadsLeftWorking):   # ... but threads still computing would run into every later task
+                self.must_stop = f"{e}; the run stops after task {task_id} (fix the method, then rerun the same command to resume)"
             return TaskRecord.failed_task(task_id, self.name, one_line(e), len(task.test), task=task,
                                           spent=getattr(e, "tta_spent", None))
         finally:
@@ -395,7 +409,7 @@ class TaskRunner:
         self.base_state.put_back(self.lm)
         now = weights_signature(self.lm.model)
         if now != self.base_weights:
-            self.model_changed = (
+            self.must_stop = (
                 f"method {self.name}: after task {task_id} the model was not the base model "
                 f"({describe_change(self.base_weights, now)}): reset() did not undo what the task changed, so every "
                 "later task would start from another model; the run stops here (fix reset, then rerun the same "
