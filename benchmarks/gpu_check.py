@@ -62,7 +62,7 @@ def start_up(device_name: str, model: str, stages: dict):
 
 
 METHOD_RUNNER = ("import faulthandler, signal, sys; faulthandler.register(signal.SIGTERM, all_threads=True, chain=True); "
-                 "sys.argv[0] = 'tta'; from tta.cli import main; main()")
+                 "sys.argv[0] = 'tta'; from tta.cli import entry; entry()")
 
 
 def run_methods(args, out: Path) -> dict:
