@@ -488,9 +488,9 @@ def test_module_settings_and_the_loaded_models_fields_a_task_leaves_are_put_back
 
 
 THREADED = (
-    "import threading, time, torch\nfrom concurrent.futures import ThreadPoolExecutor\nfrom dataclasses import dataclass\n"
-    "from tta.method import Method\n\n"
-    "@dataclass\nclass Leave:\n    leave: bool = False\n\n"
+    "import subprocess, sys, threading, time, torch\nfrom concurrent.futures import ThreadPoolExecutor\n"
+    "from dataclasses import dataclass\nfrom tta.method import Method\n\n"
+    "@dataclass\nclass Leave:\n    leave: str = ''\n\n"
     "class Threaded(Method):\n"
     "    Config, pool = Leave, None\n\n"
     "    def forwards(self, seconds):\n"
@@ -499,20 +499,22 @@ THREADED = (
     "            while time.time() < end:\n"
     "                self.lm.model(input_ids=ids)\n\n"
     "    def predict(self, task, budget, seed):\n"
-    "        if self.config.leave:   # fire and forget: still computing when the task ends\n"
+    "        if self.config.leave == 'thread':   # fire and forget: still computing when the task ends\n"
     "            threading.Thread(target=self.forwards, args=(3,), daemon=True).start()\n"
+    "        elif self.config.leave == 'process':   # a child never waited for, computing for 3 s\n"
+    "            subprocess.Popen([sys.executable, '-c', 'import time\\nt = time.time()\\nwhile time.time() - t < 1.5: pass'])\n"
     "        else:   # a pool kept for later tasks: its threads wait, idle, between tasks\n"
     "            self.pool = self.pool or ThreadPoolExecutor(2)\n"
     "            self.pool.submit(self.forwards, 0.2).result()\n"
     "        return [[p.input, None] for p in task.test], {}\n")
 
 
-def test_a_thread_a_task_leaves_computing_fails_that_task_and_stops_the_run(tmp_path):
+def test_a_thread_or_process_a_task_leaves_computing_fails_that_task_and_stops_the_run(tmp_path):
     """A method whose thread ran forwards after `predict` returned had each task charged 0 FLOPs,
     and the run's exit aborted in torch (code 134).  Fails if that task's record stands, if the
-    run goes on to the next task, if the exit is not the one-line error with code 2, or if a
-    method's idle pool threads, kept between tasks, are taken for work left running (their
-    forwards, inside the task, are charged to it)."""
+    run goes on to the next task, if the exit is not the one-line error with code 2, if a child
+    process left computing goes unseen, or if a method's idle pool threads, kept between tasks,
+    are taken for work left running (their forwards, inside the task, are charged to it)."""
     (tmp_path / "threaded.py").write_text(THREADED)
     tasks = tmp_path / "tasks"
     tasks.mkdir()
@@ -520,13 +522,17 @@ def test_a_thread_a_task_leaves_computing_fails_that_task_and_stops_the_run(tmp_
         write_task(tasks / f"{name}.json", GOOD)
     command = [sys.executable, "-m", "tta.cli", "run", "--method", f"{tmp_path / 'threaded.py'}:Threaded",
                "--model", "random:tiny", "--dataset", str(tasks), "--quiet", "--workers", "1"]
-    left = subprocess.run(command + ["--out", str(tmp_path / "left"), "--set", "leave=1"],
+    left = subprocess.run(command + ["--out", str(tmp_path / "thread"), "--set", "leave=thread"],
                           capture_output=True, text=True, timeout=300)
     errors = [line for line in left.stderr.splitlines() if line.startswith("error")]
     assert left.returncode == 2 and len(errors) == 1 and "terminate" not in left.stderr, left.stderr
-    assert "left 1 thread(s) computing after the task ended" in errors[0] and "stops after task a" in errors[0]
-    [record] = read_results(tmp_path / "left" / "results.jsonl")
+    assert "left 1 thread(s) or process(es) computing after the task ended (Thread-" in errors[0]
+    assert "stops after task a" in errors[0]
+    [record] = read_results(tmp_path / "thread" / "results.jsonl")
     assert record["task_id"] == "a" and record["error"].startswith("ThreadsLeftWorking")
+    process = CliRunner().invoke(main, command[3:] + ["--out", str(tmp_path / "process"), "--set", "leave=process"])
+    assert process.exit_code == 2 and "computing after the task ended (process " in process.output, process.output
+    assert [r["task_id"] for r in read_results(tmp_path / "process" / "results.jsonl")] == ["a"]
     pooled = CliRunner().invoke(main, command[3:] + ["--out", str(tmp_path / "pooled")])
     assert pooled.exit_code == 0, pooled.output
     records = read_results(tmp_path / "pooled" / "results.jsonl")

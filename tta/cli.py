@@ -383,8 +383,8 @@ def entry():
     try:
         main()
     except SystemExit as e:
-        from tta.threads import threads_left_working
-        if threads_left_working({threading.main_thread()}):
+        from tta.threads import child_processes, left_working
+        if left_working({threading.main_thread()}, child_processes()):   # threads only: a process cannot spoil the exit
             import atexit
             import os
             atexit._run_exitfuncs()

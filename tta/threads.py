@@ -86,30 +86,53 @@ def set_threads() -> int:
     return torch.get_num_threads()
 
 
-def threads_left_working(before: set, window: float = 0.1) -> list[str]:
-    """The names of the Python threads started since `before` (a set of threads) that still
-    compute: more than a tenth of `window` seconds of CPU time in the next `window` seconds.
-    Why: a thread a method leaves working after its task spends compute no cap sees, charged to
-    whichever task runs next (the meter charges a forward in any thread to the task being
-    measured) or to none: a plugin whose thread ran forwards for 3 s after `predict` returned had
-    each of three tasks charged 0 FLOPs.  Idle threads (a pool kept for later tasks, a progress
-    bar's monitor) use no CPU and are not named.  Needs per-thread CPU clocks (Linux, macOS);
-    elsewhere none is named."""
-    started = [t for t in threading.enumerate() if t not in before and t.is_alive()]
-    if not started or not hasattr(time, "pthread_getcpuclockid"):
+def child_processes() -> set[int]:
+    """This process's child processes (Linux: /proc/PID/task/*/children); empty where unknown."""
+    pids = set()
+    for listing in Path(f"/proc/{os.getpid()}/task").glob("*/children"):
+        try:
+            pids.update(int(pid) for pid in listing.read_text().split())
+        except (OSError, ValueError):
+            pass
+    return pids
+
+
+def left_working(threads_before: set, children_before: set = frozenset(), window: float = 0.1) -> list[str]:
+    """The Python threads and child processes started since `threads_before` and
+    `children_before` that still compute: more than a tenth of `window` seconds of CPU time in the
+    next `window` seconds.  Why: work a method leaves running after its task spends compute no cap
+    sees, charged to whichever task runs next (the meter charges a forward in any thread to the
+    task being measured) or to none: a plugin whose thread ran forwards for 3 s after `predict`
+    returned had each of three tasks charged 0 FLOPs, and a child process left running shows in
+    no task's `cpu_seconds` until it ends.  Idle threads and processes (a pool kept for later
+    tasks, a progress bar's monitor) use no CPU and are not named.  Threads need per-thread CPU
+    clocks (Linux, macOS), processes Linux's /proc; elsewhere they are not checked."""
+    threads = [t for t in threading.enumerate() if t not in threads_before and t.is_alive()]
+    if not hasattr(time, "pthread_getcpuclockid"):
+        threads = []
+    children = sorted(child_processes() - set(children_before))
+    if not threads and not children:
         return []
 
-    def cpu_seconds(thread):
+    def thread_seconds(thread):
         try:
             return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
         except (OSError, OverflowError, TypeError):   # the thread ended in the meantime
             return None
 
-    first = {t: cpu_seconds(t) for t in started}
+    def process_seconds(pid):
+        try:   # utime and stime, the 14th and 15th fields of /proc/PID/stat, in clock ticks
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):   # the process ended in the meantime
+            return None
+
+    work = [(t.name, thread_seconds, t) for t in threads] + [(f"process {pid}", process_seconds, pid) for pid in children]
+    first = [seconds(what) for _, seconds, what in work]
     time.sleep(window)
     working = []
-    for t in started:
-        now = cpu_seconds(t)
-        if first[t] is not None and now is not None and now - first[t] > window / 10:
-            working.append(t.name)
+    for (name, seconds, what), then in zip(work, first):
+        now = seconds(what)
+        if then is not None and now is not None and now - then > window / 10:
+            working.append(name)
     return working

@@ -28,7 +28,7 @@ from tta.inference.decoding import score_answers
 from tta.method import Method, MethodError, get_method, load_plugins, make_config
 from tta.model.loading import LoadedModel, autocasts, check_device, load_model, weights_sha256
 from tta.settings import as_recorded_now
-from tta.threads import set_threads, threads_left_working
+from tta.threads import child_processes, left_working, set_threads
 from tta.inference.predict import fit_prompt
 from tta.data.tasks import Task, grid_to_list, without_answers
 from tta.data.datasets import Dataset, load_dataset, select
@@ -220,12 +220,13 @@ def torch_settings_kept():
 
 
 class ThreadsLeftWorking(RuntimeError):
-    """A task ended with threads it started still computing: the run cannot go on honestly."""
+    """A task ended with threads or child processes it started still computing: the run cannot go
+    on honestly."""
 
 
 def _solve_metered(method: Method, lm: LoadedModel | None, task: Task, seed: int, meter: Meter, budget_view,
                    timeout: float | None = None, timeout_name: str | None = None) -> TaskRecord:
-    threads_before = set(threading.enumerate())
+    threads_before, children_before = set(threading.enumerate()), child_processes()
     try:
         visible = without_answers(task)   # the method never sees the test outputs
         with time_limit(timeout, timeout_name), torch_settings_kept():   # the method's work only: `reset` below always runs whole
@@ -239,11 +240,11 @@ def _solve_metered(method: Method, lm: LoadedModel | None, task: Task, seed: int
     finally:
         with torch_settings_kept():
             method.reset()
-        working = threads_left_working(threads_before)   # the meter still on: what they do meanwhile is this task's
+        working = left_working(threads_before, children_before)   # the meter still on: what they do meanwhile is this task's
         meter.detach()
         if working:
             raise ThreadsLeftWorking(
-                f"method {method.name} left {len(working)} thread(s) computing after the task ended "
+                f"method {method.name} left {len(working)} thread(s) or process(es) computing after the task ended "
                 f"({', '.join(working[:3])}): their compute escapes the task's budget and would be charged to "
                 "later tasks; join them before predict returns")
     after_reset = meter.summary()   # reset's own work is the task's too (a method could compute the next task's part there)
