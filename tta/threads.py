@@ -107,9 +107,8 @@ def left_working(threads_before: set, children_before: set = frozenset(), window
     no task's `cpu_seconds` until it ends.  Idle threads and processes (a pool kept for later
     tasks, a progress bar's monitor) use no CPU and are not named.  Threads need per-thread CPU
     clocks (Linux, macOS), processes Linux's /proc; elsewhere they are not checked."""
-    threads = [t for t in threading.enumerate() if t not in threads_before and t.is_alive()]
-    if not hasattr(time, "pthread_getcpuclockid"):
-        threads = []
+    threads = [t for t in threading.enumerate() if t not in threads_before and t.is_alive()] \
+        if hasattr(time, "pthread_getcpuclockid") else []
     children = sorted(child_processes() - set(children_before))
     if not threads and not children:
         return []
