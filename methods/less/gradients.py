@@ -14,7 +14,7 @@ The recipe, in the order the code runs:
                 demonstrations through the same checkpoints and projection;
 4. score     -- sum over checkpoints of (mean learning rate) x cosine, averaged over the targets.
 
-The projection is a sparse Rademacher matrix (Achlioptas 2003 / Li et al. 2006, scikit-learn's
+The projection is a sparse Rademacher matrix (Achlioptas 2003 / Li et al. 2006, the matrix of scikit-learn's
 `SparseRandomProjection`); `proj_density=1` gives the dense Rademacher matrix of LESS and TRAK.
 The matrix is stored with the datastore, so features stay comparable whatever the library
 versions of a later run.
@@ -35,7 +35,6 @@ import os
 import shutil
 import tempfile
 import time
-import warnings
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -110,8 +109,9 @@ def adam_direction(grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.
 
 class Projection:
     """``x -> P x`` with P a (dim x n_features) sparse Rademacher matrix: entries
-    ``+-1/sqrt(density * dim)`` with probability density/2 each, else 0, from scikit-learn's
-    `SparseRandomProjection` (seeded); kept as CSR arrays so it can be saved and reloaded exactly."""
+    ``+-1/sqrt(density * dim)``, each entry nonzero with probability `density` and then +- with
+    equal odds (the matrix of scikit-learn's `SparseRandomProjection`, Li et al. 2006), seeded;
+    kept as CSR arrays so it can be saved and reloaded exactly."""
 
     def __init__(self, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, n_features: int):
         import scipy.sparse as sp
@@ -120,16 +120,18 @@ class Projection:
 
     @classmethod
     def random(cls, n_features: int, dim: int, density: float = 0.0, seed: int = 0) -> "Projection":
-        from sklearn.exceptions import DataDimensionalityWarning
+        """density 0 means 1/sqrt(n_features), scikit-learn's "auto".  Drawn with `scipy.sparse.random`
+        (the nonzero positions uniformly over the matrix) rather than `SparseRandomProjection.fit`,
+        which draws row by row in Python: for the embedded model's 65,536 adapter parameters at
+        LESS's 8,192 dimensions, 13.2 s there against 0.5 s here on this 2-core CPU."""
         import scipy.sparse as sp
-        from sklearn.random_projection import SparseRandomProjection
 
-        rp = SparseRandomProjection(n_components=dim, density=density if density > 0 else "auto",
-                                    random_state=seed)
-        with warnings.catch_warnings():   # dim > n_features is allowed (tiny test models)
-            warnings.simplefilter("ignore", DataDimensionalityWarning)
-            rp.fit(np.zeros((1, n_features), dtype=np.float32))
-        m = sp.csr_matrix(rp.components_)
+        density = density if density > 0 else 1 / np.sqrt(n_features)
+        rng = np.random.default_rng(seed)
+        scale = 1 / np.sqrt(density * dim)
+        signs = lambda k: np.where(rng.random(k) < 0.5, -scale, scale)   # noqa: E731
+        m = sp.random(dim, n_features, density=density, format="csr", random_state=rng,
+                      data_rvs=signs, dtype=np.float32)
         return cls(m.indptr, m.indices, m.data, n_features)
 
     @property
