@@ -8,6 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from tta.data import synthetic as generate
+from tta.data.datasets import load_dataset
 from tta.cli import main
 from tta.method import REGISTRY, MethodError, discover, make_config
 from tta.run.runner import read_results
@@ -147,7 +148,10 @@ def test_datasets_lists_every_dataset_with_its_counts():
     assert list(rows) == dataset_names()
     for name in generate.DATASETS:
         assert int(rows[name][0]) == generate.size(name), name
-    assert rows["gen-eval"][:2] == ("200", "200")                 # one test output per generated task
+    # The generated sets are counted without generating them: the counts are those of the tasks.
+    generated = load_dataset("gen-eval").tasks
+    assert rows["gen-eval"][:2] == (str(len(generated)), str(sum(len(t.test) for t in generated))) == ("200", "200")
+    assert rows["gen-train"][:2] == (str(generate.size("gen-train")),) * 2
     assert rows["gen-train-large"][1] is None and "generated when first used" in rows["gen-train-large"][2]
     assert rows["arc1-eval"][:2] == ("400", "419") and rows["arc1-heldout"][0] == "40"
     assert output.splitlines()[-1].startswith("or a PATH")

@@ -1029,7 +1029,10 @@ def _draw_pairs(inst: Instance, rng, d: Difficulty, n_train: int, n_test: int) -
     return pairs
 
 
-def make_task(family: str, seed: int, n_train: int = 3, n_test: int = 1,
+TEST_PAIRS = 1   # test pairs per generated task
+
+
+def make_task(family: str, seed: int, n_train: int = 3, n_test: int = TEST_PAIRS,
               difficulty: Difficulty = DEFAULT) -> Task:
     """The task `gen-{family}-{seed}`: one draw of the family's parameters, n_train + n_test pairs."""
     fam = get_family(family)

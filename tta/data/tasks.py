@@ -52,7 +52,9 @@ def grid_to_list(grid: np.ndarray | None) -> list[list[int]] | None:
 
 
 def as_grid(value, where: str) -> np.ndarray:
-    """Validate one grid (a list of equal-length lists of ints 0-9) and return it as int8."""
+    """Validate one grid (a list of equal-length lists of ints 0-9) and return it as int8.  Cells
+    are checked a row at a time (their types as a set, their colours in numpy), and one by one
+    only to name a bad cell: cell by cell throughout, reading ARC's six datasets took 7.9 of 10.7 s."""
     if not isinstance(value, list) or not value:
         raise TaskError(f"{where}: grid is empty or not a list of rows")
     if len(value) > MAX_SIZE:
@@ -65,14 +67,20 @@ def as_grid(value, where: str) -> np.ndarray:
             width = len(row)
         elif len(row) != width:
             raise TaskError(f"{where}: ragged grid, row {r} has {len(row)} cells, row 0 has {width}")
-        for c, cell in enumerate(row):
-            if isinstance(cell, bool) or not isinstance(cell, int):
-                raise TaskError(f"{where}: cell ({r},{c}) is {cell!r}, not an integer")
-            if not 0 <= cell < N_COLOURS:
-                raise TaskError(f"{where}: cell ({r},{c}) is {cell}, outside the colours 0-9")
+        if set(map(type, row)) != {int}:   # bool is its own type, so True is refused here too
+            c, cell = next((c, cell) for c, cell in enumerate(row) if type(cell) is not int)
+            raise TaskError(f"{where}: cell ({r},{c}) is {cell!r}, not an integer")
     if width > MAX_SIZE:
         raise TaskError(f"{where}: grid has {width} columns, more than {MAX_SIZE}")
-    return np.array(value, dtype=np.int8)
+    try:
+        grid = np.array(value, dtype=np.int64)
+        outside = np.argwhere((grid < 0) | (grid >= N_COLOURS)) if grid.min() < 0 or grid.max() >= N_COLOURS else ()
+    except OverflowError:   # a cell past 64 bits
+        outside = [next((r, c) for r, row in enumerate(value) for c, cell in enumerate(row) if abs(cell) >= 2 ** 63)]
+    if len(outside):
+        r, c = (int(i) for i in outside[0])
+        raise TaskError(f"{where}: cell ({r},{c}) is {value[r][c]}, outside the colours 0-9")
+    return grid.astype(np.int8)
 
 
 def _pairs(items, where: str, split: str, need_output: bool) -> tuple[Pair, ...]:
