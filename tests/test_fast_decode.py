@@ -225,12 +225,12 @@ def test_depth_first_search_through_the_fast_decoder_finds_what_the_forward_find
     (views, room), = _views(embedded)
 
     def search(fast):
-        results = [dfs(embedded, view, max_new_tokens=room, threshold=0.01, fast=fast) for view in views[:4]]
+        results = [dfs(embedded, view, max_new_tokens=room, threshold=0.02, fast=fast) for view in views[:4]]
         return {(i, tuple(c.tokens)): c.logprob for i, r in enumerate(results) for c in r.completions
                 if c.logprob > -3.5}
 
     (slow, slow_flops), (quick, quick_flops) = (_metered(embedded, lambda meter: search(fast)) for fast in (False, True))
-    assert quick.keys() == slow.keys() and len(quick) >= 2   # well above the threshold (-4.6): the same answers
+    assert quick.keys() == slow.keys() and len(quick) >= 2   # well above the threshold (-3.9): the same answers
     assert all(abs(quick[k] - slow[k]) < 0.06 for k in quick)
     assert quick_flops > 0 and quick_flops == pytest.approx(slow_flops, rel=0.1)
 
@@ -244,18 +244,18 @@ def test_searches_side_by_side_find_and_charge_what_searches_one_at_a_time_do(em
     (views, room), = _views(embedded)
     views = views[:6]
 
-    def completions(results):   # well above the threshold (-4.6), where rounding cannot move them across
-        return [{tuple(c.tokens): c.logprob for c in r.completions if c.logprob > -4.0} for r in results]
+    def completions(results):   # above the threshold (-3.9), where rounding cannot move them across
+        return [{tuple(c.tokens): c.logprob for c in r.completions if c.logprob > -3.7} for r in results]
 
-    alone, alone_flops = _metered(embedded, lambda meter: [dfs(embedded, v, max_new_tokens=room, threshold=0.01)
+    alone, alone_flops = _metered(embedded, lambda meter: [dfs(embedded, v, max_new_tokens=room, threshold=0.02)
                                                            for v in views])
     together, together_flops = _metered(embedded, lambda meter: dfs_many(embedded, views, max_new_tokens=room,
-                                                                         threshold=0.01, batch_size=4))
+                                                                         threshold=0.02, batch_size=4))
     assert len({r.forwards for r in alone}) > 1   # the searches do end at different times
     for one, many in zip(completions(alone), completions(together)):
         assert one.keys() == many.keys()
         assert all(abs(one[k] - many[k]) < 0.02 for k in one)   # batched bf16 products: rounding apart
-    assert sum(map(len, completions(alone))) >= 4
+    assert sum(map(len, completions(alone))) >= 3
     # The same nodes, up to a node whose probability rounding moves across the threshold.
     assert all(abs(a.forwards - b.forwards) <= 0.02 * a.forwards for a, b in zip(alone, together))
     per_node = alone_flops / sum(r.forwards for r in alone)
@@ -270,7 +270,7 @@ def test_under_a_cap_a_batch_of_searches_advances_together_and_gives_up_its_late
     (views, room), = _views(embedded)
     views = views[:6]
     search = lambda meter, batch: dfs_many(embedded, views, meter.handle(embedded.model), max_new_tokens=room,
-                                           threshold=0.01, batch_size=batch)
+                                           threshold=0.02, batch_size=batch)
     full, whole = _metered(embedded, lambda meter: search(meter, 6))
     cut, spent = _metered(embedded, lambda meter: search(meter, 6), 0.8 * whole)
     assert spent <= 0.8 * whole and all(r.stopped_by_budget for r in cut)
@@ -278,7 +278,7 @@ def test_under_a_cap_a_batch_of_searches_advances_together_and_gives_up_its_late
     assert forwards == sorted(forwards, reverse=True) and forwards[0] - forwards[-1] <= 1   # in step, later first
     assert all(r.forwards < f.forwards for r, f in zip(cut, full))
     for r, f in zip(cut, full):   # well above the threshold: batches of other sizes round differently
-        clear = lambda result: {tuple(c.tokens) for c in result.completions if c.logprob > -4.0}
+        clear = lambda result: {tuple(c.tokens) for c in result.completions if c.logprob > -3.7}
         assert clear(r) <= clear(f)
     grouped, spent = _metered(embedded, lambda meter: search(meter, 2), 0.3 * whole)
     assert spent <= 0.3 * whole and all(r.stopped_by_budget for r in grouped)
