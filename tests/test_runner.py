@@ -488,7 +488,7 @@ def test_module_settings_and_the_loaded_models_fields_a_task_leaves_are_put_back
 
 
 THREADED = (
-    "import subprocess, sys, threading, time, torch\nfrom concurrent.futures import ThreadPoolExecutor\n"
+    "import pathlib, subprocess, sys, tempfile, threading, time, torch\nfrom concurrent.futures import ThreadPoolExecutor\n"
     "from dataclasses import dataclass\nfrom tta.method import Method\n\n"
     "@dataclass\nclass Leave:\n    leave: str = ''\n\n"
     "class Threaded(Method):\n"
@@ -501,8 +501,14 @@ THREADED = (
     "    def predict(self, task, budget, seed):\n"
     "        if self.config.leave == 'thread':   # fire and forget: still computing when the task ends\n"
     "            threading.Thread(target=self.forwards, args=(3,), daemon=True).start()\n"
-    "        elif self.config.leave == 'process':   # a child never waited for, computing for 3 s\n"
-    "            subprocess.Popen([sys.executable, '-c', 'import time\\nt = time.time()\\nwhile time.time() - t < 1.5: pass'])\n"
+    "        elif self.config.leave == 'process':   # a child, never waited for, idle while its own child computes\n"
+    "            busy = 'import time\\nt = time.time()\\nwhile time.time() - t < 1.5: pass'\n"
+    "            started = pathlib.Path(tempfile.mkdtemp()) / 'grandchild'\n"
+    "            subprocess.Popen([sys.executable, '-c', 'import subprocess, sys, pathlib\\n'\n"
+    "                              f'child = subprocess.Popen([sys.executable, \"-c\", {busy!r}])\\n'\n"
+    "                              f'pathlib.Path({str(started)!r}).write_text(str(child.pid))\\nchild.wait()'])\n"
+    "            while not started.exists():\n                time.sleep(0.01)\n"
+    "            time.sleep(0.2)   # the child's own start-up over: only the grandchild computes\n"
     "        else:   # a pool kept for later tasks: its threads wait, idle, between tasks\n"
     "            self.pool = self.pool or ThreadPoolExecutor(2)\n"
     "            self.pool.submit(self.forwards, 0.2).result()\n"
@@ -513,7 +519,7 @@ def test_a_thread_or_process_a_task_leaves_computing_fails_that_task_and_stops_t
     """A method whose thread ran forwards after `predict` returned had each task charged 0 FLOPs,
     and the run's exit aborted in torch (code 134).  Fails if that task's record stands, if the
     run goes on to the next task, if the exit is not the one-line error with code 2, if a child
-    process left computing goes unseen, or if a method's idle pool threads, kept between tasks,
+    process left computing goes unseen (here a grandchild, its parent idle), or if a method's idle pool threads, kept between tasks,
     are taken for work left running (their forwards, inside the task, are charged to it)."""
     (tmp_path / "threaded.py").write_text(THREADED)
     tasks = tmp_path / "tasks"

@@ -87,14 +87,20 @@ def set_threads() -> int:
 
 
 def child_processes() -> set[int]:
-    """This process's child processes (Linux: /proc/PID/task/*/children); empty where unknown."""
-    pids = set()
-    for listing in Path(f"/proc/{os.getpid()}/task").glob("*/children"):
-        try:
-            pids.update(int(pid) for pid in listing.read_text().split())
-        except (OSError, ValueError):
-            pass
-    return pids
+    """This process's descendants: its child processes, theirs, and so on (Linux: each thread's
+    /proc/PID/task/*/children); empty where unknown.  Descendants, not children only: a child
+    that waits, idle, for a grandchild of its own (a shell running a command) hides the work."""
+    found, parents = set(), [os.getpid()]
+    while parents:
+        children = set()
+        for listing in Path(f"/proc/{parents.pop()}/task").glob("*/children"):
+            try:
+                children.update(int(pid) for pid in listing.read_text().split())
+            except (OSError, ValueError):   # the process or thread ended in the meantime
+                pass
+        parents.extend(children - found)
+        found |= children
+    return found
 
 
 def left_working(threads_before: set, children_before: set = frozenset(), window: float = 0.1) -> list[str]:
