@@ -1,4 +1,5 @@
 """Tests for the task generator: families, determinism, consistency, datasets."""
+import json
 import time
 
 import numpy as np
@@ -281,3 +282,26 @@ def test_load_dataset_returns_generated_tasks(eval_set):
     assert all(content_key(a) == content_key(b) for a, b in zip(loaded.tasks, eval_set))
     with pytest.raises(KeyError):
         gen.dataset("gen-nothing")
+
+
+def test_a_selection_of_a_generated_dataset_generates_only_its_tasks(monkeypatch, tmp_path):
+    """`tta run --dataset gen-eval --limit 5` generated all 200 tasks first (1.5 s of every run's
+    start-up, in every worker).  Fails if a selection by limit, sample or ids makes the whole
+    dataset, or chooses other tasks, or other grids, than selecting from the whole dataset does."""
+    whole = datasets.load_dataset("gen-eval")                  # the reference, made before the guard
+    monkeypatch.setattr(gen, "_WHOLE", {})
+    monkeypatch.setattr(gen, "_generate", lambda name: pytest.fail(f"{name} generated whole"))
+    assert gen.ids("gen-eval") == whole.ids and gen.ids("gen-train")[:1] == ["gen-anti_transpose-0"]
+    some = [whole.ids[50], whole.ids[3], whole.ids[50]]
+    for choice in ({"limit": 5}, {"sample": 7}, {"sample": 10, "limit": 3}, {"task_ids": some}):
+        lazy = datasets.load_selection("gen-eval", **choice)
+        reference = datasets.select(whole, **choice)
+        assert lazy.ids == reference.ids and len(lazy.tasks) == len(reference.tasks) > 0, choice
+        for mine, theirs in zip(lazy.tasks, reference.tasks):
+            assert mine.id == theirs.id and all(grid_key(a.input) == grid_key(b.input) and grid_key(a.output) == grid_key(b.output)
+                                                for a, b in zip(mine.train + mine.test, theirs.train + theirs.test))
+    with pytest.raises(tasks.TaskError, match="gen-eval: no task with id nope"):
+        datasets.load_selection("gen-eval", task_ids=["nope"])
+    from tta.run.runner import RunSpec, run
+    out = run(RunSpec(method="copy_input", dataset="gen-eval", sample=3, out=tmp_path / "r"), progress=False)
+    assert json.loads((out / "manifest.json").read_text())["task_ids"] == datasets.select(whole, sample=3).ids

@@ -156,15 +156,32 @@ def select(dataset: Dataset, task_ids: list[str] | None = None, limit: int | Non
     them (every k-th: on gen-eval, whose ids sort by family, that covers the families, where the
     first N would all be `anti_transpose` and `colour_*`), then to the first `limit` ids."""
     by_id = {t.id: t for t in dataset.tasks}
-    ids = dataset.ids
+    ids = chosen_ids(dataset.name, dataset.ids, set(by_id) | set(dataset.failures), task_ids, limit, sample)
+    return Dataset(dataset.name, [by_id[i] for i in ids if i in by_id],
+                   {i: dataset.failures[i] for i in ids if i in dataset.failures}, order=ids)
+
+
+def chosen_ids(name: str, ids: list[str], known: set[str], task_ids: list[str] | None, limit: int | None,
+               sample: int | None) -> list[str]:
+    """`select`'s choice among `ids` (the dataset's order; `known` its ids as a set)."""
     if task_ids:
-        unknown = [i for i in task_ids if i not in by_id and i not in dataset.failures]
+        unknown = [i for i in task_ids if i not in known]
         if unknown:
-            raise TaskError(f"{dataset.name}: no task with id {', '.join(unknown)}")
+            raise TaskError(f"{name}: no task with id {', '.join(unknown)}")
         ids = list(dict.fromkeys(task_ids))   # an id named twice is one task (a run records each task once)
     if sample is not None and sample < len(ids):
         ids = [ids[i * len(ids) // sample] for i in range(sample)]
     if limit is not None:
         ids = ids[:limit]
-    return Dataset(dataset.name, [by_id[i] for i in ids if i in by_id],
-                   {i: dataset.failures[i] for i in ids if i in dataset.failures}, order=ids)
+    return ids
+
+
+def load_selection(spec: str, task_ids: list[str] | None = None, limit: int | None = None,
+                   sample: int | None = None) -> Dataset:
+    """`select(load_dataset(spec), ...)`, except that a generated dataset generates only the
+    tasks chosen."""
+    if spec not in synthetic.DATASETS:
+        return select(load_dataset(spec), task_ids, limit, sample)
+    every = synthetic.ids(spec)
+    ids = chosen_ids(spec, every, set(every), task_ids, limit, sample)
+    return Dataset(spec, synthetic.tasks(spec, ids), order=ids)

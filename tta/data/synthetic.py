@@ -1119,8 +1119,16 @@ def _make_tasks(specs: list[tuple[str, int]]) -> list[Task]:
     return [make_task(family, seed) for family, seed in specs]
 
 
-@functools.lru_cache(maxsize=None)
+_WHOLE: dict[str, tuple[Task, ...]] = {}   # the generated datasets made whole in this process
+
+
 def _dataset(name: str) -> tuple[Task, ...]:
+    if name not in _WHOLE:
+        _WHOLE[name] = _generate(name)
+    return _WHOLE[name]
+
+
+def _generate(name: str) -> tuple[Task, ...]:
     specs = DATASETS[name]()
     cpus = 1
     if len(specs) > PARALLEL_ABOVE:
@@ -1142,6 +1150,31 @@ def _dataset(name: str) -> tuple[Task, ...]:
 def size(name: str) -> int:
     """How many tasks a generated dataset holds, without generating it."""
     return len(DATASETS[name]())
+
+
+def _task_id(family: str, seed: int) -> str:
+    return f"gen-{family}-{seed}"   # make_task's id: a family's name is the name it is built by
+
+
+def ids(name: str) -> list[str]:
+    """A generated dataset's task ids, sorted, without generating it."""
+    return sorted(_task_id(family, seed) for family, seed in DATASETS[name]())
+
+
+def tasks(name: str, task_ids: list[str]) -> list[Task]:
+    """Some of a generated dataset's tasks, in the order of `task_ids`, generating only those
+    (unless the whole dataset is at hand): a run of 5 gen-eval tasks started 1.5 s later when
+    it generated all 200 first, and each worker process and test run pays that start-up."""
+    if name in _WHOLE:
+        by_id = {t.id: t for t in _WHOLE[name]}
+        return [by_id[i] for i in task_ids]
+    spec_of = {_task_id(family, seed): (family, seed) for family, seed in DATASETS[name]()}
+    return [_one_task(*spec_of[i]) for i in task_ids]
+
+
+@functools.lru_cache(maxsize=None)
+def _one_task(family: str, seed: int) -> Task:
+    return make_task(family, seed)
 
 
 def dataset(name: str) -> list[Task]:

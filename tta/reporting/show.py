@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from tta.data.tasks import Task
-from tta.data.datasets import load_dataset, select
+from tta.data.datasets import load_selection
 
 # The usual ARC palette: 0 black, 1 blue, 2 red, 3 green, 4 yellow, 5 grey, 6 magenta,
 # 7 orange, 8 light blue, 9 maroon.
@@ -130,7 +130,7 @@ def show_runs(run_dirs: list[str | Path], task_ids: list[str] | None, out_dir: s
     unknown = [t for t in wanted if not any(t in answers for _, answers in loaded)]
     if unknown:
         raise ShowError(f"{run_dirs[0]}: no result for task {unknown[0]}")
-    dataset = select(load_dataset(datasets.pop()), wanted)
+    dataset = load_selection(datasets.pop(), wanted)
     tasks = {t.id: t for t in dataset.tasks}
     pictures = []
     for task_id in wanted:

@@ -31,7 +31,7 @@ from tta.settings import as_recorded_now
 from tta.threads import child_processes, left_working, set_threads
 from tta.inference.predict import fit_prompt
 from tta.data.tasks import Task, grid_to_list, without_answers
-from tta.data.datasets import Dataset, load_dataset, select
+from tta.data.datasets import Dataset, load_selection, select
 from tta.run.contract import checked_attempts, json_record, predict_result
 from tta.run.record import TaskRecord, task_size
 from tta.run.time_limit import TaskTimeout, task_limit, time_limit
@@ -293,7 +293,7 @@ def prepare(spec: RunSpec):
     cls = get_method(spec.method)
     config = make_config(cls, spec.overrides)
     check_device(spec.device)
-    dataset = select(load_dataset(spec.dataset), spec.task_ids, spec.limit, spec.sample)
+    dataset = load_selection(spec.dataset, spec.task_ids, spec.limit, spec.sample)
     if spec.shard:
         index, count = spec.shard
         dataset = select(dataset, dataset.ids[index::count])
