@@ -454,7 +454,8 @@ def test_module_settings_and_the_loaded_models_fields_a_task_leaves_are_put_back
     config fields: an attention's `scaling` halved (each task saw half the last's), a flag
     (`gradient_checkpointing`), an attribute or a buffer added, the model's config replaced, an
     activation swapped for one of its own class with another slope, the format's
-    `grid_positions`, the loaded model's `spec`."""
+    `grid_positions`, the loaded model's `spec`, a token added to the tokenizer and its
+    `padding_side` changed (put back in the same tokenizer object)."""
     (tmp_path / "settings.py").write_text(
         "import copy, torch\nfrom tta.method import Method\n\nclass Settings(Method):\n"
         "    def predict(self, task, budget, seed):\n"
@@ -464,7 +465,8 @@ def test_module_settings_and_the_loaded_models_fields_a_task_leaves_are_put_back
         "        seen = {'scaling': attention.scaling, 'checkpointing': model.model.gradient_checkpointing,\n"
         "                'added': hasattr(attention, 'temperature'), 'buffers': sorted(dict(model.named_buffers())),\n"
         "                'shared config': model.config is attention.config, 'act': repr(mlp.act_fn),\n"
-        "                'grid positions': lm.format.grid_positions, 'spec': lm.spec}\n"
+        "                'grid positions': lm.format.grid_positions, 'spec': lm.spec,\n"
+        "                'tokens': len(lm.tokenizer), 'padding': lm.tokenizer.padding_side, 'tokenizer': id(lm.tokenizer)}\n"
         "        attention.scaling *= 0.5\n"
         "        model.model.gradient_checkpointing = not model.model.gradient_checkpointing\n"
         "        attention.temperature = 2.0\n"
@@ -476,6 +478,8 @@ def test_module_settings_and_the_loaded_models_fields_a_task_leaves_are_put_back
         "            mlp.act_fn.extra = 1\n"
         "        lm.format.grid_positions = not lm.format.grid_positions\n"
         "        lm.spec += '!'\n"
+        "        lm.tokenizer.add_tokens([f'<t{len(lm.tokenizer)}>'])\n"
+        "        lm.tokenizer.padding_side = 'left' if lm.tokenizer.padding_side == 'right' else 'right'\n"
         "        return [[p.input, None] for p in task.test], seen\n\n"
         "    def setup(self, tasks):   # a same-class swap needs a module with a setting: a LeakyReLU, for all tasks\n"
         "        for layer in self.lm.model.model.layers:\n"
