@@ -315,6 +315,26 @@ def test_breakdowns_and_seeds(tmp_path):
 # Comparability
 # --------------------------------------------------------------------------
 
+def test_a_run_without_a_model_compares_with_runs_of_any_model_and_shows_none(tmp_path):
+    """copy_input and the floors load no model, yet their manifests name the run's --model: the
+    report said "Model: default@..." for two runs that used none.  Fails if such a run shows a
+    model, makes runs of different models look comparable, or is refused beside a run of any
+    model."""
+    floor = make_run(tmp_path / "runs", "floor", "copy_input", solving(TASKS[:1]), model="default")
+    manifest = json.loads((floor / "manifest.json").read_text())
+    (floor / "manifest.json").write_text(json.dumps({**manifest, "uses_model": False}))
+    x = make_run(tmp_path / "runs", "x", "icl", solving(TASKS[:2]), model="x")
+    y = make_run(tmp_path / "runs", "y", "ttt", solving(TASKS[:2]), model="y")
+    assert check_comparable(load_runs([floor, x])) == []
+    with pytest.raises(ReportError, match=rf"runs differ in model: {x} uses x, {y} uses y \(allow"):
+        check_comparable(load_runs([floor, x, y]))
+    text = write_report([floor, x], tmp_path / "r.md").read_text()
+    assert "- Model: none, x\n" in text
+    from tta.run.runner import RunSpec, run
+    out = run(RunSpec(method="copy_input", dataset="gen-eval", limit=1, out=tmp_path / "real"), progress=False)
+    assert load_runs([out])["model"].tolist() == ["none"]
+
+
 def test_mismatched_runs_refused_then_reported(tmp_path):
     a = make_run(tmp_path / "runs", "a", "icl", solving(TASKS[:2]))
     b = make_run(tmp_path / "runs", "b", "ttt", solving(TASKS[:5]), model="x")

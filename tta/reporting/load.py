@@ -40,6 +40,9 @@ TASK_COLUMNS = ["task_id", "n_outputs", "n_solved", "all_solved", "score", "flop
                 *GRADED_METRICS]
 
 
+NO_MODEL = "none"   # the model of a run whose method loads none (copy_input, the floors)
+
+
 def load_runs(paths: Iterable[str | Path] | str | Path) -> pd.DataFrame:
     """Load run directories into one DataFrame with a row per (task x run).
 
@@ -166,7 +169,8 @@ def _run_frame(label: str, path: Path, manifest: dict, rows: list[dict]) -> pd.D
         "method": str(manifest.get("label") or manifest["method"]),   # a variant is its own method here
         "config_hash": manifest.get("config_hash"),
         # The weights' hash with the name: two runs of "default" across a retrained model differ.
-        "model": manifest.get("model") + (f"@{manifest['model_sha256'][:8]}" if manifest.get("model_sha256") else ""),
+        "model": NO_MODEL if manifest.get("uses_model") is False else
+                 manifest.get("model") + (f"@{manifest['model_sha256'][:8]}" if manifest.get("model_sha256") else ""),
         "dataset": manifest.get("dataset"),
         "seed": manifest.get("seed"),
         "budget_flops": _float(budget.get("flops")),

@@ -32,7 +32,7 @@ import pandas as pd
 
 from tta.reporting import stats
 from tta.reporting.load import (GRADED_METRICS, RUN_COLUMNS, TOKEN_BIN_EDGES, ReportError, _float,  # noqa: F401
-                                load_runs)
+                                NO_MODEL, load_runs)
 
 N_BOOT = 2000
 BOOT_SEED = 0
@@ -53,8 +53,9 @@ def check_comparable(df: pd.DataFrame, allow_mismatch: bool = False) -> list[str
     runs = _run_meta(df)
     diffs = []
     for field in ("model", "dataset", "budget"):
-        values = {r.path: _describe(field, r) for r in runs.itertuples()}
-        if len(set(values.values())) == 1:
+        values = {r.path: _describe(field, r) for r in runs.itertuples()
+                  if not (field == "model" and r.model == NO_MODEL)}   # a method without a model fits any
+        if len(set(values.values())) <= 1:
             continue
         if field == "budget":   # a sweep: say which budgets, not every run's
             counts = pd.Series(list(values.values())).value_counts(sort=False)

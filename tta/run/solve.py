@@ -307,6 +307,8 @@ def prepare(spec: RunSpec):
                 "model_sha256": weights_sha256(spec.model), "dataset": spec.dataset, "task_ids": dataset.ids, "budget": spec.budget.as_dict(),
                 "seed": spec.seed}
     manifest["config_hash"] = config_hash(manifest)
+    if not cls.needs_model:   # no model loaded: reports show none, and any model's runs compare with it
+        manifest["uses_model"] = False
     if spec.label and spec.label != cls.name:   # a name only: not part of the run's identity
         manifest["label"] = check_label(spec.label)
     if spec.shard:
