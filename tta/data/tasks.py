@@ -74,11 +74,10 @@ def as_grid(value, where: str) -> np.ndarray:
         raise TaskError(f"{where}: grid has {width} columns, more than {MAX_SIZE}")
     try:
         grid = np.array(value, dtype=np.int64)
-        outside = np.argwhere((grid < 0) | (grid >= N_COLOURS)) if grid.min() < 0 or grid.max() >= N_COLOURS else ()
     except OverflowError:   # a cell past 64 bits
-        outside = [next((r, c) for r, row in enumerate(value) for c, cell in enumerate(row) if abs(cell) >= 2 ** 63)]
-    if len(outside):
-        r, c = (int(i) for i in outside[0])
+        grid = None
+    if grid is None or grid.min() < 0 or grid.max() >= N_COLOURS:
+        r, c = next((r, c) for r, row in enumerate(value) for c, cell in enumerate(row) if not 0 <= cell < N_COLOURS)
         raise TaskError(f"{where}: cell ({r},{c}) is {value[r][c]}, outside the colours 0-9")
     return grid.astype(np.int8)
 
